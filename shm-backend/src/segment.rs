@@ -1,0 +1,237 @@
+//! `memfd` shared segments: creation with reserved space, sealing, header checks, mapping.
+
+use crate::error::{Error, Result};
+use memmap2::{MmapOptions, MmapRaw};
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// Bytes before the data area: one page, so data is page-aligned in every mapping.
+pub const HEADER_LEN: usize = 4096;
+const MAGIC: u64 = u64::from_le_bytes(*b"XCCLSEG1");
+const VERSION: u32 = 1;
+/// Mappings up to this size are pre-faulted (`MAP_POPULATE`) so the first put does not pay
+/// page faults; larger ones fault lazily to keep setup time bounded.
+const POPULATE_LIMIT: usize = 1 << 30;
+
+/// Life state of the process that created a segment, kept in the header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+pub enum SegmentState {
+    /// Creator is alive and using it.
+    Active = 0,
+    /// Creator closed it in an orderly way.
+    Closed = 1,
+}
+
+/// The segment header as laid out in the first page. Fields are atomics because other
+/// processes read them concurrently.
+#[repr(C)]
+struct Header {
+    /// Written last with Release (partner: the Acquire load in [`Segment::open`]).
+    magic: AtomicU64,
+    version: AtomicU32,
+    header_len: AtomicU32,
+    data_len: AtomicU64,
+    state: AtomicU64,
+    /// Free word for the user: `xccl` keeps its abort flag here.
+    user: AtomicU64,
+}
+
+/// A shared-memory segment: header page plus `data_len` bytes, mapped read-write.
+///
+/// Created with [`Segment::create`] in one process and opened from its descriptor with
+/// [`Segment::open`] in others (the descriptor travels over a [`crate::Mesh`]).
+pub struct Segment {
+    /// Kept only by the creator, who passes it on; an opened segment needs just its mapping.
+    file: Option<File>,
+    map: MmapRaw,
+    data_len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; all access goes through raw pointers or atomics
+// whose rules the users of `data_ptr` uphold. Moving or sharing the handle between threads is
+// no different from sharing it between processes.
+unsafe impl Send for Segment {}
+// SAFETY: as above; `&Segment` only exposes atomics and raw pointers.
+unsafe impl Sync for Segment {}
+
+impl Segment {
+    /// Creates a segment of `data_len` data bytes (0 allowed). The space is reserved now: a
+    /// full memory file system fails here with an error naming the size, not later with SIGBUS.
+    pub fn create(name: &str, data_len: usize) -> Result<Segment> {
+        let total = HEADER_LEN
+            .checked_add(data_len)
+            .ok_or_else(|| Error::Invalid(format!("segment size {data_len} overflows")))?;
+        let cname = CString::new(format!("xccl-{name}"))
+            .map_err(|_| Error::Invalid(format!("segment name {name:?} contains NUL")))?;
+        // SAFETY: `cname` is a valid NUL-terminated string; flags are constants.
+        let fd = unsafe {
+            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+        if fd < 0 {
+            return Err(Error::last_os(format!("memfd_create(memfd:xccl-{name})")));
+        }
+        // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        // SAFETY: plain syscall on a descriptor we own.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, total as libc::off_t) };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            return Err(Error::io(
+                format!(
+                    "cannot reserve {total} bytes ({:.1} MiB) of shared memory for memfd:xccl-{name} \
+                     (is the memory or the memory cgroup full?)",
+                    total as f64 / (1 << 20) as f64
+                ),
+                err,
+            ));
+        }
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: plain fcntl on a descriptor we own.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(Error::last_os(format!("sealing memfd:xccl-{name}")));
+        }
+        let map = map_file(&file, total)?;
+        let seg = Segment { file: Some(file), map, data_len };
+        let h = seg.header();
+        h.version.store(VERSION, Ordering::Relaxed);
+        h.header_len.store(HEADER_LEN as u32, Ordering::Relaxed);
+        h.data_len.store(data_len as u64, Ordering::Relaxed);
+        h.state.store(SegmentState::Active as u64, Ordering::Relaxed);
+        // Release: publishes the fields above (partner: Acquire load of `magic` in `open`).
+        h.magic.store(MAGIC, Ordering::Release);
+        Ok(seg)
+    }
+
+    /// Maps a segment received from another process, checking everything before use: the
+    /// descriptor is a sealed memfd of exactly the expected size, and the header's magic,
+    /// version and sizes match.
+    pub fn open(fd: BorrowedFd<'_>, expected_data_len: usize) -> Result<Segment> {
+        let total = HEADER_LEN
+            .checked_add(expected_data_len)
+            .ok_or_else(|| Error::Invalid(format!("segment size {expected_data_len} overflows")))?;
+        let file = File::from(
+            fd.try_clone_to_owned().map_err(|e| Error::io("duplicating a segment descriptor", e))?,
+        );
+        // SAFETY: plain fcntl query on a valid descriptor.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & (libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) == 0 {
+            return Err(Error::Protocol(
+                "received segment is not a sealed memfd (it could shrink under us)".into(),
+            ));
+        }
+        let actual = file
+            .metadata()
+            .map_err(|e| Error::io("fstat on a received segment", e))?
+            .len();
+        if actual != total as u64 {
+            return Err(Error::Protocol(format!(
+                "received segment has {actual} bytes, expected {total}"
+            )));
+        }
+        let map = map_file(&file, total)?;
+        let seg = Segment { file: None, map, data_len: expected_data_len };
+        let h = seg.header();
+        // Acquire: partner of the Release store of `magic` in `create`.
+        let magic = h.magic.load(Ordering::Acquire);
+        if magic != MAGIC {
+            return Err(Error::Protocol(format!("bad segment magic {magic:#x}")));
+        }
+        let version = h.version.load(Ordering::Relaxed);
+        if version != VERSION {
+            return Err(Error::Protocol(format!(
+                "segment version {version}, this library speaks {VERSION}"
+            )));
+        }
+        let hl = h.header_len.load(Ordering::Relaxed) as usize;
+        let dl = h.data_len.load(Ordering::Relaxed);
+        if hl != HEADER_LEN || dl != expected_data_len as u64 {
+            return Err(Error::Protocol(format!(
+                "segment header says header {hl} / data {dl} bytes, expected {HEADER_LEN} / {expected_data_len}"
+            )));
+        }
+        Ok(seg)
+    }
+
+    /// The descriptor, to pass to peers: `None` for a segment opened from another process
+    /// (its descriptor is closed once mapped, so many windows do not use up descriptors).
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.file.as_ref().map(|f| f.as_fd())
+    }
+
+    /// Number of data bytes.
+    pub fn data_len(&self) -> usize {
+        self.data_len
+    }
+
+    /// Start of the data area (page-aligned). Valid for `data_len()` bytes while `self` lives;
+    /// other processes may write it concurrently, so access it with raw copies or atomics only.
+    pub fn data_ptr(&self) -> *mut u8 {
+        // SAFETY: the mapping is HEADER_LEN + data_len bytes long, so the offset stays inside.
+        unsafe { self.map.as_mut_ptr().add(HEADER_LEN) }
+    }
+
+    /// The creator's life state as recorded in the header.
+    pub fn state(&self) -> SegmentState {
+        // Acquire: partner of the Release store in `set_state` (possibly in another process).
+        match self.header().state.load(Ordering::Acquire) {
+            0 => SegmentState::Active,
+            _ => SegmentState::Closed,
+        }
+    }
+
+    /// Records the creator's life state (call on orderly close, before the process exits).
+    pub fn set_state(&self, s: SegmentState) {
+        // Release: partner of the Acquire load in `state`.
+        self.header().state.store(s as u64, Ordering::Release);
+    }
+
+    /// A free 64-bit word in the header, shared by every process mapping the segment.
+    pub fn user_word(&self) -> &AtomicU64 {
+        &self.header().user
+    }
+
+    fn header(&self) -> &Header {
+        // SAFETY: the mapping starts page-aligned and is at least HEADER_LEN bytes, enough for
+        // `Header`; all its fields are atomics, so shared concurrent access is sound.
+        unsafe { &*(self.map.as_ptr() as *const Header) }
+    }
+}
+
+fn map_file(file: &File, total: usize) -> Result<MmapRaw> {
+    let mut opts = MmapOptions::new();
+    opts.len(total);
+    if total <= POPULATE_LIMIT {
+        opts.populate();
+    }
+    opts.map_raw(file).map_err(|e| Error::io(format!("mapping a {total}-byte segment"), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_checks_size_and_sees_writes() {
+        let a = Segment::create("t", 10).unwrap();
+        assert!(Segment::open(a.fd().unwrap(), 11).is_err());
+        let b = Segment::open(a.fd().unwrap(), 10).unwrap();
+        // SAFETY: both mappings are 10 data bytes long and no other thread touches them.
+        unsafe {
+            a.data_ptr().write(7);
+            assert_eq!(b.data_ptr().read(), 7);
+        }
+        assert_eq!(b.state(), SegmentState::Active);
+        a.set_state(SegmentState::Closed);
+        assert_eq!(b.state(), SegmentState::Closed);
+    }
+
+    #[test]
+    fn open_rejects_unsealed_file() {
+        let f = File::open("/proc/self/exe").unwrap();
+        let err = Segment::open(f.as_fd(), 0).err().unwrap();
+        assert!(matches!(err, Error::Protocol(_)), "{err}");
+    }
+}

@@ -1,0 +1,137 @@
+//! Bootstrap: who this rank is (explicit arguments or launcher variables), settings, and the
+//! rendezvous store ranks use to find each other during setup.
+
+mod env;
+mod file_store;
+mod settings;
+mod store;
+mod tcp_store;
+
+pub use env::{detect, detect_with, RankInfo};
+pub use file_store::FileStore;
+pub use settings::Settings;
+pub use store::{store_barrier, MemStore, Store};
+pub use tcp_store::{TcpStore, TcpStoreServer};
+
+use crate::error::{Error, Result};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Fills `buf` from the kernel's random source.
+pub fn fill_random(buf: &mut [u8]) {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: writes at most `len - done` bytes into the live buffer's tail.
+        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr() as *mut libc::c_void, buf.len() - done, 0) };
+        if n > 0 {
+            done += n as usize;
+        }
+    }
+}
+
+/// A fresh unguessable job id (128 random bits, hex).
+pub fn random_job_id() -> String {
+    let mut b = [0u8; 16];
+    fill_random(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A rendezvous store plus what must be cleaned up once setup is over.
+pub struct Rendezvous {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    server: Option<TcpStoreServer>,
+    cleanup_dir: Option<PathBuf>,
+}
+
+impl Rendezvous {
+    /// Wraps a store that needs no cleanup (for example a [`MemStore`] shared by threads).
+    pub fn from_store(store: Arc<dyn Store>) -> Self {
+        Rendezvous { store, server: None, cleanup_dir: None }
+    }
+
+    /// Picks the store from the environment, in order: `XCCL_STORE` (`tcp://host:port`, served
+    /// by rank 0 unless `XCCL_STORE_SERVER=external`, or `file:///dir`), torchrun's
+    /// `MASTER_ADDR`/`MASTER_PORT` (served by rank 0), a single rank's in-memory store, and a
+    /// per-job directory in the temp dir named after Open MPI's, PMIx's or Slurm's job id.
+    pub fn from_env(info: &RankInfo, settings: &Settings, deadline: Instant) -> Result<Self> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        if let Some(url) = &settings.store {
+            if let Some(addr) = url.strip_prefix("tcp://") {
+                return Self::tcp(addr, info.rank == 0 && !settings.store_external, deadline);
+            }
+            if let Some(dir) = url.strip_prefix("file://") {
+                return Ok(Rendezvous {
+                    store: Arc::new(FileStore::new(dir)?),
+                    server: None,
+                    cleanup_dir: None,
+                });
+            }
+            return Err(Error::InvalidArgument(format!(
+                "XCCL_STORE={url:?}: expected tcp://host:port or file:///dir"
+            )));
+        }
+        if let (Some(host), Some(port)) = (env("MASTER_ADDR"), env("MASTER_PORT")) {
+            return Self::tcp(&format!("{host}:{port}"), info.rank == 0, deadline);
+        }
+        if info.world_size == 1 {
+            return Ok(Self::from_store(Arc::new(MemStore::new())));
+        }
+        let job = env("PMIX_NAMESPACE")
+            .or_else(|| env("OMPI_MCA_ess_base_jobid"))
+            .or_else(|| env("SLURM_JOB_ID").map(|j| format!("{j}.{}", env("SLURM_STEP_ID").unwrap_or_default())));
+        let Some(job) = job else {
+            return Err(Error::InvalidUsage(format!(
+                "{} ranks but no rendezvous: set XCCL_STORE=tcp://host:port or file:///dir, or \
+                 MASTER_ADDR and MASTER_PORT, or launch with xccl-run, mpirun or srun",
+                info.world_size
+            )));
+        };
+        let safe: String =
+            job.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+        // SAFETY: getuid cannot fail.
+        let uid = unsafe { libc::getuid() };
+        let dir = std::env::temp_dir().join(format!("xccl-store-{uid}-{safe}"));
+        Ok(Rendezvous {
+            store: Arc::new(FileStore::new(&dir)?),
+            server: None,
+            cleanup_dir: (info.rank == 0).then_some(dir),
+        })
+    }
+
+    fn tcp(addr: &str, serve: bool, deadline: Instant) -> Result<Self> {
+        let server = if serve {
+            Some(TcpStoreServer::bind(addr).map_err(|e| {
+                Error::InvalidUsage(format!("rank 0 cannot serve the TCP store at {addr}: {e}"))
+            })?)
+        } else {
+            None
+        };
+        let store = Arc::new(TcpStore::connect(addr, deadline)?);
+        Ok(Rendezvous { store, server, cleanup_dir: None })
+    }
+
+    /// Ends setup: every rank checks out; rank 0 waits for all of them, then stops the store
+    /// server or removes the store directory, so nothing of the rendezvous outlives setup.
+    pub fn finish(self, rank: usize, world: usize, deadline: Instant) -> Result<()> {
+        self.store.add("xccl/left", 1)?;
+        if rank == 0 && (self.server.is_some() || self.cleanup_dir.is_some()) {
+            let mut backoff = Duration::from_micros(200);
+            while self.store.add("xccl/left", 0)? < world as i64 {
+                if Instant::now() >= deadline {
+                    return Err(Error::Timeout {
+                        op: "waiting for every rank to finish setup".into(),
+                        waited: Duration::ZERO,
+                    });
+                }
+                std::thread::sleep(backoff); // polling pace of the store, not synchronisation
+                backoff = (backoff * 2).min(Duration::from_millis(20));
+            }
+            if let Some(dir) = &self.cleanup_dir {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,50 @@
+//! Every `XCCL_*` setting, read in this one place and logged at debug level.
+
+use crate::error::{Error, Result};
+use std::time::Duration;
+
+/// Settings from the environment.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `XCCL_TIMEOUT_MS`: deadline of every wait and of setup (default 60 000).
+    pub timeout: Duration,
+    /// `XCCL_BACKEND`: `shm` or `loopback` (default `shm`).
+    pub backend: Option<String>,
+    /// `XCCL_STORE`: `tcp://host:port` or `file:///dir`.
+    pub store: Option<String>,
+    /// `XCCL_STORE_SERVER`: `external` when someone other than rank 0 serves the TCP store.
+    pub store_external: bool,
+    /// `XCCL_NUM_SIGNALS`: signal words per rank (default 4096).
+    pub num_signals: Option<usize>,
+    /// `XCCL_SHM_DISABLE`: refuse the shared-memory backend.
+    pub shm_disable: bool,
+    /// `XCCL_DEBUG`: a `tracing` filter for the binaries (`info`, `debug`, ...).
+    pub debug: Option<String>,
+}
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn number(name: &str) -> Result<Option<u64>> {
+    var(name)
+        .map(|v| v.parse::<u64>().map_err(|_| Error::InvalidArgument(format!("{name}={v:?} is not a number"))))
+        .transpose()
+}
+
+impl Settings {
+    /// Reads the settings.
+    pub fn from_env() -> Result<Self> {
+        let s = Settings {
+            timeout: Duration::from_millis(number("XCCL_TIMEOUT_MS")?.unwrap_or(60_000)),
+            backend: var("XCCL_BACKEND"),
+            store: var("XCCL_STORE"),
+            store_external: var("XCCL_STORE_SERVER").is_some_and(|v| v == "external"),
+            num_signals: number("XCCL_NUM_SIGNALS")?.map(|n| n as usize),
+            shm_disable: var("XCCL_SHM_DISABLE").is_some_and(|v| v != "0"),
+            debug: var("XCCL_DEBUG"),
+        };
+        tracing::debug!(settings = ?s, "xccl settings");
+        Ok(s)
+    }
+}

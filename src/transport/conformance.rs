@@ -1,0 +1,400 @@
+//! The conformance suite: checks written once against [`Transport`], run for any backend.
+//!
+//! A backend crate instantiates it with [`crate::transport_conformance!`], giving a factory
+//! `fn(world: usize) -> Vec<Box<dyn Transport>>` that builds `world` connected ranks in this
+//! process (each rank then runs on its own thread). Every check runs under a watchdog: a hang
+//! aborts all ranks and fails the test instead of blocking the run.
+//!
+//! ```ignore
+//! fn my_backend(world: usize) -> Vec<Box<dyn xccl::transport::Transport>> { todo!() }
+//! xccl::transport_conformance!(my_backend);
+//! ```
+
+use super::{Cmp, SignalOp, Transport};
+use crate::error::Error;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Builds `world` connected ranks of one backend in this process.
+pub type Factory = fn(usize) -> Vec<Box<dyn Transport>>;
+
+/// The per-wait deadline used by the checks.
+const WAIT: Duration = Duration::from_secs(60);
+/// How long one check may take in all before the watchdog fails it.
+const WATCHDOG: Duration = Duration::from_secs(240);
+
+fn deadline() -> Instant {
+    Instant::now() + WAIT
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "non-string panic".into())
+}
+
+/// Runs `body` on every rank, each on its own thread, under a watchdog. A rank that panics or
+/// a run that outlives `limit` aborts every rank and fails with a message naming the rank.
+pub fn run_ranks<F>(ranks: Vec<Box<dyn Transport>>, limit: Duration, body: F)
+where
+    F: Fn(&dyn Transport) + Send + Sync + 'static,
+{
+    let ranks: Vec<Arc<dyn Transport>> = ranks.into_iter().map(Arc::from).collect();
+    let body = Arc::new(body);
+    let (tx, rx) = mpsc::channel();
+    for t in &ranks {
+        let (t, body, tx) = (t.clone(), body.clone(), tx.clone());
+        std::thread::Builder::new()
+            .name(format!("rank-{}", t.rank()))
+            .spawn(move || {
+                let r = catch_unwind(AssertUnwindSafe(|| body(&*t)));
+                let _ = tx.send((t.rank(), r.map_err(|p| panic_message(&*p))));
+            })
+            .expect("spawning a rank thread");
+    }
+    let end = Instant::now() + limit;
+    for _ in 0..ranks.len() {
+        match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            Ok((_, Ok(()))) => {}
+            Ok((rank, Err(msg))) => {
+                ranks.iter().for_each(|t| t.abort());
+                panic!("rank {rank} failed: {msg}");
+            }
+            Err(_) => {
+                ranks.iter().for_each(|t| t.abort());
+                panic!("ranks still running after {limit:?}: hang");
+            }
+        }
+    }
+}
+
+/// A barrier over signal word `index`: every rank adds 1 to every rank's word, then waits
+/// for `epoch * world` (epochs count from 1 on each use of the same word).
+pub fn signal_barrier(t: &dyn Transport, index: usize, epoch: u64) {
+    let n = t.world_size();
+    for p in 0..n {
+        t.signal(p, index, SignalOp::Add, 1).unwrap();
+    }
+    t.wait(index, Cmp::Ge, epoch * n as u64, deadline()).unwrap();
+}
+
+fn pattern(a: usize, b: usize, round: usize, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|k| ((a * 31 + b * 17 + round * 13 + k) as u8) ^ 0xA5)
+        .collect()
+}
+
+/// Puts then signals, many rounds, every rank to every rank (itself included) with varying
+/// sizes at odd offsets: a signal is never seen before the data it follows.
+pub fn put_signal_ordering(world: usize, f: Factory) {
+    const SLOT: usize = 4099;
+    let rounds = if world >= 8 { 60 } else { 200 };
+    run_ranks(f(world), WATCHDOG, move |t| {
+        let (me, n) = (t.rank(), t.world_size());
+        let win = t.register(n * 2 * SLOT).unwrap();
+        let len_of = |src: usize, dst: usize, r: usize| 1 + (r * 7919 + src * 131 + dst) % SLOT;
+        let mut got = vec![0u8; SLOT];
+        for r in 0..rounds {
+            for p in 0..n {
+                if r >= 2 {
+                    t.wait(n + p, Cmp::Ge, (r - 1) as u64, deadline()).unwrap();
+                }
+                let data = pattern(me, p, r, len_of(me, p, r));
+                t.put_signal(p, &win, (me * 2 + r % 2) * SLOT, &data, me, SignalOp::Add, 1).unwrap();
+            }
+            for s in 0..n {
+                t.wait(s, Cmp::Ge, (r + 1) as u64, deadline()).unwrap();
+                let len = len_of(s, me, r);
+                t.read_local(&win, (s * 2 + r % 2) * SLOT, &mut got[..len]).unwrap();
+                assert!(got[..len] == pattern(s, me, r, len)[..], "round {r}: data from {s} seen before its signal or corrupted");
+                t.signal(s, n + me, SignalOp::Add, 1).unwrap();
+            }
+        }
+    });
+}
+
+/// `get` reads what each peer wrote into its own window.
+pub fn get_reads_peer_memory(world: usize, f: Factory) {
+    run_ranks(f(world), WATCHDOG, |t| {
+        let (me, n) = (t.rank(), t.world_size());
+        let win = t.register(10_007).unwrap();
+        t.write_local(&win, 0, &pattern(me, 0, 0, 10_007)).unwrap();
+        signal_barrier(t, 0, 1);
+        let mut out = vec![0u8; 10_007];
+        for p in 0..n {
+            t.get(p, &win, 0, &mut out).unwrap();
+            assert_eq!(out, pattern(p, 0, 0, 10_007), "get from rank {p}");
+            let mut part = [0u8; 3];
+            t.get(p, &win, 10_004, &mut part).unwrap();
+            assert_eq!(&part[..], &pattern(p, 0, 0, 10_007)[10_004..]);
+        }
+        signal_barrier(t, 0, 2);
+    });
+}
+
+/// After `flush`, earlier puts are complete at the peer.
+pub fn flush_completes_puts(world: usize, f: Factory) {
+    run_ranks(f(world), WATCHDOG, |t| {
+        let (me, n) = (t.rank(), t.world_size());
+        let next = (me + 1) % n;
+        let prev = (me + n - 1) % n;
+        let win = t.register(1 << 20).unwrap();
+        for round in 0..20 {
+            let data = pattern(me, next, round, 1 << 20);
+            t.put(next, &win, 0, &data).unwrap();
+            t.flush(next).unwrap();
+            t.signal(next, 1, SignalOp::Add, 1).unwrap();
+            t.wait(1, Cmp::Ge, round as u64 + 1, deadline()).unwrap();
+            let mut got = vec![0u8; 1 << 20];
+            t.read_local(&win, 0, &mut got).unwrap();
+            assert!(got == pattern(prev, me, round, 1 << 20), "round {round}");
+            signal_barrier(t, 2, round as u64 + 1);
+        }
+        assert!(matches!(t.flush(n), Err(Error::InvalidArgument(_))));
+    });
+}
+
+/// Signals are 64-bit counters: concurrent adds all count, set stores, every comparison works.
+pub fn signals_are_counters(world: usize, f: Factory) {
+    const ADDS: u64 = 500;
+    run_ranks(f(world), WATCHDOG, |t| {
+        let (me, n) = (t.rank(), t.world_size());
+        for _ in 0..ADDS {
+            t.signal(0, 5, SignalOp::Add, me as u64 + 1).unwrap();
+        }
+        let total = ADDS * (n * (n + 1) / 2) as u64;
+        if me == 0 {
+            let v = t.wait(5, Cmp::Ge, total, deadline()).unwrap();
+            assert_eq!(v, total);
+            assert_eq!(t.signal_value(5).unwrap(), total);
+        }
+        // Set: each rank stores a distinctive value into its successor's word.
+        let next = (me + 1) % n;
+        let prev = (me + n - 1) % n;
+        t.signal(next, 7, SignalOp::Set, 1_000 + me as u64).unwrap();
+        let want = 1_000 + prev as u64;
+        assert_eq!(t.wait(7, Cmp::Eq, want, deadline()).unwrap(), want);
+        assert_eq!(t.wait(7, Cmp::Ge, want, deadline()).unwrap(), want);
+        assert_eq!(t.wait(7, Cmp::Gt, want - 1, deadline()).unwrap(), want);
+        assert_eq!(t.wait(7, Cmp::Le, want, deadline()).unwrap(), want);
+        assert_eq!(t.wait(7, Cmp::Lt, want + 1, deadline()).unwrap(), want);
+        assert_eq!(t.wait(7, Cmp::Ne, 0, deadline()).unwrap(), want);
+        // Large values and wrapping adds stay 64-bit.
+        t.signal(me, 8, SignalOp::Set, u64::MAX - 1).unwrap();
+        t.signal(me, 8, SignalOp::Add, 3).unwrap();
+        assert_eq!(t.signal_value(8).unwrap(), 1);
+        signal_barrier(t, 9, 1);
+    });
+}
+
+/// A wait that cannot succeed ends with `Timeout` at its deadline, not before, not much after.
+pub fn deadline_gives_timeout(world: usize, f: Factory) {
+    run_ranks(f(world), WATCHDOG, |t| {
+        let start = Instant::now();
+        let r = t.wait(3, Cmp::Ge, 1, start + Duration::from_millis(50));
+        let took = start.elapsed();
+        assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
+        assert!(took >= Duration::from_millis(50), "returned early after {took:?}");
+        assert!(took < Duration::from_secs(5), "returned late after {took:?}");
+        // A deadline already past still returns the value if the condition holds.
+        assert_eq!(t.wait(3, Cmp::Ge, 0, start).unwrap(), 0);
+    });
+}
+
+/// `abort` from another thread on rank 0 wakes every waiter on every rank with `Aborted`
+/// within 100 ms; later waits and puts fail the same way at once.
+pub fn abort_wakes_every_waiter(world: usize, f: Factory) {
+    let aborted_at: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+    run_ranks(f(world), WATCHDOG, move |t| {
+        let me = t.rank();
+        let win = t.register(64).unwrap();
+        std::thread::scope(|s| {
+            if me == 0 {
+                let at = aborted_at.clone();
+                s.spawn(move || {
+                    // Gives the waiters time to reach the parked phase; the assertions hold
+                    // whatever the timing.
+                    std::thread::sleep(Duration::from_millis(300));
+                    *at.lock().unwrap() = Some(Instant::now());
+                    t.abort();
+                });
+            }
+            let started = Instant::now();
+            let r = t.wait(11, Cmp::Ge, 1, started + Duration::from_secs(30));
+            let woke = Instant::now();
+            assert!(matches!(r, Err(Error::Aborted)), "rank {me}: {r:?}");
+            let at = aborted_at.lock().unwrap().expect("abort recorded before it is called");
+            let lag = woke.saturating_duration_since(at.max(started));
+            assert!(lag <= Duration::from_millis(100), "rank {me} woke {lag:?} after abort");
+        });
+        let r = t.wait(12, Cmp::Ge, 0, deadline());
+        assert!(matches!(r, Err(Error::Aborted)) || r.is_ok(), "{r:?}");
+        assert!(matches!(t.wait(12, Cmp::Ge, 1, deadline()), Err(Error::Aborted)));
+        assert!(matches!(t.put(0, &win, 0, &[1]), Err(Error::Aborted)));
+    });
+}
+
+/// Out-of-range peers, offsets, lengths and signal indices are `InvalidArgument`, checked with
+/// overflow-safe arithmetic; a deregistered window is `InvalidUsage`.
+pub fn bad_arguments_are_rejected(world: usize, f: Factory) {
+    run_ranks(f(world), WATCHDOG, |t| {
+        let n = t.world_size();
+        let ns = t.caps().num_signals;
+        let win = t.register(100).unwrap();
+        let inval = |r: crate::Result<()>| assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+        let mut buf = [0u8; 2];
+        inval(t.put(0, &win, 99, &[0; 2]));
+        inval(t.put(0, &win, usize::MAX, &[0]));
+        inval(t.put(0, &win, 101, &[]));
+        inval(t.put(n, &win, 0, &[0]));
+        inval(t.put(usize::MAX, &win, 0, &[0]));
+        inval(t.get(0, &win, 99, &mut buf));
+        inval(t.get(0, &win, usize::MAX - 1, &mut buf));
+        inval(t.read_local(&win, 100, &mut buf[..1]));
+        inval(t.write_local(&win, usize::MAX, &buf));
+        inval(t.signal(0, ns, SignalOp::Add, 1));
+        inval(t.signal(n, 0, SignalOp::Add, 1));
+        inval(t.wait(ns, Cmp::Ge, 0, deadline()).map(|_| ()));
+        inval(t.signal_value(usize::MAX).map(|_| ()));
+        // SAFETY: the call fails its range check before any slice is made.
+        inval(unsafe { t.local_slice(&win, 1, 100) }.map(|_| ()));
+        t.put(0, &win, 100, &[]).unwrap();
+        let other = t.register(8).unwrap();
+        t.deregister(other).unwrap();
+        let r = t.put(0, &other, 0, &[1]);
+        assert!(matches!(r, Err(Error::InvalidUsage(_))), "{r:?}");
+        assert!(matches!(t.deregister(other), Err(Error::InvalidUsage(_))));
+    });
+}
+
+/// Windows of 0, 1 and odd sizes carry data to their first and last byte.
+pub fn window_sizes(world: usize, f: Factory) {
+    run_ranks(f(world), WATCHDOG, |t| {
+        let (me, n) = (t.rank(), t.world_size());
+        let next = (me + 1) % n;
+        for (k, len) in [0usize, 1, 3, 4095, 4097, 65_537].into_iter().enumerate() {
+            let win = t.register(len).unwrap();
+            assert_eq!(win.len(), len);
+            if len == 0 {
+                t.put(next, &win, 0, &[]).unwrap();
+                assert!(matches!(t.put(next, &win, 0, &[1]), Err(Error::InvalidArgument(_))));
+                t.signal(next, 4, SignalOp::Add, 1).unwrap();
+            } else {
+                let mut zero = vec![1u8; len];
+                t.read_local(&win, 0, &mut zero).unwrap();
+                assert!(zero.iter().all(|&b| b == 0), "fresh window of {len} bytes is not zeroed");
+                // Nobody writes into a window before every rank has looked at it.
+                signal_barrier(t, 15, k as u64);
+                t.put(next, &win, len - 1, &[me as u8 + 1]).unwrap();
+                t.put(next, &win, 0, &[me as u8 + 101]).unwrap();
+                t.signal(next, 4, SignalOp::Add, 1).unwrap();
+            }
+            t.wait(4, Cmp::Ge, k as u64 + 1, deadline()).unwrap();
+            if len > 0 {
+                let prev = (me + n - 1) % n;
+                let mut b = [0u8; 1];
+                t.read_local(&win, 0, &mut b).unwrap();
+                if len > 1 {
+                    assert_eq!(b[0], prev as u8 + 101);
+                    t.read_local(&win, len - 1, &mut b).unwrap();
+                }
+                // With one byte, the later put (offset 0) wins.
+                let want = if len > 1 { prev as u8 + 1 } else { prev as u8 + 101 };
+                assert_eq!(b[0], want, "window of {len} bytes");
+            }
+        }
+    });
+}
+
+/// A window of 256 MiB + 4099 bytes works end to end (addressing past 2^28, last byte included).
+pub fn large_window(world: usize, f: Factory) {
+    const LEN: usize = (256 << 20) + 4099;
+    run_ranks(f(world), WATCHDOG, |t| {
+        let (me, n) = (t.rank(), t.world_size());
+        let next = (me + 1) % n;
+        let prev = (me + n - 1) % n;
+        let win = t.register(LEN).unwrap();
+        let tail = pattern(me, next, 0, 4096);
+        t.put(next, &win, LEN - 4096, &tail).unwrap();
+        t.put(next, &win, (1 << 28) - 8, &[me as u8; 8]).unwrap();
+        t.put_signal(next, &win, 0, &[7], 6, SignalOp::Add, 1).unwrap();
+        t.wait(6, Cmp::Ge, 1, deadline()).unwrap();
+        // SAFETY: the predecessor's puts completed before its signal, which we waited for, and
+        // nobody writes this window afterwards.
+        let got = unsafe { t.local_slice(&win, LEN - 4096, 4096) }.unwrap();
+        assert!(got == &pattern(prev, me, 0, 4096)[..]);
+        let mut mid = [0u8; 8];
+        t.read_local(&win, (1 << 28) - 8, &mut mid).unwrap();
+        assert_eq!(mid, [prev as u8; 8]);
+        signal_barrier(t, 10, 1);
+    });
+}
+
+/// Many windows live at once, each addressed independently.
+pub fn many_windows(world: usize, f: Factory) {
+    const COUNT: usize = 48;
+    run_ranks(f(world), WATCHDOG, |t| {
+        let (me, n) = (t.rank(), t.world_size());
+        let next = (me + 1) % n;
+        let prev = (me + n - 1) % n;
+        let wins: Vec<_> = (0..COUNT).map(|k| t.register(64 + k).unwrap()).collect();
+        for (k, w) in wins.iter().enumerate() {
+            t.put(next, w, k, &[(me * COUNT + k) as u8]).unwrap();
+        }
+        t.signal(next, 13, SignalOp::Add, 1).unwrap();
+        t.wait(13, Cmp::Ge, 1, deadline()).unwrap();
+        for (k, w) in wins.iter().enumerate() {
+            let mut b = [0u8; 1];
+            t.read_local(w, k, &mut b).unwrap();
+            assert_eq!(b[0], (prev * COUNT + k) as u8, "window {k}");
+        }
+        signal_barrier(t, 14, 1);
+    });
+}
+
+/// Ranks that register different sizes all get `ConfigMismatch`, and the next matching
+/// registration still works.
+pub fn register_mismatch(world: usize, f: Factory) {
+    run_ranks(f(world), WATCHDOG, |t| {
+        let me = t.rank();
+        let r = t.register(if me == 0 { 100 } else { 200 });
+        if t.world_size() > 1 {
+            assert!(matches!(r, Err(Error::ConfigMismatch(_))), "rank {me}: {r:?}");
+        } else {
+            assert_eq!(r.unwrap().len(), 100);
+        }
+        let w = t.register(300).unwrap();
+        assert_eq!(w.len(), 300);
+    });
+}
+
+/// Instantiates the whole suite for a backend factory (a function in the calling module),
+/// once per world size 1, 2, 3 and 8, as `#[test]`s grouped in one module per check.
+#[macro_export]
+macro_rules! transport_conformance {
+    ($factory:ident) => {
+        $crate::transport_conformance!(@checks $factory;
+            put_signal_ordering, get_reads_peer_memory, flush_completes_puts,
+            signals_are_counters, deadline_gives_timeout, abort_wakes_every_waiter,
+            bad_arguments_are_rejected, window_sizes, large_window, many_windows,
+            register_mismatch);
+    };
+    (@checks $factory:ident; $($check:ident),* $(,)?) => {
+        $(
+            mod $check {
+                use super::*;
+                #[test]
+                fn world_1() { $crate::transport::conformance::$check(1, $factory) }
+                #[test]
+                fn world_2() { $crate::transport::conformance::$check(2, $factory) }
+                #[test]
+                fn world_3() { $crate::transport::conformance::$check(3, $factory) }
+                #[test]
+                fn world_8() { $crate::transport::conformance::$check(8, $factory) }
+            }
+        )*
+    };
+}

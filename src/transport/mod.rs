@@ -1,0 +1,218 @@
+//! The memory-semantic transport contract: symmetric windows, one-sided put/get, monotonic
+//! signals with deadlines, flush and abort; plus the backends that implement it.
+//!
+//! # Ordering
+//! A signal from rank `a` to rank `b` is observed only after every earlier put from `a` to `b`
+//! (per-pair ordering, like an RDMA reliable connection). Remote data becomes visible only
+//! through a signal: wait for the signal, then read the window.
+//!
+//! # Signals
+//! Each rank owns `caps().num_signals` 64-bit words. They are monotonic counters: never reset;
+//! a waiter waits for `>= expected` and each use advances its expectation, so a stale signal is
+//! harmless and there are no reset races.
+//!
+//! ```
+//! use std::time::{Duration, Instant};
+//! use xccl::transport::{loopback::Loopback, Cmp, SignalOp, Transport};
+//!
+//! let ranks = Loopback::create(2).unwrap();
+//! std::thread::scope(|s| {
+//!     for t in &ranks {
+//!         s.spawn(move || {
+//!             let win = t.register(64).unwrap();
+//!             let deadline = Instant::now() + Duration::from_secs(10);
+//!             if t.rank() == 0 {
+//!                 t.put_signal(1, &win, 0, b"hello", 0, SignalOp::Add, 1).unwrap();
+//!             } else {
+//!                 t.wait(0, Cmp::Ge, 1, deadline).unwrap();
+//!                 let mut got = [0u8; 5];
+//!                 t.read_local(&win, 0, &mut got).unwrap();
+//!                 assert_eq!(&got, b"hello");
+//!             }
+//!         });
+//!     }
+//! });
+//! ```
+
+pub mod conformance;
+pub mod loopback;
+#[cfg(feature = "shm")]
+pub mod shm;
+mod window;
+
+pub use window::{check_peer, check_range, check_signal, Window};
+
+use crate::error::Result;
+use std::time::Instant;
+
+/// How a signal operation updates the peer's word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalOp {
+    /// Store the value.
+    Set,
+    /// Add the value (wrapping).
+    Add,
+}
+
+/// Comparison a wait checks: `current <cmp> value`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cmp {
+    /// `current == value`
+    Eq,
+    /// `current != value`
+    Ne,
+    /// `current > value`
+    Gt,
+    /// `current >= value` (the usual one for monotonic counters)
+    Ge,
+    /// `current < value`
+    Lt,
+    /// `current <= value`
+    Le,
+}
+
+impl Cmp {
+    /// Whether `current <self> value` holds.
+    pub fn holds(self, current: u64, value: u64) -> bool {
+        match self {
+            Cmp::Eq => current == value,
+            Cmp::Ne => current != value,
+            Cmp::Gt => current > value,
+            Cmp::Ge => current >= value,
+            Cmp::Lt => current < value,
+            Cmp::Le => current <= value,
+        }
+    }
+}
+
+/// What a backend supports, so callers choose instead of failing at run time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caps {
+    /// Backend name (`loopback`, `shm`, ...).
+    pub backend: &'static str,
+    /// Signal words per rank.
+    pub num_signals: usize,
+    /// Largest window `register` accepts.
+    pub max_window_len: usize,
+    /// A put copies the bytes once, straight into the peer's memory.
+    pub direct_put: bool,
+    /// `get` is supported.
+    pub get: bool,
+    /// Ranks may be on different hosts.
+    pub cross_host: bool,
+}
+
+/// A memory-semantic transport: the contract every backend implements and every algorithm
+/// is generic over. Object safe, so a communicator can hold `Box<dyn Transport>`.
+///
+/// Every method that takes a peer, window, offset, length or signal index checks it first
+/// and returns [`crate::Error::InvalidArgument`] without touching anything.
+pub trait Transport: Send + Sync {
+    /// This rank, `0..world_size()`.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn world_size(&self) -> usize;
+    /// What the backend supports.
+    fn caps(&self) -> Caps;
+
+    /// Collective: every rank calls it with the same `len`, in the same order as its other
+    /// `register` calls, and gets a window of that size on every rank (symmetric). Disagreeing
+    /// sizes give [`crate::Error::ConfigMismatch`] on every rank. Memory starts zeroed.
+    fn register(&self, len: usize) -> Result<Window>;
+
+    /// Releases this rank's handle on a window. Call it on every rank; memory is freed once
+    /// no rank maps it any more.
+    fn deregister(&self, win: Window) -> Result<()>;
+
+    /// One-sided write of `data` into `peer`'s copy of `win` at `offset`. When it returns,
+    /// `data` may be reused; the peer sees the bytes once it has observed a later signal.
+    fn put(&self, peer: usize, win: &Window, offset: usize, data: &[u8]) -> Result<()>;
+
+    /// One-sided read of `out.len()` bytes from `peer`'s copy of `win` at `offset`.
+    fn get(&self, peer: usize, win: &Window, offset: usize, out: &mut [u8]) -> Result<()>;
+
+    /// Updates signal word `index` of `peer`. Observed only after every earlier put from this
+    /// rank to `peer`.
+    fn signal(&self, peer: usize, index: usize, op: SignalOp, value: u64) -> Result<()>;
+
+    /// `put` followed by `signal`, possibly fused by the backend.
+    #[allow(clippy::too_many_arguments)]
+    fn put_signal(
+        &self,
+        peer: usize,
+        win: &Window,
+        offset: usize,
+        data: &[u8],
+        index: usize,
+        op: SignalOp,
+        value: u64,
+    ) -> Result<()> {
+        self.put(peer, win, offset, data)?;
+        self.signal(peer, index, op, value)
+    }
+
+    /// Waits until this rank's signal word `index` satisfies `cmp value`, and returns the
+    /// word's value then. Fails with `Timeout` at `deadline`, `Aborted` after `abort()` here
+    /// or on a peer, `PeerFailed` once a peer has died.
+    fn wait(&self, index: usize, cmp: Cmp, value: u64, deadline: Instant) -> Result<u64>;
+
+    /// Current value of this rank's signal word `index`, without waiting.
+    fn signal_value(&self, index: usize) -> Result<u64>;
+
+    /// Returns once every earlier put from this rank to `peer` is complete in `peer`'s memory.
+    fn flush(&self, peer: usize) -> Result<()>;
+
+    /// From any thread: every pending and future wait on this rank and on its peers returns
+    /// `Err(Aborted)`. Idempotent.
+    fn abort(&self);
+
+    /// Start of this rank's own copy of `win` (page-aligned where the backend can).
+    /// Backends implement this; users go through the checked accessors below.
+    fn local_base(&self, win: &Window) -> Result<*mut u8>;
+
+    /// Copies bytes out of this rank's own copy of `win`.
+    fn read_local(&self, win: &Window, offset: usize, out: &mut [u8]) -> Result<()> {
+        check_range(win.len(), offset, out.len())?;
+        let base = self.local_base(win)?;
+        // SAFETY: the range was checked against the window, which is live while registered;
+        // a raw copy tolerates concurrent remote writers (the value is then unspecified, which
+        // the contract allows: data is defined only after the matching signal).
+        unsafe { std::ptr::copy_nonoverlapping(base.add(offset), out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+
+    /// Copies bytes into this rank's own copy of `win`.
+    fn write_local(&self, win: &Window, offset: usize, data: &[u8]) -> Result<()> {
+        check_range(win.len(), offset, data.len())?;
+        let base = self.local_base(win)?;
+        // SAFETY: range checked as in `read_local`; `data` cannot overlap window memory that we
+        // write through a raw pointer without holding a reference to it.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), base.add(offset), data.len()) };
+        Ok(())
+    }
+
+    /// A bounds-checked view of this rank's own copy of `win`, without copying.
+    ///
+    /// # Safety
+    /// No peer may write `offset..offset+len` while the slice lives. That holds after waiting
+    /// for the signal that announced the data and before signalling the writer that the range
+    /// may be reused. The window must not be deregistered while the slice lives.
+    unsafe fn local_slice(&self, win: &Window, offset: usize, len: usize) -> Result<&[u8]> {
+        check_range(win.len(), offset, len)?;
+        let base = self.local_base(win)?;
+        // SAFETY: range checked; the caller upholds the no-concurrent-writer rule above.
+        Ok(unsafe { std::slice::from_raw_parts(base.add(offset), len) })
+    }
+
+    /// A bounds-checked mutable view of this rank's own copy of `win`.
+    ///
+    /// # Safety
+    /// As [`Transport::local_slice`], and no other reference to the range may exist.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn local_slice_mut(&self, win: &Window, offset: usize, len: usize) -> Result<&mut [u8]> {
+        check_range(win.len(), offset, len)?;
+        let base = self.local_base(win)?;
+        // SAFETY: range checked; exclusivity is the caller's promise.
+        Ok(unsafe { std::slice::from_raw_parts_mut(base.add(offset), len) })
+    }
+}

@@ -1,0 +1,376 @@
+//! Adapter of the `xccl-shm` crate to the transport contract: processes on one host map each
+//! other's `memfd` windows; a put is one `memcpy` into the peer's mapping, a signal an atomic
+//! on the peer's signal page with a shared-futex wake.
+
+use super::{check_peer, check_range, check_signal, Caps, Cmp, SignalOp, Transport, Window};
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use xccl_shm::{Mesh, Segment, SegmentState, SignalArray, WaitOutcome, WaitPolicy};
+
+/// Default number of signal words per rank.
+pub const DEFAULT_SIGNALS: usize = 4096;
+/// Registration number of the signal segment; windows count up from 1.
+const SIGNAL_TAG: u64 = 0;
+
+/// How to build a shared-memory transport.
+#[derive(Debug, Clone)]
+pub struct ShmOptions {
+    /// Job id shared by all ranks (letters, digits, `-`, `_`); distinct jobs never meet.
+    pub job_id: String,
+    /// This rank.
+    pub rank: usize,
+    /// Number of ranks (all on this host).
+    pub world: usize,
+    /// Signal words per rank.
+    pub num_signals: usize,
+    /// Deadline for collective setup calls (connecting, `register`).
+    pub setup_timeout: Duration,
+    /// How waits spend time; defaults from the number of ranks and cores.
+    pub wait_policy: Option<WaitPolicy>,
+}
+
+impl ShmOptions {
+    /// Options with defaults for `rank` of `world` in job `job_id`.
+    pub fn new(job_id: impl Into<String>, rank: usize, world: usize) -> Self {
+        ShmOptions {
+            job_id: job_id.into(),
+            rank,
+            world,
+            num_signals: DEFAULT_SIGNALS,
+            setup_timeout: Duration::from_secs(60),
+            wait_policy: None,
+        }
+    }
+}
+
+/// Peer liveness as seen by this rank; updated by the mesh watcher thread.
+struct Liveness {
+    /// 0 when all peers live, else 1 + the first failed rank.
+    first_failed: AtomicUsize,
+    departed: Vec<AtomicBool>,
+}
+
+/// One rank of a shared-memory job.
+pub struct ShmTransport {
+    rank: usize,
+    world: usize,
+    owner: u64,
+    num_signals: usize,
+    setup_timeout: Duration,
+    policy: WaitPolicy,
+    /// Every rank's signal segment (index = rank), kept mapped for the transport's life.
+    signal_segs: Vec<Arc<Segment>>,
+    signals: Vec<SignalArray>,
+    liveness: Arc<Liveness>,
+    next_reg: AtomicU64,
+    windows: RwLock<HashMap<u64, Arc<[Segment]>>>,
+    /// Dropped last (declared last): peers see our state `Closed` before our links close.
+    mesh: Mesh,
+}
+
+impl ShmTransport {
+    /// Collective: connects to every local rank of the job. `barrier` must return once every
+    /// rank has called this far (it runs once, after this rank's socket is bound); a store
+    /// barrier does.
+    pub fn new(opts: ShmOptions, barrier: &mut dyn FnMut() -> Result<()>) -> Result<Self> {
+        if opts.num_signals == 0 {
+            return Err(Error::InvalidArgument("num_signals must be at least 1".into()));
+        }
+        let deadline = Instant::now() + opts.setup_timeout;
+        let mut barrier_err = None;
+        let mut mesh = Mesh::establish(&opts.job_id, opts.rank, opts.world, deadline, &mut || {
+            barrier().map_err(|e| {
+                let msg = e.to_string();
+                barrier_err = Some(e);
+                xccl_shm::Error::Timeout(msg)
+            })
+        })
+        .map_err(|e| barrier_err.take().unwrap_or_else(|| e.into()))?;
+
+        let sig_bytes = SignalArray::bytes_for(opts.num_signals);
+        let own = Segment::create(&format!("sig-r{}", opts.rank), sig_bytes)?;
+        let received = mesh.exchange(SIGNAL_TAG, own.fd().expect("created here"), sig_bytes as u64, deadline)?;
+        let mut own = Some(own);
+        let mut signal_segs = Vec::with_capacity(opts.world);
+        for (peer, entry) in received.into_iter().enumerate() {
+            match entry {
+                None => signal_segs.push(Arc::new(own.take().expect("own rank appears once"))),
+                Some((fd, len)) => {
+                    if len != sig_bytes as u64 {
+                        return Err(Error::ConfigMismatch(format!(
+                            "rank {peer} has {} signal words, rank {} has {}",
+                            len as usize / xccl_shm::SIGNAL_LINE,
+                            opts.rank,
+                            opts.num_signals
+                        )));
+                    }
+                    signal_segs.push(Arc::new(Segment::open(fd.as_fd(), sig_bytes)?));
+                }
+            }
+        }
+        let signals: Vec<SignalArray> = signal_segs
+            .iter()
+            // SAFETY: each data area is page-aligned, `bytes_for(num_signals)` long (checked
+            // by `Segment::open`), lives as long as `signal_segs` which outlives every use of
+            // these views, and every process touches it only through the atomics of the lines.
+            .map(|s| unsafe { SignalArray::from_raw(s.data_ptr(), opts.num_signals) })
+            .collect();
+
+        let liveness = Arc::new(Liveness {
+            first_failed: AtomicUsize::new(0),
+            departed: (0..opts.world).map(|_| AtomicBool::new(false)).collect(),
+        });
+        let hook_live = liveness.clone();
+        let hook_segs = signal_segs.clone();
+        let own_signals = signals[opts.rank];
+        let me = opts.rank;
+        mesh.watch(Arc::new(move |peer| {
+            if hook_segs[peer].state() == SegmentState::Closed {
+                hook_live.departed[peer].store(true, Ordering::SeqCst);
+                tracing::debug!(rank = me, peer, "shm peer closed its transport");
+            } else {
+                // SeqCst: ordered before the wakes below (partner: waiters' interruption check
+                // after their SeqCst `waiters` increment in `SignalArray::wait_until`).
+                let _ = hook_live.first_failed.compare_exchange(0, peer + 1, Ordering::SeqCst, Ordering::SeqCst);
+                tracing::warn!(rank = me, peer, "shm peer died");
+                own_signals.wake_every();
+            }
+        }))?;
+
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        Ok(ShmTransport {
+            rank: opts.rank,
+            world: opts.world,
+            owner: Window::new_owner_tag(),
+            num_signals: opts.num_signals,
+            setup_timeout: opts.setup_timeout,
+            policy: opts.wait_policy.unwrap_or_else(|| WaitPolicy::for_load(opts.world, cores)),
+            signal_segs,
+            signals,
+            liveness,
+            next_reg: AtomicU64::new(1),
+            windows: RwLock::new(HashMap::new()),
+            mesh,
+        })
+    }
+
+    /// Aborted here or by a peer (the flag lives in our own signal segment's header).
+    fn aborted(&self) -> bool {
+        // Acquire: partner of the SeqCst compare-exchange in `abort` (this or another process).
+        self.signal_segs[self.rank].user_word().load(Ordering::Acquire) != 0
+    }
+
+    fn failed_peer(&self) -> Option<usize> {
+        match self.liveness.first_failed.load(Ordering::SeqCst) {
+            0 => None,
+            r => Some(r - 1),
+        }
+    }
+
+    fn check_live(&self, peer: Option<usize>) -> Result<()> {
+        if self.aborted() {
+            return Err(Error::Aborted);
+        }
+        if let Some(rank) = self.failed_peer() {
+            return Err(Error::PeerFailed { rank });
+        }
+        if let Some(p) = peer {
+            if p != self.rank && self.liveness.departed[p].load(Ordering::Relaxed) {
+                return Err(Error::InvalidUsage(format!("peer rank {p} has closed its transport")));
+            }
+        }
+        Ok(())
+    }
+
+    fn segments(&self, win: &Window) -> Result<Arc<[Segment]>> {
+        win.check_owner(self.owner)?;
+        self.windows
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&win.id())
+            .cloned()
+            .ok_or_else(|| Error::InvalidUsage(format!("window #{} is deregistered", win.id())))
+    }
+
+    fn remote(&self, peer: usize, win: &Window, offset: usize, len: usize) -> Result<*mut u8> {
+        check_peer(peer, self.world)?;
+        check_range(win.len(), offset, len)?;
+        let segs = self.segments(win)?;
+        self.check_live(Some(peer))?;
+        // SAFETY: the range lies inside the data area (checked against the window length that
+        // `Segment::open` verified); the segment stays mapped while registered.
+        Ok(unsafe { segs[peer].data_ptr().add(offset) })
+    }
+}
+
+/// Builds `world` shm ranks as threads of this process (each with its own segments and
+/// links, exactly as separate processes would have): for tests and in-process benchmarks.
+pub fn in_process(world: usize, num_signals: usize) -> Result<Vec<ShmTransport>> {
+    use crate::bootstrap::{random_job_id, store_barrier, MemStore};
+    let store = MemStore::new();
+    let job = random_job_id();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..world)
+            .map(|rank| {
+                let (store, job) = (&store, &job);
+                s.spawn(move || {
+                    let mut opts = ShmOptions::new(job.clone(), rank, world);
+                    opts.num_signals = num_signals;
+                    ShmTransport::new(opts, &mut || store_barrier(store, "mesh", world, deadline))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("setup thread panicked")).collect()
+    })
+}
+
+impl Transport for ShmTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn caps(&self) -> Caps {
+        Caps {
+            backend: "shm",
+            num_signals: self.num_signals,
+            max_window_len: isize::MAX as usize - xccl_shm::HEADER_LEN,
+            direct_put: true,
+            get: true,
+            cross_host: false,
+        }
+    }
+
+    fn register(&self, len: usize) -> Result<Window> {
+        self.check_live(None)?;
+        let id = self.next_reg.fetch_add(1, Ordering::Relaxed);
+        let own = Segment::create(&format!("w{id}-r{}", self.rank), len)?;
+        let deadline = Instant::now() + self.setup_timeout;
+        let received = self.mesh.exchange(id, own.fd().expect("created here"), len as u64, deadline)?;
+        let lens: Vec<u64> = received
+            .iter()
+            .map(|e| e.as_ref().map_or(len as u64, |(_, l)| *l))
+            .collect();
+        if lens.iter().any(|&l| l != len as u64) {
+            return Err(Error::ConfigMismatch(format!(
+                "register #{id}: ranks asked for window sizes {lens:?}"
+            )));
+        }
+        let mut own = Some(own);
+        let mut segs = Vec::with_capacity(self.world);
+        for entry in received {
+            match entry {
+                None => segs.push(own.take().expect("own rank appears once")),
+                Some((fd, _)) => segs.push(Segment::open(fd.as_fd(), len)?),
+            }
+        }
+        self.windows.write().unwrap_or_else(|p| p.into_inner()).insert(id, segs.into());
+        Ok(Window::new(self.owner, id, len))
+    }
+
+    fn deregister(&self, win: Window) -> Result<()> {
+        win.check_owner(self.owner)?;
+        self.windows
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&win.id())
+            .map(|_| ())
+            .ok_or_else(|| Error::InvalidUsage(format!("window #{} is not registered", win.id())))
+    }
+
+    fn put(&self, peer: usize, win: &Window, offset: usize, data: &[u8]) -> Result<()> {
+        let dst = self.remote(peer, win, offset, data.len())?;
+        // SAFETY: `dst` is valid for `data.len()` bytes (`remote`); `data` is caller memory
+        // that may itself be a local window slice, but never the peer's destination range
+        // unless peer == self and the caller passed overlapping ranges, which `copy` handles.
+        unsafe { std::ptr::copy(data.as_ptr(), dst, data.len()) };
+        Ok(())
+    }
+
+    fn get(&self, peer: usize, win: &Window, offset: usize, out: &mut [u8]) -> Result<()> {
+        let src = self.remote(peer, win, offset, out.len())?;
+        // SAFETY: as in `put`, direction reversed.
+        unsafe { std::ptr::copy(src, out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+
+    fn signal(&self, peer: usize, index: usize, op: SignalOp, value: u64) -> Result<()> {
+        check_peer(peer, self.world)?;
+        check_signal(index, self.num_signals)?;
+        self.check_live(Some(peer))?;
+        // The SeqCst update inside add/set releases every earlier put to this peer
+        // (partner: the Acquire/SeqCst loads in `wait_until` on the peer).
+        match op {
+            SignalOp::Add => {
+                self.signals[peer].add(index, value);
+            }
+            SignalOp::Set => self.signals[peer].set(index, value),
+        }
+        Ok(())
+    }
+
+    fn wait(&self, index: usize, cmp: Cmp, value: u64, deadline: Instant) -> Result<u64> {
+        check_signal(index, self.num_signals)?;
+        self.check_live(None)?;
+        let start = Instant::now();
+        let out = self.signals[self.rank].wait_until(
+            index,
+            |v| cmp.holds(v, value),
+            deadline,
+            &self.policy,
+            || self.check_live(None).err(),
+        );
+        match out {
+            WaitOutcome::Ready(v) => Ok(v),
+            WaitOutcome::Interrupted(e) => Err(e),
+            WaitOutcome::TimedOut(v) => Err(Error::Timeout {
+                op: format!("wait on signal {index} for {cmp:?} {value} (last seen {v})"),
+                waited: start.elapsed(),
+            }),
+        }
+    }
+
+    fn signal_value(&self, index: usize) -> Result<u64> {
+        check_signal(index, self.num_signals)?;
+        Ok(self.signals[self.rank].load(index))
+    }
+
+    fn flush(&self, peer: usize) -> Result<()> {
+        check_peer(peer, self.world)?;
+        self.check_live(Some(peer))?;
+        // Puts are synchronous stores into the peer's mapping; a full fence completes them.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn abort(&self) {
+        let tag = self.rank as u64 + 1;
+        for (r, seg) in self.signal_segs.iter().enumerate() {
+            // SeqCst: ordered before the wakes (partner: the Acquire load in `aborted` and the
+            // waiters' SeqCst `waiters` increment).
+            let _ = seg.user_word().compare_exchange(0, tag, Ordering::SeqCst, Ordering::SeqCst);
+            self.signals[r].wake_every();
+        }
+        tracing::warn!(rank = self.rank, "shm transport aborted");
+    }
+
+    fn local_base(&self, win: &Window) -> Result<*mut u8> {
+        Ok(self.segments(win)?[self.rank].data_ptr())
+    }
+}
+
+impl Drop for ShmTransport {
+    fn drop(&mut self) {
+        // Before the mesh links close (the mesh field drops after this body), so peers that
+        // see the links close know this was an orderly exit, not a death.
+        self.signal_segs[self.rank].set_state(SegmentState::Closed);
+    }
+}
