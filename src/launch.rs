@@ -1,1 +1,222 @@
-//! Local launcher.
+//! Launching N local ranks of a program: environment, output prefixing, and failure
+//! propagation (one rank fails → the others are stopped; no orphans, non-zero exit).
+
+use crate::bootstrap::TcpStoreServer;
+use crate::error::{Error, Result};
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// What to launch.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    /// Number of ranks.
+    pub ranks: usize,
+    /// Program to run for every rank.
+    pub program: PathBuf,
+    /// Its arguments.
+    pub args: Vec<OsString>,
+    /// `XCCL_BACKEND` for the ranks, if set.
+    pub backend: Option<String>,
+    /// Extra environment for every rank.
+    pub env: Vec<(OsString, OsString)>,
+    /// Prefix each output line with `[rank] `.
+    pub prefix_output: bool,
+    /// Stop every rank after this long.
+    pub timeout: Option<Duration>,
+    /// How long ranks get to exit after SIGTERM before SIGKILL.
+    pub grace: Duration,
+}
+
+impl LaunchSpec {
+    /// `ranks` copies of `program` with `args`, prefixed output, no timeout.
+    pub fn new(ranks: usize, program: impl Into<PathBuf>, args: Vec<OsString>) -> Self {
+        LaunchSpec {
+            ranks,
+            program: program.into(),
+            args,
+            backend: None,
+            env: Vec::new(),
+            prefix_output: true,
+            timeout: None,
+            grace: Duration::from_secs(3),
+        }
+    }
+}
+
+/// How a launch ended.
+#[derive(Debug)]
+pub struct LaunchOutcome {
+    /// Each rank's exit status, by rank.
+    pub statuses: Vec<ExitStatus>,
+    /// The first rank that failed (non-zero exit or killed by a signal we did not send).
+    pub first_failure: Option<usize>,
+    /// The launcher stopped the ranks because the timeout passed.
+    pub timed_out: bool,
+}
+
+impl LaunchOutcome {
+    /// A process exit code summarizing the launch: 0 on success, else the failing rank's
+    /// code (128 + signal for a signal), 124 on timeout.
+    pub fn exit_code(&self) -> i32 {
+        if self.timed_out {
+            return 124;
+        }
+        match self.first_failure {
+            None => 0,
+            Some(r) => {
+                let s = self.statuses[r];
+                s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)).max(1)
+            }
+        }
+    }
+}
+
+fn copy_lines(src: impl Read, prefix: String, to_stderr: bool) {
+    let mut reader = BufReader::new(src);
+    let mut line = Vec::new();
+    while reader.read_until(b'\n', &mut line).map(|n| n > 0).unwrap_or(false) {
+        if !line.ends_with(b"\n") {
+            line.push(b'\n');
+        }
+        let mut out: Box<dyn Write> = if to_stderr {
+            Box::new(std::io::stderr().lock())
+        } else {
+            Box::new(std::io::stdout().lock())
+        };
+        let _ = out.write_all(prefix.as_bytes());
+        let _ = out.write_all(&line);
+        let _ = out.flush();
+        line.clear();
+    }
+}
+
+fn send_signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: plain kill(2) on a child we spawned and have not yet seen reaped.
+    unsafe { libc::kill(pid as libc::pid_t, sig) };
+}
+
+/// Runs the ranks to completion. The launcher serves the job's rendezvous store itself, so
+/// no rank has to bind a port. Children die with the launcher (`PR_SET_PDEATHSIG`).
+pub fn launch(spec: &LaunchSpec) -> Result<LaunchOutcome> {
+    if spec.ranks == 0 {
+        return Err(Error::InvalidArgument("need at least one rank".into()));
+    }
+    let store = TcpStoreServer::bind("127.0.0.1:0")?;
+    let store_url = format!("tcp://{}", store.addr());
+    let (tx, rx) = mpsc::channel::<(usize, std::io::Result<ExitStatus>)>();
+    let mut pids = Vec::with_capacity(spec.ranks);
+    let mut pipes = Vec::new();
+    // SAFETY: getpid cannot fail.
+    let launcher_pid = unsafe { libc::getpid() };
+    for rank in 0..spec.ranks {
+        let mut cmd = Command::new(&spec.program);
+        cmd.args(&spec.args)
+            .env("XCCL_RANK", rank.to_string())
+            .env("XCCL_WORLD_SIZE", spec.ranks.to_string())
+            .env("XCCL_LOCAL_RANK", rank.to_string())
+            .env("XCCL_LOCAL_SIZE", spec.ranks.to_string())
+            .env("XCCL_STORE", &store_url)
+            .env("XCCL_STORE_SERVER", "external")
+            .stdin(Stdio::null());
+        if let Some(b) = &spec.backend {
+            cmd.env("XCCL_BACKEND", b);
+        }
+        for (k, v) in &spec.env {
+            cmd.env(k, v);
+        }
+        if spec.prefix_output {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
+        // SAFETY: the closure runs in the child between fork and exec and only makes
+        // async-signal-safe calls (prctl, getppid, _exit).
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if libc::getppid() != launcher_pid {
+                    libc::_exit(127); // the launcher died before the death signal was armed
+                }
+                Ok(())
+            });
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                pids.iter().for_each(|&p| send_signal(p, libc::SIGKILL));
+                return Err(Error::system(format!("starting rank {rank}: {}", spec.program.display()), e));
+            }
+        };
+        pids.push(child.id());
+        if spec.prefix_output {
+            let (out, err) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
+            pipes.push(std::thread::spawn(move || copy_lines(out, format!("[{rank}] "), false)));
+            pipes.push(std::thread::spawn(move || copy_lines(err, format!("[{rank}] "), true)));
+        }
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send((rank, child.wait()));
+        });
+    }
+    drop(tx);
+
+    let mut statuses: Vec<Option<ExitStatus>> = vec![None; spec.ranks];
+    let mut first_failure = None;
+    let mut timed_out = false;
+    let mut stop_at: Option<Instant> = spec.timeout.map(|t| Instant::now() + t);
+    let mut killed = false;
+    let mut remaining = spec.ranks;
+    while remaining > 0 {
+        let wait = stop_at.map_or(Duration::from_secs(3600), |t| t.saturating_duration_since(Instant::now()));
+        match rx.recv_timeout(wait) {
+            Ok((rank, status)) => {
+                remaining -= 1;
+                let status = status.map_err(|e| Error::system(format!("waiting for rank {rank}"), e))?;
+                statuses[rank] = Some(status);
+                if !status.success() && first_failure.is_none() && !timed_out {
+                    first_failure = Some(rank);
+                    eprintln!("xccl-run: rank {rank} failed ({status}); stopping the other ranks");
+                    for (r, &pid) in pids.iter().enumerate() {
+                        if statuses[r].is_none() {
+                            send_signal(pid, libc::SIGTERM);
+                        }
+                    }
+                    stop_at = Some(Instant::now() + spec.grace);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if first_failure.is_none() && !timed_out {
+                    timed_out = true;
+                    eprintln!("xccl-run: timeout; stopping every rank");
+                    for (r, &pid) in pids.iter().enumerate() {
+                        if statuses[r].is_none() {
+                            send_signal(pid, libc::SIGTERM);
+                        }
+                    }
+                    stop_at = Some(Instant::now() + spec.grace);
+                } else if !killed {
+                    killed = true;
+                    for (r, &pid) in pids.iter().enumerate() {
+                        if statuses[r].is_none() {
+                            send_signal(pid, libc::SIGKILL);
+                        }
+                    }
+                    stop_at = None;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    for p in pipes {
+        let _ = p.join();
+    }
+    drop(store);
+    Ok(LaunchOutcome {
+        statuses: statuses.into_iter().map(|s| s.unwrap_or_else(|| ExitStatus::from_raw(9))).collect(),
+        first_failure,
+        timed_out,
+    })
+}

@@ -1,1 +1,43 @@
-fn main(){}
+//! `xccl-run`: starts N local ranks of a program with the xccl environment set.
+
+use clap::Parser;
+use std::ffi::OsString;
+use std::time::Duration;
+use xccl::launch::{launch, LaunchSpec};
+
+/// Starts N local ranks of PROGRAM; prefixes their output with the rank; when one rank fails,
+/// stops the others and exits non-zero.
+#[derive(Parser, Debug)]
+#[command(name = "xccl-run", version, about)]
+struct Args {
+    /// Number of ranks.
+    #[arg(short = 'n', long = "ranks", default_value_t = 2)]
+    ranks: usize,
+    /// Transport backend for the ranks (sets XCCL_BACKEND).
+    #[arg(long)]
+    backend: Option<String>,
+    /// Stop every rank after this many seconds (exit code 124).
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// Do not prefix output lines with the rank.
+    #[arg(long)]
+    no_prefix: bool,
+    /// The program and its arguments (after `--`).
+    #[arg(trailing_var_arg = true, required = true, num_args = 1..)]
+    command: Vec<OsString>,
+}
+
+fn main() {
+    let args = Args::parse();
+    let mut spec = LaunchSpec::new(args.ranks, &args.command[0], args.command[1..].to_vec());
+    spec.backend = args.backend;
+    spec.prefix_output = !args.no_prefix;
+    spec.timeout = args.timeout.map(Duration::from_secs_f64);
+    match launch(&spec) {
+        Ok(outcome) => std::process::exit(outcome.exit_code()),
+        Err(e) => {
+            eprintln!("xccl-run: {e}");
+            std::process::exit(2);
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! `xccl-perf`: the microbenchmark harness. Launches its own local ranks (or joins ranks
+//! started by `xccl-run`, `mpirun`, `srun`, `torchrun`), runs one primitive over a size sweep,
+//! checks every result and prints an nccl-tests-style table.
+
+mod options;
+mod pingpong;
+mod report;
+
+use clap::Parser;
+use options::{Cli, Command};
+use xccl::launch::{launch, LaunchSpec};
+
+fn main() {
+    let cli = Cli::parse();
+    let common = match &cli.command {
+        Command::Pingpong(a) => &a.common,
+    };
+    let filter = common.log.clone().or_else(|| std::env::var("XCCL_DEBUG").ok()).unwrap_or_else(|| "warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+
+    let launched = xccl::bootstrap::detect(None).map(|i| i.source != "single").unwrap_or(true);
+    if !launched && common.ranks > 1 {
+        // Not started by a launcher: become one, running this same command on every rank.
+        let exe = std::env::current_exe().expect("path of this executable");
+        let mut spec = LaunchSpec::new(common.ranks, exe, std::env::args_os().skip(1).collect());
+        spec.backend = Some(common.backend.clone());
+        spec.prefix_output = false;
+        spec.timeout = Some(std::time::Duration::from_secs_f64(common.timeout));
+        match launch(&spec) {
+            Ok(outcome) => std::process::exit(outcome.exit_code()),
+            Err(e) => {
+                eprintln!("xccl-perf: {e}");
+                std::process::exit(2);
+            }
+        }
+    }
+
+    let result = match &cli.command {
+        Command::Pingpong(a) => pingpong::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("xccl-perf: {e}");
+        std::process::exit(1);
+    }
+}

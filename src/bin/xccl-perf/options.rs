@@ -1,0 +1,117 @@
+//! Command-line options of `xccl-perf`.
+
+use clap::{Args, Parser, Subcommand};
+
+/// Microbenchmarks of xccl primitives with checked results.
+#[derive(Parser, Debug)]
+#[command(name = "xccl-perf", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// put+signal ping-pong between rank pairs (0↔1, 2↔3, ...): one-way latency and bandwidth.
+    Pingpong(PingpongArgs),
+}
+
+/// Options every subcommand takes.
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// Ranks to launch when not started by a launcher.
+    #[arg(short = 'n', long = "ranks", default_value_t = 2)]
+    pub ranks: usize,
+    /// Transport backend.
+    #[arg(long, default_value = "shm")]
+    pub backend: String,
+    /// Smallest size in bytes (suffixes K, M, G).
+    #[arg(short = 'b', long = "minbytes", default_value = "8", value_parser = parse_size)]
+    pub min_bytes: usize,
+    /// Largest size in bytes (suffixes K, M, G).
+    #[arg(short = 'e', long = "maxbytes", default_value = "64M", value_parser = parse_size)]
+    pub max_bytes: usize,
+    /// Size multiplication factor between steps.
+    #[arg(short = 'f', long = "stepfactor", default_value_t = 2)]
+    pub step_factor: usize,
+    /// Timed iterations for small sizes (large sizes use fewer, at least 20).
+    #[arg(long, default_value_t = 10_000)]
+    pub iters: usize,
+    /// Untimed iterations before timing (default: a tenth of the timed ones, at least 2).
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    /// Skip the result check.
+    #[arg(long)]
+    pub no_check: bool,
+    /// Also time a plain in-process memcpy of the same bytes and print the ratio.
+    #[arg(long)]
+    pub baseline: bool,
+    /// Write the rows as a JSON array to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+    /// Give up (every wait and the whole run) after this many seconds.
+    #[arg(long, default_value_t = 120.0)]
+    pub timeout: f64,
+    /// Log filter (else XCCL_DEBUG, else warn).
+    #[arg(long)]
+    pub log: Option<String>,
+}
+
+impl Common {
+    /// The size sweep.
+    pub fn sizes(&self) -> Result<Vec<usize>, String> {
+        if self.min_bytes > self.max_bytes {
+            return Err(format!("-b {} is larger than -e {}", self.min_bytes, self.max_bytes));
+        }
+        if self.step_factor < 2 {
+            return Err("-f must be at least 2".into());
+        }
+        let mut v = Vec::new();
+        let mut s = self.min_bytes;
+        loop {
+            v.push(s);
+            if s == 0 {
+                s = 1;
+                continue;
+            }
+            match s.checked_mul(self.step_factor) {
+                Some(n) if n <= self.max_bytes => s = n,
+                _ => break,
+            }
+        }
+        Ok(v)
+    }
+
+    /// Timed iterations for `size` bytes: fewer for large sizes, so each size takes roughly
+    /// the same time, but never fewer than 20.
+    pub fn iters_for(&self, size: usize) -> usize {
+        let budget = (256usize << 20) / size.max(1);
+        budget.clamp(20, self.iters.max(20))
+    }
+
+    /// Warm-up iterations for `iters` timed ones.
+    pub fn warmup_for(&self, iters: usize) -> usize {
+        self.warmup.unwrap_or((iters / 10).max(2))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct PingpongArgs {
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// Parses `123`, `4K`, `64M`, `1G` (powers of 1024).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1usize << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size (like 8, 64K, 16M, 1G)"))
+}

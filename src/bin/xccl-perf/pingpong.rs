@@ -1,0 +1,269 @@
+//! `xccl-perf pingpong`: put+signal ping-pong between rank pairs (0↔1, 2↔3, ...).
+//!
+//! Each rank's window is `[send | recv | status | scratch]`, every part page-aligned, so
+//! source and destination sit at equal page offsets (no 4 KiB copy aliasing). The timed loop
+//! sends from the send part into the partner's recv part; a separate checked round after each
+//! size sends a known pattern both ways and counts wrong bytes.
+//!
+//! Two figures per size: the one-way latency (half the median round trip; `time`, `algbw`)
+//! and the streaming put bandwidth (`put_bw`: batches of puts of the same source into the
+//! partner's recv part, one signal and an acknowledgement per batch, like osu_bw).
+//! `--baseline` adds a plain memcpy of the same bytes and the ratio `put_bw / memcpy_bw`.
+
+use crate::options::PingpongArgs;
+use crate::report::{self, Row};
+use std::time::{Duration, Instant};
+use xccl::transport::{Cmp, SignalOp, Transport, Window};
+use xccl::{Backend, Communicator, Error, Result};
+
+const PAGE: usize = 4096;
+/// Puts per streaming batch (osu_bw uses 64).
+const STREAM_WINDOW: usize = 16;
+
+fn round_up(n: usize) -> usize {
+    n.div_ceil(PAGE).max(1) * PAGE
+}
+
+fn pattern_byte(seed: usize, k: usize) -> u8 {
+    (k.wrapping_mul(131).wrapping_add(seed.wrapping_mul(7919)) >> 3) as u8
+}
+
+struct Layout {
+    region: usize,
+}
+
+impl Layout {
+    fn send(&self) -> usize {
+        0
+    }
+    fn recv(&self) -> usize {
+        self.region
+    }
+    fn status(&self) -> usize {
+        2 * self.region
+    }
+    fn scratch(&self) -> usize {
+        2 * self.region + PAGE
+    }
+    fn total(&self) -> usize {
+        3 * self.region + PAGE
+    }
+}
+
+/// Counters of the two signal words, advanced in lockstep by both partners.
+struct Pair<'a> {
+    t: &'a dyn Transport,
+    win: Window,
+    lay: Layout,
+    partner: usize,
+    ping: usize,
+    pong: usize,
+    seq: u64,
+    deadline: Duration,
+}
+
+impl Pair<'_> {
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.deadline
+    }
+
+    /// Initiator side of one round trip of `size` bytes.
+    fn ping(&mut self, size: usize) -> Result<()> {
+        // SAFETY: the send part is written only by this rank (locally, in `fill`), never by a
+        // peer, so it is stable while the slice lives.
+        let src = unsafe { self.t.local_slice(&self.win, self.lay.send(), size)? };
+        self.t.put_signal(self.partner, &self.win, self.lay.recv(), src, self.ping, SignalOp::Add, 1)?;
+        self.seq += 1;
+        self.t.wait(self.pong, Cmp::Ge, self.seq, self.deadline())?;
+        Ok(())
+    }
+
+    /// Responder side of one round trip.
+    fn pong(&mut self, size: usize) -> Result<()> {
+        self.seq += 1;
+        self.t.wait(self.ping, Cmp::Ge, self.seq, self.deadline())?;
+        // SAFETY: as in `ping`.
+        let src = unsafe { self.t.local_slice(&self.win, self.lay.send(), size)? };
+        self.t.put_signal(self.partner, &self.win, self.lay.recv(), src, self.pong, SignalOp::Add, 1)
+    }
+
+    /// Initiator side of one streaming batch: `window` puts of `size` bytes, one signal, and
+    /// the partner's acknowledgement (osu_bw style).
+    fn stream(&mut self, size: usize, window: usize) -> Result<()> {
+        // SAFETY: as in `ping`.
+        let src = unsafe { self.t.local_slice(&self.win, self.lay.send(), size)? };
+        for _ in 0..window {
+            self.t.put(self.partner, &self.win, self.lay.recv(), src)?;
+        }
+        self.t.signal(self.partner, self.ping, SignalOp::Add, 1)?;
+        self.seq += 1;
+        self.t.wait(self.pong, Cmp::Ge, self.seq, self.deadline())?;
+        Ok(())
+    }
+
+    /// Responder side of one streaming batch.
+    fn stream_ack(&mut self) -> Result<()> {
+        self.seq += 1;
+        self.t.wait(self.ping, Cmp::Ge, self.seq, self.deadline())?;
+        self.t.signal(self.partner, self.pong, SignalOp::Add, 1)
+    }
+
+    fn fill(&self, size: usize, seed: usize) -> Result<()> {
+        let data: Vec<u8> = (0..size).map(|k| pattern_byte(seed, k)).collect();
+        self.t.write_local(&self.win, self.lay.send(), &data)
+    }
+
+    fn count_wrong(&self, size: usize, seed: usize) -> Result<u64> {
+        let mut got = vec![0u8; size];
+        self.t.read_local(&self.win, self.lay.recv(), &mut got)?;
+        Ok(got.iter().enumerate().filter(|(k, &b)| b != pattern_byte(seed, *k)).count() as u64)
+    }
+
+    /// The checked round: a pattern each way; returns the wrong bytes both sides saw
+    /// (initiator) or the responder's own count (responder).
+    fn check(&mut self, size: usize, initiator: bool) -> Result<u64> {
+        if initiator {
+            self.fill(size, size)?;
+            self.ping(size)?;
+            let mine = self.count_wrong(size, size + 1)?;
+            let mut theirs = [0u8; 8];
+            self.t.read_local(&self.win, self.lay.status(), &mut theirs)?;
+            Ok(mine + u64::from_le_bytes(theirs))
+        } else {
+            self.seq += 1;
+            self.t.wait(self.ping, Cmp::Ge, self.seq, self.deadline())?;
+            let wrong = self.count_wrong(size, size)?;
+            self.fill(size, size + 1)?;
+            self.t.put(self.partner, &self.win, self.lay.status(), &wrong.to_le_bytes())?;
+            // SAFETY: as in `ping`.
+            let src = unsafe { self.t.local_slice(&self.win, self.lay.send(), size)? };
+            self.t.put_signal(self.partner, &self.win, self.lay.recv(), src, self.pong, SignalOp::Add, 1)?;
+            Ok(wrong)
+        }
+    }
+}
+
+/// Median time of an in-process memcpy of `size` bytes between two page-aligned parts of
+/// this rank's own window: the baseline for the streaming put bandwidth.
+fn memcpy_baseline(t: &dyn Transport, win: &Window, lay: &Layout, size: usize, iters: usize) -> Result<f64> {
+    // SAFETY: send and scratch parts are written by no peer; they do not overlap.
+    let (src, dst) = unsafe {
+        (
+            t.local_slice(win, lay.send(), size)?.as_ptr(),
+            t.local_slice_mut(win, lay.scratch(), size)?.as_mut_ptr(),
+        )
+    };
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..iters + 2 {
+        let s = Instant::now();
+        // SAFETY: both ranges are `size` bytes inside this rank's window and do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, size) };
+        std::hint::black_box(dst);
+        if i >= 2 {
+            times.push(s.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    Ok(report::stats(&mut times).0)
+}
+
+pub fn run(args: &PingpongArgs) -> Result<()> {
+    let c = &args.common;
+    let sizes = c.sizes().map_err(Error::InvalidArgument)?;
+    let timeout = Duration::from_secs_f64(c.timeout);
+    let comm = Communicator::builder().backend(c.backend.parse::<Backend>()?).timeout(timeout).build()?;
+    let (me, n) = (comm.rank(), comm.world_size());
+    if n < 2 {
+        return Err(Error::InvalidArgument("pingpong needs at least 2 ranks (-n 2)".into()));
+    }
+    let max = *sizes.iter().max().expect("at least one size");
+    let lay = Layout { region: round_up(max) };
+    let win = comm.register(lay.total())?;
+    let sigs = comm.alloc_signals(2)?;
+    let t = comm.transport();
+    let initiator = me % 2 == 0;
+    let partner = if initiator { me + 1 } else { me - 1 };
+    let active = partner < n;
+    let mut pair = Pair { t, win, lay, partner, ping: sigs, pong: sigs + 1, seq: 0, deadline: timeout };
+    if me == 0 {
+        println!("{}", report::header("pingpong", &c.backend, n));
+        println!("{}", report::columns(true, c.baseline));
+    }
+    comm.barrier()?;
+    let mut rows = Vec::new();
+    let mut total_wrong = 0;
+    if active {
+        for &size in &sizes {
+            let iters = c.iters_for(size);
+            let warm = c.warmup_for(iters);
+            if initiator {
+                pair.fill(size, 0)?;
+            }
+            let mut times = Vec::with_capacity(iters);
+            for i in 0..warm + iters {
+                if initiator {
+                    let s = Instant::now();
+                    pair.ping(size)?;
+                    if i >= warm {
+                        times.push(s.elapsed().as_secs_f64() * 1e6 / 2.0);
+                    }
+                } else {
+                    pair.pong(size)?;
+                }
+            }
+            // Streaming bandwidth: batches of WINDOW puts, one signal and an ack per batch.
+            let batches = (iters / STREAM_WINDOW).max(3);
+            let mut stream_times = Vec::with_capacity(batches);
+            for i in 0..batches + 1 {
+                if initiator {
+                    let s = Instant::now();
+                    pair.stream(size, STREAM_WINDOW)?;
+                    if i >= 1 {
+                        stream_times.push(s.elapsed().as_secs_f64() * 1e6 / STREAM_WINDOW as f64);
+                    }
+                } else {
+                    pair.stream_ack()?;
+                }
+            }
+            let wrong = if c.no_check { 0 } else { pair.check(size, initiator)? };
+            total_wrong += wrong;
+            if initiator {
+                let (p50, p99, min, max) = report::stats(&mut times);
+                let stream_us = report::stats(&mut stream_times).0;
+                let baseline_us = if c.baseline { Some(memcpy_baseline(t, &win, &pair.lay, size, iters)?) } else { None };
+                let gbps = if p50 > 0.0 { size as f64 / (p50 * 1e3) } else { 0.0 };
+                let row = Row {
+                    op: "pingpong",
+                    backend: c.backend.clone(),
+                    ranks: n,
+                    bytes: size,
+                    count: size,
+                    dtype: "uint8",
+                    p50_us: p50,
+                    p99_us: p99,
+                    min_us: min,
+                    max_us: max,
+                    algbw: gbps,
+                    busbw: gbps,
+                    wrong,
+                    baseline_us,
+                    stream_gbps: Some(if stream_us > 0.0 { size as f64 / (stream_us * 1e3) } else { 0.0 }),
+                };
+                if me == 0 {
+                    println!("{}", report::line(&row));
+                }
+                rows.push(row);
+            }
+        }
+    }
+    comm.barrier()?;
+    if me == 0 {
+        println!("{}", report::footer(&rows));
+        if let Some(path) = &c.json {
+            report::write_json(path, &rows).map_err(|e| Error::system(format!("writing {}", path.display()), e))?;
+        }
+    }
+    if total_wrong > 0 {
+        return Err(Error::ProtocolViolation(format!("check failed: {total_wrong} wrong bytes on rank {me}")));
+    }
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! Output of `xccl-perf`: the header line, nccl-tests-style table rows, footer and JSON.
+
+use std::fmt::Write as _;
+use std::io::Write;
+
+/// One measured row.
+#[derive(Debug, Clone, Default)]
+pub struct Row {
+    pub op: &'static str,
+    pub backend: String,
+    pub ranks: usize,
+    /// Bytes per rank per call.
+    pub bytes: usize,
+    pub count: usize,
+    pub dtype: &'static str,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub min_us: f64,
+    pub max_us: f64,
+    pub algbw: f64,
+    pub busbw: f64,
+    pub wrong: u64,
+    /// Baseline (memcpy) median time, when measured.
+    pub baseline_us: Option<f64>,
+    /// Streaming put bandwidth, for point-to-point ops.
+    pub stream_gbps: Option<f64>,
+}
+
+/// Median, 99th percentile, min and max of `v` (sorted in place).
+pub fn stats(v: &mut [f64]) -> (f64, f64, f64, f64) {
+    if v.is_empty() {
+        return (0.0, 0.0, 0.0, 0.0);
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let pick = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    (pick(0.5), pick(0.99), v[0], v[v.len() - 1])
+}
+
+/// The first line: what ran where.
+pub fn header(op: &str, backend: &str, ranks: usize) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown cpu".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    format!(
+        "# xccl-perf {op} | xccl {} | backend {backend} | ranks {ranks} | host {} | {cpu} x {cores} cores",
+        env!("CARGO_PKG_VERSION"),
+        host.trim()
+    )
+}
+
+/// Column titles; `stream` adds the streaming bandwidth, `baseline` the memcpy columns.
+pub fn columns(stream: bool, baseline: bool) -> String {
+    let mut s = format!(
+        "#{:>12} {:>12} {:>7} {:>10} {:>11} {:>11} {:>7}",
+        "size", "count", "type", "time(us)", "algbw(GB/s)", "busbw(GB/s)", "#wrong"
+    );
+    if stream {
+        let _ = write!(s, " {:>13}", "put_bw(GB/s)");
+    }
+    if baseline {
+        let _ = write!(s, " {:>14} {:>10}", "memcpy(GB/s)", "vs_memcpy");
+    }
+    s.push_str("\n#  time(us) is the median; p99/min/max are in --json");
+    s
+}
+
+/// One table line.
+pub fn line(r: &Row) -> String {
+    let mut s = format!(
+        " {:>12} {:>12} {:>7} {:>10.2} {:>11.2} {:>11.2} {:>7}",
+        r.bytes, r.count, r.dtype, r.p50_us, r.algbw, r.busbw, r.wrong
+    );
+    if let Some(bw) = r.stream_gbps {
+        let _ = write!(s, " {bw:>13.2}");
+    }
+    if let Some(b) = r.baseline_us {
+        let base_bw = if b > 0.0 { r.bytes as f64 / (b * 1e3) } else { 0.0 };
+        // The ratio compares like with like: streaming put bandwidth when measured, else the
+        // one-way time.
+        let ratio = match r.stream_gbps {
+            Some(bw) if base_bw > 0.0 => bw / base_bw,
+            _ if r.p50_us > 0.0 => b / r.p50_us,
+            _ => 0.0,
+        };
+        let _ = write!(s, " {base_bw:>14.2} {ratio:>10.2}");
+    }
+    s
+}
+
+/// The nccl-tests footer.
+pub fn footer(rows: &[Row]) -> String {
+    let wrong: u64 = rows.iter().map(|r| r.wrong).sum();
+    let avg = if rows.is_empty() { 0.0 } else { rows.iter().map(|r| r.busbw).sum::<f64>() / rows.len() as f64 };
+    format!(
+        "# Out of bounds values : {wrong} {}\n# Avg bus bandwidth    : {avg:.4}",
+        if wrong == 0 { "OK" } else { "FAILED" }
+    )
+}
+
+fn json_escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| match c {
+            '"' => "\\\"".chars().collect::<Vec<_>>(),
+            '\\' => "\\\\".chars().collect(),
+            c if (c as u32) < 0x20 => format!("\\u{:04x}", c as u32).chars().collect(),
+            c => vec![c],
+        })
+        .collect()
+}
+
+/// Writes the rows as a JSON array of objects.
+pub fn write_json(path: &std::path::Path, rows: &[Row]) -> std::io::Result<()> {
+    let mut out = String::from("[\n");
+    for (i, r) in rows.iter().enumerate() {
+        let num = |x: f64| if x.is_finite() { format!("{x:.4}") } else { "null".into() };
+        let _ = write!(
+            out,
+            "  {{\"op\": \"{}\", \"backend\": \"{}\", \"ranks\": {}, \"bytes\": {}, \"count\": {}, \
+             \"dtype\": \"{}\", \"time_us_p50\": {}, \"time_us_p99\": {}, \"time_us_min\": {}, \
+             \"time_us_max\": {}, \"algbw_gbps\": {}, \"busbw_gbps\": {}, \"wrong\": {}",
+            json_escape(r.op),
+            json_escape(&r.backend),
+            r.ranks,
+            r.bytes,
+            r.count,
+            json_escape(r.dtype),
+            num(r.p50_us),
+            num(r.p99_us),
+            num(r.min_us),
+            num(r.max_us),
+            num(r.algbw),
+            num(r.busbw),
+            r.wrong
+        );
+        if let Some(b) = r.baseline_us {
+            let _ = write!(out, ", \"baseline_us_p50\": {}", num(b));
+        }
+        if let Some(bw) = r.stream_gbps {
+            let _ = write!(out, ", \"put_bw_gbps\": {}", num(bw));
+        }
+        out.push('}');
+        out.push_str(if i + 1 < rows.len() { ",\n" } else { "\n" });
+    }
+    out.push_str("]\n");
+    std::fs::File::create(path)?.write_all(out.as_bytes())
+}

@@ -1,0 +1,191 @@
+//! Multi-process test harness: starts ranks as child processes of the test binary (which
+//! re-enters itself in the ignored `worker` test), watches them with a deadline, and checks
+//! afterwards that no process or shared-memory segment of the job is left.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use xccl::bootstrap::TcpStoreServer;
+
+/// Environment variable naming the scenario a worker runs.
+pub const SCENARIO: &str = "XCCL_TEST_SCENARIO";
+/// Environment variable marking every process of a test job (for the stray-process check).
+pub const MARK: &str = "XCCL_TEST_JOB";
+
+/// Multi-process tests run one at a time: 8 ranks on 2 cores is load enough, and the leak
+/// check must not see another test's live job.
+pub static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Arguments that make the test binary run only the `worker` entry point.
+pub fn worker_args() -> Vec<String> {
+    ["worker", "--exact", "--ignored", "--nocapture", "--test-threads=1", "-q"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// Environment variables a rank must not inherit (so that only what the test sets counts).
+pub const LAUNCHER_VARS: &[&str] = &[
+    "XCCL_RANK", "XCCL_WORLD_SIZE", "XCCL_LOCAL_RANK", "XCCL_LOCAL_SIZE", "XCCL_STORE",
+    "XCCL_STORE_SERVER", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+    "MASTER_PORT", "PMI_RANK", "PMI_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_ID",
+];
+
+/// A running multi-process job.
+pub struct Job {
+    pub mark: String,
+    pub children: Vec<Child>,
+    pub lines: mpsc::Receiver<(usize, String)>,
+    _store: TcpStoreServer,
+}
+
+impl Job {
+    /// Starts `n` ranks running `scenario`, with a fresh TCP store served by the test.
+    pub fn start(n: usize, scenario: &str, extra: &[(&str, String)]) -> Job {
+        let store = TcpStoreServer::bind("127.0.0.1:0").expect("store");
+        let mark = format!("{}-{}", std::process::id(), xccl::bootstrap::random_job_id());
+        let exe = std::env::current_exe().expect("test binary path");
+        let (tx, lines) = mpsc::channel();
+        let mut children = Vec::new();
+        for rank in 0..n {
+            let mut cmd = Command::new(&exe);
+            cmd.args(worker_args());
+            for v in LAUNCHER_VARS {
+                cmd.env_remove(v);
+            }
+            cmd.env(SCENARIO, scenario)
+                .env(MARK, &mark)
+                .env("XCCL_RANK", rank.to_string())
+                .env("XCCL_WORLD_SIZE", n.to_string())
+                .env("XCCL_STORE", format!("tcp://{}", store.addr()))
+                .env("XCCL_STORE_SERVER", "external")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .stdin(Stdio::null());
+            for (k, v) in extra {
+                cmd.env(k, v);
+            }
+            let mut child = cmd.spawn().expect("spawn rank");
+            let out = child.stdout.take().expect("piped");
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    eprintln!("[{rank}] {line}");
+                    let _ = tx.send((rank, line));
+                }
+            });
+            children.push(child);
+        }
+        Job { mark, children, lines, _store: store }
+    }
+
+    /// Waits until every rank in `ranks` has printed a line starting with `word`.
+    pub fn expect_from(&self, ranks: &[usize], word: &str, limit: Duration) {
+        let end = Instant::now() + limit;
+        let mut missing: Vec<usize> = ranks.to_vec();
+        while !missing.is_empty() {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((r, l)) if l.starts_with(word) => missing.retain(|&m| m != r),
+                Ok(_) => {}
+                Err(_) => panic!("ranks {missing:?} did not print {word:?} within {limit:?}"),
+            }
+        }
+    }
+
+    /// Waits for every rank to exit, at most `limit` (then kills them all and fails).
+    pub fn wait_all(&mut self, limit: Duration) -> Vec<ExitStatus> {
+        let end = Instant::now() + limit;
+        let mut out = vec![None; self.children.len()];
+        loop {
+            for (i, c) in self.children.iter_mut().enumerate() {
+                if out[i].is_none() {
+                    out[i] = c.try_wait().expect("try_wait");
+                }
+            }
+            if out.iter().all(Option::is_some) {
+                return out.into_iter().map(Option::unwrap).collect();
+            }
+            if Instant::now() >= end {
+                self.kill_all();
+                panic!("job still running after {limit:?}: hang");
+            }
+            std::thread::sleep(Duration::from_millis(5)); // polling child exit, not synchronisation
+        }
+    }
+
+    /// Sends SIGKILL to rank `r`.
+    pub fn kill(&mut self, r: usize) {
+        let _ = self.children[r].kill();
+    }
+
+    /// SIGKILLs and reaps every rank.
+    pub fn kill_all(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+fn processes() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+fn environ_has(pid: u32, needle: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|env| env.split(|&b| b == 0).any(|kv| kv.starts_with(needle.as_bytes())))
+        .unwrap_or(false)
+}
+
+/// Descriptors of xccl memfd segments that process `pid` holds open.
+pub fn xccl_memfds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|t| t.to_string_lossy().contains("memfd:xccl-"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Fails if any process of a test job (marked in its environment) is still alive, if one of
+/// them still holds an xccl segment, or if /dev/shm holds xccl files.
+pub fn assert_no_leaks(mark: &str) {
+    let me = std::process::id();
+    let stray: Vec<u32> = processes()
+        .into_iter()
+        .filter(|&p| p != me && environ_has(p, &format!("{MARK}={mark}")))
+        .collect();
+    assert!(stray.is_empty(), "processes of the job still running: {stray:?}");
+    let holders: Vec<u32> = processes()
+        .into_iter()
+        .filter(|&p| p != me && environ_has(p, &format!("{MARK}=")) && xccl_memfds(p) > 0)
+        .collect();
+    assert!(holders.is_empty(), "test processes still holding xccl segments: {holders:?}");
+    let shm: Vec<String> = std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.contains("xccl"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(shm.is_empty(), "/dev/shm holds xccl files: {shm:?}");
+}
+
+/// True when tests that need an optional tool must not skip (CI sets it).
+pub fn skips_forbidden() -> bool {
+    std::env::var("XCCL_REQUIRE_ALL").is_ok_and(|v| v == "1")
+}
