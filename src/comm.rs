@@ -26,8 +26,12 @@ impl std::str::FromStr for Backend {
         match s {
             "shm" => Ok(Backend::Shm),
             "loopback" => Ok(Backend::Loopback),
-            "tcp" => Err(Error::Unsupported("the tcp backend is not built into this version".into())),
-            other => Err(Error::InvalidArgument(format!("backend {other:?} (expected shm or loopback)"))),
+            "tcp" => Err(Error::Unsupported(
+                "the tcp backend is not built into this version".into(),
+            )),
+            other => Err(Error::InvalidArgument(format!(
+                "backend {other:?} (expected shm or loopback)"
+            ))),
         }
     }
 }
@@ -102,11 +106,15 @@ impl CommBuilder {
             None => settings.backend.as_deref().unwrap_or("shm").parse()?,
         };
         if backend == Backend::Shm && settings.shm_disable {
-            return Err(Error::InvalidUsage("XCCL_SHM_DISABLE is set and no other backend was chosen".into()));
+            return Err(Error::InvalidUsage(
+                "XCCL_SHM_DISABLE is set and no other backend was chosen".into(),
+            ));
         }
         let num_signals = self.num_signals.or(settings.num_signals).unwrap_or(4096);
         if num_signals <= BARRIER_SIGNALS {
-            return Err(Error::InvalidArgument(format!("num_signals {num_signals} must exceed {BARRIER_SIGNALS}")));
+            return Err(Error::InvalidArgument(format!(
+                "num_signals {num_signals} must exceed {BARRIER_SIGNALS}"
+            )));
         }
         let rdv = match self.store {
             Some(s) => Rendezvous::from_store(s),
@@ -149,7 +157,9 @@ impl CommBuilder {
                 opts.num_signals = num_signals;
                 opts.setup_timeout = timeout;
                 let world = info.world_size;
-                Box::new(ShmTransport::new(opts, &mut || store_barrier(&*store, "xccl/mesh", world, deadline))?)
+                Box::new(ShmTransport::new(opts, &mut || {
+                    store_barrier(&*store, "xccl/mesh", world, deadline)
+                })?)
             }
             #[cfg(not(feature = "shm"))]
             Backend::Shm => return Err(Error::Unsupported("built without the shm feature".into())),
@@ -182,7 +192,10 @@ fn agree(store: &dyn Store, info: &RankInfo, config: &str, deadline: Instant) ->
     } else {
         let zero = text(store.get("xccl/cfg/0", deadline)?);
         if zero != config {
-            return Err(Error::ConfigMismatch(format!("rank 0 has [{zero}], rank {} has [{config}]", info.rank)));
+            return Err(Error::ConfigMismatch(format!(
+                "rank 0 has [{zero}], rank {} has [{config}]",
+                info.rank
+            )));
         }
     }
     let verdict = text(store.get("xccl/verdict", deadline)?);
@@ -216,10 +229,18 @@ impl Communicator {
     /// Wraps an already connected transport (for example one of a loopback fabric).
     pub fn from_transport(transport: Box<dyn Transport>, timeout: Duration) -> Result<Self> {
         if transport.caps().num_signals <= BARRIER_SIGNALS {
-            return Err(Error::InvalidArgument("transport has too few signals for a communicator".into()));
+            return Err(Error::InvalidArgument(
+                "transport has too few signals for a communicator".into(),
+            ));
         }
         let (rank, world) = (transport.rank(), transport.world_size());
-        let info = RankInfo { rank, world_size: world, local_rank: rank, local_size: world, source: "explicit" };
+        let info = RankInfo {
+            rank,
+            world_size: world,
+            local_rank: rank,
+            local_size: world,
+            source: "explicit",
+        };
         Ok(Self::with_info(transport, info, timeout))
     }
 
@@ -291,8 +312,10 @@ impl Communicator {
         let mut round = 0;
         while dist < n {
             let to = (self.rank() + dist) % n;
-            self.transport.signal(to, self.barrier_base + round, SignalOp::Add, 1)?;
-            self.transport.wait(self.barrier_base + round, Cmp::Ge, epoch, deadline)?;
+            self.transport
+                .signal(to, self.barrier_base + round, SignalOp::Add, 1)?;
+            self.transport
+                .wait(self.barrier_base + round, Cmp::Ge, epoch, deadline)?;
             dist *= 2;
             round += 1;
         }

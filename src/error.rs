@@ -59,7 +59,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// A `System` error from an `io::Error`.
     pub fn system(context: impl Into<String>, source: io::Error) -> Self {
-        Error::System { context: context.into(), source }
+        Error::System {
+            context: context.into(),
+            source,
+        }
     }
 }
 
@@ -69,7 +72,10 @@ impl From<xccl_shm::Error> for Error {
         match e {
             xccl_shm::Error::Io { context, source } => Error::System { context, source },
             xccl_shm::Error::PeerGone { rank, .. } => Error::PeerFailed { rank },
-            xccl_shm::Error::Timeout(op) => Error::Timeout { op, waited: Duration::ZERO },
+            xccl_shm::Error::Timeout(op) => Error::Timeout {
+                op,
+                waited: Duration::ZERO,
+            },
             xccl_shm::Error::Protocol(m) => Error::ProtocolViolation(m),
             xccl_shm::Error::Invalid(m) => Error::InvalidArgument(m),
         }

@@ -70,7 +70,9 @@ impl LaunchOutcome {
             None => 0,
             Some(r) => {
                 let s = self.statuses[r];
-                s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)).max(1)
+                s.code()
+                    .unwrap_or_else(|| 128 + s.signal().unwrap_or(0))
+                    .max(1)
             }
         }
     }
@@ -79,7 +81,11 @@ impl LaunchOutcome {
 fn copy_lines(src: impl Read, prefix: String, to_stderr: bool) {
     let mut reader = BufReader::new(src);
     let mut line = Vec::new();
-    while reader.read_until(b'\n', &mut line).map(|n| n > 0).unwrap_or(false) {
+    while reader
+        .read_until(b'\n', &mut line)
+        .map(|n| n > 0)
+        .unwrap_or(false)
+    {
         if !line.ends_with(b"\n") {
             line.push(b'\n');
         }
@@ -147,14 +153,24 @@ pub fn launch(spec: &LaunchSpec) -> Result<LaunchOutcome> {
             Ok(c) => c,
             Err(e) => {
                 pids.iter().for_each(|&p| send_signal(p, libc::SIGKILL));
-                return Err(Error::system(format!("starting rank {rank}: {}", spec.program.display()), e));
+                return Err(Error::system(
+                    format!("starting rank {rank}: {}", spec.program.display()),
+                    e,
+                ));
             }
         };
         pids.push(child.id());
         if spec.prefix_output {
-            let (out, err) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
-            pipes.push(std::thread::spawn(move || copy_lines(out, format!("[{rank}] "), false)));
-            pipes.push(std::thread::spawn(move || copy_lines(err, format!("[{rank}] "), true)));
+            let (out, err) = (
+                child.stdout.take().expect("piped"),
+                child.stderr.take().expect("piped"),
+            );
+            pipes.push(std::thread::spawn(move || {
+                copy_lines(out, format!("[{rank}] "), false)
+            }));
+            pipes.push(std::thread::spawn(move || {
+                copy_lines(err, format!("[{rank}] "), true)
+            }));
         }
         let tx = tx.clone();
         std::thread::spawn(move || {
@@ -170,11 +186,14 @@ pub fn launch(spec: &LaunchSpec) -> Result<LaunchOutcome> {
     let mut killed = false;
     let mut remaining = spec.ranks;
     while remaining > 0 {
-        let wait = stop_at.map_or(Duration::from_secs(3600), |t| t.saturating_duration_since(Instant::now()));
+        let wait = stop_at.map_or(Duration::from_secs(3600), |t| {
+            t.saturating_duration_since(Instant::now())
+        });
         match rx.recv_timeout(wait) {
             Ok((rank, status)) => {
                 remaining -= 1;
-                let status = status.map_err(|e| Error::system(format!("waiting for rank {rank}"), e))?;
+                let status =
+                    status.map_err(|e| Error::system(format!("waiting for rank {rank}"), e))?;
                 statuses[rank] = Some(status);
                 if !status.success() && first_failure.is_none() && !timed_out {
                     first_failure = Some(rank);
@@ -215,7 +234,10 @@ pub fn launch(spec: &LaunchSpec) -> Result<LaunchOutcome> {
     }
     drop(store);
     Ok(LaunchOutcome {
-        statuses: statuses.into_iter().map(|s| s.unwrap_or_else(|| ExitStatus::from_raw(9))).collect(),
+        statuses: statuses
+            .into_iter()
+            .map(|s| s.unwrap_or_else(|| ExitStatus::from_raw(9)))
+            .collect(),
         first_failure,
         timed_out,
     })

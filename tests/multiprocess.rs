@@ -28,11 +28,16 @@ fn worker() {
 /// Every rank announces READY, then waits for a signal nobody sends: it must end with
 /// PeerFailed when a peer is killed.
 fn wait_forever() {
-    let comm = Communicator::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let comm = Communicator::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
     let _win = comm.register(1 << 20).unwrap();
     comm.barrier().unwrap();
     println!("READY");
-    let r = comm.transport().wait(0, Cmp::Ge, 1, Instant::now() + Duration::from_secs(60));
+    let r = comm
+        .transport()
+        .wait(0, Cmp::Ge, 1, Instant::now() + Duration::from_secs(60));
     match r {
         Err(Error::PeerFailed { rank }) => println!("PEERFAILED {rank}"),
         other => panic!("expected PeerFailed, got {other:?}"),
@@ -41,7 +46,10 @@ fn wait_forever() {
 
 /// Pairs (0,1), (2,3), ... do `n` put+signal round trips, checking the data each time.
 fn round_trips(n: u64) {
-    let comm = Communicator::builder().timeout(Duration::from_secs(120)).build().unwrap();
+    let comm = Communicator::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap();
     let t = comm.transport();
     let me = comm.rank();
     let partner = me ^ 1;
@@ -52,14 +60,20 @@ fn round_trips(n: u64) {
         let word = (i * 1_000 + me as u64).to_le_bytes();
         let mine_first = me % 2 == 0;
         if mine_first {
-            t.put_signal(partner, &win, 0, &word, sig, SignalOp::Add, 1).unwrap();
+            t.put_signal(partner, &win, 0, &word, sig, SignalOp::Add, 1)
+                .unwrap();
         }
         t.wait(sig, Cmp::Ge, i, comm.deadline()).unwrap();
         let mut got = [0u8; 8];
         t.read_local(&win, 0, &mut got).unwrap();
-        assert_eq!(u64::from_le_bytes(got), i * 1_000 + partner as u64, "round trip {i}");
+        assert_eq!(
+            u64::from_le_bytes(got),
+            i * 1_000 + partner as u64,
+            "round trip {i}"
+        );
         if !mine_first {
-            t.put_signal(partner, &win, 0, &word, sig, SignalOp::Add, 1).unwrap();
+            t.put_signal(partner, &win, 0, &word, sig, SignalOp::Add, 1)
+                .unwrap();
         }
     }
     comm.barrier().unwrap();
@@ -88,7 +102,9 @@ fn fail_rank1() {
         eprintln!("rank 1 fails on purpose");
         std::process::exit(3);
     }
-    let _ = comm.transport().wait(0, Cmp::Ge, 1, Instant::now() + Duration::from_secs(60));
+    let _ = comm
+        .transport()
+        .wait(0, Cmp::Ge, 1, Instant::now() + Duration::from_secs(60));
     std::process::exit(0);
 }
 
@@ -96,11 +112,23 @@ fn fail_rank1() {
 fn ompi_ring() {
     let info = xccl::bootstrap::detect(None).unwrap();
     assert_eq!(info.source, "openmpi");
-    let comm = Communicator::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let comm = Communicator::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
     let (me, n) = (comm.rank(), comm.world_size());
     let t = comm.transport();
     let win = comm.register(64).unwrap();
-    t.put_signal((me + 1) % n, &win, 0, &(me as u64).to_le_bytes(), 0, SignalOp::Add, 1).unwrap();
+    t.put_signal(
+        (me + 1) % n,
+        &win,
+        0,
+        &(me as u64).to_le_bytes(),
+        0,
+        SignalOp::Add,
+        1,
+    )
+    .unwrap();
     t.wait(0, Cmp::Ge, 1, comm.deadline()).unwrap();
     let mut got = [0u8; 8];
     t.read_local(&win, 0, &mut got).unwrap();
@@ -136,7 +164,11 @@ fn sigkill_of_every_rank_leaves_no_segment() {
     job.expect_from(&[0, 1, 2, 3], "READY", Duration::from_secs(60));
     // The ranks really hold segments (so the check below means something).
     for c in &job.children {
-        assert!(common::xccl_memfds(c.id()) > 0, "rank pid {} holds no xccl segment", c.id());
+        assert!(
+            common::xccl_memfds(c.id()) > 0,
+            "rank pid {} holds no xccl segment",
+            c.id()
+        );
     }
     let mark = job.mark.clone();
     job.kill_all();
@@ -172,7 +204,9 @@ fn launcher_stops_the_other_ranks_when_one_fails() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mark = format!("launcher-{}", xccl::bootstrap::random_job_id());
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_xccl-run"));
-    cmd.args(["-n", "3", "--"]).arg(std::env::current_exe().unwrap()).args(common::worker_args());
+    cmd.args(["-n", "3", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args(common::worker_args());
     for v in common::LAUNCHER_VARS {
         cmd.env_remove(v);
     }
@@ -189,27 +223,45 @@ fn launcher_stops_the_other_ranks_when_one_fails() {
         }
         std::thread::sleep(Duration::from_millis(10)); // polling child exit
     };
-    assert_eq!(status.code(), Some(3), "xccl-run should exit with the failing rank's code");
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "xccl-run should exit with the failing rank's code"
+    );
     assert_no_leaks(&mark);
 }
 
 #[test]
 fn mpirun_ranks_find_each_other_from_ompi_variables() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let mpirun = ["mpirun.openmpi", "mpirun"]
-        .into_iter()
-        .find(|m| std::process::Command::new(m).arg("--version").output().is_ok_and(|o| o.status.success()));
+    let mpirun = ["mpirun.openmpi", "mpirun"].into_iter().find(|m| {
+        std::process::Command::new(m)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
     let Some(mpirun) = mpirun else {
-        assert!(!common::skips_forbidden(), "mpirun is missing and XCCL_REQUIRE_ALL=1");
+        assert!(
+            !common::skips_forbidden(),
+            "mpirun is missing and XCCL_REQUIRE_ALL=1"
+        );
         eprintln!("SKIPPED: Open MPI's mpirun is not installed (apt-get install openmpi-bin)");
         return;
     };
     let mark = format!("mpirun-{}", xccl::bootstrap::random_job_id());
     let mut cmd = std::process::Command::new(mpirun);
-    cmd.args(["-np", "4", "--oversubscribe", "--allow-run-as-root", "--mca", "btl", "self,vader"])
-        .args(["--mca", "oob_tcp_if_include", "lo"])
-        .arg(std::env::current_exe().unwrap())
-        .args(common::worker_args());
+    cmd.args([
+        "-np",
+        "4",
+        "--oversubscribe",
+        "--allow-run-as-root",
+        "--mca",
+        "btl",
+        "self,vader",
+    ])
+    .args(["--mca", "oob_tcp_if_include", "lo"])
+    .arg(std::env::current_exe().unwrap())
+    .args(common::worker_args());
     for v in common::LAUNCHER_VARS {
         cmd.env_remove(v);
     }
@@ -233,7 +285,10 @@ fn mpirun_ranks_find_each_other_from_ompi_variables() {
     eprintln!("{text}");
     assert!(out.status.success(), "mpirun failed: {:?}", out.status);
     for r in 0..4 {
-        assert!(text.contains(&format!("OMPI_OK rank {r} of 4")), "rank {r} missing");
+        assert!(
+            text.contains(&format!("OMPI_OK rank {r} of 4")),
+            "rank {r} missing"
+        );
     }
     assert_no_leaks(&mark);
 }

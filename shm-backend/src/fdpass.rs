@@ -37,7 +37,9 @@ impl Msg {
         };
         let magic = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
         if magic != MSG_MAGIC {
-            return Err(Error::Protocol(format!("bad mesh message magic {magic:#x}")));
+            return Err(Error::Protocol(format!(
+                "bad mesh message magic {magic:#x}"
+            )));
         }
         Ok(Msg {
             kind: u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]),
@@ -51,7 +53,10 @@ impl Msg {
 /// Sends `msg`, with `fd` attached when given. Blocks only while the socket buffer is full.
 pub(crate) fn send(sock: &UnixStream, msg: &Msg, fd: Option<BorrowedFd<'_>>) -> Result<()> {
     let bytes = msg.encode();
-    let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: MSG_LEN };
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: MSG_LEN,
+    };
     // u64-aligned room for one control message carrying one descriptor.
     let mut cbuf = [0u64; 4];
     // SAFETY: a zeroed msghdr is a valid empty header.
@@ -80,7 +85,9 @@ pub(crate) fn send(sock: &UnixStream, msg: &Msg, fd: Option<BorrowedFd<'_>>) -> 
         return Err(Error::last_os("sending on a mesh link"));
     }
     if n as usize != MSG_LEN {
-        return Err(Error::Protocol(format!("short send of a mesh message ({n} bytes)")));
+        return Err(Error::Protocol(format!(
+            "short send of a mesh message ({n} bytes)"
+        )));
     }
     Ok(())
 }
@@ -93,7 +100,11 @@ pub(crate) fn wait_readable(sock: &UnixStream, deadline: Instant, what: &str) ->
             return Err(Error::Timeout(what.to_string()));
         }
         let ms = (deadline - now).as_millis().clamp(1, i32::MAX as u128) as i32;
-        let mut p = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut p = libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd.
         let rc = unsafe { libc::poll(&mut p, 1, ms) };
         if rc < 0 {
@@ -118,7 +129,10 @@ pub(crate) fn recv(
 ) -> Result<Option<(Msg, Option<OwnedFd>)>> {
     wait_readable(sock, deadline, what)?;
     let mut bytes = [0u8; MSG_LEN];
-    let mut iov = libc::iovec { iov_base: bytes.as_mut_ptr() as *mut libc::c_void, iov_len: MSG_LEN };
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_mut_ptr() as *mut libc::c_void,
+        iov_len: MSG_LEN,
+    };
     // Room for more descriptors than expected, so extra ones are received (and closed) rather
     // than silently dropped with MSG_CTRUNC.
     let mut cbuf = [0u64; 16];
@@ -130,10 +144,16 @@ pub(crate) fn recv(
     hdr.msg_controllen = std::mem::size_of_val(&cbuf) as _;
     // SAFETY: `hdr` points at live writable buffers of the sizes given.
     let n = unsafe {
-        libc::recvmsg(sock.as_raw_fd(), &mut hdr, libc::MSG_WAITALL | libc::MSG_CMSG_CLOEXEC)
+        libc::recvmsg(
+            sock.as_raw_fd(),
+            &mut hdr,
+            libc::MSG_WAITALL | libc::MSG_CMSG_CLOEXEC,
+        )
     };
     if n < 0 {
-        return Err(Error::last_os(format!("receiving on a mesh link while {what}")));
+        return Err(Error::last_os(format!(
+            "receiving on a mesh link while {what}"
+        )));
     }
     // Take ownership of every received descriptor first, so none leaks on an error below.
     let mut fds: Vec<OwnedFd> = Vec::new();
@@ -158,10 +178,14 @@ pub(crate) fn recv(
         return Ok(None);
     }
     if n as usize != MSG_LEN {
-        return Err(Error::Protocol(format!("short mesh message ({n} of {MSG_LEN} bytes)")));
+        return Err(Error::Protocol(format!(
+            "short mesh message ({n} of {MSG_LEN} bytes)"
+        )));
     }
     if hdr.msg_flags & libc::MSG_CTRUNC != 0 || fds.len() > 1 {
-        return Err(Error::Protocol("mesh message carried unexpected descriptors".into()));
+        return Err(Error::Protocol(
+            "mesh message carried unexpected descriptors".into(),
+        ));
     }
     Ok(Some((Msg::decode(&bytes)?, fds.pop())))
 }
@@ -176,7 +200,12 @@ mod tests {
     fn message_and_descriptor_round_trip() {
         let (a, b) = UnixStream::pair().unwrap();
         let f = std::fs::File::open("/proc/self/exe").unwrap();
-        let m = Msg { kind: 3, a: 1, b: u64::MAX, c: 42 };
+        let m = Msg {
+            kind: 3,
+            a: 1,
+            b: u64::MAX,
+            c: 42,
+        };
         send(&a, &m, Some(f.as_fd())).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         let (got, fd) = recv(&b, deadline, "test").unwrap().unwrap();

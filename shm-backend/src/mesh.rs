@@ -28,7 +28,9 @@ pub struct Mesh {
 fn job_hash(job: &str) -> u64 {
     // FNV-1a: only has to tell two jobs apart, not resist an adversary (the peer's uid is
     // checked separately).
-    job.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    job.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 fn socket_name(job: &str, rank: usize) -> Result<SocketAddr> {
@@ -71,15 +73,22 @@ impl Mesh {
     ) -> Result<Mesh> {
         if job.is_empty()
             || job.len() > 64
-            || !job.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            || !job
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
-            return Err(Error::Invalid(format!("job id {job:?} (want 1-64 of [A-Za-z0-9_-])")));
+            return Err(Error::Invalid(format!(
+                "job id {job:?} (want 1-64 of [A-Za-z0-9_-])"
+            )));
         }
         if rank >= world {
             return Err(Error::Invalid(format!("rank {rank} >= world size {world}")));
         }
         let listener = UnixListener::bind_addr(&socket_name(job, rank)?).map_err(|e| {
-            Error::io(format!("binding the mesh socket of rank {rank} (job {job} already running?)"), e)
+            Error::io(
+                format!("binding the mesh socket of rank {rank} (job {job} already running?)"),
+                e,
+            )
         })?;
         barrier()?;
         let hash = job_hash(job);
@@ -89,24 +98,37 @@ impl Mesh {
         for (peer, slot) in links.iter_mut().enumerate().take(rank) {
             let s = UnixStream::connect_addr(&socket_name(job, peer)?)
                 .map_err(|e| Error::io(format!("connecting to local rank {peer}"), e))?;
-            fdpass::send(&s, &Msg { kind: KIND_HELLO, a: hash, b: rank as u64, c: world as u64 }, None)?;
+            fdpass::send(
+                &s,
+                &Msg {
+                    kind: KIND_HELLO,
+                    a: hash,
+                    b: rank as u64,
+                    c: world as u64,
+                },
+                None,
+            )?;
             *slot = Some(s);
         }
         // 2. Accept every higher rank and answer its hello.
-        listener.set_nonblocking(true).map_err(|e| Error::io("listener nonblocking", e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::io("listener nonblocking", e))?;
         let my_uid = unsafe_geteuid();
         let mut accepted = 0;
         while accepted < world - rank - 1 {
             let s = accept_by(&listener, deadline, rank)?;
-            s.set_nonblocking(false).map_err(|e| Error::io("link blocking", e))?;
+            s.set_nonblocking(false)
+                .map_err(|e| Error::io("link blocking", e))?;
             let uid = peer_uid(&s)?;
             if uid != my_uid {
                 // Another user's process reached our socket name: refuse it and keep waiting.
                 continue;
             }
-            let (m, fd) = fdpass::recv(&s, deadline, "reading a peer's hello")?.ok_or_else(|| {
-                Error::Protocol("a peer closed its link before saying hello".into())
-            })?;
+            let (m, fd) =
+                fdpass::recv(&s, deadline, "reading a peer's hello")?.ok_or_else(|| {
+                    Error::Protocol("a peer closed its link before saying hello".into())
+                })?;
             drop(fd);
             let peer = m.b as usize;
             if m.kind != KIND_HELLO || m.a != hash {
@@ -119,9 +141,20 @@ impl Mesh {
                 )));
             }
             if peer <= rank || peer >= world || links[peer].is_some() {
-                return Err(Error::Protocol(format!("unexpected hello from rank {peer}")));
+                return Err(Error::Protocol(format!(
+                    "unexpected hello from rank {peer}"
+                )));
             }
-            fdpass::send(&s, &Msg { kind: KIND_HELLO, a: hash, b: rank as u64, c: PROTOCOL_VERSION }, None)?;
+            fdpass::send(
+                &s,
+                &Msg {
+                    kind: KIND_HELLO,
+                    a: hash,
+                    b: rank as u64,
+                    c: PROTOCOL_VERSION,
+                },
+                None,
+            )?;
             links[peer] = Some(s);
             accepted += 1;
         }
@@ -130,12 +163,23 @@ impl Mesh {
         for (peer, link) in links.iter().enumerate().take(rank) {
             let s = link.as_ref().expect("connected above");
             let (m, _) = fdpass::recv(s, deadline, "waiting for a peer's hello answer")?
-                .ok_or_else(|| Error::PeerGone { rank: peer, detail: "closed during setup".into() })?;
-            if m.kind != KIND_HELLO || m.a != hash || m.b != peer as u64 || m.c != PROTOCOL_VERSION {
-                return Err(Error::Protocol(format!("bad hello answer from rank {peer}: {m:?}")));
+                .ok_or_else(|| Error::PeerGone {
+                    rank: peer,
+                    detail: "closed during setup".into(),
+                })?;
+            if m.kind != KIND_HELLO || m.a != hash || m.b != peer as u64 || m.c != PROTOCOL_VERSION
+            {
+                return Err(Error::Protocol(format!(
+                    "bad hello answer from rank {peer}: {m:?}"
+                )));
             }
         }
-        Ok(Mesh { rank, world, links, watcher: None })
+        Ok(Mesh {
+            rank,
+            world,
+            links,
+            watcher: None,
+        })
     }
 
     /// This process's rank in the mesh.
@@ -160,7 +204,16 @@ impl Mesh {
         deadline: Instant,
     ) -> Result<Vec<Option<(OwnedFd, u64)>>> {
         for link in self.links.iter().flatten() {
-            fdpass::send(link, &Msg { kind: KIND_SEGMENT, a: tag, b: len, c: 0 }, Some(fd))?;
+            fdpass::send(
+                link,
+                &Msg {
+                    kind: KIND_SEGMENT,
+                    a: tag,
+                    b: len,
+                    c: 0,
+                },
+                Some(fd),
+            )?;
         }
         let mut out = Vec::with_capacity(self.world);
         for (peer, link) in self.links.iter().enumerate() {
@@ -181,7 +234,9 @@ impl Mesh {
                 )));
             }
             let pfd = pfd.ok_or_else(|| {
-                Error::Protocol(format!("rank {peer}'s segment #{tag} arrived without a descriptor"))
+                Error::Protocol(format!(
+                    "rank {peer}'s segment #{tag} arrived without a descriptor"
+                ))
             })?;
             out.push(Some((pfd, m.b)));
         }
@@ -214,14 +269,17 @@ impl Mesh {
         let handle = std::thread::Builder::new()
             .name(format!("xccl-shm-watch-{}", self.rank))
             .spawn(move || loop {
-                let mut fds: Vec<libc::pollfd> =
-                    std::iter::once(libc::pollfd { fd: stop, events: libc::POLLIN, revents: 0 })
-                        .chain(watched.iter().map(|&(_, fd)| libc::pollfd {
-                            fd,
-                            events: libc::POLLRDHUP,
-                            revents: 0,
-                        }))
-                        .collect();
+                let mut fds: Vec<libc::pollfd> = std::iter::once(libc::pollfd {
+                    fd: stop,
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .chain(watched.iter().map(|&(_, fd)| libc::pollfd {
+                    fd,
+                    events: libc::POLLRDHUP,
+                    revents: 0,
+                }))
+                .collect();
                 // SAFETY: `fds` is a valid array of pollfd of the given length.
                 let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
                 if rc < 0 {
@@ -265,7 +323,11 @@ fn accept_by(listener: &UnixListener, deadline: Instant, rank: usize) -> Result<
                     )));
                 }
                 let ms = (deadline - now).as_millis().clamp(1, 100) as i32;
-                let mut p = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                let mut p = libc::pollfd {
+                    fd: listener.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
                 // SAFETY: one valid pollfd.
                 unsafe { libc::poll(&mut p, 1, ms) };
             }
@@ -280,7 +342,13 @@ impl Drop for Mesh {
         if let Some((handle, efd)) = self.watcher.take() {
             let one: u64 = 1;
             // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
-            unsafe { libc::write(efd.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+            unsafe {
+                libc::write(
+                    efd.as_raw_fd(),
+                    &one as *const u64 as *const libc::c_void,
+                    8,
+                )
+            };
             let _ = handle.join();
         }
     }
@@ -311,7 +379,9 @@ mod tests {
                         })
                         .unwrap();
                         let seg = Segment::create("mesh-test", 64 + rank).unwrap();
-                        let got = mesh.exchange(7, seg.fd().unwrap(), 64 + rank as u64, deadline).unwrap();
+                        let got = mesh
+                            .exchange(7, seg.fd().unwrap(), 64 + rank as u64, deadline)
+                            .unwrap();
                         for (r, e) in got.iter().enumerate() {
                             match e {
                                 None => assert_eq!(r, rank),
@@ -325,10 +395,14 @@ mod tests {
                         if rank == 0 {
                             let (tx, rx) = std::sync::mpsc::channel();
                             let tx = Mutex::new(tx);
-                            mesh.watch(Arc::new(move |p| tx.lock().unwrap().send(p).unwrap())).unwrap();
+                            mesh.watch(Arc::new(move |p| tx.lock().unwrap().send(p).unwrap()))
+                                .unwrap();
                             barrier.wait(); // others drop their meshes after this
                             for _ in 1..world {
-                                downs.lock().unwrap().push(rx.recv_timeout(Duration::from_secs(10)).unwrap());
+                                downs
+                                    .lock()
+                                    .unwrap()
+                                    .push(rx.recv_timeout(Duration::from_secs(10)).unwrap());
                             }
                         } else {
                             barrier.wait();

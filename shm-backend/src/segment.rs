@@ -94,12 +94,17 @@ impl Segment {
             return Err(Error::last_os(format!("sealing memfd:xccl-{name}")));
         }
         let map = map_file(&file, total)?;
-        let seg = Segment { file: Some(file), map, data_len };
+        let seg = Segment {
+            file: Some(file),
+            map,
+            data_len,
+        };
         let h = seg.header();
         h.version.store(VERSION, Ordering::Relaxed);
         h.header_len.store(HEADER_LEN as u32, Ordering::Relaxed);
         h.data_len.store(data_len as u64, Ordering::Relaxed);
-        h.state.store(SegmentState::Active as u64, Ordering::Relaxed);
+        h.state
+            .store(SegmentState::Active as u64, Ordering::Relaxed);
         // Release: publishes the fields above (partner: Acquire load of `magic` in `open`).
         h.magic.store(MAGIC, Ordering::Release);
         Ok(seg)
@@ -113,7 +118,8 @@ impl Segment {
             .checked_add(expected_data_len)
             .ok_or_else(|| Error::Invalid(format!("segment size {expected_data_len} overflows")))?;
         let file = File::from(
-            fd.try_clone_to_owned().map_err(|e| Error::io("duplicating a segment descriptor", e))?,
+            fd.try_clone_to_owned()
+                .map_err(|e| Error::io("duplicating a segment descriptor", e))?,
         );
         // SAFETY: plain fcntl query on a valid descriptor.
         let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
@@ -132,7 +138,11 @@ impl Segment {
             )));
         }
         let map = map_file(&file, total)?;
-        let seg = Segment { file: None, map, data_len: expected_data_len };
+        let seg = Segment {
+            file: None,
+            map,
+            data_len: expected_data_len,
+        };
         let h = seg.header();
         // Acquire: partner of the Release store of `magic` in `create`.
         let magic = h.magic.load(Ordering::Acquire);
@@ -206,7 +216,8 @@ fn map_file(file: &File, total: usize) -> Result<MmapRaw> {
     if total <= POPULATE_LIMIT {
         opts.populate();
     }
-    opts.map_raw(file).map_err(|e| Error::io(format!("mapping a {total}-byte segment"), e))
+    opts.map_raw(file)
+        .map_err(|e| Error::io(format!("mapping a {total}-byte segment"), e))
 }
 
 #[cfg(test)]

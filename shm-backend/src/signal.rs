@@ -38,8 +38,16 @@ impl WaitPolicy {
     pub fn for_load(local_ranks: usize, cores: usize) -> Self {
         let oversubscribed = local_ranks > cores;
         WaitPolicy {
-            spin: if oversubscribed { Duration::from_micros(2) } else { Duration::from_micros(200) },
-            yield_for: if oversubscribed { Duration::from_micros(500) } else { Duration::from_millis(2) },
+            spin: if oversubscribed {
+                Duration::from_micros(2)
+            } else {
+                Duration::from_micros(200)
+            },
+            yield_for: if oversubscribed {
+                Duration::from_micros(500)
+            } else {
+                Duration::from_millis(2)
+            },
             park_slice: Duration::from_millis(20),
         }
     }
@@ -82,7 +90,10 @@ impl SignalArray {
     /// view (and its copies) are used, and only ever accessed atomically by anyone.
     pub unsafe fn from_raw(base: *mut u8, count: usize) -> Self {
         debug_assert_eq!(base as usize % SIGNAL_LINE, 0);
-        SignalArray { base: base as *const Line, count }
+        SignalArray {
+            base: base as *const Line,
+            count,
+        }
     }
 
     /// Number of words.
@@ -96,7 +107,11 @@ impl SignalArray {
     }
 
     fn line(&self, i: usize) -> &Line {
-        assert!(i < self.count, "signal index {i} out of range {}", self.count);
+        assert!(
+            i < self.count,
+            "signal index {i} out of range {}",
+            self.count
+        );
         // SAFETY: `i < count`, and `from_raw`'s contract makes every line valid and atomic-only.
         unsafe { &*self.base.add(i) }
     }
@@ -232,14 +247,26 @@ mod tests {
         };
         std::thread::scope(|s| {
             let h = s.spawn(|| {
-                sig.wait_until(2, |v| v >= 5, Instant::now() + Duration::from_secs(20), &policy, || None::<()>)
+                sig.wait_until(
+                    2,
+                    |v| v >= 5,
+                    Instant::now() + Duration::from_secs(20),
+                    &policy,
+                    || None::<()>,
+                )
             });
             for _ in 0..5 {
                 sig.add(2, 1);
             }
             assert_eq!(h.join().unwrap(), WaitOutcome::Ready(5));
         });
-        let r = sig.wait_until(1, |v| v > 0, Instant::now() + Duration::from_millis(10), &policy, || None::<()>);
+        let r = sig.wait_until(
+            1,
+            |v| v > 0,
+            Instant::now() + Duration::from_millis(10),
+            &policy,
+            || None::<()>,
+        );
         assert_eq!(r, WaitOutcome::TimedOut(0));
     }
 }

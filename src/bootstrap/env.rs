@@ -20,8 +20,20 @@ pub struct RankInfo {
 /// The launchers whose variables are read, in order of precedence:
 /// (source, rank, world size, local rank, local size).
 const LAUNCHERS: &[(&str, &str, &str, &str, &str)] = &[
-    ("xccl", "XCCL_RANK", "XCCL_WORLD_SIZE", "XCCL_LOCAL_RANK", "XCCL_LOCAL_SIZE"),
-    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+    (
+        "xccl",
+        "XCCL_RANK",
+        "XCCL_WORLD_SIZE",
+        "XCCL_LOCAL_RANK",
+        "XCCL_LOCAL_SIZE",
+    ),
+    (
+        "torchrun",
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+    ),
     (
         "openmpi",
         "OMPI_COMM_WORLD_RANK",
@@ -29,8 +41,20 @@ const LAUNCHERS: &[(&str, &str, &str, &str, &str)] = &[
         "OMPI_COMM_WORLD_LOCAL_RANK",
         "OMPI_COMM_WORLD_LOCAL_SIZE",
     ),
-    ("pmi", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
-    ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
+    (
+        "pmi",
+        "PMI_RANK",
+        "PMI_SIZE",
+        "MPI_LOCALRANKID",
+        "MPI_LOCALNRANKS",
+    ),
+    (
+        "slurm",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "SLURM_LOCALID",
+        "SLURM_NTASKS_PER_NODE",
+    ),
 ];
 
 fn parse(var: &str, value: &str) -> Result<usize> {
@@ -47,26 +71,48 @@ pub fn detect_with(
     get: &dyn Fn(&str) -> Option<String>,
 ) -> Result<RankInfo> {
     let info = if let Some((rank, world_size)) = explicit {
-        RankInfo { rank, world_size, local_rank: rank, local_size: world_size, source: "explicit" }
+        RankInfo {
+            rank,
+            world_size,
+            local_rank: rank,
+            local_size: world_size,
+            source: "explicit",
+        }
     } else {
         let found = LAUNCHERS.iter().find_map(|&(source, r, w, lr, ls)| {
             let (rv, wv) = (get(r)?, get(w)?);
             Some((source, r, rv, w, wv, lr, ls))
         });
         match found {
-            None => RankInfo { rank: 0, world_size: 1, local_rank: 0, local_size: 1, source: "single" },
+            None => RankInfo {
+                rank: 0,
+                world_size: 1,
+                local_rank: 0,
+                local_size: 1,
+                source: "single",
+            },
             Some((source, r, rv, w, wv, lr, ls)) => {
                 let rank = parse(r, &rv)?;
                 let world_size = parse(w, &wv)?;
                 let local_rank = get(lr).map(|v| parse(lr, &v)).transpose()?.unwrap_or(rank);
                 // Slurm writes e.g. "4(x2)" per node; take the leading number when present.
                 let local_size = get(ls)
-                    .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next().map(str::to_owned))
+                    .and_then(|v| {
+                        v.split(|c: char| !c.is_ascii_digit())
+                            .next()
+                            .map(str::to_owned)
+                    })
                     .filter(|v| !v.is_empty())
                     .map(|v| parse(ls, &v))
                     .transpose()?
                     .unwrap_or(world_size);
-                RankInfo { rank, world_size, local_rank, local_size, source }
+                RankInfo {
+                    rank,
+                    world_size,
+                    local_rank,
+                    local_size,
+                    source,
+                }
             }
         }
     };
@@ -90,28 +136,55 @@ mod tests {
     use std::collections::HashMap;
 
     fn with(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let m: HashMap<String, String> =
-            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |k| m.get(k).cloned()
     }
 
     #[test]
     fn precedence_and_sources() {
-        let env = with(&[("XCCL_RANK", "1"), ("XCCL_WORLD_SIZE", "4"), ("RANK", "3"), ("WORLD_SIZE", "8")]);
+        let env = with(&[
+            ("XCCL_RANK", "1"),
+            ("XCCL_WORLD_SIZE", "4"),
+            ("RANK", "3"),
+            ("WORLD_SIZE", "8"),
+        ]);
         let i = detect_with(None, &env).unwrap();
         assert_eq!((i.rank, i.world_size, i.source), (1, 4, "xccl"));
         let i = detect_with(Some((2, 3)), &env).unwrap();
         assert_eq!((i.rank, i.world_size, i.source), (2, 3, "explicit"));
-        let env = with(&[("RANK", "3"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2")]);
+        let env = with(&[
+            ("RANK", "3"),
+            ("WORLD_SIZE", "8"),
+            ("LOCAL_RANK", "1"),
+            ("LOCAL_WORLD_SIZE", "2"),
+        ]);
         let i = detect_with(None, &env).unwrap();
-        assert_eq!((i.rank, i.world_size, i.local_rank, i.local_size, i.source), (3, 8, 1, 2, "torchrun"));
-        let env = with(&[("OMPI_COMM_WORLD_RANK", "2"), ("OMPI_COMM_WORLD_SIZE", "4"), ("OMPI_COMM_WORLD_LOCAL_RANK", "2")]);
+        assert_eq!(
+            (i.rank, i.world_size, i.local_rank, i.local_size, i.source),
+            (3, 8, 1, 2, "torchrun")
+        );
+        let env = with(&[
+            ("OMPI_COMM_WORLD_RANK", "2"),
+            ("OMPI_COMM_WORLD_SIZE", "4"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "2"),
+        ]);
         assert_eq!(detect_with(None, &env).unwrap().source, "openmpi");
         let env = with(&[("PMI_RANK", "0"), ("PMI_SIZE", "2")]);
         assert_eq!(detect_with(None, &env).unwrap().source, "pmi");
-        let env = with(&[("SLURM_PROCID", "5"), ("SLURM_NTASKS", "6"), ("SLURM_LOCALID", "1"), ("SLURM_NTASKS_PER_NODE", "2(x3)")]);
+        let env = with(&[
+            ("SLURM_PROCID", "5"),
+            ("SLURM_NTASKS", "6"),
+            ("SLURM_LOCALID", "1"),
+            ("SLURM_NTASKS_PER_NODE", "2(x3)"),
+        ]);
         let i = detect_with(None, &env).unwrap();
-        assert_eq!((i.rank, i.local_rank, i.local_size, i.source), (5, 1, 2, "slurm"));
+        assert_eq!(
+            (i.rank, i.local_rank, i.local_size, i.source),
+            (5, 1, 2, "slurm")
+        );
         assert_eq!(detect_with(None, &with(&[])).unwrap().source, "single");
     }
 

@@ -58,9 +58,21 @@ impl Store for FileStore {
         let dst = self.path(key);
         let mut rnd = [0u8; 8];
         super::fill_random(&mut rnd);
-        let tmp = self.dir.join(format!(".tmp-{:016x}", u64::from_le_bytes(rnd)));
-        let io = |e| Error::system(format!("writing store key {key:?} in {}", self.dir.display()), e);
-        let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io)?;
+        let tmp = self
+            .dir
+            .join(format!(".tmp-{:016x}", u64::from_le_bytes(rnd)));
+        let io = |e| {
+            Error::system(
+                format!("writing store key {key:?} in {}", self.dir.display()),
+                e,
+            )
+        };
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
         f.write_all(value).map_err(io)?;
         drop(f);
         fs::rename(&tmp, &dst).map_err(io)
@@ -77,7 +89,10 @@ impl Store for FileStore {
                 Err(e) => return Err(Error::system(format!("reading {}", path.display()), e)),
             }
             if Instant::now() >= deadline {
-                return Err(Error::Timeout { op: format!("store get {key:?}"), waited: start.elapsed() });
+                return Err(Error::Timeout {
+                    op: format!("store get {key:?}"),
+                    waited: start.elapsed(),
+                });
             }
             // Polling pace of a file-based store, not synchronisation.
             std::thread::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())));
@@ -87,7 +102,12 @@ impl Store for FileStore {
 
     fn add(&self, key: &str, delta: i64) -> Result<i64> {
         let path = self.path(&format!("{key}#counter"));
-        let io = |e| Error::system(format!("updating counter {key:?} in {}", self.dir.display()), e);
+        let io = |e| {
+            Error::system(
+                format!("updating counter {key:?} in {}", self.dir.display()),
+                e,
+            )
+        };
         let mut f: File = OpenOptions::new()
             .read(true)
             .write(true)
@@ -102,7 +122,11 @@ impl Store for FileStore {
         }
         let mut cur = String::new();
         f.read_to_string(&mut cur).map_err(io)?;
-        let cur = if cur.is_empty() { 0 } else { parse_counter(key, cur.as_bytes())? };
+        let cur = if cur.is_empty() {
+            0
+        } else {
+            parse_counter(key, cur.as_bytes())?
+        };
         let new = cur.wrapping_add(delta);
         f.set_len(0).map_err(io)?;
         f.seek(SeekFrom::Start(0)).map_err(io)?;
@@ -128,7 +152,9 @@ mod tests {
         std::thread::scope(|sc| {
             for _ in 0..3 {
                 let dir = dir.clone();
-                sc.spawn(move || store_barrier(&FileStore::new(dir).unwrap(), "bar", 3, d).unwrap());
+                sc.spawn(move || {
+                    store_barrier(&FileStore::new(dir).unwrap(), "bar", 3, d).unwrap()
+                });
             }
         });
         assert_eq!(s.add("n", 2).unwrap(), 2);

@@ -23,7 +23,13 @@ pub fn fill_random(buf: &mut [u8]) {
     let mut done = 0;
     while done < buf.len() {
         // SAFETY: writes at most `len - done` bytes into the live buffer's tail.
-        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr() as *mut libc::c_void, buf.len() - done, 0) };
+        let n = unsafe {
+            libc::getrandom(
+                buf[done..].as_mut_ptr() as *mut libc::c_void,
+                buf.len() - done,
+                0,
+            )
+        };
         if n > 0 {
             done += n as usize;
         }
@@ -48,7 +54,11 @@ pub struct Rendezvous {
 impl Rendezvous {
     /// Wraps a store that needs no cleanup (for example a [`MemStore`] shared by threads).
     pub fn from_store(store: Arc<dyn Store>) -> Self {
-        Rendezvous { store, server: None, cleanup_dir: None }
+        Rendezvous {
+            store,
+            server: None,
+            cleanup_dir: None,
+        }
     }
 
     /// Picks the store from the environment, in order: `XCCL_STORE` (`tcp://host:port`, served
@@ -80,7 +90,10 @@ impl Rendezvous {
         }
         let job = env("PMIX_NAMESPACE")
             .or_else(|| env("OMPI_MCA_ess_base_jobid"))
-            .or_else(|| env("SLURM_JOB_ID").map(|j| format!("{j}.{}", env("SLURM_STEP_ID").unwrap_or_default())));
+            .or_else(|| {
+                env("SLURM_JOB_ID")
+                    .map(|j| format!("{j}.{}", env("SLURM_STEP_ID").unwrap_or_default()))
+            });
         let Some(job) = job else {
             return Err(Error::InvalidUsage(format!(
                 "{} ranks but no rendezvous: set XCCL_STORE=tcp://host:port or file:///dir, or \
@@ -88,8 +101,16 @@ impl Rendezvous {
                 info.world_size
             )));
         };
-        let safe: String =
-            job.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+        let safe: String = job
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
         // SAFETY: getuid cannot fail.
         let uid = unsafe { libc::getuid() };
         let dir = std::env::temp_dir().join(format!("xccl-store-{uid}-{safe}"));
@@ -109,7 +130,11 @@ impl Rendezvous {
             None
         };
         let store = Arc::new(TcpStore::connect(addr, deadline)?);
-        Ok(Rendezvous { store, server, cleanup_dir: None })
+        Ok(Rendezvous {
+            store,
+            server,
+            cleanup_dir: None,
+        })
     }
 
     /// Ends setup: every rank checks out; rank 0 waits for all of them, then stops the store

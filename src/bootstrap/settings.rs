@@ -28,7 +28,10 @@ fn var(name: &str) -> Option<String> {
 
 fn number(name: &str) -> Result<Option<u64>> {
     var(name)
-        .map(|v| v.parse::<u64>().map_err(|_| Error::InvalidArgument(format!("{name}={v:?} is not a number"))))
+        .map(|v| {
+            v.parse::<u64>()
+                .map_err(|_| Error::InvalidArgument(format!("{name}={v:?} is not a number")))
+        })
         .transpose()
 }
 

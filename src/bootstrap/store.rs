@@ -23,13 +23,16 @@ pub fn store_barrier(store: &dyn Store, name: &str, world: usize, deadline: Inst
     if arrived == world as i64 {
         store.set(&format!("{name}/done"), b"1")?;
     }
-    store.get(&format!("{name}/done"), deadline).map(|_| ()).map_err(|e| match e {
-        Error::Timeout { waited, .. } => Error::Timeout {
-            op: format!("store barrier {name:?}: not every one of {world} ranks arrived"),
-            waited,
-        },
-        other => other,
-    })
+    store
+        .get(&format!("{name}/done"), deadline)
+        .map(|_| ())
+        .map_err(|e| match e {
+            Error::Timeout { waited, .. } => Error::Timeout {
+                op: format!("store barrier {name:?}: not every one of {world} ranks arrived"),
+                waited,
+            },
+            other => other,
+        })
 }
 
 /// A store in this process's memory, for ranks that are threads.
@@ -51,12 +54,17 @@ pub(crate) fn parse_counter(key: &str, v: &[u8]) -> Result<i64> {
     std::str::from_utf8(v)
         .ok()
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| Error::ProtocolViolation(format!("store key {key:?} does not hold a counter")))
+        .ok_or_else(|| {
+            Error::ProtocolViolation(format!("store key {key:?} does not hold a counter"))
+        })
 }
 
 impl Store for MemStore {
     fn set(&self, key: &str, value: &[u8]) -> Result<()> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_string(), value.to_vec());
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_string(), value.to_vec());
         self.changed.notify_all();
         Ok(())
     }
@@ -70,16 +78,27 @@ impl Store for MemStore {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(Error::Timeout { op: format!("store get {key:?}"), waited: now - start });
+                return Err(Error::Timeout {
+                    op: format!("store get {key:?}"),
+                    waited: now - start,
+                });
             }
             let slice = (deadline - now).min(Duration::from_millis(100));
-            map = self.changed.wait_timeout(map, slice).unwrap_or_else(|p| p.into_inner()).0;
+            map = self
+                .changed
+                .wait_timeout(map, slice)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
     fn add(&self, key: &str, delta: i64) -> Result<i64> {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let cur = map.get(key).map(|v| parse_counter(key, v)).transpose()?.unwrap_or(0);
+        let cur = map
+            .get(key)
+            .map(|v| parse_counter(key, v))
+            .transpose()?
+            .unwrap_or(0);
         let new = cur.wrapping_add(delta);
         map.insert(key.to_string(), new.to_string().into_bytes());
         drop(map);
@@ -100,7 +119,9 @@ mod tests {
             let h = sc.spawn(|| s.get("k", d).unwrap());
             s.set("k", b"v").unwrap();
             assert_eq!(h.join().unwrap(), b"v");
-            let hs: Vec<_> = (0..4).map(|_| sc.spawn(|| store_barrier(&s, "b", 4, d))).collect();
+            let hs: Vec<_> = (0..4)
+                .map(|_| sc.spawn(|| store_barrier(&s, "b", 4, d)))
+                .collect();
             for h in hs {
                 h.join().unwrap().unwrap();
             }
@@ -109,6 +130,9 @@ mod tests {
         assert_eq!(s.add("c", -2).unwrap(), 3);
         let r = s.get("missing", Instant::now() + Duration::from_millis(20));
         assert!(matches!(r, Err(Error::Timeout { .. })));
-        assert!(matches!(store_barrier(&s, "lonely", 2, Instant::now() + Duration::from_millis(20)), Err(Error::Timeout { .. })));
+        assert!(matches!(
+            store_barrier(&s, "lonely", 2, Instant::now() + Duration::from_millis(20)),
+            Err(Error::Timeout { .. })
+        ));
     }
 }

@@ -40,8 +40,11 @@ pub struct TcpStoreServer {
 impl TcpStoreServer {
     /// Binds `addr` (port 0 picks a free port) and starts serving.
     pub fn bind(addr: impl ToSocketAddrs) -> Result<Self> {
-        let listener = TcpListener::bind(addr).map_err(|e| Error::system("binding the TCP store", e))?;
-        let addr = listener.local_addr().map_err(|e| Error::system("TCP store address", e))?;
+        let listener =
+            TcpListener::bind(addr).map_err(|e| Error::system("binding the TCP store", e))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::system("TCP store address", e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let table: Arc<Table> = Arc::default();
@@ -66,7 +69,12 @@ impl TcpStoreServer {
             })
             .map_err(|e| Error::system("spawning the TCP store", e))?;
         tracing::debug!(%addr, "TCP store serving");
-        Ok(TcpStoreServer { addr, stop, conns, acceptor: Some(acceptor) })
+        Ok(TcpStoreServer {
+            addr,
+            stop,
+            conns,
+            acceptor: Some(acceptor),
+        })
     }
 
     /// The bound address.
@@ -80,7 +88,12 @@ impl Drop for TcpStoreServer {
         self.stop.store(true, Ordering::SeqCst);
         // Unblock accept with a connection of our own, then end every client connection.
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        for c in self.conns.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        for c in self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
             let _ = c.shutdown(Shutdown::Both);
         }
         if let Some(h) = self.acceptor.take() {
@@ -134,13 +147,19 @@ fn serve(mut s: TcpStream, table: &Table) {
         };
         let res = match op[0] {
             OP_SET => {
-                table.map.lock().unwrap_or_else(|p| p.into_inner()).insert(key, val);
+                table
+                    .map
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key, val);
                 table.changed.notify_all();
                 answer(&mut s, ST_OK, &[])
             }
             OP_GET => {
                 // The value field carries the client's wait budget in milliseconds.
-                let ms = val.get(..8).map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+                let ms = val
+                    .get(..8)
+                    .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
                 let deadline = Instant::now() + Duration::from_millis(ms.min(3_600_000));
                 let mut map = table.map.lock().unwrap_or_else(|p| p.into_inner());
                 loop {
@@ -154,11 +173,17 @@ fn serve(mut s: TcpStream, table: &Table) {
                         drop(map);
                         break answer(&mut s, ST_MISSING, &[]);
                     }
-                    map = table.changed.wait_timeout(map, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+                    map = table
+                        .changed
+                        .wait_timeout(map, deadline - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
                 }
             }
             OP_ADD => {
-                let delta = val.get(..8).map_or(0, |b| i64::from_le_bytes(b.try_into().expect("8 bytes")));
+                let delta = val
+                    .get(..8)
+                    .map_or(0, |b| i64::from_le_bytes(b.try_into().expect("8 bytes")));
                 let mut map = table.map.lock().unwrap_or_else(|p| p.into_inner());
                 match map.get(&key).map(|v| parse_counter(&key, v)).transpose() {
                     Ok(cur) => {
@@ -204,7 +229,10 @@ impl TcpStore {
                         match TcpStream::connect_timeout(&a, Duration::from_secs(2)) {
                             Ok(s) => {
                                 let _ = s.set_nodelay(true);
-                                return Ok(TcpStore { conn: Mutex::new(s), addr: addr.to_string() });
+                                return Ok(TcpStore {
+                                    conn: Mutex::new(s),
+                                    addr: addr.to_string(),
+                                });
                             }
                             Err(e) => last = Some(e),
                         }
@@ -224,19 +252,30 @@ impl TcpStore {
         }
     }
 
-    fn request(&self, op: u8, key: &str, val: &[u8], io_timeout: Duration) -> Result<(u8, Vec<u8>)> {
+    fn request(
+        &self,
+        op: u8,
+        key: &str,
+        val: &[u8],
+        io_timeout: Duration,
+    ) -> Result<(u8, Vec<u8>)> {
         if key.len() > MAX_KEY || val.len() > MAX_VALUE {
-            return Err(Error::InvalidArgument(format!("store key or value too long ({key:?})")));
+            return Err(Error::InvalidArgument(format!(
+                "store key or value too long ({key:?})"
+            )));
         }
         let mut s = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let io = |e: std::io::Error| Error::system(format!("TCP store {} request {key:?}", self.addr), e);
+        let io = |e: std::io::Error| {
+            Error::system(format!("TCP store {} request {key:?}", self.addr), e)
+        };
         let mut frame = Vec::with_capacity(9 + key.len() + val.len());
         frame.push(op);
         frame.extend_from_slice(&(key.len() as u32).to_le_bytes());
         frame.extend_from_slice(key.as_bytes());
         frame.extend_from_slice(&(val.len() as u32).to_le_bytes());
         frame.extend_from_slice(val);
-        s.set_read_timeout(Some(io_timeout.max(Duration::from_millis(1)))).map_err(io)?;
+        s.set_read_timeout(Some(io_timeout.max(Duration::from_millis(1))))
+            .map_err(io)?;
         s.write_all(&frame).map_err(io)?;
         let mut st = [0u8; 1];
         s.read_exact(&mut st).map_err(io)?;
@@ -251,7 +290,9 @@ impl Store for TcpStore {
     fn set(&self, key: &str, value: &[u8]) -> Result<()> {
         match self.request(OP_SET, key, value, Duration::from_secs(30))? {
             (ST_OK, _) => Ok(()),
-            (_, m) => Err(Error::ProtocolViolation(String::from_utf8_lossy(&m).into_owned())),
+            (_, m) => Err(Error::ProtocolViolation(
+                String::from_utf8_lossy(&m).into_owned(),
+            )),
         }
     }
 
@@ -259,17 +300,29 @@ impl Store for TcpStore {
         let start = Instant::now();
         let budget = deadline.saturating_duration_since(start);
         let ms = budget.as_millis() as u64;
-        match self.request(OP_GET, key, &ms.to_le_bytes(), budget + Duration::from_secs(10))? {
+        match self.request(
+            OP_GET,
+            key,
+            &ms.to_le_bytes(),
+            budget + Duration::from_secs(10),
+        )? {
             (ST_OK, v) => Ok(v),
-            (ST_MISSING, _) => Err(Error::Timeout { op: format!("store get {key:?}"), waited: start.elapsed() }),
-            (_, m) => Err(Error::ProtocolViolation(String::from_utf8_lossy(&m).into_owned())),
+            (ST_MISSING, _) => Err(Error::Timeout {
+                op: format!("store get {key:?}"),
+                waited: start.elapsed(),
+            }),
+            (_, m) => Err(Error::ProtocolViolation(
+                String::from_utf8_lossy(&m).into_owned(),
+            )),
         }
     }
 
     fn add(&self, key: &str, delta: i64) -> Result<i64> {
         match self.request(OP_ADD, key, &delta.to_le_bytes(), Duration::from_secs(30))? {
             (ST_OK, v) if v.len() == 8 => Ok(i64::from_le_bytes(v.try_into().expect("8 bytes"))),
-            (_, m) => Err(Error::ProtocolViolation(String::from_utf8_lossy(&m).into_owned())),
+            (_, m) => Err(Error::ProtocolViolation(
+                String::from_utf8_lossy(&m).into_owned(),
+            )),
         }
     }
 }
@@ -303,6 +356,9 @@ mod tests {
         c.set("k", b"value").unwrap();
         assert_eq!(c.get("k", d).unwrap(), b"value");
         assert_eq!(c.add("n", 4).unwrap(), 4);
-        assert!(matches!(c.get("nope", Instant::now() + Duration::from_millis(30)), Err(Error::Timeout { .. })));
+        assert!(matches!(
+            c.get("nope", Instant::now() + Duration::from_millis(30)),
+            Err(Error::Timeout { .. })
+        ));
     }
 }

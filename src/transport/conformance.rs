@@ -78,7 +78,8 @@ pub fn signal_barrier(t: &dyn Transport, index: usize, epoch: u64) {
     for p in 0..n {
         t.signal(p, index, SignalOp::Add, 1).unwrap();
     }
-    t.wait(index, Cmp::Ge, epoch * n as u64, deadline()).unwrap();
+    t.wait(index, Cmp::Ge, epoch * n as u64, deadline())
+        .unwrap();
 }
 
 fn pattern(a: usize, b: usize, round: usize, len: usize) -> Vec<u8> {
@@ -103,13 +104,26 @@ pub fn put_signal_ordering(world: usize, f: Factory) {
                     t.wait(n + p, Cmp::Ge, (r - 1) as u64, deadline()).unwrap();
                 }
                 let data = pattern(me, p, r, len_of(me, p, r));
-                t.put_signal(p, &win, (me * 2 + r % 2) * SLOT, &data, me, SignalOp::Add, 1).unwrap();
+                t.put_signal(
+                    p,
+                    &win,
+                    (me * 2 + r % 2) * SLOT,
+                    &data,
+                    me,
+                    SignalOp::Add,
+                    1,
+                )
+                .unwrap();
             }
             for s in 0..n {
                 t.wait(s, Cmp::Ge, (r + 1) as u64, deadline()).unwrap();
                 let len = len_of(s, me, r);
-                t.read_local(&win, (s * 2 + r % 2) * SLOT, &mut got[..len]).unwrap();
-                assert!(got[..len] == pattern(s, me, r, len)[..], "round {r}: data from {s} seen before its signal or corrupted");
+                t.read_local(&win, (s * 2 + r % 2) * SLOT, &mut got[..len])
+                    .unwrap();
+                assert!(
+                    got[..len] == pattern(s, me, r, len)[..],
+                    "round {r}: data from {s} seen before its signal or corrupted"
+                );
                 t.signal(s, n + me, SignalOp::Add, 1).unwrap();
             }
         }
@@ -197,8 +211,14 @@ pub fn deadline_gives_timeout(world: usize, f: Factory) {
         let r = t.wait(3, Cmp::Ge, 1, start + Duration::from_millis(50));
         let took = start.elapsed();
         assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
-        assert!(took >= Duration::from_millis(50), "returned early after {took:?}");
-        assert!(took < Duration::from_secs(5), "returned late after {took:?}");
+        assert!(
+            took >= Duration::from_millis(50),
+            "returned early after {took:?}"
+        );
+        assert!(
+            took < Duration::from_secs(5),
+            "returned late after {took:?}"
+        );
         // A deadline already past still returns the value if the condition holds.
         assert_eq!(t.wait(3, Cmp::Ge, 0, start).unwrap(), 0);
     });
@@ -226,13 +246,22 @@ pub fn abort_wakes_every_waiter(world: usize, f: Factory) {
             let r = t.wait(11, Cmp::Ge, 1, started + Duration::from_secs(30));
             let woke = Instant::now();
             assert!(matches!(r, Err(Error::Aborted)), "rank {me}: {r:?}");
-            let at = aborted_at.lock().unwrap().expect("abort recorded before it is called");
+            let at = aborted_at
+                .lock()
+                .unwrap()
+                .expect("abort recorded before it is called");
             let lag = woke.saturating_duration_since(at.max(started));
-            assert!(lag <= Duration::from_millis(100), "rank {me} woke {lag:?} after abort");
+            assert!(
+                lag <= Duration::from_millis(100),
+                "rank {me} woke {lag:?} after abort"
+            );
         });
         let r = t.wait(12, Cmp::Ge, 0, deadline());
         assert!(matches!(r, Err(Error::Aborted)) || r.is_ok(), "{r:?}");
-        assert!(matches!(t.wait(12, Cmp::Ge, 1, deadline()), Err(Error::Aborted)));
+        assert!(matches!(
+            t.wait(12, Cmp::Ge, 1, deadline()),
+            Err(Error::Aborted)
+        ));
         assert!(matches!(t.put(0, &win, 0, &[1]), Err(Error::Aborted)));
     });
 }
@@ -244,7 +273,8 @@ pub fn bad_arguments_are_rejected(world: usize, f: Factory) {
         let n = t.world_size();
         let ns = t.caps().num_signals;
         let win = t.register(100).unwrap();
-        let inval = |r: crate::Result<()>| assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+        let inval =
+            |r: crate::Result<()>| assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
         let mut buf = [0u8; 2];
         inval(t.put(0, &win, 99, &[0; 2]));
         inval(t.put(0, &win, usize::MAX, &[0]));
@@ -280,12 +310,18 @@ pub fn window_sizes(world: usize, f: Factory) {
             assert_eq!(win.len(), len);
             if len == 0 {
                 t.put(next, &win, 0, &[]).unwrap();
-                assert!(matches!(t.put(next, &win, 0, &[1]), Err(Error::InvalidArgument(_))));
+                assert!(matches!(
+                    t.put(next, &win, 0, &[1]),
+                    Err(Error::InvalidArgument(_))
+                ));
                 t.signal(next, 4, SignalOp::Add, 1).unwrap();
             } else {
                 let mut zero = vec![1u8; len];
                 t.read_local(&win, 0, &mut zero).unwrap();
-                assert!(zero.iter().all(|&b| b == 0), "fresh window of {len} bytes is not zeroed");
+                assert!(
+                    zero.iter().all(|&b| b == 0),
+                    "fresh window of {len} bytes is not zeroed"
+                );
                 // Nobody writes into a window before every rank has looked at it.
                 signal_barrier(t, 15, k as u64);
                 t.put(next, &win, len - 1, &[me as u8 + 1]).unwrap();
@@ -302,7 +338,11 @@ pub fn window_sizes(world: usize, f: Factory) {
                     t.read_local(&win, len - 1, &mut b).unwrap();
                 }
                 // With one byte, the later put (offset 0) wins.
-                let want = if len > 1 { prev as u8 + 1 } else { prev as u8 + 101 };
+                let want = if len > 1 {
+                    prev as u8 + 1
+                } else {
+                    prev as u8 + 101
+                };
                 assert_eq!(b[0], want, "window of {len} bytes");
             }
         }
@@ -320,7 +360,8 @@ pub fn large_window(world: usize, f: Factory) {
         let tail = pattern(me, next, 0, 4096);
         t.put(next, &win, LEN - 4096, &tail).unwrap();
         t.put(next, &win, (1 << 28) - 8, &[me as u8; 8]).unwrap();
-        t.put_signal(next, &win, 0, &[7], 6, SignalOp::Add, 1).unwrap();
+        t.put_signal(next, &win, 0, &[7], 6, SignalOp::Add, 1)
+            .unwrap();
         t.wait(6, Cmp::Ge, 1, deadline()).unwrap();
         // SAFETY: the predecessor's puts completed before its signal, which we waited for, and
         // nobody writes this window afterwards.
@@ -362,7 +403,10 @@ pub fn register_mismatch(world: usize, f: Factory) {
         let me = t.rank();
         let r = t.register(if me == 0 { 100 } else { 200 });
         if t.world_size() > 1 {
-            assert!(matches!(r, Err(Error::ConfigMismatch(_))), "rank {me}: {r:?}");
+            assert!(
+                matches!(r, Err(Error::ConfigMismatch(_))),
+                "rank {me}: {r:?}"
+            );
         } else {
             assert_eq!(r.unwrap().len(), 100);
         }

@@ -106,13 +106,19 @@ impl Loopback {
 
     /// Creates `world` ranks with `num_signals` signal words each; collective calls
     /// (`register`) give up after `setup_timeout`.
-    pub fn create_with(world: usize, num_signals: usize, setup_timeout: Duration) -> Result<Vec<Loopback>> {
+    pub fn create_with(
+        world: usize,
+        num_signals: usize,
+        setup_timeout: Duration,
+    ) -> Result<Vec<Loopback>> {
         if world == 0 {
             return Err(Error::InvalidArgument("world size 0".into()));
         }
         let ranks = (0..world)
             .map(|_| RankState {
-                signals: (0..num_signals).map(|_| CachePadded::new(AtomicU64::new(0))).collect(),
+                signals: (0..num_signals)
+                    .map(|_| CachePadded::new(AtomicU64::new(0)))
+                    .collect(),
                 waiters: AtomicUsize::new(0),
                 park: Mutex::new(0),
                 wake: Condvar::new(),
@@ -214,10 +220,17 @@ impl Transport for Loopback {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(Error::Timeout { op: format!("register #{id}"), waited: f.setup_timeout });
+                return Err(Error::Timeout {
+                    op: format!("register #{id}"),
+                    waited: f.setup_timeout,
+                });
             }
             let slice = (deadline - now).min(Duration::from_millis(50));
-            regs = f.regs_cv.wait_timeout(regs, slice).unwrap_or_else(|p| p.into_inner()).0;
+            regs = f
+                .regs_cv
+                .wait_timeout(regs, slice)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
         let r = regs.get_mut(&id).expect("present");
         let lens: Vec<usize> = r.lens.iter().map(|l| l.expect("joined")).collect();
@@ -232,7 +245,10 @@ impl Transport for Loopback {
                 "register #{id}: ranks asked for window sizes {lens:?}"
             )));
         }
-        self.windows.write().unwrap_or_else(|p| p.into_inner()).insert(id, bufs);
+        self.windows
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, bufs);
         Ok(Window::new(self.owner, id, len))
     }
 
@@ -292,7 +308,10 @@ impl Transport for Loopback {
                 return Ok(v);
             }
             if Instant::now() >= deadline {
-                return Err(Error::Timeout { op: format!("wait on signal {index}"), waited: start.elapsed() });
+                return Err(Error::Timeout {
+                    op: format!("wait on signal {index}"),
+                    waited: start.elapsed(),
+                });
             }
             spins += 1;
             if spins < 1000 {
@@ -304,7 +323,9 @@ impl Transport for Loopback {
             let g = me.park.lock().unwrap_or_else(|p| p.into_inner());
             let v = w.load(Ordering::SeqCst);
             if !cmp.holds(v, value) && !self.fabric.aborted.load(Ordering::SeqCst) {
-                let slice = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(20));
+                let slice = deadline
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(20));
                 let _ = me.wake.wait_timeout(g, slice);
             } else {
                 drop(g);

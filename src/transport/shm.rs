@@ -78,7 +78,9 @@ impl ShmTransport {
     /// barrier does.
     pub fn new(opts: ShmOptions, barrier: &mut dyn FnMut() -> Result<()>) -> Result<Self> {
         if opts.num_signals == 0 {
-            return Err(Error::InvalidArgument("num_signals must be at least 1".into()));
+            return Err(Error::InvalidArgument(
+                "num_signals must be at least 1".into(),
+            ));
         }
         let deadline = Instant::now() + opts.setup_timeout;
         let mut barrier_err = None;
@@ -93,7 +95,12 @@ impl ShmTransport {
 
         let sig_bytes = SignalArray::bytes_for(opts.num_signals);
         let own = Segment::create(&format!("sig-r{}", opts.rank), sig_bytes)?;
-        let received = mesh.exchange(SIGNAL_TAG, own.fd().expect("created here"), sig_bytes as u64, deadline)?;
+        let received = mesh.exchange(
+            SIGNAL_TAG,
+            own.fd().expect("created here"),
+            sig_bytes as u64,
+            deadline,
+        )?;
         let mut own = Some(own);
         let mut signal_segs = Vec::with_capacity(opts.world);
         for (peer, entry) in received.into_iter().enumerate() {
@@ -135,20 +142,29 @@ impl ShmTransport {
             } else {
                 // SeqCst: ordered before the wakes below (partner: waiters' interruption check
                 // after their SeqCst `waiters` increment in `SignalArray::wait_until`).
-                let _ = hook_live.first_failed.compare_exchange(0, peer + 1, Ordering::SeqCst, Ordering::SeqCst);
+                let _ = hook_live.first_failed.compare_exchange(
+                    0,
+                    peer + 1,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                );
                 tracing::warn!(rank = me, peer, "shm peer died");
                 own_signals.wake_every();
             }
         }))?;
 
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         Ok(ShmTransport {
             rank: opts.rank,
             world: opts.world,
             owner: Window::new_owner_tag(),
             num_signals: opts.num_signals,
             setup_timeout: opts.setup_timeout,
-            policy: opts.wait_policy.unwrap_or_else(|| WaitPolicy::for_load(opts.world, cores)),
+            policy: opts
+                .wait_policy
+                .unwrap_or_else(|| WaitPolicy::for_load(opts.world, cores)),
             signal_segs,
             signals,
             liveness,
@@ -161,7 +177,10 @@ impl ShmTransport {
     /// Aborted here or by a peer (the flag lives in our own signal segment's header).
     fn aborted(&self) -> bool {
         // Acquire: partner of the SeqCst compare-exchange in `abort` (this or another process).
-        self.signal_segs[self.rank].user_word().load(Ordering::Acquire) != 0
+        self.signal_segs[self.rank]
+            .user_word()
+            .load(Ordering::Acquire)
+            != 0
     }
 
     fn failed_peer(&self) -> Option<usize> {
@@ -180,7 +199,9 @@ impl ShmTransport {
         }
         if let Some(p) = peer {
             if p != self.rank && self.liveness.departed[p].load(Ordering::Relaxed) {
-                return Err(Error::InvalidUsage(format!("peer rank {p} has closed its transport")));
+                return Err(Error::InvalidUsage(format!(
+                    "peer rank {p} has closed its transport"
+                )));
             }
         }
         Ok(())
@@ -225,7 +246,10 @@ pub fn in_process(world: usize, num_signals: usize) -> Result<Vec<ShmTransport>>
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("setup thread panicked")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("setup thread panicked"))
+            .collect()
     })
 }
 
@@ -254,7 +278,9 @@ impl Transport for ShmTransport {
         let id = self.next_reg.fetch_add(1, Ordering::Relaxed);
         let own = Segment::create(&format!("w{id}-r{}", self.rank), len)?;
         let deadline = Instant::now() + self.setup_timeout;
-        let received = self.mesh.exchange(id, own.fd().expect("created here"), len as u64, deadline)?;
+        let received =
+            self.mesh
+                .exchange(id, own.fd().expect("created here"), len as u64, deadline)?;
         let lens: Vec<u64> = received
             .iter()
             .map(|e| e.as_ref().map_or(len as u64, |(_, l)| *l))
@@ -272,7 +298,10 @@ impl Transport for ShmTransport {
                 Some((fd, _)) => segs.push(Segment::open(fd.as_fd(), len)?),
             }
         }
-        self.windows.write().unwrap_or_else(|p| p.into_inner()).insert(id, segs.into());
+        self.windows
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, segs.into());
         Ok(Window::new(self.owner, id, len))
     }
 
@@ -356,7 +385,9 @@ impl Transport for ShmTransport {
         for (r, seg) in self.signal_segs.iter().enumerate() {
             // SeqCst: ordered before the wakes (partner: the Acquire load in `aborted` and the
             // waiters' SeqCst `waiters` increment).
-            let _ = seg.user_word().compare_exchange(0, tag, Ordering::SeqCst, Ordering::SeqCst);
+            let _ = seg
+                .user_word()
+                .compare_exchange(0, tag, Ordering::SeqCst, Ordering::SeqCst);
             self.signals[r].wake_every();
         }
         tracing::warn!(rank = self.rank, "shm transport aborted");

@@ -70,7 +70,9 @@ pub fn check_peer(peer: usize, world: usize) -> Result<()> {
     if peer < world {
         Ok(())
     } else {
-        Err(Error::InvalidArgument(format!("peer rank {peer} >= world size {world}")))
+        Err(Error::InvalidArgument(format!(
+            "peer rank {peer} >= world size {world}"
+        )))
     }
 }
 
@@ -79,7 +81,9 @@ pub fn check_signal(index: usize, count: usize) -> Result<()> {
     if index < count {
         Ok(())
     } else {
-        Err(Error::InvalidArgument(format!("signal index {index} >= {count} signals")))
+        Err(Error::InvalidArgument(format!(
+            "signal index {index} >= {count} signals"
+        )))
     }
 }
 

@@ -22,17 +22,38 @@ pub static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Arguments that make the test binary run only the `worker` entry point.
 pub fn worker_args() -> Vec<String> {
-    ["worker", "--exact", "--ignored", "--nocapture", "--test-threads=1", "-q"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    [
+        "worker",
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+        "-q",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 /// Environment variables a rank must not inherit (so that only what the test sets counts).
 pub const LAUNCHER_VARS: &[&str] = &[
-    "XCCL_RANK", "XCCL_WORLD_SIZE", "XCCL_LOCAL_RANK", "XCCL_LOCAL_SIZE", "XCCL_STORE",
-    "XCCL_STORE_SERVER", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-    "MASTER_PORT", "PMI_RANK", "PMI_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_ID",
+    "XCCL_RANK",
+    "XCCL_WORLD_SIZE",
+    "XCCL_LOCAL_RANK",
+    "XCCL_LOCAL_SIZE",
+    "XCCL_STORE",
+    "XCCL_STORE_SERVER",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "PMI_RANK",
+    "PMI_SIZE",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_JOB_ID",
 ];
 
 /// A running multi-process job.
@@ -47,7 +68,11 @@ impl Job {
     /// Starts `n` ranks running `scenario`, with a fresh TCP store served by the test.
     pub fn start(n: usize, scenario: &str, extra: &[(&str, String)]) -> Job {
         let store = TcpStoreServer::bind("127.0.0.1:0").expect("store");
-        let mark = format!("{}-{}", std::process::id(), xccl::bootstrap::random_job_id());
+        let mark = format!(
+            "{}-{}",
+            std::process::id(),
+            xccl::bootstrap::random_job_id()
+        );
         let exe = std::env::current_exe().expect("test binary path");
         let (tx, lines) = mpsc::channel();
         let mut children = Vec::new();
@@ -80,7 +105,12 @@ impl Job {
             });
             children.push(child);
         }
-        Job { mark, children, lines, _store: store }
+        Job {
+            mark,
+            children,
+            lines,
+            _store: store,
+        }
     }
 
     /// Waits until every rank in `ranks` has printed a line starting with `word`.
@@ -140,13 +170,19 @@ impl Drop for Job {
 
 fn processes() -> Vec<u32> {
     std::fs::read_dir("/proc")
-        .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 fn environ_has(pid: u32, needle: &str) -> bool {
     std::fs::read(format!("/proc/{pid}/environ"))
-        .map(|env| env.split(|&b| b == 0).any(|kv| kv.starts_with(needle.as_bytes())))
+        .map(|env| {
+            env.split(|&b| b == 0)
+                .any(|kv| kv.starts_with(needle.as_bytes()))
+        })
         .unwrap_or(false)
 }
 
@@ -169,12 +205,18 @@ pub fn assert_no_leaks(mark: &str) {
         .into_iter()
         .filter(|&p| p != me && environ_has(p, &format!("{MARK}={mark}")))
         .collect();
-    assert!(stray.is_empty(), "processes of the job still running: {stray:?}");
+    assert!(
+        stray.is_empty(),
+        "processes of the job still running: {stray:?}"
+    );
     let holders: Vec<u32> = processes()
         .into_iter()
         .filter(|&p| p != me && environ_has(p, &format!("{MARK}=")) && xccl_memfds(p) > 0)
         .collect();
-    assert!(holders.is_empty(), "test processes still holding xccl segments: {holders:?}");
+    assert!(
+        holders.is_empty(),
+        "test processes still holding xccl segments: {holders:?}"
+    );
     let shm: Vec<String> = std::fs::read_dir("/dev/shm")
         .map(|d| {
             d.filter_map(|e| e.ok()?.file_name().into_string().ok())

@@ -15,13 +15,19 @@ fn main() {
     let common = match &cli.command {
         Command::Pingpong(a) => &a.common,
     };
-    let filter = common.log.clone().or_else(|| std::env::var("XCCL_DEBUG").ok()).unwrap_or_else(|| "warn".into());
+    let filter = common
+        .log
+        .clone()
+        .or_else(|| std::env::var("XCCL_DEBUG").ok())
+        .unwrap_or_else(|| "warn".into());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .init();
 
-    let launched = xccl::bootstrap::detect(None).map(|i| i.source != "single").unwrap_or(true);
+    let launched = xccl::bootstrap::detect(None)
+        .map(|i| i.source != "single")
+        .unwrap_or(true);
     if !launched && common.ranks > 1 {
         // Not started by a launcher: become one, running this same command on every rank.
         let exe = std::env::current_exe().expect("path of this executable");

@@ -61,7 +61,10 @@ impl Common {
     /// The size sweep.
     pub fn sizes(&self) -> Result<Vec<usize>, String> {
         if self.min_bytes > self.max_bytes {
-            return Err(format!("-b {} is larger than -e {}", self.min_bytes, self.max_bytes));
+            return Err(format!(
+                "-b {} is larger than -e {}",
+                self.min_bytes, self.max_bytes
+            ));
         }
         if self.step_factor < 2 {
             return Err("-f must be at least 2".into());

@@ -72,7 +72,15 @@ impl Pair<'_> {
         // SAFETY: the send part is written only by this rank (locally, in `fill`), never by a
         // peer, so it is stable while the slice lives.
         let src = unsafe { self.t.local_slice(&self.win, self.lay.send(), size)? };
-        self.t.put_signal(self.partner, &self.win, self.lay.recv(), src, self.ping, SignalOp::Add, 1)?;
+        self.t.put_signal(
+            self.partner,
+            &self.win,
+            self.lay.recv(),
+            src,
+            self.ping,
+            SignalOp::Add,
+            1,
+        )?;
         self.seq += 1;
         self.t.wait(self.pong, Cmp::Ge, self.seq, self.deadline())?;
         Ok(())
@@ -84,7 +92,15 @@ impl Pair<'_> {
         self.t.wait(self.ping, Cmp::Ge, self.seq, self.deadline())?;
         // SAFETY: as in `ping`.
         let src = unsafe { self.t.local_slice(&self.win, self.lay.send(), size)? };
-        self.t.put_signal(self.partner, &self.win, self.lay.recv(), src, self.pong, SignalOp::Add, 1)
+        self.t.put_signal(
+            self.partner,
+            &self.win,
+            self.lay.recv(),
+            src,
+            self.pong,
+            SignalOp::Add,
+            1,
+        )
     }
 
     /// Initiator side of one streaming batch: `window` puts of `size` bytes, one signal, and
@@ -116,7 +132,11 @@ impl Pair<'_> {
     fn count_wrong(&self, size: usize, seed: usize) -> Result<u64> {
         let mut got = vec![0u8; size];
         self.t.read_local(&self.win, self.lay.recv(), &mut got)?;
-        Ok(got.iter().enumerate().filter(|(k, &b)| b != pattern_byte(seed, *k)).count() as u64)
+        Ok(got
+            .iter()
+            .enumerate()
+            .filter(|(k, &b)| b != pattern_byte(seed, *k))
+            .count() as u64)
     }
 
     /// The checked round: a pattern each way; returns the wrong bytes both sides saw
@@ -127,17 +147,31 @@ impl Pair<'_> {
             self.ping(size)?;
             let mine = self.count_wrong(size, size + 1)?;
             let mut theirs = [0u8; 8];
-            self.t.read_local(&self.win, self.lay.status(), &mut theirs)?;
+            self.t
+                .read_local(&self.win, self.lay.status(), &mut theirs)?;
             Ok(mine + u64::from_le_bytes(theirs))
         } else {
             self.seq += 1;
             self.t.wait(self.ping, Cmp::Ge, self.seq, self.deadline())?;
             let wrong = self.count_wrong(size, size)?;
             self.fill(size, size + 1)?;
-            self.t.put(self.partner, &self.win, self.lay.status(), &wrong.to_le_bytes())?;
+            self.t.put(
+                self.partner,
+                &self.win,
+                self.lay.status(),
+                &wrong.to_le_bytes(),
+            )?;
             // SAFETY: as in `ping`.
             let src = unsafe { self.t.local_slice(&self.win, self.lay.send(), size)? };
-            self.t.put_signal(self.partner, &self.win, self.lay.recv(), src, self.pong, SignalOp::Add, 1)?;
+            self.t.put_signal(
+                self.partner,
+                &self.win,
+                self.lay.recv(),
+                src,
+                self.pong,
+                SignalOp::Add,
+                1,
+            )?;
             Ok(wrong)
         }
     }
@@ -145,7 +179,13 @@ impl Pair<'_> {
 
 /// Median time of an in-process memcpy of `size` bytes between two page-aligned parts of
 /// this rank's own window: the baseline for the streaming put bandwidth.
-fn memcpy_baseline(t: &dyn Transport, win: &Window, lay: &Layout, size: usize, iters: usize) -> Result<f64> {
+fn memcpy_baseline(
+    t: &dyn Transport,
+    win: &Window,
+    lay: &Layout,
+    size: usize,
+    iters: usize,
+) -> Result<f64> {
     // SAFETY: send and scratch parts are written by no peer; they do not overlap.
     let (src, dst) = unsafe {
         (
@@ -170,20 +210,36 @@ pub fn run(args: &PingpongArgs) -> Result<()> {
     let c = &args.common;
     let sizes = c.sizes().map_err(Error::InvalidArgument)?;
     let timeout = Duration::from_secs_f64(c.timeout);
-    let comm = Communicator::builder().backend(c.backend.parse::<Backend>()?).timeout(timeout).build()?;
+    let comm = Communicator::builder()
+        .backend(c.backend.parse::<Backend>()?)
+        .timeout(timeout)
+        .build()?;
     let (me, n) = (comm.rank(), comm.world_size());
     if n < 2 {
-        return Err(Error::InvalidArgument("pingpong needs at least 2 ranks (-n 2)".into()));
+        return Err(Error::InvalidArgument(
+            "pingpong needs at least 2 ranks (-n 2)".into(),
+        ));
     }
     let max = *sizes.iter().max().expect("at least one size");
-    let lay = Layout { region: round_up(max) };
+    let lay = Layout {
+        region: round_up(max),
+    };
     let win = comm.register(lay.total())?;
     let sigs = comm.alloc_signals(2)?;
     let t = comm.transport();
     let initiator = me % 2 == 0;
     let partner = if initiator { me + 1 } else { me - 1 };
     let active = partner < n;
-    let mut pair = Pair { t, win, lay, partner, ping: sigs, pong: sigs + 1, seq: 0, deadline: timeout };
+    let mut pair = Pair {
+        t,
+        win,
+        lay,
+        partner,
+        ping: sigs,
+        pong: sigs + 1,
+        seq: 0,
+        deadline: timeout,
+    };
     if me == 0 {
         println!("{}", report::header("pingpong", &c.backend, n));
         println!("{}", report::columns(true, c.baseline));
@@ -224,13 +280,25 @@ pub fn run(args: &PingpongArgs) -> Result<()> {
                     pair.stream_ack()?;
                 }
             }
-            let wrong = if c.no_check { 0 } else { pair.check(size, initiator)? };
+            let wrong = if c.no_check {
+                0
+            } else {
+                pair.check(size, initiator)?
+            };
             total_wrong += wrong;
             if initiator {
                 let (p50, p99, min, max) = report::stats(&mut times);
                 let stream_us = report::stats(&mut stream_times).0;
-                let baseline_us = if c.baseline { Some(memcpy_baseline(t, &win, &pair.lay, size, iters)?) } else { None };
-                let gbps = if p50 > 0.0 { size as f64 / (p50 * 1e3) } else { 0.0 };
+                let baseline_us = if c.baseline {
+                    Some(memcpy_baseline(t, &win, &pair.lay, size, iters)?)
+                } else {
+                    None
+                };
+                let gbps = if p50 > 0.0 {
+                    size as f64 / (p50 * 1e3)
+                } else {
+                    0.0
+                };
                 let row = Row {
                     op: "pingpong",
                     backend: c.backend.clone(),
@@ -246,7 +314,11 @@ pub fn run(args: &PingpongArgs) -> Result<()> {
                     busbw: gbps,
                     wrong,
                     baseline_us,
-                    stream_gbps: Some(if stream_us > 0.0 { size as f64 / (stream_us * 1e3) } else { 0.0 }),
+                    stream_gbps: Some(if stream_us > 0.0 {
+                        size as f64 / (stream_us * 1e3)
+                    } else {
+                        0.0
+                    }),
                 };
                 if me == 0 {
                     println!("{}", report::line(&row));
@@ -259,11 +331,14 @@ pub fn run(args: &PingpongArgs) -> Result<()> {
     if me == 0 {
         println!("{}", report::footer(&rows));
         if let Some(path) = &c.json {
-            report::write_json(path, &rows).map_err(|e| Error::system(format!("writing {}", path.display()), e))?;
+            report::write_json(path, &rows)
+                .map_err(|e| Error::system(format!("writing {}", path.display()), e))?;
         }
     }
     if total_wrong > 0 {
-        return Err(Error::ProtocolViolation(format!("check failed: {total_wrong} wrong bytes on rank {me}")));
+        return Err(Error::ProtocolViolation(format!(
+            "check failed: {total_wrong} wrong bytes on rank {me}"
+        )));
     }
     Ok(())
 }

@@ -41,9 +41,15 @@ pub fn header(op: &str, backend: &str, ranks: usize) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown cpu".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     format!(
         "# xccl-perf {op} | xccl {} | backend {backend} | ranks {ranks} | host {} | {cpu} x {cores} cores",
         env!("CARGO_PKG_VERSION"),
@@ -77,7 +83,11 @@ pub fn line(r: &Row) -> String {
         let _ = write!(s, " {bw:>13.2}");
     }
     if let Some(b) = r.baseline_us {
-        let base_bw = if b > 0.0 { r.bytes as f64 / (b * 1e3) } else { 0.0 };
+        let base_bw = if b > 0.0 {
+            r.bytes as f64 / (b * 1e3)
+        } else {
+            0.0
+        };
         // The ratio compares like with like: streaming put bandwidth when measured, else the
         // one-way time.
         let ratio = match r.stream_gbps {
@@ -93,7 +103,11 @@ pub fn line(r: &Row) -> String {
 /// The nccl-tests footer.
 pub fn footer(rows: &[Row]) -> String {
     let wrong: u64 = rows.iter().map(|r| r.wrong).sum();
-    let avg = if rows.is_empty() { 0.0 } else { rows.iter().map(|r| r.busbw).sum::<f64>() / rows.len() as f64 };
+    let avg = if rows.is_empty() {
+        0.0
+    } else {
+        rows.iter().map(|r| r.busbw).sum::<f64>() / rows.len() as f64
+    };
     format!(
         "# Out of bounds values : {wrong} {}\n# Avg bus bandwidth    : {avg:.4}",
         if wrong == 0 { "OK" } else { "FAILED" }
@@ -115,7 +129,13 @@ fn json_escape(s: &str) -> String {
 pub fn write_json(path: &std::path::Path, rows: &[Row]) -> std::io::Result<()> {
     let mut out = String::from("[\n");
     for (i, r) in rows.iter().enumerate() {
-        let num = |x: f64| if x.is_finite() { format!("{x:.4}") } else { "null".into() };
+        let num = |x: f64| {
+            if x.is_finite() {
+                format!("{x:.4}")
+            } else {
+                "null".into()
+            }
+        };
         let _ = write!(
             out,
             "  {{\"op\": \"{}\", \"backend\": \"{}\", \"ranks\": {}, \"bytes\": {}, \"count\": {}, \
