@@ -64,6 +64,7 @@ impl Segment {
         let total = HEADER_LEN
             .checked_add(data_len)
             .ok_or_else(|| Error::Invalid(format!("segment size {data_len} overflows")))?;
+        check_available(name, total)?;
         let cname = CString::new(format!("xccl-{name}"))
             .map_err(|_| Error::Invalid(format!("segment name {name:?} contains NUL")))?;
         // SAFETY: `cname` is a valid NUL-terminated string; flags are constants.
@@ -210,6 +211,29 @@ impl Segment {
     }
 }
 
+/// Refuses a segment larger than the memory the kernel reports available: reserving it would
+/// only push the machine into the OOM killer instead of failing with a clear message.
+fn check_available(name: &str, total: usize) -> Result<()> {
+    let avail_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+    });
+    match avail_kib {
+        Some(kib) if (total as u64) > kib.saturating_mul(1024) => Err(Error::io(
+            format!(
+                "cannot reserve {total} bytes ({:.1} MiB) of shared memory for memfd:xccl-{name}: \
+                 only {:.1} MiB available",
+                total as f64 / (1 << 20) as f64,
+                kib as f64 / 1024.0
+            ),
+            std::io::Error::from_raw_os_error(libc::ENOMEM),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn map_file(file: &File, total: usize) -> Result<MmapRaw> {
     let mut opts = MmapOptions::new();
     opts.len(total);
@@ -237,6 +261,18 @@ mod tests {
         assert_eq!(b.state(), SegmentState::Active);
         a.set_state(SegmentState::Closed);
         assert_eq!(b.state(), SegmentState::Closed);
+    }
+
+    #[test]
+    fn oversized_segment_fails_clearly_at_creation() {
+        let err = Segment::create("huge", 1 << 50)
+            .err()
+            .expect("1 PiB cannot be reserved");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("cannot reserve") && msg.contains("memfd:xccl-huge"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -1,0 +1,117 @@
+//! The harness as a user runs it: `xccl-perf` launches its own ranks, prints a checked table,
+//! writes JSON, and fails clearly on a bad option or a missing peer.
+
+mod common;
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+fn perf(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xccl-perf"));
+    cmd.args(args);
+    for v in common::LAUNCHER_VARS {
+        cmd.env_remove(v);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            // SAFETY: kill(2) on the harness process we started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("xccl-perf {args:?} hung");
+        }
+    }
+}
+
+#[test]
+fn pingpong_prints_a_checked_table_and_json() {
+    let _g = common::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let json = std::env::temp_dir().join(format!("xccl-perf-{}.json", std::process::id()));
+    let out = perf(
+        &[
+            "pingpong",
+            "-n",
+            "2",
+            "-b",
+            "8",
+            "-e",
+            "64K",
+            "--iters",
+            "200",
+            "--baseline",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{:?}", out.status);
+    assert!(text.starts_with("# xccl-perf pingpong"), "header line");
+    assert!(text.contains("# Out of bounds values : 0 OK"));
+    assert!(text.contains("# Avg bus bandwidth"));
+    let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    std::fs::remove_file(&json).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 14, "8 B .. 64 KiB in powers of two");
+    for (k, r) in rows.iter().enumerate() {
+        assert_eq!(r["op"], "pingpong");
+        assert_eq!(r["backend"], "shm");
+        assert_eq!(r["ranks"], 2);
+        assert_eq!(r["bytes"], 8u64 << k);
+        assert_eq!(r["wrong"], 0);
+        for f in [
+            "time_us_p50",
+            "time_us_p99",
+            "time_us_min",
+            "time_us_max",
+            "algbw_gbps",
+            "busbw_gbps",
+        ] {
+            assert!(r[f].as_f64().is_some_and(|v| v > 0.0), "{f} in {r}");
+        }
+        assert!(r["time_us_min"].as_f64() <= r["time_us_p50"].as_f64());
+        assert!(r["time_us_p50"].as_f64() <= r["time_us_max"].as_f64());
+    }
+}
+
+#[test]
+fn bad_option_fails_with_a_message() {
+    let out = perf(&["pingpong", "-n", "2", "-b", "1M", "-e", "1K"], &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("-b 1048576 is larger than -e 1024"), "{err}");
+    let out = perf(&["pingpong", "-b", "12Q"], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a size"));
+}
+
+#[test]
+fn missing_peer_fails_with_a_timeout_not_a_hang() {
+    let dir = std::env::temp_dir().join(format!("xccl-perf-lonely-{}", std::process::id()));
+    let store = format!("file://{}", dir.display());
+    let out = perf(
+        &["pingpong", "--timeout", "2", "-e", "64"],
+        &[
+            ("XCCL_RANK", "0"),
+            ("XCCL_WORLD_SIZE", "2"),
+            ("XCCL_STORE", &store),
+        ],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("timed out"), "{err}");
+}
