@@ -177,14 +177,15 @@ impl Pair<'_> {
     }
 }
 
-/// Median time of an in-process memcpy of `size` bytes between two page-aligned parts of
-/// this rank's own window: the baseline for the streaming put bandwidth.
-fn memcpy_baseline(
+/// Time per copy (µs) of one batch of `count` in-process memcpys of `size` bytes between two
+/// page-aligned parts of this rank's own window: the baseline of the streaming put bandwidth,
+/// measured batch by batch alternately with the puts so both see the same machine.
+fn memcpy_batch(
     t: &dyn Transport,
     win: &Window,
     lay: &Layout,
     size: usize,
-    iters: usize,
+    count: usize,
 ) -> Result<f64> {
     // SAFETY: send and scratch parts are written by no peer; they do not overlap.
     let (src, dst) = unsafe {
@@ -193,17 +194,13 @@ fn memcpy_baseline(
             t.local_slice_mut(win, lay.scratch(), size)?.as_mut_ptr(),
         )
     };
-    let mut times = Vec::with_capacity(iters);
-    for i in 0..iters + 2 {
-        let s = Instant::now();
+    let s = Instant::now();
+    for _ in 0..count {
         // SAFETY: both ranges are `size` bytes inside this rank's window and do not overlap.
         unsafe { std::ptr::copy_nonoverlapping(src, dst, size) };
         std::hint::black_box(dst);
-        if i >= 2 {
-            times.push(s.elapsed().as_secs_f64() * 1e6);
-        }
     }
-    Ok(report::stats(&mut times).0)
+    Ok(s.elapsed().as_secs_f64() * 1e6 / count as f64)
 }
 
 pub fn run(args: &PingpongArgs) -> Result<()> {
@@ -267,14 +264,18 @@ pub fn run(args: &PingpongArgs) -> Result<()> {
                 }
             }
             // Streaming bandwidth: batches of WINDOW puts, one signal and an ack per batch.
-            let batches = (iters / STREAM_WINDOW).max(3);
+            let batches = (iters / STREAM_WINDOW).max(8);
             let mut stream_times = Vec::with_capacity(batches);
+            let mut memcpy_times = Vec::with_capacity(batches);
             for i in 0..batches + 1 {
                 if initiator {
                     let s = Instant::now();
                     pair.stream(size, STREAM_WINDOW)?;
                     if i >= 1 {
                         stream_times.push(s.elapsed().as_secs_f64() * 1e6 / STREAM_WINDOW as f64);
+                    }
+                    if c.baseline {
+                        memcpy_times.push(memcpy_batch(t, &win, &pair.lay, size, STREAM_WINDOW)?);
                     }
                 } else {
                     pair.stream_ack()?;
@@ -289,11 +290,7 @@ pub fn run(args: &PingpongArgs) -> Result<()> {
             if initiator {
                 let (p50, p99, min, max) = report::stats(&mut times);
                 let stream_us = report::stats(&mut stream_times).0;
-                let baseline_us = if c.baseline {
-                    Some(memcpy_baseline(t, &win, &pair.lay, size, iters)?)
-                } else {
-                    None
-                };
+                let baseline_us = c.baseline.then(|| report::stats(&mut memcpy_times[1..]).0);
                 let gbps = if p50 > 0.0 {
                     size as f64 / (p50 * 1e3)
                 } else {
