@@ -20,9 +20,11 @@
 //! ```
 
 pub mod bootstrap;
+pub mod coll;
 mod comm;
 mod error;
 pub mod launch;
+pub mod p2p;
 pub mod transport;
 
 pub use comm::{Backend, CommBuilder, Communicator};

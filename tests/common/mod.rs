@@ -231,3 +231,70 @@ pub fn assert_no_leaks(mark: &str) {
 pub fn skips_forbidden() -> bool {
     std::env::var("XCCL_REQUIRE_ALL").is_ok_and(|v| v == "1")
 }
+
+/// The in-process fabrics collective tests run over.
+#[derive(Debug, Clone, Copy)]
+pub enum Fabric {
+    Loopback,
+    Shm,
+}
+
+/// `world` connected communicators of one fabric, ranks as threads of this process.
+pub fn comms(fabric: Fabric, world: usize) -> Vec<xccl::Communicator> {
+    use xccl::transport::Transport;
+    let ts: Vec<Box<dyn Transport>> = match fabric {
+        Fabric::Loopback => xccl::transport::loopback::Loopback::create(world)
+            .unwrap()
+            .into_iter()
+            .map(|t| Box::new(t) as Box<dyn Transport>)
+            .collect(),
+        Fabric::Shm => xccl::transport::shm::in_process(world, 4096)
+            .unwrap()
+            .into_iter()
+            .map(|t| Box::new(t) as Box<dyn Transport>)
+            .collect(),
+    };
+    ts.into_iter()
+        .map(|t| xccl::Communicator::from_transport(t, Duration::from_secs(60)).unwrap())
+        .collect()
+}
+
+/// Runs `body` on every rank (a thread each) under a watchdog: a panic or a hang aborts every
+/// rank and fails the test with the rank's message.
+pub fn run_comms<F>(fabric: Fabric, world: usize, body: F)
+where
+    F: Fn(&xccl::Communicator) + Send + Sync + 'static,
+{
+    use std::sync::Arc;
+    let comms: Vec<Arc<xccl::Communicator>> =
+        comms(fabric, world).into_iter().map(Arc::new).collect();
+    let body = Arc::new(body);
+    let (tx, rx) = mpsc::channel();
+    for c in &comms {
+        let (c, body, tx) = (c.clone(), body.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&c)));
+            let msg = r.err().map(|p| {
+                p.downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default()
+            });
+            let _ = tx.send((c.rank(), msg));
+        });
+    }
+    let end = Instant::now() + Duration::from_secs(240);
+    for _ in 0..world {
+        match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            Ok((_, None)) => {}
+            Ok((rank, Some(msg))) => {
+                comms.iter().for_each(|c| c.abort());
+                panic!("{fabric:?} world {world}: rank {rank} failed: {msg}");
+            }
+            Err(_) => {
+                comms.iter().for_each(|c| c.abort());
+                panic!("{fabric:?} world {world}: ranks hung");
+            }
+        }
+    }
+}

@@ -1,0 +1,604 @@
+//! The channel engine behind send/recv: one ring of chunk slots per ordered pair of ranks in
+//! the receiver's window, a head counter (chunks sent) and a credit counter (chunks consumed)
+//! per pair, and a doorbell counter per rank that every arrival and every credit bumps, so a
+//! rank with many requests in flight waits on a single word.
+//!
+//! Messages from one source are delivered in order; a message whose receive is not posted yet
+//! is drained into an unexpected-message buffer, so the sender never stalls on a receiver that
+//! is busy sending (no deadlock when both directions run at once).
+
+use super::wire::{ChunkHeader, HEADER_LEN};
+use crate::error::{Error, Result};
+use crate::transport::{Cmp, SignalOp, Transport, Window};
+use crate::Communicator;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+
+pub(crate) type OpId = u64;
+const PAGE: usize = 4096;
+
+/// Sizing of an engine's rings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct P2pConfig {
+    /// Slots per ordered pair (chunks in flight per pair).
+    pub slots: usize,
+    /// Bytes per slot (rounded up to a page); larger messages are pipelined in chunks.
+    pub slot_bytes: usize,
+}
+
+impl Default for P2pConfig {
+    fn default() -> Self {
+        P2pConfig {
+            slots: 4,
+            slot_bytes: 1 << 20,
+        }
+    }
+}
+
+enum OpState {
+    Pending,
+    Done(u64),
+    Failed(Error),
+}
+
+struct SendOp {
+    peer: usize,
+    tag: u64,
+    segs: Vec<(*const u8, usize)>,
+    total: u64,
+    sent: u64,
+    started: bool,
+}
+
+struct RecvOp {
+    src: usize,
+    tag: u64,
+    segs: Vec<(*mut u8, usize)>,
+    cap: u64,
+    /// Collective mode: takes the next message from `src` whatever its tag, and fails unless
+    /// tag and length are exactly as expected (ranks called different collectives, or
+    /// disagree on counts).
+    exact: bool,
+}
+
+enum Kind {
+    Send(SendOp),
+    Recv(RecvOp),
+}
+
+struct Op {
+    kind: Kind,
+    state: OpState,
+}
+
+enum Dest {
+    Posted(OpId),
+    Unexpected,
+    Sink,
+}
+
+struct Incoming {
+    dest: Dest,
+    tag: u64,
+    total: u64,
+    got: u64,
+}
+
+struct Unexpected {
+    tag: u64,
+    total: u64,
+    data: Vec<u8>,
+    complete: bool,
+}
+
+#[derive(Default)]
+struct Channel {
+    sent_chunks: u64,
+    send_q: VecDeque<OpId>,
+    consumed: u64,
+    incoming: Option<Incoming>,
+    posted: VecDeque<OpId>,
+    unexpected: VecDeque<Unexpected>,
+}
+
+pub(crate) struct State {
+    ops: HashMap<OpId, Op>,
+    next_id: OpId,
+    ch: Vec<Channel>,
+    poisoned: Option<String>,
+}
+
+// SAFETY: the raw pointers in pending ops point at buffers borrowed by a live `Scope` (see
+// `request.rs`): they are used only under the engine's mutex while the op is in `ops`, and
+// every op of a scope is removed before the scope (and so the borrow) ends.
+unsafe impl Send for State {}
+
+/// Why a message does not fit the receive posted for it, if it does not.
+fn size_problem(src: usize, tag: u64, total: u64, r: &RecvOp) -> Option<Error> {
+    let (cap, exact) = (r.cap, r.exact);
+    if exact && tag != r.tag {
+        Some(Error::ConfigMismatch(format!(
+            "rank {src} is in collective {tag:#x} while this rank is in {:#x} (collectives called in different orders)",
+            r.tag
+        )))
+    } else if exact && total != cap {
+        Some(Error::InvalidArgument(format!(
+            "rank {src} sent {total} bytes where {cap} were expected (counts disagree)"
+        )))
+    } else if total > cap {
+        Some(Error::InvalidArgument(format!(
+            "message of {total} bytes from rank {src} does not fit the {cap}-byte receive buffer"
+        )))
+    } else {
+        None
+    }
+}
+
+/// Copies `data` into the segments starting at message offset `off`.
+///
+/// # Safety
+/// Every segment must be valid for writes of its length and not aliased by `data`.
+unsafe fn scatter(segs: &[(*mut u8, usize)], mut off: u64, mut data: &[u8]) {
+    for &(p, len) in segs {
+        if data.is_empty() {
+            break;
+        }
+        if off >= len as u64 {
+            off -= len as u64;
+            continue;
+        }
+        let n = (len - off as usize).min(data.len());
+        // SAFETY: `off + n <= len` for this segment, which the caller guarantees writable.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p.add(off as usize), n) };
+        data = &data[n..];
+        off = 0;
+    }
+}
+
+/// The pieces of the segments covering message bytes `off .. off + len`.
+///
+/// # Safety
+/// Every segment must be valid for reads of its length for the returned lifetime.
+unsafe fn gather<'a>(segs: &[(*const u8, usize)], mut off: u64, mut len: usize) -> Vec<&'a [u8]> {
+    let mut out = Vec::new();
+    for &(p, l) in segs {
+        if len == 0 {
+            break;
+        }
+        if off >= l as u64 {
+            off -= l as u64;
+            continue;
+        }
+        let n = (l - off as usize).min(len);
+        // SAFETY: `off + n <= l`, readable by the caller's guarantee.
+        out.push(unsafe { std::slice::from_raw_parts(p.add(off as usize), n) });
+        len -= n;
+        off = 0;
+    }
+    out
+}
+
+/// The engine: rings in one registered window, counters in the communicator's signals.
+pub(crate) struct Engine<'c> {
+    pub(crate) comm: &'c Communicator,
+    win: Window,
+    slots: usize,
+    slot_bytes: usize,
+    head_base: usize,
+    credit_base: usize,
+    doorbell: usize,
+    hdr_base: usize,
+    state: Mutex<State>,
+}
+
+impl<'c> Engine<'c> {
+    /// Collective: registers the rings and reserves the counters.
+    pub fn new(comm: &'c Communicator, cfg: P2pConfig) -> Result<Self> {
+        if cfg.slots == 0 || cfg.slot_bytes == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "p2p config {cfg:?}: slots and slot_bytes must be positive"
+            )));
+        }
+        let n = comm.world_size();
+        let slot_bytes = cfg.slot_bytes.div_ceil(PAGE) * PAGE;
+        let ring_bytes = n
+            .checked_mul(cfg.slots)
+            .and_then(|x| x.checked_mul(slot_bytes))
+            .ok_or_else(|| Error::InvalidArgument(format!("p2p rings of {cfg:?} overflow")))?;
+        let hdr_bytes = (n * cfg.slots * HEADER_LEN).div_ceil(PAGE) * PAGE;
+        let win = comm.register(ring_bytes + hdr_bytes)?;
+        let head_base = comm.alloc_signals(2 * n + 1)?;
+        let mut ch = Vec::with_capacity(n);
+        ch.resize_with(n, Channel::default);
+        Ok(Engine {
+            comm,
+            win,
+            slots: cfg.slots,
+            slot_bytes,
+            head_base,
+            credit_base: head_base + n,
+            doorbell: head_base + 2 * n,
+            hdr_base: ring_bytes,
+            state: Mutex::new(State {
+                ops: HashMap::new(),
+                next_id: 1,
+                ch,
+                poisoned: None,
+            }),
+        })
+    }
+
+    fn t(&self) -> &dyn Transport {
+        self.comm.transport()
+    }
+
+    fn payload_off(&self, src: usize, slot: usize) -> usize {
+        (src * self.slots + slot) * self.slot_bytes
+    }
+
+    fn header_off(&self, src: usize, slot: usize) -> usize {
+        self.hdr_base + (src * self.slots + slot) * HEADER_LEN
+    }
+
+    pub(crate) fn lock(&self) -> Result<MutexGuard<'_, State>> {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match &st.poisoned {
+            Some(why) => Err(Error::InvalidUsage(format!(
+                "point-to-point engine unusable: {why}"
+            ))),
+            None => Ok(st),
+        }
+    }
+
+    /// Queues a send of the segments (all bytes, in order) to `peer`.
+    pub(crate) fn post_send(
+        &self,
+        peer: usize,
+        tag: u64,
+        segs: Vec<(*const u8, usize)>,
+    ) -> Result<OpId> {
+        crate::transport::check_peer(peer, self.comm.world_size())?;
+        let total = segs.iter().map(|&(_, l)| l as u64).sum();
+        let mut st = self.lock()?;
+        let id = st.next_id;
+        st.next_id += 1;
+        st.ops.insert(
+            id,
+            Op {
+                kind: Kind::Send(SendOp {
+                    peer,
+                    tag,
+                    segs,
+                    total,
+                    sent: 0,
+                    started: false,
+                }),
+                state: OpState::Pending,
+            },
+        );
+        st.ch[peer].send_q.push_back(id);
+        Ok(id)
+    }
+
+    /// Posts a receive from `src` into the segments; `exact` demands the message fill them.
+    pub(crate) fn post_recv(
+        &self,
+        src: usize,
+        tag: u64,
+        segs: Vec<(*mut u8, usize)>,
+        exact: bool,
+    ) -> Result<OpId> {
+        crate::transport::check_peer(src, self.comm.world_size())?;
+        let cap: u64 = segs.iter().map(|&(_, l)| l as u64).sum();
+        let mut st = self.lock()?;
+        let id = st.next_id;
+        st.next_id += 1;
+        let st = &mut *st;
+        let ch = &mut st.ch[src];
+        let mut state = OpState::Pending;
+        let op = RecvOp {
+            src,
+            tag,
+            segs,
+            cap,
+            exact,
+        };
+        let found = if exact {
+            (!ch.unexpected.is_empty()).then_some(0)
+        } else {
+            ch.unexpected.iter().position(|u| u.tag == tag)
+        };
+        if let Some(pos) = found {
+            let u = ch.unexpected.remove(pos).expect("position is valid");
+            match size_problem(src, u.tag, u.total, &op) {
+                Some(e) => {
+                    state = OpState::Failed(e);
+                    if !u.complete {
+                        // The rest of this message is still arriving: discard it.
+                        ch.incoming
+                            .as_mut()
+                            .expect("an incomplete message is incoming")
+                            .dest = Dest::Sink;
+                    }
+                }
+                None => {
+                    // SAFETY: the segments come from live `&mut` borrows held by the caller's
+                    // scope; `u.data` is engine-owned, so they cannot overlap.
+                    unsafe { scatter(&op.segs, 0, &u.data) };
+                    if u.complete {
+                        state = OpState::Done(u.total);
+                    } else {
+                        ch.incoming
+                            .as_mut()
+                            .expect("an incomplete message is incoming")
+                            .dest = Dest::Posted(id);
+                    }
+                }
+            }
+        } else {
+            ch.posted.push_back(id);
+        }
+        st.ops.insert(
+            id,
+            Op {
+                kind: Kind::Recv(op),
+                state,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Moves every channel forward as far as possible without waiting.
+    pub(crate) fn progress(&self, st: &mut State) -> Result<()> {
+        let r = (0..self.comm.world_size()).try_for_each(|p| {
+            self.progress_send(st, p)?;
+            self.progress_recv(st, p)
+        });
+        if let Err(Error::ProtocolViolation(m)) = &r {
+            st.poisoned = Some(m.clone());
+        }
+        r
+    }
+
+    fn progress_send(&self, st: &mut State, peer: usize) -> Result<()> {
+        let t = self.t();
+        let me = self.comm.rank();
+        loop {
+            let Some(&id) = st.ch[peer].send_q.front() else {
+                return Ok(());
+            };
+            let n = st.ch[peer].sent_chunks;
+            if n >= self.slots as u64 {
+                let credit = t.signal_value(self.credit_base + peer)?;
+                if credit < n + 1 - self.slots as u64 {
+                    return Ok(());
+                }
+            }
+            let op = st.ops.get_mut(&id).expect("queued op exists");
+            let Kind::Send(s) = &mut op.kind else {
+                unreachable!("send queue holds sends")
+            };
+            let len = (s.total - s.sent).min(self.slot_bytes as u64) as usize;
+            let slot = (n % self.slots as u64) as usize;
+            let mut at = self.payload_off(me, slot);
+            // SAFETY: the segments are borrowed by a live scope for as long as the op exists.
+            for piece in unsafe { gather(&s.segs, s.sent, len) } {
+                t.put(peer, &self.win, at, piece)?;
+                at += piece.len();
+            }
+            let h = ChunkHeader {
+                seq: n,
+                tag: s.tag,
+                total: s.total,
+                offset: s.sent,
+                len: len as u64,
+            };
+            t.put(peer, &self.win, self.header_off(me, slot), &h.encode())?;
+            t.signal(peer, self.head_base + me, SignalOp::Add, 1)?;
+            t.signal(peer, self.doorbell, SignalOp::Add, 1)?;
+            s.sent += len as u64;
+            s.started = true;
+            st.ch[peer].sent_chunks += 1;
+            if s.sent == s.total {
+                op.state = OpState::Done(s.total);
+                st.ch[peer].send_q.pop_front();
+            }
+        }
+    }
+
+    fn progress_recv(&self, st: &mut State, src: usize) -> Result<()> {
+        let t = self.t();
+        let me = self.comm.rank();
+        let State { ops, ch: chans, .. } = st;
+        let ch = &mut chans[src];
+        loop {
+            let n = ch.consumed;
+            if t.signal_value(self.head_base + src)? <= n {
+                return Ok(());
+            }
+            let slot = (n % self.slots as u64) as usize;
+            let mut hb = [0u8; HEADER_LEN];
+            t.read_local(&self.win, self.header_off(src, slot), &mut hb)?;
+            let h = ChunkHeader::decode(&hb, src, n, self.slot_bytes)?;
+            // SAFETY: the sender wrote this slot before the head signal we observed and will not
+            // write it again before our credit below; the length was checked against the slot.
+            let payload =
+                unsafe { t.local_slice(&self.win, self.payload_off(src, slot), h.len as usize)? };
+            if ch.incoming.is_none() {
+                if h.offset != 0 {
+                    return Err(Error::ProtocolViolation(format!(
+                        "rank {src} started a message at offset {}",
+                        h.offset
+                    )));
+                }
+                let pos = ch.posted.iter().position(|id| match &ops[id].kind {
+                    Kind::Recv(r) => r.exact || r.tag == h.tag,
+                    Kind::Send(_) => false,
+                });
+                let dest = match pos {
+                    Some(pos) => {
+                        let id = ch.posted.remove(pos).expect("valid position");
+                        let op = ops.get_mut(&id).expect("posted op exists");
+                        let Kind::Recv(r) = &op.kind else {
+                            unreachable!("posted holds receives")
+                        };
+                        match size_problem(src, h.tag, h.total, r) {
+                            Some(e) => {
+                                op.state = OpState::Failed(e);
+                                Dest::Sink
+                            }
+                            None => Dest::Posted(id),
+                        }
+                    }
+                    None => {
+                        ch.unexpected.push_back(Unexpected {
+                            tag: h.tag,
+                            total: h.total,
+                            data: Vec::new(),
+                            complete: false,
+                        });
+                        Dest::Unexpected
+                    }
+                };
+                ch.incoming = Some(Incoming {
+                    dest,
+                    tag: h.tag,
+                    total: h.total,
+                    got: 0,
+                });
+            }
+            let inc = ch.incoming.as_mut().expect("set above");
+            if h.tag != inc.tag || h.total != inc.total || h.offset != inc.got {
+                return Err(Error::ProtocolViolation(format!(
+                    "rank {src} sent chunk (tag {}, total {}, offset {}) inside message (tag {}, total {}, at {})",
+                    h.tag, h.total, h.offset, inc.tag, inc.total, inc.got
+                )));
+            }
+            match inc.dest {
+                Dest::Posted(id) => {
+                    let Kind::Recv(r) = &ops[&id].kind else {
+                        unreachable!("posted holds receives")
+                    };
+                    // SAFETY: the receive's segments are live `&mut` borrows of its scope and
+                    // do not overlap window memory.
+                    unsafe { scatter(&r.segs, inc.got, payload) };
+                }
+                Dest::Unexpected => ch
+                    .unexpected
+                    .back_mut()
+                    .expect("pushed above")
+                    .data
+                    .extend_from_slice(payload),
+                Dest::Sink => {}
+            }
+            inc.got += h.len;
+            ch.consumed += 1;
+            t.signal(src, self.credit_base + me, SignalOp::Add, 1)?;
+            t.signal(src, self.doorbell, SignalOp::Add, 1)?;
+            if inc.got == inc.total {
+                match inc.dest {
+                    Dest::Posted(id) => {
+                        ops.get_mut(&id).expect("posted op exists").state =
+                            OpState::Done(inc.total);
+                    }
+                    Dest::Unexpected => {
+                        ch.unexpected.back_mut().expect("pushed above").complete = true
+                    }
+                    Dest::Sink => {}
+                }
+                ch.incoming = None;
+            }
+        }
+    }
+
+    /// Progresses once; `Some` when op `id` has ended (it is then removed).
+    pub(crate) fn test(&self, id: OpId) -> Result<Option<u64>> {
+        let mut st = self.lock()?;
+        self.progress(&mut st)?;
+        Self::collect(&mut st, id)
+    }
+
+    fn collect(st: &mut State, id: OpId) -> Result<Option<u64>> {
+        match st.ops.get(&id).map(|o| &o.state) {
+            None => Err(Error::InvalidUsage(format!(
+                "request {id} already completed"
+            ))),
+            Some(OpState::Pending) => Ok(None),
+            Some(_) => match st.ops.remove(&id).expect("present").state {
+                OpState::Done(n) => Ok(Some(n)),
+                OpState::Failed(e) => Err(e),
+                OpState::Pending => unreachable!("checked above"),
+            },
+        }
+    }
+
+    /// Whether op `id` is still registered (not yet collected).
+    pub(crate) fn is_live(&self, id: OpId) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ops
+            .contains_key(&id)
+    }
+
+    /// Waits until op `id` ends or `deadline` passes, driving every channel meanwhile.
+    pub(crate) fn wait(&self, id: OpId, deadline: Instant) -> Result<u64> {
+        let t = self.t();
+        let start = Instant::now();
+        loop {
+            // Read the doorbell before progressing, so an arrival during progress is not missed.
+            let seen = t.signal_value(self.doorbell)?;
+            if let Some(n) = self.test(id)? {
+                return Ok(n);
+            }
+            match t.wait(self.doorbell, Cmp::Gt, seen, deadline) {
+                Ok(_) => {}
+                Err(Error::Timeout { .. }) => {
+                    return Err(Error::Timeout {
+                        op: format!("point-to-point request {id}"),
+                        waited: start.elapsed(),
+                    })
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Removes ops that a scope leaves unfinished after an error, keeping the channels
+    /// consistent: an unstarted send or unmatched receive is simply dropped, a half-received
+    /// message is discarded as it arrives; a half-sent message cannot be completed, so the
+    /// communicator is aborted (peers then fail instead of waiting for the rest).
+    pub(crate) fn cancel(&self, ids: &[OpId]) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut must_abort = false;
+        for id in ids {
+            let Some(op) = st.ops.remove(id) else {
+                continue;
+            };
+            match op.kind {
+                Kind::Send(s) => {
+                    st.ch[s.peer].send_q.retain(|x| x != id);
+                    if s.started && s.sent < s.total {
+                        must_abort = true;
+                    }
+                }
+                Kind::Recv(r) => {
+                    let ch = &mut st.ch[r.src];
+                    ch.posted.retain(|x| x != id);
+                    if let Some(inc) = &mut ch.incoming {
+                        if matches!(inc.dest, Dest::Posted(p) if p == *id) {
+                            inc.dest = Dest::Sink;
+                        }
+                    }
+                }
+            }
+        }
+        if must_abort {
+            st.poisoned = Some("a message was abandoned half sent".into());
+            drop(st);
+            tracing::error!("abandoning a half-sent message: aborting the communicator");
+            self.comm.abort();
+        }
+    }
+}
