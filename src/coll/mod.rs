@@ -85,9 +85,11 @@ fn check_layout(
     for (j, (&c, &d)) in counts.iter().zip(displs).enumerate() {
         match d.checked_add(c) {
             Some(end) if end <= buf_len => {}
-            _ => return Err(Error::InvalidArgument(format!(
+            _ => {
+                return Err(Error::InvalidArgument(format!(
                 "{what}: block {j} (displacement {d}, count {c}) exceeds the buffer of {buf_len}"
-            ))),
+            )))
+            }
         }
     }
     Ok(())
@@ -197,13 +199,23 @@ impl<'c> Coll<'c> {
                 let dst = (me + k) % n;
                 sends.push(s.isend(dst, tag, &send[sdispls[dst]..sdispls[dst] + scounts[dst]])?);
             }
+            // A block that arrives wrong (disagreeing counts, another collective) is an error,
+            // but every other block of this collective is still taken off its channel, so the
+            // next collective starts clean.
+            let mut first = None;
             for r in recvs {
-                r.wait(deadline)?;
+                match r.wait(deadline) {
+                    Ok(_) => {}
+                    Err(e @ (Error::InvalidArgument(_) | Error::ConfigMismatch(_))) => {
+                        first.get_or_insert(e);
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             for q in sends {
                 q.wait(deadline)?;
             }
-            Ok(())
+            first.map_or(Ok(()), Err)
         })
     }
 
@@ -247,8 +259,7 @@ impl<'c> Coll<'c> {
     /// Allgather: every rank's `send` block, in rank order, into `recv` (`world × send.len()`).
     pub fn allgather<T: Pod>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
         let n = self.comm().world_size();
-        let sz = std::mem::size_of::<T>();
-        let b = send.len() * sz;
+        let b = std::mem::size_of_val(send);
         if recv.len() != send.len() * n {
             return Err(Error::InvalidArgument(format!(
                 "allgather: receive has {} elements, expected {n} x {}",
@@ -275,7 +286,7 @@ impl<'c> Coll<'c> {
     pub fn allreduce<T: Reducible>(&self, data: &mut [T], op: ReduceOp) -> Result<()> {
         let n = self.comm().world_size();
         let mut all = vec![T::zeroed(); data.len() * n];
-        let sz = std::mem::size_of::<T>() * data.len();
+        let sz = std::mem::size_of_val(data);
         let counts = vec![sz; n];
         let zeros = vec![0; n];
         let displs: Vec<usize> = (0..n).map(|j| j * sz).collect();
