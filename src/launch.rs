@@ -30,6 +30,47 @@ pub struct LaunchSpec {
     pub timeout: Option<Duration>,
     /// How long ranks get to exit after SIGTERM before SIGKILL.
     pub grace: Duration,
+    /// Pin each rank to one CPU.
+    pub bind: Bind,
+}
+
+/// CPU binding of the ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bind {
+    /// Rank r runs on the r-th CPU this launcher may use, when there are at least as many
+    /// CPUs as ranks (as Open MPI binds by default); unbound otherwise. Unbound ranks that
+    /// exchange data get moved onto one CPU by the scheduler now and then, which makes
+    /// timings bimodal.
+    Auto,
+    /// Never pin.
+    None,
+}
+
+impl std::str::FromStr for Bind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" | "core" => Ok(Bind::Auto),
+            "none" => Ok(Bind::None),
+            other => Err(format!("--bind {other:?}: expected auto or none")),
+        }
+    }
+}
+
+/// The CPUs this process may run on, in order.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills at most its size.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer and size for the calling thread's mask.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return Vec::new();
+    }
+    // SAFETY: CPU_ISSET reads the initialized set for indices below CPU_SETSIZE.
+    (0..libc::CPU_SETSIZE as usize)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
 }
 
 impl LaunchSpec {
@@ -44,6 +85,7 @@ impl LaunchSpec {
             prefix_output: true,
             timeout: None,
             grace: Duration::from_secs(3),
+            bind: Bind::Auto,
         }
     }
 }
@@ -119,6 +161,8 @@ pub fn launch(spec: &LaunchSpec) -> Result<LaunchOutcome> {
     let mut pipes = Vec::new();
     // SAFETY: getpid cannot fail.
     let launcher_pid = unsafe { libc::getpid() };
+    let cpus = allowed_cpus();
+    let pin = spec.bind == Bind::Auto && !cpus.is_empty() && spec.ranks <= cpus.len();
     for rank in 0..spec.ranks {
         let mut cmd = Command::new(&spec.program);
         cmd.args(&spec.args)
@@ -138,13 +182,19 @@ pub fn launch(spec: &LaunchSpec) -> Result<LaunchOutcome> {
         if spec.prefix_output {
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         }
+        let cpu = cpus.get(rank).copied().filter(|_| pin);
         // SAFETY: the closure runs in the child between fork and exec and only makes
-        // async-signal-safe calls (prctl, getppid, _exit).
+        // async-signal-safe calls (prctl, getppid, sched_setaffinity, _exit) on a stack value.
         unsafe {
             cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 if libc::getppid() != launcher_pid {
                     libc::_exit(127); // the launcher died before the death signal was armed
+                }
+                if let Some(cpu) = cpu {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
                 }
                 Ok(())
             });

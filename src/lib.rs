@@ -22,6 +22,7 @@
 pub mod bootstrap;
 pub mod coll;
 mod comm;
+pub mod copy;
 mod error;
 pub mod launch;
 pub mod p2p;

@@ -22,6 +22,10 @@ struct Args {
     /// Do not prefix output lines with the rank.
     #[arg(long)]
     no_prefix: bool,
+    /// CPU binding: `auto` pins rank r to the r-th usable CPU when there are enough CPUs
+    /// (as Open MPI does by default), `none` leaves placement to the scheduler.
+    #[arg(long, default_value = "auto")]
+    bind: xccl::launch::Bind,
     /// The program and its arguments (after `--`).
     #[arg(trailing_var_arg = true, required = true, num_args = 1..)]
     command: Vec<OsString>,
@@ -33,6 +37,7 @@ fn main() {
     spec.backend = args.backend;
     spec.prefix_output = !args.no_prefix;
     spec.timeout = args.timeout.map(Duration::from_secs_f64);
+    spec.bind = args.bind;
     match launch(&spec) {
         Ok(outcome) => std::process::exit(outcome.exit_code()),
         Err(e) => {

@@ -7,15 +7,62 @@
 //! is drained into an unexpected-message buffer, so the sender never stalls on a receiver that
 //! is busy sending (no deadlock when both directions run at once).
 
-use super::wire::{ChunkHeader, HEADER_LEN};
+use super::wire::{ChunkHeader, HEADER_LEN, INLINE_MAX};
 use crate::error::{Error, Result};
 use crate::transport::{Cmp, SignalOp, Transport, Window};
 use crate::Communicator;
+use smallvec::SmallVec;
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub(crate) type OpId = u64;
+/// Source segments of a send (one for a plain buffer, several for vectored sends).
+pub(crate) type SendSegs = SmallVec<[(*const u8, usize); 2]>;
+/// Destination segments of a receive.
+pub(crate) type RecvSegs = SmallVec<[(*mut u8, usize); 2]>;
+/// How long no chunk may move before messages without a posted receive are drained into
+/// the unexpected buffer. Until then they wait in the ring, so a receive posted a little
+/// late still gets its data with one copy; after it, a rank blocked in a send keeps taking
+/// what its peers send, so blocking sends in a cycle cannot deadlock.
+const DRAIN_AFTER: Duration = Duration::from_micros(50);
+
+/// Op ids are unique counters: hashing them is the identity.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | b as u64;
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type OpMap = HashMap<OpId, Op, BuildHasherDefault<IdHasher>>;
+
+/// What a waiting op sleeps on.
+enum Wake {
+    /// The head counter of one source, at this value: the engine's only op is a receive, so
+    /// one cache line is all there is to watch. The wait comes back after a slice (growing
+    /// while nothing happens) to progress every channel, so other ranks' traffic is never
+    /// left waiting long.
+    Focused(usize, u64),
+    /// The doorbell, briefly: a message is parked in a ring and may need draining.
+    Drain,
+    /// The doorbell, which every arrival and credit bumps.
+    Doorbell,
+}
+
+/// First slice of a focused wait.
+const FOCUS_SLICE: Duration = Duration::from_micros(100);
 const PAGE: usize = 4096;
 
 /// Sizing of an engine's rings.
@@ -45,7 +92,7 @@ enum OpState {
 struct SendOp {
     peer: usize,
     tag: u64,
-    segs: Vec<(*const u8, usize)>,
+    segs: SendSegs,
     total: u64,
     sent: u64,
     started: bool,
@@ -54,7 +101,7 @@ struct SendOp {
 struct RecvOp {
     src: usize,
     tag: u64,
-    segs: Vec<(*mut u8, usize)>,
+    segs: RecvSegs,
     cap: u64,
     /// Collective mode: takes the next message from `src` whatever its tag, and fails unless
     /// tag and length are exactly as expected (ranks called different collectives, or
@@ -97,16 +144,22 @@ struct Channel {
     sent_chunks: u64,
     send_q: VecDeque<OpId>,
     consumed: u64,
+    /// Chunks whose credit has been returned to the sender (credits go back in batches).
+    credited: u64,
     incoming: Option<Incoming>,
     posted: VecDeque<OpId>,
     unexpected: VecDeque<Unexpected>,
 }
 
 pub(crate) struct State {
-    ops: HashMap<OpId, Op>,
+    ops: OpMap,
     next_id: OpId,
     ch: Vec<Channel>,
     poisoned: Option<String>,
+    /// When a chunk last moved in either direction.
+    last_moved: Instant,
+    /// The last pass left a message in a ring because no receive was posted for it.
+    undrained: bool,
 }
 
 // SAFETY: the raw pointers in pending ops point at buffers borrowed by a live `Scope` (see
@@ -150,7 +203,7 @@ unsafe fn scatter(segs: &[(*mut u8, usize)], mut off: u64, mut data: &[u8]) {
         }
         let n = (len - off as usize).min(data.len());
         // SAFETY: `off + n <= len` for this segment, which the caller guarantees writable.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p.add(off as usize), n) };
+        unsafe { crate::copy::copy_bytes(p.add(off as usize), data.as_ptr(), n) };
         data = &data[n..];
         off = 0;
     }
@@ -160,8 +213,12 @@ unsafe fn scatter(segs: &[(*mut u8, usize)], mut off: u64, mut data: &[u8]) {
 ///
 /// # Safety
 /// Every segment must be valid for reads of its length for the returned lifetime.
-unsafe fn gather<'a>(segs: &[(*const u8, usize)], mut off: u64, mut len: usize) -> Vec<&'a [u8]> {
-    let mut out = Vec::new();
+unsafe fn gather<'a>(
+    segs: &[(*const u8, usize)],
+    mut off: u64,
+    mut len: usize,
+) -> SmallVec<[&'a [u8]; 2]> {
+    let mut out = SmallVec::new();
     for &(p, l) in segs {
         if len == 0 {
             break;
@@ -221,16 +278,27 @@ impl<'c> Engine<'c> {
             doorbell: head_base + 2 * n,
             hdr_base: ring_bytes,
             state: Mutex::new(State {
-                ops: HashMap::new(),
+                ops: OpMap::default(),
                 next_id: 1,
                 ch,
                 poisoned: None,
+                last_moved: Instant::now(),
+                undrained: false,
             }),
         })
     }
 
     fn t(&self) -> &dyn Transport {
         self.comm.transport()
+    }
+
+    /// Chunk size for a message of `total` bytes: large enough to amortize a signal, small
+    /// enough that a message spreads over the ring, so the receiver copies chunk k out while
+    /// the sender writes chunk k+1 (both cores busy instead of one after the other).
+    fn chunk_len(&self, total: u64) -> usize {
+        const PIPE_MIN: usize = 16 << 10;
+        let spread = (total as usize).div_ceil(self.slots).div_ceil(PAGE) * PAGE;
+        spread.clamp(PIPE_MIN.min(self.slot_bytes), self.slot_bytes)
     }
 
     fn payload_off(&self, src: usize, slot: usize) -> usize {
@@ -252,12 +320,7 @@ impl<'c> Engine<'c> {
     }
 
     /// Queues a send of the segments (all bytes, in order) to `peer`.
-    pub(crate) fn post_send(
-        &self,
-        peer: usize,
-        tag: u64,
-        segs: Vec<(*const u8, usize)>,
-    ) -> Result<OpId> {
+    pub(crate) fn post_send(&self, peer: usize, tag: u64, segs: SendSegs) -> Result<OpId> {
         crate::transport::check_peer(peer, self.comm.world_size())?;
         let total = segs.iter().map(|&(_, l)| l as u64).sum();
         let mut st = self.lock()?;
@@ -286,7 +349,7 @@ impl<'c> Engine<'c> {
         &self,
         src: usize,
         tag: u64,
-        segs: Vec<(*mut u8, usize)>,
+        segs: RecvSegs,
         exact: bool,
     ) -> Result<OpId> {
         crate::transport::check_peer(src, self.comm.world_size())?;
@@ -349,11 +412,15 @@ impl<'c> Engine<'c> {
         Ok(id)
     }
 
-    /// Moves every channel forward as far as possible without waiting.
+    /// Moves every channel forward as far as possible without waiting. Messages nobody has
+    /// posted a receive for are left in the ring until nothing has moved for `DRAIN_AFTER`.
     pub(crate) fn progress(&self, st: &mut State) -> Result<()> {
-        let r = (0..self.comm.world_size()).try_for_each(|p| {
-            self.progress_send(st, p)?;
-            self.progress_recv(st, p)
+        let r = self.pass(st, false).and_then(|moved| {
+            let stalled = !moved && st.last_moved.elapsed() >= DRAIN_AFTER;
+            if moved || (stalled && self.pass(st, true)?) {
+                st.last_moved = Instant::now();
+            }
+            Ok(())
         });
         if let Err(Error::ProtocolViolation(m)) = &r {
             st.poisoned = Some(m.clone());
@@ -361,32 +428,39 @@ impl<'c> Engine<'c> {
         r
     }
 
-    fn progress_send(&self, st: &mut State, peer: usize) -> Result<()> {
+    /// One pass over every channel; true if any chunk moved.
+    fn pass(&self, st: &mut State, drain: bool) -> Result<bool> {
+        st.undrained = false;
+        let mut moved = false;
+        for p in 0..self.comm.world_size() {
+            moved |= self.progress_send(st, p)?;
+            moved |= self.progress_recv(st, p, drain)?;
+        }
+        Ok(moved)
+    }
+
+    fn progress_send(&self, st: &mut State, peer: usize) -> Result<bool> {
         let t = self.t();
         let me = self.comm.rank();
+        let mut moved = false;
         loop {
             let Some(&id) = st.ch[peer].send_q.front() else {
-                return Ok(());
+                return Ok(moved);
             };
             let n = st.ch[peer].sent_chunks;
             if n >= self.slots as u64 {
                 let credit = t.signal_value(self.credit_base + peer)?;
                 if credit < n + 1 - self.slots as u64 {
-                    return Ok(());
+                    return Ok(moved);
                 }
             }
+            moved = true;
             let op = st.ops.get_mut(&id).expect("queued op exists");
             let Kind::Send(s) = &mut op.kind else {
                 unreachable!("send queue holds sends")
             };
-            let len = (s.total - s.sent).min(self.slot_bytes as u64) as usize;
+            let len = (s.total - s.sent).min(self.chunk_len(s.total) as u64) as usize;
             let slot = (n % self.slots as u64) as usize;
-            let mut at = self.payload_off(me, slot);
-            // SAFETY: the segments are borrowed by a live scope for as long as the op exists.
-            for piece in unsafe { gather(&s.segs, s.sent, len) } {
-                t.put(peer, &self.win, at, piece)?;
-                at += piece.len();
-            }
             let h = ChunkHeader {
                 seq: n,
                 tag: s.tag,
@@ -394,7 +468,28 @@ impl<'c> Engine<'c> {
                 offset: s.sent,
                 len: len as u64,
             };
-            t.put(peer, &self.win, self.header_off(me, slot), &h.encode())?;
+            let mut inline = [0u8; INLINE_MAX];
+            let mut at = 0;
+            // SAFETY: the segments are borrowed by a live scope for as long as the op exists.
+            for piece in unsafe { gather(&s.segs, s.sent, len) } {
+                if h.is_inline() {
+                    inline[at..at + piece.len()].copy_from_slice(piece);
+                } else {
+                    t.put(peer, &self.win, self.payload_off(me, slot) + at, piece)?;
+                }
+                at += piece.len();
+            }
+            let inline = if h.is_inline() {
+                &inline[..len]
+            } else {
+                &[][..]
+            };
+            t.put(
+                peer,
+                &self.win,
+                self.header_off(me, slot),
+                &h.encode(inline),
+            )?;
             t.signal(peer, self.head_base + me, SignalOp::Add, 1)?;
             t.signal(peer, self.doorbell, SignalOp::Add, 1)?;
             s.sent += len as u64;
@@ -407,15 +502,30 @@ impl<'c> Engine<'c> {
         }
     }
 
-    fn progress_recv(&self, st: &mut State, src: usize) -> Result<()> {
+    fn progress_recv(&self, st: &mut State, src: usize, drain: bool) -> Result<bool> {
         let t = self.t();
         let me = self.comm.rank();
-        let State { ops, ch: chans, .. } = st;
+        let State {
+            ops,
+            ch: chans,
+            undrained,
+            ..
+        } = st;
         let ch = &mut chans[src];
+        let mut moved = false;
+        // Credits go back once half the ring is consumed: the sender is never blocked by
+        // withheld credits (at most `slots - 1` chunks are ever withheld), and a short
+        // exchange costs one signal fewer on its critical path.
+        let batch = (self.slots as u64).div_ceil(2);
         loop {
             let n = ch.consumed;
+            if n - ch.credited >= batch {
+                t.signal(src, self.credit_base + me, SignalOp::Add, n - ch.credited)?;
+                t.signal(src, self.doorbell, SignalOp::Add, 1)?;
+                ch.credited = n;
+            }
             if t.signal_value(self.head_base + src)? <= n {
-                return Ok(());
+                return Ok(moved);
             }
             let slot = (n % self.slots as u64) as usize;
             let mut hb = [0u8; HEADER_LEN];
@@ -423,8 +533,11 @@ impl<'c> Engine<'c> {
             let h = ChunkHeader::decode(&hb, src, n, self.slot_bytes)?;
             // SAFETY: the sender wrote this slot before the head signal we observed and will not
             // write it again before our credit below; the length was checked against the slot.
-            let payload =
-                unsafe { t.local_slice(&self.win, self.payload_off(src, slot), h.len as usize)? };
+            let payload = if h.is_inline() {
+                h.inline_bytes(&hb)
+            } else {
+                unsafe { t.local_slice(&self.win, self.payload_off(src, slot), h.len as usize)? }
+            };
             if ch.incoming.is_none() {
                 if h.offset != 0 {
                     return Err(Error::ProtocolViolation(format!(
@@ -436,6 +549,10 @@ impl<'c> Engine<'c> {
                     Kind::Recv(r) => r.exact || r.tag == h.tag,
                     Kind::Send(_) => false,
                 });
+                if pos.is_none() && !drain {
+                    *undrained = true;
+                    return Ok(moved);
+                }
                 let dest = match pos {
                     Some(pos) => {
                         let id = ch.posted.remove(pos).expect("valid position");
@@ -494,8 +611,7 @@ impl<'c> Engine<'c> {
             }
             inc.got += h.len;
             ch.consumed += 1;
-            t.signal(src, self.credit_base + me, SignalOp::Add, 1)?;
-            t.signal(src, self.doorbell, SignalOp::Add, 1)?;
+            moved = true;
             if inc.got == inc.total {
                 match inc.dest {
                     Dest::Posted(id) => {
@@ -514,9 +630,24 @@ impl<'c> Engine<'c> {
 
     /// Progresses once; `Some` when op `id` has ended (it is then removed).
     pub(crate) fn test(&self, id: OpId) -> Result<Option<u64>> {
+        self.test_inner(id).map(|(r, _)| r)
+    }
+
+    /// As `test`, also telling whether a message is parked in a ring awaiting a receive.
+    fn test_inner(&self, id: OpId) -> Result<(Option<u64>, Wake)> {
         let mut st = self.lock()?;
         self.progress(&mut st)?;
-        Self::collect(&mut st, id)
+        let wake = match st.ops.get(&id) {
+            Some(Op {
+                kind: Kind::Recv(r),
+                state: OpState::Pending,
+            }) if st.ops.len() == 1 && !st.undrained => {
+                Wake::Focused(self.head_base + r.src, st.ch[r.src].consumed)
+            }
+            _ if st.undrained => Wake::Drain,
+            _ => Wake::Doorbell,
+        };
+        Ok((Self::collect(&mut st, id)?, wake))
     }
 
     fn collect(st: &mut State, id: OpId) -> Result<Option<u64>> {
@@ -546,14 +677,31 @@ impl<'c> Engine<'c> {
     pub(crate) fn wait(&self, id: OpId, deadline: Instant) -> Result<u64> {
         let t = self.t();
         let start = Instant::now();
+        let mut slice = FOCUS_SLICE;
         loop {
             // Read the doorbell before progressing, so an arrival during progress is not missed.
             let seen = t.signal_value(self.doorbell)?;
-            if let Some(n) = self.test(id)? {
+            let (done, wake) = self.test_inner(id)?;
+            if let Some(n) = done {
                 return Ok(n);
             }
-            match t.wait(self.doorbell, Cmp::Gt, seen, deadline) {
-                Ok(_) => {}
+            let (index, value, until) = match wake {
+                Wake::Focused(index, value) => {
+                    let until = deadline.min(Instant::now() + slice);
+                    slice = (slice * 2).min(Duration::from_millis(10));
+                    (index, value, until)
+                }
+                // With a message parked in a ring, come back in time to drain it.
+                Wake::Drain => (
+                    self.doorbell,
+                    seen,
+                    deadline.min(Instant::now() + DRAIN_AFTER),
+                ),
+                Wake::Doorbell => (self.doorbell, seen, deadline),
+            };
+            match t.wait(index, Cmp::Gt, value, until) {
+                Ok(_) => slice = FOCUS_SLICE,
+                Err(Error::Timeout { .. }) if until < deadline => {}
                 Err(Error::Timeout { .. }) => {
                     return Err(Error::Timeout {
                         op: format!("point-to-point request {id}"),

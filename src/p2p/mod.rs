@@ -99,9 +99,22 @@ impl<'c> P2p<'c> {
         }
     }
 
+    /// Completes one op started by a blocking call; on failure it is cancelled, so the
+    /// buffer the caller lends is never referenced after the call returns.
+    fn finish(&self, id: engine::OpId) -> Result<u64> {
+        let r = self.engine.wait(id, self.comm().deadline());
+        if r.is_err() {
+            self.engine.cancel(&[id]);
+        }
+        r
+    }
+
     /// Sends `data` to `peer` with `tag`; returns once the data has left.
     pub fn send(&self, peer: usize, tag: u64, data: &[u8]) -> Result<()> {
-        self.scope(|s| s.isend(peer, tag, data)?.wait(self.comm().deadline()))
+        let id =
+            self.engine
+                .post_send(peer, tag, smallvec::smallvec![(data.as_ptr(), data.len())])?;
+        self.finish(id).map(|_| ())
     }
 
     /// Sends the concatenation of `blocks` as one message.
@@ -111,7 +124,13 @@ impl<'c> P2p<'c> {
 
     /// Receives the next message with `tag` from `src` into `buf`; returns its length.
     pub fn recv(&self, src: usize, tag: u64, buf: &mut [u8]) -> Result<usize> {
-        self.scope(|s| s.irecv(src, tag, buf)?.wait(self.comm().deadline()))
+        let id = self.engine.post_recv(
+            src,
+            tag,
+            smallvec::smallvec![(buf.as_mut_ptr(), buf.len())],
+            false,
+        )?;
+        self.finish(id).map(|n| n as usize)
     }
 
     /// Receives one message scattered over `blocks` in order; returns its length.

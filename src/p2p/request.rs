@@ -2,7 +2,7 @@
 //! every request it started before it returns, so no buffer is released while the engine
 //! still points at it (even if a request handle is leaked).
 
-use super::engine::{Engine, OpId};
+use super::engine::{Engine, OpId, SendSegs};
 use crate::error::Result;
 use std::marker::PhantomData;
 use std::sync::Mutex;
@@ -56,7 +56,7 @@ impl<'scope, 'env> Scope<'scope, 'env> {
         tag: u64,
         blocks: &[&'scope [u8]],
     ) -> Result<SendRequest<'scope>> {
-        let segs = blocks.iter().map(|b| (b.as_ptr(), b.len())).collect();
+        let segs: SendSegs = blocks.iter().map(|b| (b.as_ptr(), b.len())).collect();
         let id = self.track(self.engine.post_send(peer, tag, segs)?);
         Ok(SendRequest {
             engine: self.engine,

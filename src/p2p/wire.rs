@@ -3,8 +3,11 @@
 
 use crate::error::{Error, Result};
 
-/// Bytes of a chunk header slot in the receiver's window.
+/// Bytes of a chunk header slot in the receiver's window (one cache line).
 pub(crate) const HEADER_LEN: usize = 64;
+/// Chunks up to this many bytes travel inside the header's cache line, not in the slot.
+pub(crate) const INLINE_MAX: usize = 16;
+const INLINE_AT: usize = HEADER_LEN - INLINE_MAX;
 const MAGIC: u64 = u64::from_le_bytes(*b"XCCLCHNK");
 
 /// One chunk of a message on a channel.
@@ -23,15 +26,25 @@ pub(crate) struct ChunkHeader {
 }
 
 impl ChunkHeader {
-    pub fn encode(&self) -> [u8; HEADER_LEN] {
+    /// Encodes the header; `inline` (at most `INLINE_MAX` bytes) rides in the same line.
+    pub fn encode(&self, inline: &[u8]) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
-        for (i, v) in [MAGIC, self.seq, self.tag, self.total, self.offset, self.len]
-            .into_iter()
-            .enumerate()
-        {
+        let words = [MAGIC, self.seq, self.tag, self.total, self.offset, self.len];
+        for (i, v) in words.into_iter().enumerate() {
             b[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
         }
+        b[INLINE_AT..INLINE_AT + inline.len()].copy_from_slice(inline);
         b
+    }
+
+    /// Whether this chunk's bytes ride inside the header.
+    pub fn is_inline(&self) -> bool {
+        self.len as usize <= INLINE_MAX
+    }
+
+    /// The inline bytes of an encoded header (valid when `is_inline`).
+    pub fn inline_bytes<'a>(&self, b: &'a [u8; HEADER_LEN]) -> &'a [u8] {
+        &b[INLINE_AT..INLINE_AT + (self.len as usize).min(INLINE_MAX)]
     }
 
     /// Decodes and checks a header read from the window: magic, the expected chunk index,
@@ -90,15 +103,15 @@ mod tests {
             offset: 40,
             len: 60,
         };
-        assert_eq!(ChunkHeader::decode(&h.encode(), 1, 3, 64).unwrap(), h);
-        assert!(ChunkHeader::decode(&h.encode(), 1, 4, 64).is_err());
-        assert!(ChunkHeader::decode(&h.encode(), 1, 3, 59).is_err());
+        assert_eq!(ChunkHeader::decode(&h.encode(&[]), 1, 3, 64).unwrap(), h);
+        assert!(ChunkHeader::decode(&h.encode(&[]), 1, 4, 64).is_err());
+        assert!(ChunkHeader::decode(&h.encode(&[]), 1, 3, 59).is_err());
         let lie = ChunkHeader {
             offset: u64::MAX,
             ..h
         };
-        assert!(ChunkHeader::decode(&lie.encode(), 1, 3, 64).is_err());
-        let mut garbage = h.encode();
+        assert!(ChunkHeader::decode(&lie.encode(&[]), 1, 3, 64).is_err());
+        let mut garbage = h.encode(&[]);
         garbage[0] ^= 1;
         assert!(ChunkHeader::decode(&garbage, 1, 3, 64).is_err());
     }

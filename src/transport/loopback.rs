@@ -265,15 +265,15 @@ impl Transport for Loopback {
     fn put(&self, peer: usize, win: &Window, offset: usize, data: &[u8]) -> Result<()> {
         let dst = self.remote(peer, win, offset, data.len())?;
         // SAFETY: `dst` is valid for `data.len()` bytes (checked in `remote`); `data` is a
-        // caller slice that cannot alias window memory accessed only through raw pointers.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        // caller slice, possibly of window memory, so the overlap-safe copy is used.
+        unsafe { crate::copy::copy_any(dst, data.as_ptr(), data.len()) };
         Ok(())
     }
 
     fn get(&self, peer: usize, win: &Window, offset: usize, out: &mut [u8]) -> Result<()> {
         let src = self.remote(peer, win, offset, out.len())?;
         // SAFETY: as in `put`, with the direction reversed.
-        unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), out.len()) };
+        unsafe { crate::copy::copy_any(out.as_mut_ptr(), src, out.len()) };
         Ok(())
     }
 

@@ -177,7 +177,7 @@ pub trait Transport: Send + Sync {
         // SAFETY: the range was checked against the window, which is live while registered;
         // a raw copy tolerates concurrent remote writers (the value is then unspecified, which
         // the contract allows: data is defined only after the matching signal).
-        unsafe { std::ptr::copy_nonoverlapping(base.add(offset), out.as_mut_ptr(), out.len()) };
+        unsafe { crate::copy::copy_any(out.as_mut_ptr(), base.add(offset), out.len()) };
         Ok(())
     }
 
@@ -185,9 +185,9 @@ pub trait Transport: Send + Sync {
     fn write_local(&self, win: &Window, offset: usize, data: &[u8]) -> Result<()> {
         check_range(win.len(), offset, data.len())?;
         let base = self.local_base(win)?;
-        // SAFETY: range checked as in `read_local`; `data` cannot overlap window memory that we
-        // write through a raw pointer without holding a reference to it.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), base.add(offset), data.len()) };
+        // SAFETY: range checked as in `read_local`; `data` may be a slice of this very window,
+        // so the overlap-safe copy is used.
+        unsafe { crate::copy::copy_any(base.add(offset), data.as_ptr(), data.len()) };
         Ok(())
     }
 

@@ -318,16 +318,16 @@ impl Transport for ShmTransport {
     fn put(&self, peer: usize, win: &Window, offset: usize, data: &[u8]) -> Result<()> {
         let dst = self.remote(peer, win, offset, data.len())?;
         // SAFETY: `dst` is valid for `data.len()` bytes (`remote`); `data` is caller memory
-        // that may itself be a local window slice, but never the peer's destination range
-        // unless peer == self and the caller passed overlapping ranges, which `copy` handles.
-        unsafe { std::ptr::copy(data.as_ptr(), dst, data.len()) };
+        // that may itself be a local window slice overlapping the destination when
+        // peer == self, which `copy_any` handles.
+        unsafe { crate::copy::copy_any(dst, data.as_ptr(), data.len()) };
         Ok(())
     }
 
     fn get(&self, peer: usize, win: &Window, offset: usize, out: &mut [u8]) -> Result<()> {
         let src = self.remote(peer, win, offset, out.len())?;
         // SAFETY: as in `put`, direction reversed.
-        unsafe { std::ptr::copy(src, out.as_mut_ptr(), out.len()) };
+        unsafe { crate::copy::copy_any(out.as_mut_ptr(), src, out.len()) };
         Ok(())
     }
 

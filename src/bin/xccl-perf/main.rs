@@ -2,9 +2,11 @@
 //! started by `xccl-run`, `mpirun`, `srun`, `torchrun`), runs one primitive over a size sweep,
 //! checks every result and prints an nccl-tests-style table.
 
+mod alltoall;
 mod options;
 mod pingpong;
 mod report;
+mod sendrecv;
 
 use clap::Parser;
 use options::{Cli, Command};
@@ -12,9 +14,7 @@ use xccl::launch::{launch, LaunchSpec};
 
 fn main() {
     let cli = Cli::parse();
-    let common = match &cli.command {
-        Command::Pingpong(a) => &a.common,
-    };
+    let common = cli.command.common();
     let filter = common
         .log
         .clone()
@@ -34,6 +34,7 @@ fn main() {
         let mut spec = LaunchSpec::new(common.ranks, exe, std::env::args_os().skip(1).collect());
         spec.backend = Some(common.backend.clone());
         spec.prefix_output = false;
+        spec.bind = common.bind;
         spec.timeout = Some(std::time::Duration::from_secs_f64(common.timeout));
         match launch(&spec) {
             Ok(outcome) => std::process::exit(outcome.exit_code()),
@@ -46,6 +47,9 @@ fn main() {
 
     let result = match &cli.command {
         Command::Pingpong(a) => pingpong::run(a),
+        Command::Sendrecv(a) => sendrecv::run(&a.common),
+        Command::Alltoall(a) => alltoall::run(&a.common, false),
+        Command::Alltoallv(a) => alltoall::run(&a.common, true),
     };
     if let Err(e) = result {
         eprintln!("xccl-perf: {e}");

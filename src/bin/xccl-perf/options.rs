@@ -14,6 +14,24 @@ pub struct Cli {
 pub enum Command {
     /// put+signal ping-pong between rank pairs (0↔1, 2↔3, ...): one-way latency and bandwidth.
     Pingpong(PingpongArgs),
+    /// Tagged send/recv between rank pairs: one-way latency and streaming bandwidth.
+    Sendrecv(PingpongArgs),
+    /// All-to-all with equal blocks; the size swept is the block each rank sends each peer.
+    Alltoall(PingpongArgs),
+    /// All-to-all-v (MPI-style counts and displacements, equal counts, reversed layout).
+    Alltoallv(PingpongArgs),
+}
+
+impl Command {
+    /// The options every subcommand has.
+    pub fn common(&self) -> &Common {
+        match self {
+            Command::Pingpong(a)
+            | Command::Sendrecv(a)
+            | Command::Alltoall(a)
+            | Command::Alltoallv(a) => &a.common,
+        }
+    }
 }
 
 /// Options every subcommand takes.
@@ -28,9 +46,9 @@ pub struct Common {
     /// Smallest size in bytes (suffixes K, M, G).
     #[arg(short = 'b', long = "minbytes", default_value = "8", value_parser = parse_size)]
     pub min_bytes: usize,
-    /// Largest size in bytes (suffixes K, M, G).
-    #[arg(short = 'e', long = "maxbytes", default_value = "64M", value_parser = parse_size)]
-    pub max_bytes: usize,
+    /// Largest size in bytes (suffixes K, M, G); default 64M, or 1M for all-to-all blocks.
+    #[arg(short = 'e', long = "maxbytes", value_parser = parse_size)]
+    pub max_bytes: Option<usize>,
     /// Size multiplication factor between steps.
     #[arg(short = 'f', long = "stepfactor", default_value_t = 2)]
     pub step_factor: usize,
@@ -52,19 +70,20 @@ pub struct Common {
     /// Give up (every wait and the whole run) after this many seconds.
     #[arg(long, default_value_t = 120.0)]
     pub timeout: f64,
+    /// CPU binding of the ranks it launches: auto (one CPU each when there are enough) or none.
+    #[arg(long, default_value = "auto")]
+    pub bind: xccl::launch::Bind,
     /// Log filter (else XCCL_DEBUG, else warn).
     #[arg(long)]
     pub log: Option<String>,
 }
 
 impl Common {
-    /// The size sweep.
-    pub fn sizes(&self) -> Result<Vec<usize>, String> {
-        if self.min_bytes > self.max_bytes {
-            return Err(format!(
-                "-b {} is larger than -e {}",
-                self.min_bytes, self.max_bytes
-            ));
+    /// The size sweep, up to `-e` or else `default_max`.
+    pub fn sizes(&self, default_max: usize) -> Result<Vec<usize>, String> {
+        let max = self.max_bytes.unwrap_or(default_max);
+        if self.min_bytes > max {
+            return Err(format!("-b {} is larger than -e {max}", self.min_bytes));
         }
         if self.step_factor < 2 {
             return Err("-f must be at least 2".into());
@@ -78,7 +97,7 @@ impl Common {
                 continue;
             }
             match s.checked_mul(self.step_factor) {
-                Some(n) if n <= self.max_bytes => s = n,
+                Some(n) if n <= max => s = n,
                 _ => break,
             }
         }

@@ -205,7 +205,7 @@ fn memcpy_batch(
 
 pub fn run(args: &PingpongArgs) -> Result<()> {
     let c = &args.common;
-    let sizes = c.sizes().map_err(Error::InvalidArgument)?;
+    let sizes = c.sizes(64 << 20).map_err(Error::InvalidArgument)?;
     let timeout = Duration::from_secs_f64(c.timeout);
     let comm = Communicator::builder()
         .backend(c.backend.parse::<Backend>()?)
@@ -325,17 +325,5 @@ pub fn run(args: &PingpongArgs) -> Result<()> {
         }
     }
     comm.barrier()?;
-    if me == 0 {
-        println!("{}", report::footer(&rows));
-        if let Some(path) = &c.json {
-            report::write_json(path, &rows)
-                .map_err(|e| Error::system(format!("writing {}", path.display()), e))?;
-        }
-    }
-    if total_wrong > 0 {
-        return Err(Error::ProtocolViolation(format!(
-            "check failed: {total_wrong} wrong bytes on rank {me}"
-        )));
-    }
-    Ok(())
+    report::finish(me, c, &rows, total_wrong)
 }

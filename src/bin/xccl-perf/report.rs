@@ -167,3 +167,25 @@ pub fn write_json(path: &std::path::Path, rows: &[Row]) -> std::io::Result<()> {
     out.push_str("]\n");
     std::fs::File::create(path)?.write_all(out.as_bytes())
 }
+
+/// Prints the footer and writes the JSON on rank 0; fails on any wrong result.
+pub fn finish(
+    rank: usize,
+    c: &crate::options::Common,
+    rows: &[Row],
+    wrong: u64,
+) -> xccl::Result<()> {
+    if rank == 0 {
+        println!("{}", footer(rows));
+        if let Some(path) = &c.json {
+            write_json(path, rows)
+                .map_err(|e| xccl::Error::system(format!("writing {}", path.display()), e))?;
+        }
+    }
+    if wrong > 0 {
+        return Err(xccl::Error::ProtocolViolation(format!(
+            "check failed: {wrong} wrong bytes on rank {rank}"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! `xccl-perf alltoall` / `alltoallv`: the size swept is the block each rank sends each peer
+//! (itself included); `size` in the table is what one rank sends per call (ranks × block).
+//! Each call is timed on every rank; a call's time is the slowest rank's (times are gathered
+//! after the loop), and the table shows the median over calls. busbw = algbw · (n−1)/n.
+
+use crate::options::Common;
+use crate::report::{self, Row};
+use std::time::{Duration, Instant};
+use xccl::coll::{Coll, ReduceOp};
+use xccl::{Backend, Communicator, Error, Result};
+
+/// The byte that block (src → dst) carries at position k in the checked call.
+fn cell(src: usize, dst: usize, k: usize) -> u8 {
+    (src.wrapping_mul(37) ^ dst.wrapping_mul(101) ^ k.wrapping_mul(13)) as u8
+}
+
+pub fn run(c: &Common, v: bool) -> Result<()> {
+    let sizes = c.sizes(1 << 20).map_err(Error::InvalidArgument)?;
+    let comm = Communicator::builder()
+        .backend(c.backend.parse::<Backend>()?)
+        .timeout(Duration::from_secs_f64(c.timeout))
+        .build()?;
+    let (me, n) = (comm.rank(), comm.world_size());
+    let coll = Coll::new(&comm)?;
+    let op = if v { "alltoallv" } else { "alltoall" };
+    let max = *sizes.iter().max().expect("at least one size");
+    let mut send = vec![0u8; n * max];
+    let mut recv = vec![0u8; n * max];
+    if me == 0 {
+        println!("{}", report::header(op, &c.backend, n));
+        println!("{}", report::columns(false, false));
+        println!("#  size = ranks x block; block = bytes each rank sends each peer");
+    }
+    comm.barrier()?;
+    let mut rows = Vec::new();
+    let mut total_wrong = 0u64;
+    for &block in &sizes {
+        let size = n * block;
+        let iters = c.iters_for(size);
+        let warm = c.warmup_for(iters);
+        let counts = vec![block; n];
+        let sdispls: Vec<usize> = (0..n).map(|j| j * block).collect();
+        // alltoallv receives the blocks in reverse rank order, to exercise displacements.
+        let rdispls: Vec<usize> = (0..n).map(|j| (n - 1 - j) * block).collect();
+        let call = |send: &[u8], recv: &mut [u8]| -> Result<()> {
+            if v {
+                coll.alltoallv_bytes(
+                    &send[..size],
+                    &counts,
+                    &sdispls,
+                    &mut recv[..size],
+                    &counts,
+                    &rdispls,
+                )
+            } else {
+                coll.alltoall(&send[..size], &mut recv[..size])
+            }
+        };
+        let mut times = Vec::with_capacity(iters);
+        for i in 0..warm + iters {
+            let s = Instant::now();
+            call(&send, &mut recv)?;
+            if i >= warm {
+                times.push(s.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        // Slowest rank per call.
+        let mut all = vec![0f64; times.len() * n];
+        coll.allgather(&times, &mut all)?;
+        let mut per_call: Vec<f64> = (0..times.len())
+            .map(|i| (0..n).map(|r| all[r * times.len() + i]).fold(0.0, f64::max))
+            .collect();
+        let mut wrong = [0u64];
+        if !c.no_check {
+            for (d, chunk) in send[..size].chunks_mut(block.max(1)).enumerate().take(n) {
+                for (k, b) in chunk.iter_mut().enumerate() {
+                    *b = cell(me, d, k);
+                }
+            }
+            recv[..size].fill(0);
+            call(&send, &mut recv)?;
+            for (s, &rd) in rdispls.iter().enumerate() {
+                let at = if v { rd } else { s * block };
+                wrong[0] += (0..block)
+                    .filter(|&k| recv[at + k] != cell(s, me, k))
+                    .count() as u64;
+            }
+            coll.allreduce(&mut wrong, ReduceOp::Sum)?;
+        }
+        total_wrong += wrong[0];
+        let (p50, p99, min, max) = report::stats(&mut per_call);
+        let algbw = if p50 > 0.0 {
+            size as f64 / (p50 * 1e3)
+        } else {
+            0.0
+        };
+        let row = Row {
+            op: if v { "alltoallv" } else { "alltoall" },
+            backend: c.backend.clone(),
+            ranks: n,
+            bytes: size,
+            count: size,
+            dtype: "uint8",
+            p50_us: p50,
+            p99_us: p99,
+            min_us: min,
+            max_us: max,
+            algbw,
+            busbw: algbw * (n - 1) as f64 / n as f64,
+            wrong: wrong[0],
+            baseline_us: None,
+            stream_gbps: None,
+        };
+        if me == 0 {
+            println!("{}", report::line(&row));
+        }
+        rows.push(row);
+    }
+    comm.barrier()?;
+    report::finish(me, c, &rows, total_wrong)
+}

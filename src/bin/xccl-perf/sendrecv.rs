@@ -1,0 +1,150 @@
+//! `xccl-perf sendrecv`: tagged send/recv between rank pairs (0↔1, 2↔3, ...): one-way
+//! latency (half the median round trip) and streaming bandwidth (a window of messages, then a
+//! one-byte acknowledgement, like osu_bw). A checked exchange after each size counts wrong
+//! bytes.
+
+use crate::options::Common;
+use crate::report::{self, Row};
+use std::time::{Duration, Instant};
+use xccl::p2p::{P2p, P2pConfig};
+use xccl::{Backend, Communicator, Error, Result};
+
+const WINDOW: usize = 16;
+
+fn pattern(seed: usize, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|k| (k.wrapping_mul(131) ^ seed.wrapping_mul(7919)) as u8)
+        .collect()
+}
+
+/// The page-aligned `len`-byte window of `raw` (which has 4096 bytes of slack).
+fn page_aligned(raw: &mut [u8], len: usize) -> &mut [u8] {
+    let skip = raw.as_ptr().align_offset(4096);
+    &mut raw[skip..skip + len]
+}
+
+pub fn run(c: &Common) -> Result<()> {
+    let sizes = c.sizes(64 << 20).map_err(Error::InvalidArgument)?;
+    let comm = Communicator::builder()
+        .backend(c.backend.parse::<Backend>()?)
+        .timeout(Duration::from_secs_f64(c.timeout))
+        .build()?;
+    let (me, n) = (comm.rank(), comm.world_size());
+    if n < 2 {
+        return Err(Error::InvalidArgument(
+            "sendrecv needs at least 2 ranks (-n 2)".into(),
+        ));
+    }
+    let p2p = P2p::new(&comm, P2pConfig::default())?;
+    let max = *sizes.iter().max().expect("at least one size");
+    let initiator = me % 2 == 0;
+    let partner = if initiator { me + 1 } else { me - 1 };
+    let active = partner < n;
+    // Page-aligned buffers, as the Open MPI benchmark uses (posix_memalign), touched once.
+    let mut sraw = vec![0u8; max + 8192];
+    let mut rraw = vec![1u8; max + 8192];
+    let (sbuf, rbuf) = (page_aligned(&mut sraw, max), page_aligned(&mut rraw, max));
+    sbuf.copy_from_slice(&pattern(me, max));
+    let mut ack = [0u8; 1];
+    if me == 0 {
+        println!("{}", report::header("sendrecv", &c.backend, n));
+        println!("{}", report::columns(true, false));
+    }
+    comm.barrier()?;
+    let mut rows = Vec::new();
+    let mut total_wrong = 0u64;
+    if active {
+        for &size in &sizes {
+            let iters = c.iters_for(size);
+            let warm = c.warmup_for(iters);
+            let mut times = Vec::with_capacity(iters);
+            for i in 0..warm + iters {
+                let s = Instant::now();
+                if initiator {
+                    p2p.send(partner, 1, &sbuf[..size])?;
+                    p2p.recv(partner, 1, &mut rbuf[..size])?;
+                } else {
+                    p2p.recv(partner, 1, &mut rbuf[..size])?;
+                    p2p.send(partner, 1, &sbuf[..size])?;
+                }
+                if i >= warm {
+                    times.push(s.elapsed().as_secs_f64() * 1e6 / 2.0);
+                }
+            }
+            let batches = (iters / WINDOW).max(8);
+            let mut stream = Vec::with_capacity(batches);
+            for i in 0..batches + 1 {
+                let s = Instant::now();
+                if initiator {
+                    p2p.scope(|sc| {
+                        for _ in 0..WINDOW {
+                            let _ = sc.isend(partner, 2, &sbuf[..size])?;
+                        }
+                        Ok(())
+                    })?;
+                    p2p.recv(partner, 3, &mut ack)?;
+                } else {
+                    for _ in 0..WINDOW {
+                        p2p.recv(partner, 2, &mut rbuf[..size])?;
+                    }
+                    p2p.send(partner, 3, &ack)?;
+                }
+                if i >= 1 {
+                    stream.push(s.elapsed().as_secs_f64() * 1e6 / WINDOW as f64);
+                }
+            }
+            // Checked exchange: each side sends a size-specific pattern and checks what it got.
+            let wrong = if c.no_check {
+                0
+            } else {
+                sbuf[..size].copy_from_slice(&pattern(size + me, size));
+                rbuf[..size].fill(0);
+                let got = p2p.sendrecv(partner, 4, &sbuf[..size], partner, 4, &mut rbuf[..size])?;
+                let expect = pattern(size + partner, size);
+                let bad = rbuf[..size]
+                    .iter()
+                    .zip(&expect)
+                    .filter(|(a, b)| a != b)
+                    .count() as u64;
+                bad + (got != size) as u64
+            };
+            total_wrong += wrong;
+            if initiator {
+                let (p50, p99, min, max) = report::stats(&mut times);
+                let s50 = report::stats(&mut stream).0;
+                let gbps = if p50 > 0.0 {
+                    size as f64 / (p50 * 1e3)
+                } else {
+                    0.0
+                };
+                let row = Row {
+                    op: "sendrecv",
+                    backend: c.backend.clone(),
+                    ranks: n,
+                    bytes: size,
+                    count: size,
+                    dtype: "uint8",
+                    p50_us: p50,
+                    p99_us: p99,
+                    min_us: min,
+                    max_us: max,
+                    algbw: gbps,
+                    busbw: gbps,
+                    wrong,
+                    baseline_us: None,
+                    stream_gbps: Some(if s50 > 0.0 {
+                        size as f64 / (s50 * 1e3)
+                    } else {
+                        0.0
+                    }),
+                };
+                if me == 0 {
+                    println!("{}", report::line(&row));
+                }
+                rows.push(row);
+            }
+        }
+    }
+    comm.barrier()?;
+    report::finish(me, c, &rows, total_wrong)
+}
