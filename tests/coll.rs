@@ -180,6 +180,50 @@ fn mismatched_collectives(fabric: Fabric) {
     });
 }
 
+/// The one-copy exchange: blocks land in place, lengths come from the senders, many calls
+/// in a row reuse the two epochs safely, oversize blocks are refused before anything moves.
+fn one_copy_exchange(fabric: Fabric) {
+    for w in WORLDS {
+        run_comms(fabric, w, |comm| {
+            let (me, n) = (comm.rank(), comm.world_size());
+            let mut ex = xccl::coll::Exchange::new(comm, 5000).unwrap();
+            for call in 0..25usize {
+                let count = |s: usize, d: usize| (s * 31 + d * 17 + call * 7) % 5001;
+                let scounts: Vec<usize> = (0..n).map(|d| count(me, d)).collect();
+                let sdispls: Vec<usize> = scounts
+                    .iter()
+                    .scan(0, |a, &c| {
+                        let d = *a;
+                        *a += c;
+                        Some(d)
+                    })
+                    .collect();
+                let send: Vec<u8> = (0..n)
+                    .flat_map(|d| (0..scounts[d]).map(move |k| cell(me, d, k + call)))
+                    .collect();
+                let view = ex.alltoallv(&send, &scounts, &sdispls).unwrap();
+                let expected: Vec<usize> = (0..n).map(|s| count(s, me)).collect();
+                view.expect_counts(&expected).unwrap();
+                for s in 0..n {
+                    let b = view.block(s);
+                    assert!(
+                        b.iter()
+                            .enumerate()
+                            .all(|(k, &x)| x == cell(s, me, k + call)),
+                        "call {call} from {s}"
+                    );
+                }
+            }
+            let too_big = ex.alltoallv(&vec![0u8; 5001 * n], &vec![5001; n], &vec![0; n]);
+            assert!(
+                matches!(too_big, Err(Error::InvalidArgument(_))),
+                "{:?}",
+                too_big.err()
+            );
+        });
+    }
+}
+
 macro_rules! per_fabric {
     ($($name:ident),*) => {
         mod loopback { $( #[test] fn $name() { super::$name(super::Fabric::Loopback) } )* }
@@ -188,6 +232,7 @@ macro_rules! per_fabric {
 }
 
 per_fabric!(
+    one_copy_exchange,
     alltoall_typed,
     alltoallv_edges,
     disagreeing_counts_fail_clearly,

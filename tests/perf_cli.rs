@@ -91,17 +91,34 @@ fn pingpong_prints_a_checked_table_and_json() {
 #[test]
 fn sendrecv_and_alltoall_subcommands_run_checked() {
     let _g = common::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    for (op, ranks, expect_rows) in [("sendrecv", "2", 8), ("alltoall", "3", 8), ("alltoallv", "4", 8)] {
+    for (op, ranks, expect_rows) in [
+        ("sendrecv", "2", 8),
+        ("alltoall", "3", 8),
+        ("alltoallv", "4", 8),
+    ] {
         let json = std::env::temp_dir().join(format!("xccl-perf-{op}-{}.json", std::process::id()));
         let out = perf(
-            &[op, "-n", ranks, "-b", "16", "-e", "2K", "--iters", "50", "--json", json.to_str().unwrap()],
+            &[
+                op,
+                "-n",
+                ranks,
+                "-b",
+                "16",
+                "-e",
+                "2K",
+                "--iters",
+                "50",
+                "--json",
+                json.to_str().unwrap(),
+            ],
             &[],
         );
         let text = String::from_utf8_lossy(&out.stdout);
         eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success(), "{op}: {:?}", out.status);
         assert!(text.contains("# Out of bounds values : 0 OK"), "{op}");
-        let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let rows: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
         std::fs::remove_file(&json).unwrap();
         let rows = rows.as_array().unwrap();
         assert_eq!(rows.len(), expect_rows, "{op}: 16 B .. 2 KiB");

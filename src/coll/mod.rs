@@ -17,8 +17,10 @@
 //! # Ok(()) }
 //! ```
 
+mod exchange;
 mod reduce;
 
+pub use exchange::{Exchange, ExchangeView};
 pub use reduce::{ReduceOp, Reducible};
 
 use crate::error::{Error, Result};

@@ -69,7 +69,7 @@ pub fn columns(stream: bool, baseline: bool) -> String {
     if baseline {
         let _ = write!(s, " {:>14} {:>10}", "memcpy(GB/s)", "vs_memcpy");
     }
-    s.push_str("\n#  time(us) is the median; p99/min/max are in --json");
+    s.push_str("\n#  time(us): median per call (collectives: per-rank mean, slowest rank); p99/min/max in --json");
     s
 }
 

@@ -1,0 +1,198 @@
+//! One-copy all-to-all(v) into a registered receive window: each rank puts its block for
+//! rank j straight from the caller's memory into j's window, at the region reserved for it,
+//! then signals; j reads the blocks in place. This is the memory-semantic data path of
+//! XCCL: no intermediate ring, no copy-out.
+//!
+//! The window holds two epochs (even and odd calls), so a call never overwrites blocks a
+//! peer may still be reading: a rank can write epoch e+2 only after every peer has sent it
+//! epoch e+1, which a peer does only after it stopped reading epoch e (its view of epoch e
+//! borrows the exchange, so it has ended before the next call).
+//!
+//! ```no_run
+//! # fn main() -> xccl::Result<()> {
+//! let comm = xccl::Communicator::from_env()?;
+//! let mut ex = xccl::coll::Exchange::new(&comm, 1 << 20)?; // blocks up to 1 MiB
+//! let n = comm.world_size();
+//! let send = vec![comm.rank() as u8; n * 100];
+//! let counts = vec![100; n];
+//! let displs: Vec<usize> = (0..n).map(|j| j * 100).collect();
+//! let view = ex.alltoallv(&send, &counts, &displs)?;
+//! for src in 0..n {
+//!     assert_eq!(view.block(src), &vec![src as u8; 100][..]);
+//! }
+//! # Ok(()) }
+//! ```
+
+use crate::error::{Error, Result};
+use crate::transport::{Cmp, SignalOp, Window};
+use crate::Communicator;
+
+const PAGE: usize = 4096;
+/// Bytes of one count slot (count, epoch), one cache line each.
+const COUNT_SLOT: usize = 64;
+
+/// A one-copy all-to-all(v) with a registered receive window.
+pub struct Exchange<'c> {
+    comm: &'c Communicator,
+    win: Window,
+    max_block: usize,
+    region: usize,
+    counts_at: usize,
+    sig_base: usize,
+    epoch: u64,
+}
+
+/// The blocks received by one call, read in place from the window.
+pub struct ExchangeView<'a> {
+    ex: &'a Exchange<'a>,
+    parity: usize,
+    counts: Vec<usize>,
+}
+
+impl<'c> Exchange<'c> {
+    /// Collective: registers a receive window for blocks of up to `max_block` bytes from each
+    /// rank (two epochs: `2 × world × max_block` bytes, page-aligned regions).
+    pub fn new(comm: &'c Communicator, max_block: usize) -> Result<Self> {
+        let n = comm.world_size();
+        let region = max_block.div_ceil(PAGE).max(1) * PAGE;
+        let data = region
+            .checked_mul(n)
+            .and_then(|x| x.checked_mul(2))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("exchange of {n} x {max_block} bytes overflows"))
+            })?;
+        let counts = (2 * n * COUNT_SLOT).div_ceil(PAGE) * PAGE;
+        let win = comm.register(data + counts)?;
+        let sig_base = comm.alloc_signals(n)?;
+        Ok(Exchange {
+            comm,
+            win,
+            max_block,
+            region,
+            counts_at: data,
+            sig_base,
+            epoch: 0,
+        })
+    }
+
+    /// Largest block per (source, destination).
+    pub fn max_block(&self) -> usize {
+        self.max_block
+    }
+
+    fn data_off(&self, parity: usize, src: usize) -> usize {
+        (parity * self.comm.world_size() + src) * self.region
+    }
+
+    fn count_off(&self, parity: usize, src: usize) -> usize {
+        self.counts_at + (parity * self.comm.world_size() + src) * COUNT_SLOT
+    }
+
+    /// Collective: sends block j (`scounts[j]` bytes at `sdispls[j]` of `send`) to rank j and
+    /// returns the blocks this rank received, by source. Receivers learn each block's length
+    /// from its sender (MoE dispatch does not know it in advance).
+    pub fn alltoallv(
+        &mut self,
+        send: &[u8],
+        scounts: &[usize],
+        sdispls: &[usize],
+    ) -> Result<ExchangeView<'_>> {
+        let (me, n) = (self.comm.rank(), self.comm.world_size());
+        if scounts.len() != n || sdispls.len() != n {
+            return Err(Error::InvalidArgument(format!(
+                "{} counts and {} displacements for {n} ranks",
+                scounts.len(),
+                sdispls.len()
+            )));
+        }
+        for (j, (&c, &d)) in scounts.iter().zip(sdispls).enumerate() {
+            if c > self.max_block {
+                return Err(Error::InvalidArgument(format!(
+                    "block {j} has {c} bytes, more than the exchange's maximum of {}",
+                    self.max_block
+                )));
+            }
+            if d.checked_add(c).is_none_or(|end| end > send.len()) {
+                return Err(Error::InvalidArgument(format!(
+                    "block {j} (displacement {d}, count {c}) exceeds the send buffer of {}",
+                    send.len()
+                )));
+            }
+        }
+        self.epoch += 1;
+        let epoch = self.epoch;
+        let parity = (epoch % 2) as usize;
+        let t = self.comm.transport();
+        // Put to every rank, starting with the next one so that not everyone hits rank 0 first.
+        for k in 0..n {
+            let dst = (me + k) % n;
+            let block = &send[sdispls[dst]..sdispls[dst] + scounts[dst]];
+            t.put(dst, &self.win, self.data_off(parity, me), block)?;
+            let mut slot = [0u8; 16];
+            slot[..8].copy_from_slice(&(block.len() as u64).to_le_bytes());
+            slot[8..].copy_from_slice(&epoch.to_le_bytes());
+            t.put(dst, &self.win, self.count_off(parity, me), &slot)?;
+            t.signal(dst, self.sig_base + me, SignalOp::Add, 1)?;
+        }
+        let deadline = self.comm.deadline();
+        let mut counts = vec![0usize; n];
+        for (src, count) in counts.iter_mut().enumerate() {
+            t.wait(self.sig_base + src, Cmp::Ge, epoch, deadline)?;
+            let mut slot = [0u8; 16];
+            t.read_local(&self.win, self.count_off(parity, src), &mut slot)?;
+            let c = u64::from_le_bytes(slot[..8].try_into().expect("8 bytes"));
+            let e = u64::from_le_bytes(slot[8..].try_into().expect("8 bytes"));
+            if e != epoch || c > self.max_block as u64 {
+                return Err(Error::ProtocolViolation(format!(
+                    "rank {src} announced {c} bytes for call {e} during call {epoch}"
+                )));
+            }
+            *count = c as usize;
+        }
+        Ok(ExchangeView {
+            ex: self,
+            parity,
+            counts,
+        })
+    }
+}
+
+impl ExchangeView<'_> {
+    /// The block received from `src`, in place in the window.
+    pub fn block(&self, src: usize) -> &[u8] {
+        let off = self.ex.data_off(self.parity, src);
+        // SAFETY: `src`'s block was announced by the signal we waited for; nobody writes this
+        // epoch's region again before this view (which borrows the exchange) is dropped and the
+        // next-but-one call starts (see the module docs). The length was checked against the
+        // region when the count was read.
+        unsafe {
+            self.ex
+                .comm
+                .transport()
+                .local_slice(&self.ex.win, off, self.counts[src])
+        }
+        .expect("checked region")
+    }
+
+    /// Bytes received from each source.
+    pub fn counts(&self) -> &[usize] {
+        &self.counts
+    }
+
+    /// Checks the received counts against what the caller expected (`ConfigMismatch` naming
+    /// the first disagreeing source).
+    pub fn expect_counts(&self, expected: &[usize]) -> Result<()> {
+        match self.counts.iter().zip(expected).position(|(a, b)| a != b) {
+            None if expected.len() == self.counts.len() => Ok(()),
+            None => Err(Error::InvalidArgument(format!(
+                "{} expected counts for {} ranks",
+                expected.len(),
+                self.counts.len()
+            ))),
+            Some(s) => Err(Error::ConfigMismatch(format!(
+                "rank {s} sent {} bytes where {} were expected",
+                self.counts[s], expected[s]
+            ))),
+        }
+    }
+}
