@@ -59,8 +59,8 @@ pub fn run(c: &Common, v: bool) -> Result<()> {
             if let Some(ex) = ex.as_mut() {
                 let view = ex.alltoallv(&send[..size], &counts, &sdispls)?;
                 if copy_out {
-                    for s in 0..n {
-                        let at = if v { rdispls[s] } else { s * block };
+                    for (s, &rd) in rdispls.iter().enumerate() {
+                        let at = if v { rd } else { s * block };
                         recv[at..at + block].copy_from_slice(view.block(s));
                     }
                 }
