@@ -14,6 +14,7 @@ use crate::Communicator;
 use smallvec::SmallVec;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -60,6 +61,9 @@ enum Wake {
     /// The doorbell, which every arrival and credit bumps.
     Doorbell,
 }
+
+/// Polls of the wake word before a wait that reads the clock.
+const QUICK_POLLS: usize = 64;
 
 /// First slice of a focused wait.
 const FOCUS_SLICE: Duration = Duration::from_micros(100);
@@ -157,7 +161,9 @@ pub(crate) struct State {
     ch: Vec<Channel>,
     poisoned: Option<String>,
     /// When a chunk last moved in either direction.
-    last_moved: Instant,
+    /// When the current run of passes that moved nothing began (`None` while chunks move);
+    /// the clock is read only once nothing moves.
+    stalled_since: Option<Instant>,
     /// The last pass left a message in a ring because no receive was posted for it.
     undrained: bool,
 }
@@ -246,8 +252,19 @@ pub(crate) struct Engine<'c> {
     credit_base: usize,
     doorbell: usize,
     hdr_base: usize,
+    /// Offset of the armed-waiter count in the window.
+    armed_at: usize,
+    /// Each rank's copy of the window, where the backend maps it into this process.
+    direct: Vec<Option<*mut u8>>,
     state: Mutex<State>,
 }
+
+// SAFETY: the raw pointers in `direct` point into window mappings that live as long as the
+// engine (it never deregisters its window); they are only used for copies under the state
+// mutex, following the same rules as the transport's own puts.
+unsafe impl Send for Engine<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for Engine<'_> {}
 
 impl<'c> Engine<'c> {
     /// Collective: registers the rings and reserves the counters.
@@ -264,8 +281,12 @@ impl<'c> Engine<'c> {
             .and_then(|x| x.checked_mul(slot_bytes))
             .ok_or_else(|| Error::InvalidArgument(format!("p2p rings of {cfg:?} overflow")))?;
         let hdr_bytes = (n * cfg.slots * HEADER_LEN).div_ceil(PAGE) * PAGE;
-        let win = comm.register(ring_bytes + hdr_bytes)?;
+        // One page more for this rank's count of armed waiters (see `ring_doorbell`).
+        let win = comm.register(ring_bytes + hdr_bytes + PAGE)?;
         let head_base = comm.alloc_signals(2 * n + 1)?;
+        let direct = (0..n)
+            .map(|r| comm.transport().peer_ptr(r, &win))
+            .collect::<Result<Vec<_>>>()?;
         let mut ch = Vec::with_capacity(n);
         ch.resize_with(n, Channel::default);
         Ok(Engine {
@@ -277,12 +298,14 @@ impl<'c> Engine<'c> {
             credit_base: head_base + n,
             doorbell: head_base + 2 * n,
             hdr_base: ring_bytes,
+            armed_at: ring_bytes + hdr_bytes,
+            direct,
             state: Mutex::new(State {
                 ops: OpMap::default(),
                 next_id: 1,
                 ch,
                 poisoned: None,
-                last_moved: Instant::now(),
+                stalled_since: None,
                 undrained: false,
             }),
         })
@@ -299,6 +322,55 @@ impl<'c> Engine<'c> {
         const PIPE_MIN: usize = 16 << 10;
         let spread = (total as usize).div_ceil(self.slots).div_ceil(PAGE) * PAGE;
         spread.clamp(PIPE_MIN.min(self.slot_bytes), self.slot_bytes)
+    }
+
+    /// A put into `peer`'s window: a direct copy where the window is mapped here.
+    fn put(&self, peer: usize, off: usize, data: &[u8]) -> Result<()> {
+        match self.direct[peer] {
+            Some(base) => {
+                debug_assert!(off + data.len() <= self.win.len());
+                // SAFETY: offsets come from `payload_off`/`header_off`, inside the window by
+                // construction; the window stays mapped for the engine's life.
+                unsafe { crate::copy::copy_bytes(base.add(off), data.as_ptr(), data.len()) };
+                Ok(())
+            }
+            None => self.t().put(peer, &self.win, off, data),
+        }
+    }
+
+    /// The count of `rank`'s waiters parked on its doorbell, where its window is mapped here.
+    fn armed(&self, rank: usize) -> Option<&AtomicU64> {
+        // SAFETY: `armed_at` is a page-aligned offset inside the window, which stays mapped
+        // for the engine's life; the word is only ever accessed atomically.
+        self.direct[rank].map(|base| unsafe { &*(base.add(self.armed_at) as *const AtomicU64) })
+    }
+
+    /// Bumps `peer`'s doorbell after a head or credit update, unless `peer` is known to have
+    /// no waiter parked on it (a rank waiting for one source watches that source's head
+    /// instead). Where the peer's window is not mapped here, it always bumps.
+    fn ring_doorbell(&self, peer: usize) -> Result<()> {
+        if let Some(armed) = self.armed(peer) {
+            // SeqCst fence after the head/credit update and before reading the count; its
+            // partner is the fence in `wait` after a waiter arms and before it re-checks.
+            fence(Ordering::SeqCst);
+            if armed.load(Ordering::SeqCst) == 0 {
+                return Ok(());
+            }
+        }
+        self.t().signal(peer, self.doorbell, SignalOp::Add, 1)
+    }
+
+    /// Reads from this rank's own window.
+    fn read_own(&self, off: usize, out: &mut [u8]) -> Result<()> {
+        match self.direct[self.comm.rank()] {
+            Some(base) => {
+                debug_assert!(off + out.len() <= self.win.len());
+                // SAFETY: as in `put`; `out` is engine-local memory.
+                unsafe { crate::copy::copy_bytes(out.as_mut_ptr(), base.add(off), out.len()) };
+                Ok(())
+            }
+            None => self.t().read_local(&self.win, off, out),
+        }
     }
 
     fn payload_off(&self, src: usize, slot: usize) -> usize {
@@ -416,9 +488,14 @@ impl<'c> Engine<'c> {
     /// posted a receive for are left in the ring until nothing has moved for `DRAIN_AFTER`.
     pub(crate) fn progress(&self, st: &mut State) -> Result<()> {
         let r = self.pass(st, false).and_then(|moved| {
-            let stalled = !moved && st.last_moved.elapsed() >= DRAIN_AFTER;
-            if moved || (stalled && self.pass(st, true)?) {
-                st.last_moved = Instant::now();
+            if moved || !st.undrained {
+                st.stalled_since = None;
+            } else {
+                // Only a message parked for want of a receive needs the clock.
+                let since = *st.stalled_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= DRAIN_AFTER && self.pass(st, true)? {
+                    st.stalled_since = None;
+                }
             }
             Ok(())
         });
@@ -475,7 +552,7 @@ impl<'c> Engine<'c> {
                 if h.is_inline() {
                     inline[at..at + piece.len()].copy_from_slice(piece);
                 } else {
-                    t.put(peer, &self.win, self.payload_off(me, slot) + at, piece)?;
+                    self.put(peer, self.payload_off(me, slot) + at, piece)?;
                 }
                 at += piece.len();
             }
@@ -484,14 +561,9 @@ impl<'c> Engine<'c> {
             } else {
                 &[][..]
             };
-            t.put(
-                peer,
-                &self.win,
-                self.header_off(me, slot),
-                &h.encode(inline),
-            )?;
+            self.put(peer, self.header_off(me, slot), &h.encode(inline))?;
             t.signal(peer, self.head_base + me, SignalOp::Add, 1)?;
-            t.signal(peer, self.doorbell, SignalOp::Add, 1)?;
+            self.ring_doorbell(peer)?;
             s.sent += len as u64;
             s.started = true;
             st.ch[peer].sent_chunks += 1;
@@ -521,7 +593,7 @@ impl<'c> Engine<'c> {
             let n = ch.consumed;
             if n - ch.credited >= batch {
                 t.signal(src, self.credit_base + me, SignalOp::Add, n - ch.credited)?;
-                t.signal(src, self.doorbell, SignalOp::Add, 1)?;
+                self.ring_doorbell(src)?;
                 ch.credited = n;
             }
             if t.signal_value(self.head_base + src)? <= n {
@@ -529,7 +601,7 @@ impl<'c> Engine<'c> {
             }
             let slot = (n % self.slots as u64) as usize;
             let mut hb = [0u8; HEADER_LEN];
-            t.read_local(&self.win, self.header_off(src, slot), &mut hb)?;
+            self.read_own(self.header_off(src, slot), &mut hb)?;
             let h = ChunkHeader::decode(&hb, src, n, self.slot_bytes)?;
             // SAFETY: the sender wrote this slot before the head signal we observed and will not
             // write it again before our credit below; the length was checked against the slot.
@@ -676,36 +748,62 @@ impl<'c> Engine<'c> {
     /// Waits until op `id` ends or `deadline` passes, driving every channel meanwhile.
     pub(crate) fn wait(&self, id: OpId, deadline: Instant) -> Result<u64> {
         let t = self.t();
-        let start = Instant::now();
         let mut slice = FOCUS_SLICE;
         loop {
-            // Read the doorbell before progressing, so an arrival during progress is not missed.
-            let seen = t.signal_value(self.doorbell)?;
             let (done, wake) = self.test_inner(id)?;
             if let Some(n) = done {
                 return Ok(n);
             }
-            let (index, value, until) = match wake {
+            let (index, value, until, armed) = match wake {
                 Wake::Focused(index, value) => {
+                    // Poll briefly before anything that reads the clock: most waits for a
+                    // short message end here.
+                    if (0..QUICK_POLLS).any(|_| {
+                        std::hint::spin_loop();
+                        t.signal_value(index).is_ok_and(|v| v > value)
+                    }) {
+                        continue;
+                    }
                     let until = deadline.min(Instant::now() + slice);
                     slice = (slice * 2).min(Duration::from_millis(10));
-                    (index, value, until)
+                    (index, value, until, None)
                 }
-                // With a message parked in a ring, come back in time to drain it.
-                Wake::Drain => (
-                    self.doorbell,
-                    seen,
-                    deadline.min(Instant::now() + DRAIN_AFTER),
-                ),
-                Wake::Doorbell => (self.doorbell, seen, deadline),
+                Wake::Drain | Wake::Doorbell => {
+                    // Arm, so that peers bump the doorbell, then look once more for anything
+                    // that arrived before they could see us armed.
+                    let armed = self.armed(self.comm.rank());
+                    if let Some(a) = armed {
+                        a.fetch_add(1, Ordering::SeqCst);
+                        // Partner: the fence in `ring_doorbell`.
+                        fence(Ordering::SeqCst);
+                    }
+                    let seen = t.signal_value(self.doorbell)?;
+                    let (done, _) = self.test_inner(id)?;
+                    if let Some(n) = done {
+                        if let Some(a) = armed {
+                            a.fetch_sub(1, Ordering::SeqCst);
+                        }
+                        return Ok(n);
+                    }
+                    let until = match wake {
+                        // With a message parked in a ring, come back in time to drain it.
+                        Wake::Drain => deadline.min(Instant::now() + DRAIN_AFTER),
+                        _ => deadline,
+                    };
+                    (self.doorbell, seen, until, armed)
+                }
             };
-            match t.wait(index, Cmp::Gt, value, until) {
+            let r = t.wait(index, Cmp::Gt, value, until);
+            if let Some(a) = armed {
+                a.fetch_sub(1, Ordering::SeqCst);
+            }
+            match r {
                 Ok(_) => slice = FOCUS_SLICE,
                 Err(Error::Timeout { .. }) if until < deadline => {}
                 Err(Error::Timeout { .. }) => {
                     return Err(Error::Timeout {
                         op: format!("point-to-point request {id}"),
-                        waited: start.elapsed(),
+                        waited: self.comm.timeout(),
                     })
                 }
                 Err(e) => return Err(e),

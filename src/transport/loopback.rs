@@ -355,6 +355,11 @@ impl Transport for Loopback {
         self.fabric.regs_cv.notify_all();
     }
 
+    fn peer_ptr(&self, peer: usize, win: &Window) -> Result<Option<*mut u8>> {
+        check_peer(peer, self.fabric.world)?;
+        Ok(Some(self.bufs(win)?[peer].ptr))
+    }
+
     fn local_base(&self, win: &Window) -> Result<*mut u8> {
         Ok(self.bufs(win)?[self.rank].ptr)
     }

@@ -170,6 +170,16 @@ pub trait Transport: Send + Sync {
     /// Backends implement this; users go through the checked accessors below.
     fn local_base(&self, win: &Window) -> Result<*mut u8>;
 
+    /// Start of `peer`'s copy of `win` when this process can load and store it directly
+    /// (shared memory, threads), like `nvshmem_ptr`; `None` for backends that move bytes over
+    /// a network. The pointer stays valid while `win` is registered on this rank. Writing
+    /// through it is a put without the per-call checks: the caller must keep within
+    /// `win.len()` and still publish with a signal.
+    fn peer_ptr(&self, peer: usize, win: &Window) -> Result<Option<*mut u8>> {
+        let _ = (peer, win);
+        Ok(None)
+    }
+
     /// Copies bytes out of this rank's own copy of `win`.
     fn read_local(&self, win: &Window, offset: usize, out: &mut [u8]) -> Result<()> {
         check_range(win.len(), offset, out.len())?;

@@ -393,6 +393,11 @@ impl Transport for ShmTransport {
         tracing::warn!(rank = self.rank, "shm transport aborted");
     }
 
+    fn peer_ptr(&self, peer: usize, win: &Window) -> Result<Option<*mut u8>> {
+        check_peer(peer, self.world)?;
+        Ok(Some(self.segments(win)?[peer].data_ptr()))
+    }
+
     fn local_base(&self, win: &Window) -> Result<*mut u8> {
         Ok(self.segments(win)?[self.rank].data_ptr())
     }
