@@ -2,45 +2,81 @@
 # side_by_side.sh — xccl-perf against the reference programs of ../shared/bench, interleaved in
 # one session (the machine's speed drifts, so only ratios from the same run mean anything).
 #
-#   benches/side_by_side.sh [reps]      (default 5; needs Open MPI and gcc, which it installs)
-#   SHARED_BENCH=path                   where baseline.sh lives (default ../shared/bench)
+#   benches/side_by_side.sh [reps] [sections...]     sections: p2p a2a (default: both), reps 3
+#   SHARED_BENCH=path    where baseline.sh lives (default ../shared/bench)
 #
-# Per repetition it runs: single-thread memcpy (16 MiB), Open MPI's shared-memory ping-pong
-# (mpi_p2p), and `xccl-perf pingpong --baseline`; then it prints each ratio and their medians.
+# p2p: single-thread memcpy (16 MiB), Open MPI's shm ping-pong and streaming bandwidth
+#      (mpi_p2p), `xccl-perf pingpong --baseline` and `xccl-perf sendrecv`.
+# a2a: Open MPI's MPI_Alltoallv (mpi_a2a, blocks 1 KiB / 64 KiB / 1 MiB) and
+#      `xccl-perf alltoallv` at the same blocks, for 2, 4 and 8 ranks.
+# Each repetition runs every program once; the summary gives each ratio per repetition and
+# the median, as "speedup" (> 1: xccl faster) or "fraction" (of a reference bandwidth).
 set -euo pipefail
-REPS=${1:-5}
+REPS=${1:-3}
+shift || true
+SECTIONS=${*:-p2p a2a}
 TOP=$(cd "$(dirname "$0")/.." && pwd)
 SHARED_BENCH=${SHARED_BENCH:-$TOP/../shared/bench}
 OUT=${BENCH_OUT:-/tmp/xccl-baseline}
-# Build the reference programs (baseline.sh builds everything before running a section).
-BENCH_OUT=$OUT QUICK=1 bash "$SHARED_BENCH/baseline.sh" moe-small >/dev/null 2>&1 || true
+# baseline.sh builds every reference program before it runs the (small) section asked for.
+BENCH_OUT=$OUT QUICK=1 NP=2 bash "$SHARED_BENCH/baseline.sh" moe-small >/dev/null 2>&1 || true
 B=$OUT/bin
 [ -x "$B/mpi_p2p" ] || { echo "reference programs missing in $B" >&2; exit 1; }
 (cd "$TOP" && cargo build --release --quiet --bin xccl-perf)
-OMPI="mpirun.openmpi --allow-run-as-root --oversubscribe --mca pml ob1 --mca oob_tcp_if_include lo --mca btl_tcp_if_include lo"
+PERF=$TOP/target/release/xccl-perf
+OMPI="mpirun.openmpi --allow-run-as-root --oversubscribe --mca pml ob1 --mca btl vader,self --mca oob_tcp_if_include lo"
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 for rep in $(seq 1 "$REPS"); do
-  "$B/memcpy_bw" 3 1e9 | awk '$2=="1thread" && $3==16777216 {print $4}' > "$TMP/memcpy.$rep"
-  $OMPI -np 2 --mca btl vader,self "$B/mpi_p2p" ompi_shm 3 0.02 | awk '$1=="mpi_lat" && $3==8 {print $4}' > "$TMP/ompi_lat.$rep"
-  "$TOP/target/release/xccl-perf" pingpong -n 2 --baseline -e 16M --json "$TMP/xccl.$rep.json" > /dev/null
+  for s in $SECTIONS; do
+    case $s in
+      p2p)
+        "$B/memcpy_bw" 3 1e9 > "$TMP/memcpy.$rep"
+        $OMPI -np 2 "$B/mpi_p2p" ompi_shm 3 0.02 > "$TMP/mpi_p2p.$rep"
+        "$PERF" pingpong -n 2 --baseline -e 16M --json "$TMP/pingpong.$rep.json" > /dev/null
+        "$PERF" sendrecv -n 2 -e 16M --json "$TMP/sendrecv.$rep.json" > /dev/null ;;
+      a2a)
+        for P in 2 4 8; do
+          $OMPI -np $P "$B/mpi_a2a" ompi_shm 3 0.05 > "$TMP/mpi_a2a.$P.$rep"
+          "$PERF" alltoallv -n $P -b 1K -e 1M --json "$TMP/a2a.$P.$rep.json" > /dev/null
+        done ;;
+      *) echo "unknown section $s" >&2; exit 2 ;;
+    esac
+  done
 done
-python3 - "$TMP" "$REPS" <<'PY'
-import json, statistics, sys
-tmp, reps = sys.argv[1], int(sys.argv[2])
-lat, bw, bw_in = [], [], []
+python3 - "$TMP" "$REPS" "$SECTIONS" <<'PY'
+import json, os, statistics, sys
+tmp, reps, sections = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
+def lines(path):
+    return [l.split() for l in open(path)] if os.path.exists(path) else []
+def rows(path):
+    return {r["bytes"]: r for r in json.load(open(path))}
+results = {}
+def add(name, rep, value, detail):
+    results.setdefault(name, []).append((rep, value, detail))
 for r in range(1, reps + 1):
-    memcpy = float(open(f"{tmp}/memcpy.{r}").read())
-    ompi = float(open(f"{tmp}/ompi_lat.{r}").read())
-    rows = {row["bytes"]: row for row in json.load(open(f"{tmp}/xccl.{r}.json"))}
-    big = rows[16 << 20]
-    x_lat, x_bw = rows[8]["time_us_p50"], big["put_bw_gbps"]
-    inner = (16 << 20) / (big["baseline_us_p50"] * 1e3)
-    lat.append(x_lat / ompi); bw.append(x_bw / memcpy); bw_in.append(x_bw / inner)
-    print(f"rep {r}: 8 B one-way xccl {x_lat:.3f} us vs Open MPI shm {ompi:.3f} us (x{x_lat/ompi:.2f}); "
-          f"16 MiB put {x_bw:.2f} GB/s vs memcpy_bw {memcpy:.2f} GB/s (x{x_bw/memcpy:.2f}) "
-          f"vs interleaved memcpy {inner:.2f} GB/s (x{x_bw/inner:.2f})")
-print(f"median: 8 B latency xccl/OpenMPI = {statistics.median(lat):.2f} (lower is better); "
-      f"16 MiB put bandwidth xccl/memcpy_bw = {statistics.median(bw):.2f}, "
-      f"xccl/interleaved memcpy = {statistics.median(bw_in):.2f}")
+    if "p2p" in sections:
+        memcpy = {int(l[2]): float(l[3]) for l in lines(f"{tmp}/memcpy.{r}") if l[1] == "1thread"}
+        mlat = {int(l[2]): float(l[3]) for l in lines(f"{tmp}/mpi_p2p.{r}") if l[0] == "mpi_lat"}
+        mbw = {int(l[2]): float(l[3]) for l in lines(f"{tmp}/mpi_p2p.{r}") if l[0] == "mpi_bw"}
+        pp, sr = rows(f"{tmp}/pingpong.{r}.json"), rows(f"{tmp}/sendrecv.{r}.json")
+        big = pp[16 << 20]
+        add("pingpong 8 B latency, speedup vs Open MPI", r, mlat[8] / pp[8]["time_us_p50"], f'{pp[8]["time_us_p50"]:.3f} vs {mlat[8]:.3f} us')
+        add("pingpong 16 MiB put bw, fraction of memcpy_bw", r, big["put_bw_gbps"] / memcpy[16 << 20], f'{big["put_bw_gbps"]:.2f} vs {memcpy[16 << 20]:.2f} GB/s')
+        inner = (16 << 20) / (big["baseline_us_p50"] * 1e3)
+        add("pingpong 16 MiB put bw, fraction of interleaved memcpy", r, big["put_bw_gbps"] / inner, f'{big["put_bw_gbps"]:.2f} vs {inner:.2f} GB/s')
+        add("sendrecv 8 B latency, speedup vs Open MPI", r, mlat[8] / sr[8]["time_us_p50"], f'{sr[8]["time_us_p50"]:.3f} vs {mlat[8]:.3f} us')
+        top = max(mbw)
+        add(f"sendrecv 16 MiB bw vs Open MPI's best streaming bw ({top >> 20} MiB)", r, sr[16 << 20]["put_bw_gbps"] / mbw[top], f'{sr[16 << 20]["put_bw_gbps"]:.2f} vs {mbw[top]:.2f} GB/s')
+    if "a2a" in sections:
+        for P in (2, 4, 8):
+            m = {int(l[4]): float(l[5]) for l in lines(f"{tmp}/mpi_a2a.{P}.{r}") if l[2] == "alltoallv"}
+            x = rows(f"{tmp}/a2a.{P}.{r}.json")
+            for blk in (1024, 65536, 1 << 20):
+                if blk in m and P * blk in x:
+                    t = x[P * blk]["time_us_p50"]
+                    add(f"alltoallv P={P} block {blk >> 10} KiB, speedup vs Open MPI", r, m[blk] / t, f"{t:.2f} vs {m[blk]:.2f} us")
+for name, vals in results.items():
+    per = "; ".join(f"rep {r}: x{v:.2f} ({d})" for r, v, d in vals)
+    print(f"{name}: median x{statistics.median(v for _, v, _ in vals):.2f}   [{per}]")
 PY

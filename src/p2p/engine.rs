@@ -7,7 +7,7 @@
 //! is drained into an unexpected-message buffer, so the sender never stalls on a receiver that
 //! is busy sending (no deadlock when both directions run at once).
 
-use super::wire::{ChunkHeader, HEADER_LEN, INLINE_MAX};
+use super::wire::{ChunkHeader, HEADER_LEN, INLINE_MAX, MARKER_LEN};
 use crate::error::{Error, Result};
 use crate::transport::{Cmp, SignalOp, Transport, Window};
 use crate::Communicator;
@@ -51,10 +51,10 @@ type OpMap = HashMap<OpId, Op, BuildHasherDefault<IdHasher>>;
 
 /// What a waiting op sleeps on.
 enum Wake {
-    /// The head counter of one source, at this value: the engine's only op is a receive, so
-    /// one cache line is all there is to watch. The wait comes back after a slice (growing
-    /// while nothing happens) to progress every channel, so other ranks' traffic is never
-    /// left waiting long.
+    /// One source's next chunk (source, chunks consumed so far): the engine's only op is a
+    /// receive, so one cache line is all there is to watch (the chunk's header marker, or
+    /// the source's head counter). The wait comes back after a slice (growing while nothing
+    /// happens) to progress every channel, so other ranks' traffic is never left waiting.
     Focused(usize, u64),
     /// The doorbell, briefly: a message is parked in a ring and may need draining.
     Drain,
@@ -360,6 +360,37 @@ impl<'c> Engine<'c> {
         self.t().signal(peer, self.doorbell, SignalOp::Add, 1)
     }
 
+    /// Writes a chunk header. Where the window is mapped here, the body goes first and the
+    /// arrival marker last with Release, so a receiver polling the marker (Acquire, in
+    /// `arrived`) sees a complete header without waiting for the head signal.
+    fn put_header(&self, peer: usize, off: usize, bytes: &[u8; HEADER_LEN]) -> Result<()> {
+        match self.direct[peer] {
+            Some(base) => {
+                self.put(peer, off + MARKER_LEN, &bytes[MARKER_LEN..])?;
+                let marker = u64::from_le_bytes(bytes[..MARKER_LEN].try_into().expect("8 bytes"));
+                // SAFETY: `off` is a header slot (64-byte aligned, inside the window).
+                unsafe { &*(base.add(off) as *const AtomicU64) }.store(marker, Ordering::Release);
+                Ok(())
+            }
+            None => self.put(peer, off, bytes),
+        }
+    }
+
+    /// Whether chunk `n` from `src` has arrived in this rank's ring: its header's marker where
+    /// the window is mapped here (one cache line to watch), else the head counter.
+    fn arrived(&self, src: usize, n: u64) -> Result<bool> {
+        match self.direct[self.comm.rank()] {
+            Some(base) => {
+                let off = self.header_off(src, (n % self.slots as u64) as usize);
+                // SAFETY: a header slot inside the mapped window; accessed atomically.
+                // Acquire: partner of the Release store in `put_header`.
+                let m = unsafe { &*(base.add(off) as *const AtomicU64) }.load(Ordering::Acquire);
+                Ok(m == n + 1)
+            }
+            None => Ok(self.t().signal_value(self.head_base + src)? > n),
+        }
+    }
+
     /// Reads from this rank's own window.
     fn read_own(&self, off: usize, out: &mut [u8]) -> Result<()> {
         match self.direct[self.comm.rank()] {
@@ -561,7 +592,7 @@ impl<'c> Engine<'c> {
             } else {
                 &[][..]
             };
-            self.put(peer, self.header_off(me, slot), &h.encode(inline))?;
+            self.put_header(peer, self.header_off(me, slot), &h.encode(inline))?;
             t.signal(peer, self.head_base + me, SignalOp::Add, 1)?;
             self.ring_doorbell(peer)?;
             s.sent += len as u64;
@@ -596,7 +627,7 @@ impl<'c> Engine<'c> {
                 self.ring_doorbell(src)?;
                 ch.credited = n;
             }
-            if t.signal_value(self.head_base + src)? <= n {
+            if !self.arrived(src, n)? {
                 return Ok(moved);
             }
             let slot = (n % self.slots as u64) as usize;
@@ -713,9 +744,7 @@ impl<'c> Engine<'c> {
             Some(Op {
                 kind: Kind::Recv(r),
                 state: OpState::Pending,
-            }) if st.ops.len() == 1 && !st.undrained => {
-                Wake::Focused(self.head_base + r.src, st.ch[r.src].consumed)
-            }
+            }) if st.ops.len() == 1 && !st.undrained => Wake::Focused(r.src, st.ch[r.src].consumed),
             _ if st.undrained => Wake::Drain,
             _ => Wake::Doorbell,
         };
@@ -747,6 +776,18 @@ impl<'c> Engine<'c> {
 
     /// Waits until op `id` ends or `deadline` passes, driving every channel meanwhile.
     pub(crate) fn wait(&self, id: OpId, deadline: Instant) -> Result<u64> {
+        self.wait_inner(id, Some(deadline))
+    }
+
+    /// Waits with the communicator's timeout, starting the clock only if the op does not
+    /// complete at once (a blocking call on a short message reads no clock at all).
+    pub(crate) fn wait_default(&self, id: OpId) -> Result<u64> {
+        self.wait_inner(id, None)
+    }
+
+    fn wait_inner(&self, id: OpId, deadline: Option<Instant>) -> Result<u64> {
+        let mut fixed = deadline;
+        let mut deadline = || *fixed.get_or_insert_with(|| self.comm.deadline());
         let t = self.t();
         let mut slice = FOCUS_SLICE;
         loop {
@@ -755,16 +796,17 @@ impl<'c> Engine<'c> {
                 return Ok(n);
             }
             let (index, value, until, armed) = match wake {
-                Wake::Focused(index, value) => {
+                Wake::Focused(src, consumed) => {
                     // Poll briefly before anything that reads the clock: most waits for a
                     // short message end here.
                     if (0..QUICK_POLLS).any(|_| {
                         std::hint::spin_loop();
-                        t.signal_value(index).is_ok_and(|v| v > value)
+                        self.arrived(src, consumed).unwrap_or(true)
                     }) {
                         continue;
                     }
-                    let until = deadline.min(Instant::now() + slice);
+                    let (index, value) = (self.head_base + src, consumed);
+                    let until = deadline().min(Instant::now() + slice);
                     slice = (slice * 2).min(Duration::from_millis(10));
                     (index, value, until, None)
                 }
@@ -787,8 +829,8 @@ impl<'c> Engine<'c> {
                     }
                     let until = match wake {
                         // With a message parked in a ring, come back in time to drain it.
-                        Wake::Drain => deadline.min(Instant::now() + DRAIN_AFTER),
-                        _ => deadline,
+                        Wake::Drain => deadline().min(Instant::now() + DRAIN_AFTER),
+                        _ => deadline(),
                     };
                     (self.doorbell, seen, until, armed)
                 }
@@ -799,7 +841,7 @@ impl<'c> Engine<'c> {
             }
             match r {
                 Ok(_) => slice = FOCUS_SLICE,
-                Err(Error::Timeout { .. }) if until < deadline => {}
+                Err(Error::Timeout { .. }) if until < deadline() => {}
                 Err(Error::Timeout { .. }) => {
                     return Err(Error::Timeout {
                         op: format!("point-to-point request {id}"),

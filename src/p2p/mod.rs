@@ -102,7 +102,7 @@ impl<'c> P2p<'c> {
     /// Completes one op started by a blocking call; on failure it is cancelled, so the
     /// buffer the caller lends is never referenced after the call returns.
     fn finish(&self, id: engine::OpId) -> Result<u64> {
-        let r = self.engine.wait(id, self.comm().deadline());
+        let r = self.engine.wait_default(id);
         if r.is_err() {
             self.engine.cancel(&[id]);
         }

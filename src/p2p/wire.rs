@@ -9,6 +9,9 @@ pub(crate) const HEADER_LEN: usize = 64;
 pub(crate) const INLINE_MAX: usize = 16;
 const INLINE_AT: usize = HEADER_LEN - INLINE_MAX;
 const MAGIC: u64 = u64::from_le_bytes(*b"XCCLCHNK");
+/// Bytes of the arrival marker at the start of the header (chunk index + 1, so zeroed memory
+/// reads as "nothing yet"); written last, with Release, where the window is mapped directly.
+pub(crate) const MARKER_LEN: usize = 8;
 
 /// One chunk of a message on a channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,7 +32,14 @@ impl ChunkHeader {
     /// Encodes the header; `inline` (at most `INLINE_MAX` bytes) rides in the same line.
     pub fn encode(&self, inline: &[u8]) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
-        let words = [MAGIC, self.seq, self.tag, self.total, self.offset, self.len];
+        let words = [
+            self.seq + 1,
+            MAGIC,
+            self.tag,
+            self.total,
+            self.offset,
+            self.len,
+        ];
         for (i, v) in words.into_iter().enumerate() {
             b[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
         }
@@ -61,11 +71,11 @@ impl ChunkHeader {
                 "chunk {expect_seq} from rank {src}: {what}"
             )))
         };
-        if w(0) != MAGIC {
-            return bad(format!("bad magic {:#x}", w(0)));
+        if w(1) != MAGIC {
+            return bad(format!("bad magic {:#x}", w(1)));
         }
         let h = ChunkHeader {
-            seq: w(1),
+            seq: w(0).wrapping_sub(1),
             tag: w(2),
             total: w(3),
             offset: w(4),
@@ -112,7 +122,7 @@ mod tests {
         };
         assert!(ChunkHeader::decode(&lie.encode(&[]), 1, 3, 64).is_err());
         let mut garbage = h.encode(&[]);
-        garbage[0] ^= 1;
+        garbage[8] ^= 1;
         assert!(ChunkHeader::decode(&garbage, 1, 3, 64).is_err());
     }
 }

@@ -252,13 +252,16 @@ pub fn run(args: &PingpongArgs) -> Result<()> {
                 pair.fill(size, 0)?;
             }
             let mut times = Vec::with_capacity(iters);
+            // One clock read per round trip: each sample ends where the next begins.
+            let mut last = Instant::now();
             for i in 0..warm + iters {
                 if initiator {
-                    let s = Instant::now();
                     pair.ping(size)?;
+                    let now = Instant::now();
                     if i >= warm {
-                        times.push(s.elapsed().as_secs_f64() * 1e6 / 2.0);
+                        times.push((now - last).as_secs_f64() * 1e6 / 2.0);
                     }
+                    last = now;
                 } else {
                     pair.pong(size)?;
                 }
