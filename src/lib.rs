@@ -25,6 +25,7 @@ mod comm;
 pub mod copy;
 mod error;
 pub mod launch;
+pub mod moe;
 pub mod p2p;
 pub mod transport;
 

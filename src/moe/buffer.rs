@@ -1,0 +1,424 @@
+//! The MoE communication buffer: one registered window sized once from [`MoeConfig`], and
+//! normal-mode dispatch and combine over it.
+//!
+//! Dispatch puts each token row straight from the caller's input into the window of every
+//! rank that holds one of its experts — once per destination rank, however many of that
+//! rank's experts chose it — with a small metadata record (source token, the rank's chosen
+//! experts and their weights). Rows land grouped by source rank, in token order. Combine
+//! sends one row per (token, expert rank) back to the token's home, already reduced over that
+//! rank's experts; the home sums the rows in f32 in rank order, so the result is the same bits
+//! on every run, and writes the configured dtype.
+//!
+//! The window holds two epochs of each region (even and odd calls), for the reason given in
+//! [`crate::coll::Exchange`]: a rank can write call e+2 only after every peer has sent it
+//! call e+1, which a peer does only after it has stopped reading call e.
+
+use super::config::MoeConfig;
+use super::layout::{dispatch_layout, Layout};
+use crate::error::{Error, Result};
+use crate::transport::{Cmp, SignalOp, Window};
+use crate::Communicator;
+
+const LINE: usize = 64;
+
+fn round_line(n: usize) -> usize {
+    n.div_ceil(LINE) * LINE
+}
+
+/// A dispatched row as the receiving rank sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecvRow<'a> {
+    /// Home rank of the token.
+    pub src_rank: usize,
+    /// The token's index on its home rank.
+    pub src_token: usize,
+    /// This rank's experts that the token chose, with their gate weights, in top-k order.
+    pub experts: Vec<(usize, f32)>,
+    /// The token's row (`hidden` elements of the configured dtype).
+    pub data: &'a [u8],
+}
+
+/// MoE dispatch/combine state of one rank.
+pub struct MoeBuffer<'c> {
+    comm: &'c Communicator,
+    cfg: MoeConfig,
+    placement: Vec<usize>,
+    win: Window,
+    meta: usize,
+    rec: usize,
+    crow: usize,
+    half: usize,
+    disp_at: usize,
+    comb_at: usize,
+    counts_at: usize,
+    sig_disp: usize,
+    sig_comb: usize,
+    disp_epoch: u64,
+    comb_epoch: u64,
+    /// Per destination rank: tokens sent to it by the last dispatch, in order.
+    sent: Vec<Vec<u32>>,
+    /// Rows received from each source by the last dispatch.
+    recv_counts: Vec<usize>,
+    /// Tokens of the last dispatch.
+    tokens: usize,
+    /// Reused scratch: one metadata record, and the f32 sums of combine.
+    meta_buf: Vec<u8>,
+    acc: Vec<f32>,
+}
+
+/// Rows received by the last dispatch, read in place.
+pub struct DispatchView<'a> {
+    buf: &'a MoeBuffer<'a>,
+}
+
+impl<'c> MoeBuffer<'c> {
+    /// Collective: checks the configuration and registers the window (two epochs of
+    /// `world × max_tokens` dispatch records and combine rows).
+    pub fn new(comm: &'c Communicator, cfg: MoeConfig) -> Result<Self> {
+        let n = comm.world_size();
+        let placement = cfg.placement_for(n)?;
+        let meta = round_line(8 + 8 * cfg.topk);
+        let rec = meta + round_line(cfg.row_bytes());
+        let crow = round_line(cfg.row_bytes());
+        let bytes = |per: usize| {
+            n.checked_mul(cfg.max_tokens.max(1))
+                .and_then(|x| x.checked_mul(per))
+                .ok_or_else(|| Error::InvalidArgument(format!("MoE buffer for {cfg:?} overflows")))
+        };
+        let disp = bytes(rec)?;
+        let comb = bytes(crow)?;
+        let counts = 2 * n * LINE;
+        let half = disp + comb + counts;
+        let win = comm.register(2 * half)?;
+        let sig_disp = comm.alloc_signals(2 * n)?;
+        Ok(MoeBuffer {
+            comm,
+            placement,
+            win,
+            meta,
+            rec,
+            crow,
+            half,
+            disp_at: 0,
+            comb_at: disp,
+            counts_at: disp + comb,
+            sig_disp,
+            sig_comb: sig_disp + n,
+            disp_epoch: 0,
+            comb_epoch: 0,
+            sent: vec![Vec::with_capacity(cfg.max_tokens); n],
+            recv_counts: vec![0; n],
+            tokens: 0,
+            meta_buf: vec![0; meta],
+            acc: Vec::with_capacity(cfg.max_tokens * cfg.hidden),
+            cfg,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MoeConfig {
+        &self.cfg
+    }
+
+    fn disp_off(&self, epoch: u64, src: usize, i: usize) -> usize {
+        (epoch % 2) as usize * self.half + self.disp_at + (src * self.cfg.max_tokens + i) * self.rec
+    }
+
+    fn comb_off(&self, epoch: u64, src: usize, i: usize) -> usize {
+        (epoch % 2) as usize * self.half
+            + self.comb_at
+            + (src * self.cfg.max_tokens + i) * self.crow
+    }
+
+    fn count_off(&self, epoch: u64, kind: usize, src: usize) -> usize {
+        (epoch % 2) as usize * self.half
+            + self.counts_at
+            + (kind * self.comm.world_size() + src) * LINE
+    }
+
+    /// Puts the (count, epoch) slot and the signal that publishes everything before it.
+    fn announce(
+        &self,
+        dst: usize,
+        kind: usize,
+        count: usize,
+        epoch: u64,
+        sig: usize,
+    ) -> Result<()> {
+        let t = self.comm.transport();
+        let mut slot = [0u8; 16];
+        slot[..8].copy_from_slice(&(count as u64).to_le_bytes());
+        slot[8..].copy_from_slice(&epoch.to_le_bytes());
+        t.put(
+            dst,
+            &self.win,
+            self.count_off(epoch, kind, self.comm.rank()),
+            &slot,
+        )?;
+        t.signal(dst, sig + self.comm.rank(), SignalOp::Add, 1)
+    }
+
+    /// Waits for `src`'s announcement of `epoch` and returns its count (checked).
+    fn collect(&self, src: usize, kind: usize, epoch: u64, sig: usize) -> Result<usize> {
+        let t = self.comm.transport();
+        t.wait(sig + src, Cmp::Ge, epoch, self.comm.deadline())?;
+        let mut slot = [0u8; 16];
+        t.read_local(&self.win, self.count_off(epoch, kind, src), &mut slot)?;
+        let count = u64::from_le_bytes(slot[..8].try_into().expect("8 bytes"));
+        let e = u64::from_le_bytes(slot[8..].try_into().expect("8 bytes"));
+        if e != epoch || count > self.cfg.max_tokens as u64 {
+            return Err(Error::ProtocolViolation(format!(
+                "rank {src} announced {count} rows for call {e} during call {epoch}"
+            )));
+        }
+        Ok(count as usize)
+    }
+
+    /// Collective: dispatches `T` tokens. `x` holds `T` rows of the configured dtype,
+    /// `topk_idx` and `topk_weights` `T × top-k` entries (`-1` = no expert). Every argument
+    /// is checked before anything is sent; a rank with no tokens still takes part.
+    pub fn dispatch(
+        &mut self,
+        x: &[u8],
+        topk_idx: &[i64],
+        topk_weights: &[f32],
+    ) -> Result<DispatchView<'_>> {
+        let (me, n) = (self.comm.rank(), self.comm.world_size());
+        let k = self.cfg.topk;
+        let layout: Layout = dispatch_layout(topk_idx, k, &self.placement, n)?;
+        let tokens = topk_idx.len() / k;
+        if tokens > self.cfg.max_tokens {
+            return Err(Error::InvalidArgument(format!(
+                "{tokens} tokens exceed the configured maximum of {}",
+                self.cfg.max_tokens
+            )));
+        }
+        if x.len() != tokens * self.cfg.row_bytes() {
+            return Err(Error::InvalidArgument(format!(
+                "x has {} bytes; {tokens} tokens x hidden {} x {:?} need {}",
+                x.len(),
+                self.cfg.hidden,
+                self.cfg.dtype,
+                tokens * self.cfg.row_bytes()
+            )));
+        }
+        if topk_weights.len() != topk_idx.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} weights for {} expert choices",
+                topk_weights.len(),
+                topk_idx.len()
+            )));
+        }
+        if let Some(i) =
+            (0..topk_idx.len()).find(|&i| topk_idx[i] >= 0 && !topk_weights[i].is_finite())
+        {
+            return Err(Error::InvalidArgument(format!(
+                "token {} has weight {} for expert {}",
+                i / k,
+                topk_weights[i],
+                topk_idx[i]
+            )));
+        }
+        self.disp_epoch += 1;
+        let epoch = self.disp_epoch;
+        self.tokens = tokens;
+        let t = self.comm.transport();
+        let row_bytes = self.cfg.row_bytes();
+        for step in 0..n {
+            let dst = (me + step) % n;
+            self.sent[dst].clear();
+            for tok in (0..tokens).filter(|&tok| layout.in_rank(tok, dst)) {
+                let i = self.sent[dst].len();
+                let meta = &mut self.meta_buf;
+                meta.fill(0);
+                meta[..4].copy_from_slice(&(tok as u32).to_le_bytes());
+                let mut local = 0usize;
+                for j in 0..k {
+                    let e = topk_idx[tok * k + j];
+                    if e >= 0 && self.placement[e as usize] == dst {
+                        let at = 8 + 8 * local;
+                        meta[at..at + 4].copy_from_slice(&(e as i32).to_le_bytes());
+                        meta[at + 4..at + 8]
+                            .copy_from_slice(&topk_weights[tok * k + j].to_le_bytes());
+                        local += 1;
+                    }
+                }
+                meta[4..8].copy_from_slice(&(local as u32).to_le_bytes());
+                let off = self.disp_off(epoch, me, i);
+                t.put(dst, &self.win, off, &self.meta_buf)?;
+                t.put(
+                    dst,
+                    &self.win,
+                    off + self.meta,
+                    &x[tok * row_bytes..(tok + 1) * row_bytes],
+                )?;
+                self.sent[dst].push(tok as u32);
+            }
+            self.announce(dst, 0, self.sent[dst].len(), epoch, self.sig_disp)?;
+        }
+        for src in 0..n {
+            self.recv_counts[src] = self.collect(src, 0, epoch, self.sig_disp)?;
+        }
+        Ok(DispatchView { buf: self })
+    }
+
+    /// Collective, after a dispatch: `reduced` holds one row per received row (sources in
+    /// rank order, rows in arrival order), already reduced over this rank's experts. Each
+    /// goes back to its home; `out` (`T` rows of the dtype) receives, per token, the sum over
+    /// the ranks it went to, added in f32 in rank order. Tokens that chose no expert get 0.
+    pub fn combine(&mut self, reduced: &[u8], out: &mut [u8]) -> Result<()> {
+        let (me, n) = (self.comm.rank(), self.comm.world_size());
+        let row_bytes = self.cfg.row_bytes();
+        let received: usize = self.recv_counts.iter().sum();
+        if reduced.len() != received * row_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "combine got {} bytes for {received} received rows of {row_bytes}",
+                reduced.len()
+            )));
+        }
+        if out.len() != self.tokens * row_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "combine output has {} bytes; the last dispatch had {} tokens of {row_bytes}",
+                out.len(),
+                self.tokens
+            )));
+        }
+        self.comb_epoch += 1;
+        let epoch = self.comb_epoch;
+        let t = self.comm.transport();
+        let mut base = 0;
+        let starts: Vec<usize> = self
+            .recv_counts
+            .iter()
+            .map(|&c| {
+                let s = base;
+                base += c;
+                s
+            })
+            .collect();
+        for step in 0..n {
+            let src = (me + step) % n;
+            for i in 0..self.recv_counts[src] {
+                let row =
+                    &reduced[(starts[src] + i) * row_bytes..(starts[src] + i + 1) * row_bytes];
+                t.put(src, &self.win, self.comb_off(epoch, me, i), row)?;
+            }
+            self.announce(src, 1, self.recv_counts[src], epoch, self.sig_comb)?;
+        }
+        let hidden = self.cfg.hidden;
+        self.acc.clear();
+        self.acc.resize(self.tokens * hidden, 0.0);
+        for r in 0..n {
+            let count = self.collect(r, 1, epoch, self.sig_comb)?;
+            if count != self.sent[r].len() {
+                return Err(Error::ProtocolViolation(format!(
+                    "rank {r} returned {count} rows for the {} tokens sent to it",
+                    self.sent[r].len()
+                )));
+            }
+            for (i, &tok) in self.sent[r].iter().enumerate() {
+                // SAFETY: the row was announced by the signal `collect` waited for and is not
+                // written again before the next-but-one combine (see the module docs).
+                let row =
+                    unsafe { t.local_slice(&self.win, self.comb_off(epoch, r, i), row_bytes)? };
+                let acc = &mut self.acc[tok as usize * hidden..(tok as usize + 1) * hidden];
+                for (h, a) in acc.iter_mut().enumerate() {
+                    *a += self.cfg.dtype.load(row, h);
+                }
+            }
+        }
+        for (tok, row) in out.chunks_mut(row_bytes).enumerate() {
+            for h in 0..hidden {
+                self.cfg.dtype.store(row, h, self.acc[tok * hidden + h]);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DispatchView<'_> {
+    /// Rows received from each source rank.
+    pub fn counts(&self) -> &[usize] {
+        &self.buf.recv_counts
+    }
+
+    /// Rows received in all.
+    pub fn len(&self) -> usize {
+        self.buf.recv_counts.iter().sum()
+    }
+
+    /// True when nothing was received.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Row `i` from `src`, its metadata checked (it comes from another process).
+    pub fn row(&self, src: usize, i: usize) -> Result<RecvRow<'_>> {
+        let b = self.buf;
+        if src >= b.comm.world_size() || i >= b.recv_counts[src] {
+            return Err(Error::InvalidArgument(format!(
+                "no row {i} from rank {src}"
+            )));
+        }
+        let t = b.comm.transport();
+        let off = b.disp_off(b.disp_epoch, src, i);
+        // SAFETY: announced by the signal the dispatch waited for; not rewritten before the
+        // next-but-one dispatch, which cannot start while this view borrows the buffer.
+        let meta = unsafe { t.local_slice(&b.win, off, b.meta)? };
+        let data = unsafe { t.local_slice(&b.win, off + b.meta, b.cfg.row_bytes())? };
+        let word = |at: usize| u32::from_le_bytes(meta[at..at + 4].try_into().expect("4 bytes"));
+        let (src_token, local) = (word(0) as usize, word(4) as usize);
+        let me = b.comm.rank();
+        if local == 0 || local > b.cfg.topk || src_token >= b.cfg.max_tokens {
+            return Err(Error::ProtocolViolation(format!(
+                "row {i} from rank {src}: token {src_token} with {local} local experts"
+            )));
+        }
+        let mut experts = Vec::with_capacity(local);
+        for j in 0..local {
+            let e = word(8 + 8 * j) as i32;
+            let w = f32::from_le_bytes(meta[12 + 8 * j..16 + 8 * j].try_into().expect("4 bytes"));
+            if e < 0
+                || e as usize >= b.cfg.experts
+                || b.placement[e as usize] != me
+                || !w.is_finite()
+            {
+                return Err(Error::ProtocolViolation(format!(
+                    "row {i} from rank {src}: expert {e} (weight {w}) is not one of this rank's"
+                )));
+            }
+            experts.push((e as usize, w));
+        }
+        Ok(RecvRow {
+            src_rank: src,
+            src_token,
+            experts,
+            data,
+        })
+    }
+
+    /// Every received row, sources in rank order.
+    pub fn rows(&self) -> Result<Vec<RecvRow<'_>>> {
+        (0..self.buf.comm.world_size())
+            .flat_map(|s| (0..self.buf.recv_counts[s]).map(move |i| (s, i)))
+            .map(|(s, i)| self.row(s, i))
+            .collect()
+    }
+
+    /// Received tokens per local expert (this rank's experts in id order).
+    pub fn tokens_per_local_expert(&self) -> Result<Vec<(usize, usize)>> {
+        let me = self.buf.comm.rank();
+        let mut counts: Vec<(usize, usize)> = (0..self.buf.cfg.experts)
+            .filter(|&e| self.buf.placement[e] == me)
+            .map(|e| (e, 0))
+            .collect();
+        for row in self.rows()? {
+            for (e, _) in row.experts {
+                if let Some(c) = counts.iter_mut().find(|(x, _)| *x == e) {
+                    c.1 += 1;
+                }
+            }
+        }
+        Ok(counts)
+    }
+}

@@ -1,0 +1,95 @@
+//! Dispatch layout, as DeepEP's `get_dispatch_layout`: tokens per rank, tokens per expert and
+//! `is_token_in_rank`, from `topk_idx [T, k]` (`-1` = no expert).
+
+use crate::error::{Error, Result};
+
+/// Where each token goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// Tokens sent to each rank (a token counts once per rank, however many of its experts
+    /// that rank holds).
+    pub tokens_per_rank: Vec<usize>,
+    /// Tokens choosing each expert.
+    pub tokens_per_expert: Vec<usize>,
+    /// Row-major `[tokens, ranks]`.
+    pub is_token_in_rank: Vec<bool>,
+    /// Number of ranks (row length of `is_token_in_rank`).
+    pub ranks: usize,
+}
+
+impl Layout {
+    /// Whether token `t` goes to rank `r`.
+    pub fn in_rank(&self, t: usize, r: usize) -> bool {
+        self.is_token_in_rank[t * self.ranks + r]
+    }
+}
+
+/// Computes the layout, checking every expert id (`-1` or `0..experts`) and that no token
+/// names an expert twice.
+pub fn dispatch_layout(
+    topk_idx: &[i64],
+    topk: usize,
+    placement: &[usize],
+    ranks: usize,
+) -> Result<Layout> {
+    let experts = placement.len();
+    if topk == 0 || topk_idx.len() % topk != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "topk_idx has {} entries, not a multiple of top-k {topk}",
+            topk_idx.len()
+        )));
+    }
+    let tokens = topk_idx.len() / topk;
+    let mut l = Layout {
+        tokens_per_rank: vec![0; ranks],
+        tokens_per_expert: vec![0; experts],
+        is_token_in_rank: vec![false; tokens * ranks],
+        ranks,
+    };
+    for (t, row) in topk_idx.chunks(topk).enumerate() {
+        for (j, &e) in row.iter().enumerate() {
+            if e == -1 {
+                continue;
+            }
+            if e < 0 || e as usize >= experts {
+                return Err(Error::InvalidArgument(format!(
+                    "token {t}: expert id {e} is outside -1..{experts}"
+                )));
+            }
+            if row[..j].contains(&e) {
+                return Err(Error::InvalidArgument(format!(
+                    "token {t}: expert {e} chosen twice"
+                )));
+            }
+            l.tokens_per_expert[e as usize] += 1;
+            let r = placement[e as usize];
+            if !l.is_token_in_rank[t * ranks + r] {
+                l.is_token_in_rank[t * ranks + r] = true;
+                l.tokens_per_rank[r] += 1;
+            }
+        }
+    }
+    Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_once_per_rank_and_rejects_bad_ids() {
+        // 4 experts on 2 ranks: 0,1 -> rank 0; 2,3 -> rank 1.
+        let p = [0, 0, 1, 1];
+        let l = dispatch_layout(&[0, 1, 2, -1, -1, -1, 3, 0], 2, &p, 2).unwrap();
+        assert_eq!(l.tokens_per_rank, vec![2, 2]);
+        assert_eq!(l.tokens_per_expert, vec![2, 1, 1, 1]);
+        assert_eq!(
+            l.is_token_in_rank,
+            vec![true, false, false, true, false, false, true, true]
+        );
+        assert!(dispatch_layout(&[0, 4], 2, &p, 2).is_err());
+        assert!(dispatch_layout(&[1, 1], 2, &p, 2).is_err());
+        assert!(dispatch_layout(&[-2, 0], 2, &p, 2).is_err());
+        assert!(dispatch_layout(&[0, 1, 2], 2, &p, 2).is_err());
+    }
+}

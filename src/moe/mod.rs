@@ -1,0 +1,26 @@
+//! Mixture-of-Experts token dispatch and combine (normal mode): configuration, DeepEP-style
+//! dispatch layout, and a buffer that moves token rows with one copy per byte.
+//!
+//! ```no_run
+//! # fn main() -> xccl::Result<()> {
+//! use xccl::moe::{Dtype, MoeBuffer, MoeConfig};
+//! let comm = xccl::Communicator::from_env()?;
+//! let cfg = MoeConfig::new(64, 7168, 8, 4096, Dtype::Bf16);
+//! let mut buf = MoeBuffer::new(&comm, cfg)?;
+//! # let (x, topk_idx, topk_w): (Vec<u8>, Vec<i64>, Vec<f32>) = (vec![], vec![], vec![]);
+//! let view = buf.dispatch(&x, &topk_idx, &topk_w)?;
+//! let rows = view.rows()?; // grouped by source rank, each with its local experts and weights
+//! # let reduced: Vec<u8> = vec![];
+//! drop(rows);
+//! let mut out = vec![0u8; x.len()];
+//! buf.combine(&reduced, &mut out)?;
+//! # Ok(()) }
+//! ```
+
+mod buffer;
+mod config;
+mod layout;
+
+pub use buffer::{DispatchView, MoeBuffer, RecvRow};
+pub use config::{Dtype, MoeConfig};
+pub use layout::{dispatch_layout, Layout};
