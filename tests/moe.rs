@@ -256,7 +256,7 @@ fn bad_input_is_refused_before_anything_is_sent() {
         bad(buf.dispatch(&row, &[0, 1], &[1.0, f32::NAN]).map(|_| ()));
         bad(buf.dispatch(&row[..8], &[0, 1], &[1.0, 1.0]).map(|_| ()));
         bad(buf
-            .dispatch(&vec![0u8; 4 * 32], &[0, 1, 0, 1, 0, 1, 0, 1], &[1.0; 8])
+            .dispatch(&[0u8; 4 * 32], &[0, 1, 0, 1, 0, 1, 0, 1], &[1.0; 8])
             .map(|_| ()));
         bad(buf.dispatch(&row, &[0, 1], &[1.0]).map(|_| ()));
         // A NaN weight on a masked slot does not matter; zero tokens work; the buffer is still

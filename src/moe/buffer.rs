@@ -69,6 +69,8 @@ pub struct MoeBuffer<'c> {
 /// Rows received by the last dispatch, read in place.
 pub struct DispatchView<'a> {
     buf: &'a MoeBuffer<'a>,
+    /// The caller's input: rows a rank dispatches to itself are read from it in place.
+    x: &'a [u8],
 }
 
 impl<'c> MoeBuffer<'c> {
@@ -177,12 +179,12 @@ impl<'c> MoeBuffer<'c> {
     /// Collective: dispatches `T` tokens. `x` holds `T` rows of the configured dtype,
     /// `topk_idx` and `topk_weights` `T × top-k` entries (`-1` = no expert). Every argument
     /// is checked before anything is sent; a rank with no tokens still takes part.
-    pub fn dispatch(
-        &mut self,
-        x: &[u8],
+    pub fn dispatch<'a>(
+        &'a mut self,
+        x: &'a [u8],
         topk_idx: &[i64],
         topk_weights: &[f32],
-    ) -> Result<DispatchView<'_>> {
+    ) -> Result<DispatchView<'a>> {
         let (me, n) = (self.comm.rank(), self.comm.world_size());
         let k = self.cfg.topk;
         let layout: Layout = dispatch_layout(topk_idx, k, &self.placement, n)?;
@@ -246,12 +248,11 @@ impl<'c> MoeBuffer<'c> {
                 meta[4..8].copy_from_slice(&(local as u32).to_le_bytes());
                 let off = self.disp_off(epoch, me, i);
                 t.put(dst, &self.win, off, &self.meta_buf)?;
-                t.put(
-                    dst,
-                    &self.win,
-                    off + self.meta,
-                    &x[tok * row_bytes..(tok + 1) * row_bytes],
-                )?;
+                if dst != me {
+                    // A rank's own rows are not copied: its view reads them from `x`.
+                    let row = &x[tok * row_bytes..(tok + 1) * row_bytes];
+                    t.put(dst, &self.win, off + self.meta, row)?;
+                }
                 self.sent[dst].push(tok as u32);
             }
             self.announce(dst, 0, self.sent[dst].len(), epoch, self.sig_disp)?;
@@ -259,7 +260,7 @@ impl<'c> MoeBuffer<'c> {
         for src in 0..n {
             self.recv_counts[src] = self.collect(src, 0, epoch, self.sig_disp)?;
         }
-        Ok(DispatchView { buf: self })
+        Ok(DispatchView { buf: self, x })
     }
 
     /// Collective, after a dispatch: `reduced` holds one row per received row (sources in
@@ -296,18 +297,19 @@ impl<'c> MoeBuffer<'c> {
                 s
             })
             .collect();
-        for step in 0..n {
+        for step in 1..n {
+            // Rows for this rank itself stay in `reduced` and are summed from there.
             let src = (me + step) % n;
             for i in 0..self.recv_counts[src] {
                 let row =
                     &reduced[(starts[src] + i) * row_bytes..(starts[src] + i + 1) * row_bytes];
                 t.put(src, &self.win, self.comb_off(epoch, me, i), row)?;
             }
+        }
+        for step in 0..n {
+            let src = (me + step) % n;
             self.announce(src, 1, self.recv_counts[src], epoch, self.sig_comb)?;
         }
-        let hidden = self.cfg.hidden;
-        self.acc.clear();
-        self.acc.resize(self.tokens * hidden, 0.0);
         for r in 0..n {
             let count = self.collect(r, 1, epoch, self.sig_comb)?;
             if count != self.sent[r].len() {
@@ -316,21 +318,31 @@ impl<'c> MoeBuffer<'c> {
                     self.sent[r].len()
                 )));
             }
-            for (i, &tok) in self.sent[r].iter().enumerate() {
-                // SAFETY: the row was announced by the signal `collect` waited for and is not
-                // written again before the next-but-one combine (see the module docs).
-                let row =
-                    unsafe { t.local_slice(&self.win, self.comb_off(epoch, r, i), row_bytes)? };
-                let acc = &mut self.acc[tok as usize * hidden..(tok as usize + 1) * hidden];
-                for (h, a) in acc.iter_mut().enumerate() {
-                    *a += self.cfg.dtype.load(row, h);
-                }
-            }
         }
-        for (tok, row) in out.chunks_mut(row_bytes).enumerate() {
-            for h in 0..hidden {
-                self.cfg.dtype.store(row, h, self.acc[tok * hidden + h]);
+        // Token by token, rank by rank: one hidden-sized accumulator stays in cache, and the
+        // order of the sum is fixed (rank order), so the result is the same bits every run.
+        let hidden = self.cfg.hidden;
+        self.acc.clear();
+        self.acc.resize(hidden, 0.0);
+        let mut next = vec![0usize; n];
+        for (tok, out_row) in out.chunks_mut(row_bytes).enumerate() {
+            self.acc.fill(0.0);
+            for (r, cursor) in next.iter_mut().enumerate() {
+                if self.sent[r].get(*cursor) != Some(&(tok as u32)) {
+                    continue;
+                }
+                let i = *cursor;
+                *cursor += 1;
+                let row = if r == me {
+                    &reduced[(starts[me] + i) * row_bytes..(starts[me] + i + 1) * row_bytes]
+                } else {
+                    // SAFETY: announced by the signal `collect` waited for; not written again
+                    // before the next-but-one combine (see the module docs).
+                    unsafe { t.local_slice(&self.win, self.comb_off(epoch, r, i), row_bytes)? }
+                };
+                self.cfg.dtype.accumulate(&mut self.acc, row);
             }
+            self.cfg.dtype.store_row(out_row, &self.acc);
         }
         Ok(())
     }
@@ -355,6 +367,7 @@ impl DispatchView<'_> {
     /// Row `i` from `src`, its metadata checked (it comes from another process).
     pub fn row(&self, src: usize, i: usize) -> Result<RecvRow<'_>> {
         let b = self.buf;
+        let me = b.comm.rank();
         if src >= b.comm.world_size() || i >= b.recv_counts[src] {
             return Err(Error::InvalidArgument(format!(
                 "no row {i} from rank {src}"
@@ -365,10 +378,16 @@ impl DispatchView<'_> {
         // SAFETY: announced by the signal the dispatch waited for; not rewritten before the
         // next-but-one dispatch, which cannot start while this view borrows the buffer.
         let meta = unsafe { t.local_slice(&b.win, off, b.meta)? };
-        let data = unsafe { t.local_slice(&b.win, off + b.meta, b.cfg.row_bytes())? };
+        let rb = b.cfg.row_bytes();
+        let data = if src == me {
+            let tok = b.sent[me][i] as usize;
+            &self.x[tok * rb..(tok + 1) * rb]
+        } else {
+            // SAFETY: as for `meta`.
+            unsafe { t.local_slice(&b.win, off + b.meta, rb)? }
+        };
         let word = |at: usize| u32::from_le_bytes(meta[at..at + 4].try_into().expect("4 bytes"));
         let (src_token, local) = (word(0) as usize, word(4) as usize);
-        let me = b.comm.rank();
         if local == 0 || local > b.cfg.topk || src_token >= b.cfg.max_tokens {
             return Err(Error::ProtocolViolation(format!(
                 "row {i} from rank {src}: token {src_token} with {local} local experts"

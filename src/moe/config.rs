@@ -2,6 +2,17 @@
 
 use crate::error::{Error, Result};
 
+/// f32 → bf16 bits, rounding to nearest even; NaN stays NaN. Branch-free, so loops over
+/// rows vectorize (the same result as `half::bf16::from_f32`).
+#[inline]
+fn bf16_bits(v: f32) -> u16 {
+    let u = v.to_bits();
+    let rounded = (u.wrapping_add(0x7FFF + ((u >> 16) & 1)) >> 16) as u16;
+    let nan = ((u >> 16) as u16) | 0x40;
+    let mask = 0u16.wrapping_sub(((u & 0x7FFF_FFFF) > 0x7F80_0000) as u16);
+    (rounded & !mask) | (nan & mask)
+}
+
 /// Element type of token rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dtype {
@@ -22,7 +33,60 @@ impl Dtype {
         }
     }
 
+    /// Adds the elements of `row` (this dtype) to `acc`, element by element, in f32.
+    #[inline]
+    pub fn accumulate(self, acc: &mut [f32], row: &[u8]) {
+        match self {
+            Dtype::F32 => {
+                for (a, b) in acc.iter_mut().zip(row.chunks_exact(4)) {
+                    *a += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            Dtype::Bf16 => match bytemuck::try_cast_slice::<u8, u16>(row) {
+                // Aligned rows (window rows always are): a loop the compiler vectorizes.
+                Ok(words) => {
+                    for (a, &w) in acc.iter_mut().zip(words) {
+                        *a += f32::from_bits((u16::from_le(w) as u32) << 16);
+                    }
+                }
+                Err(_) => {
+                    for (a, b) in acc.iter_mut().zip(row.chunks_exact(2)) {
+                        *a += f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+                    }
+                }
+            },
+            Dtype::F16 => {
+                for (a, b) in acc.iter_mut().zip(row.chunks_exact(2)) {
+                    *a += half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            }
+        }
+    }
+
+    /// Writes `vals` into `row` in this dtype (rounding to nearest even).
+    #[inline]
+    pub fn store_row(self, row: &mut [u8], vals: &[f32]) {
+        match self {
+            Dtype::F32 => {
+                for (b, v) in row.chunks_exact_mut(4).zip(vals) {
+                    b.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            Dtype::Bf16 => {
+                for (b, v) in row.chunks_exact_mut(2).zip(vals) {
+                    b.copy_from_slice(&bf16_bits(*v).to_le_bytes());
+                }
+            }
+            Dtype::F16 => {
+                for (b, v) in row.chunks_exact_mut(2).zip(vals) {
+                    b.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes());
+                }
+            }
+        }
+    }
+
     /// Reads element `i` of `row` as f32.
+    #[inline]
     pub fn load(self, row: &[u8], i: usize) -> f32 {
         match self {
             Dtype::F32 => f32::from_le_bytes(row[4 * i..4 * i + 4].try_into().expect("4 bytes")),
@@ -32,6 +96,7 @@ impl Dtype {
     }
 
     /// Writes `v` as element `i` of `row` (rounding to nearest even).
+    #[inline]
     pub fn store(self, row: &mut [u8], i: usize, v: f32) {
         match self {
             Dtype::F32 => row[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes()),
@@ -121,5 +186,39 @@ impl MoeConfig {
     /// Bytes of one token row.
     pub fn row_bytes(&self) -> usize {
         self.hidden * self.dtype.size()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounding_matches_half() {
+        for v in [
+            0.0f32,
+            -0.0,
+            1.0,
+            1.0078125,
+            1.0039063,
+            3.140625,
+            -2.5e-39,
+            65504.0,
+            3.4e38,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e-45,
+        ] {
+            assert_eq!(bf16_bits(v), half::bf16::from_f32(v).to_bits(), "{v}");
+        }
+        assert!(half::bf16::from_bits(bf16_bits(f32::NAN)).is_nan());
+        let mut row = vec![0u8; 6];
+        Dtype::Bf16.store_row(&mut row, &[1.5, -2.0, 0.1]);
+        let mut acc = vec![1.0f32; 3];
+        Dtype::Bf16.accumulate(&mut acc, &row);
+        assert_eq!(
+            acc,
+            vec![2.5, -1.0, 1.0 + half::bf16::from_f32(0.1).to_f32()]
+        );
     }
 }

@@ -142,6 +142,7 @@ pub fn run(c: &Common, v: bool) -> Result<()> {
             busbw: algbw * (n - 1) as f64 / n as f64,
             wrong: wrong[0],
             baseline_us: None,
+            moe: None,
             stream_gbps: None,
         };
         if me == 0 {

@@ -3,6 +3,7 @@
 //! checks every result and prints an nccl-tests-style table.
 
 mod alltoall;
+mod moe;
 mod options;
 mod pingpong;
 mod report;
@@ -50,6 +51,7 @@ fn main() {
         Command::Sendrecv(a) => sendrecv::run(&a.common),
         Command::Alltoall(a) => alltoall::run(&a.common, false),
         Command::Alltoallv(a) => alltoall::run(&a.common, true),
+        Command::Moe(a) => moe::run(a),
     };
     if let Err(e) = result {
         eprintln!("xccl-perf: {e}");

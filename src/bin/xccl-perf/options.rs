@@ -20,6 +20,39 @@ pub enum Command {
     Alltoall(PingpongArgs),
     /// All-to-all-v (MPI-style counts and displacements, equal counts, reversed layout).
     Alltoallv(PingpongArgs),
+    /// MoE dispatch + combine (normal mode), timed separately, results checked.
+    Moe(MoeArgs),
+}
+
+/// Options of the MoE subcommand.
+#[derive(Args, Debug)]
+pub struct MoeArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Tokens per rank.
+    #[arg(long, default_value_t = 128)]
+    pub tokens: usize,
+    /// Hidden size.
+    #[arg(long, default_value_t = 7168)]
+    pub hidden: usize,
+    /// Experts per token.
+    #[arg(long, default_value_t = 8)]
+    pub topk: usize,
+    /// Experts in all (spread evenly over the ranks).
+    #[arg(long, default_value_t = 64)]
+    pub experts: usize,
+    /// Row type: bf16, f16 or f32.
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16", "f32"])]
+    pub dtype: String,
+    /// Routing: uniform (each token picks top-k distinct experts at random).
+    #[arg(long, default_value = "uniform", value_parser = ["uniform"])]
+    pub routing: String,
+    /// Timed repetitions.
+    #[arg(long, default_value_t = 10)]
+    pub reps: usize,
+    /// Random seed of data and routing.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
 }
 
 impl Command {
@@ -30,6 +63,7 @@ impl Command {
             | Command::Sendrecv(a)
             | Command::Alltoall(a)
             | Command::Alltoallv(a) => &a.common,
+            Command::Moe(a) => &a.common,
         }
     }
 }

@@ -314,6 +314,7 @@ pub fn run(args: &PingpongArgs) -> Result<()> {
                     busbw: gbps,
                     wrong,
                     baseline_us,
+                    moe: None,
                     stream_gbps: Some(if stream_us > 0.0 {
                         size as f64 / (stream_us * 1e3)
                     } else {

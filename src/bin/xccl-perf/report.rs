@@ -24,6 +24,20 @@ pub struct Row {
     pub baseline_us: Option<f64>,
     /// Streaming put bandwidth, for point-to-point ops.
     pub stream_gbps: Option<f64>,
+    /// MoE shape and split timings, for dispatch/combine rows.
+    pub moe: Option<MoeFields>,
+}
+
+/// The MoE part of a row.
+#[derive(Debug, Clone, Default)]
+pub struct MoeFields {
+    pub tokens: usize,
+    pub hidden: usize,
+    pub topk: usize,
+    pub experts: usize,
+    pub mode: &'static str,
+    pub dispatch_us_p50: f64,
+    pub combine_us_p50: f64,
 }
 
 /// Median, 99th percentile, min and max of `v` (sorted in place).
@@ -160,6 +174,20 @@ pub fn write_json(path: &std::path::Path, rows: &[Row]) -> std::io::Result<()> {
         }
         if let Some(bw) = r.stream_gbps {
             let _ = write!(out, ", \"put_bw_gbps\": {}", num(bw));
+        }
+        if let Some(m) = &r.moe {
+            let _ = write!(
+                out,
+                ", \"tokens\": {}, \"hidden\": {}, \"topk\": {}, \"experts\": {}, \"mode\": \"{}\", \
+                 \"dispatch_us_p50\": {}, \"combine_us_p50\": {}",
+                m.tokens,
+                m.hidden,
+                m.topk,
+                m.experts,
+                m.mode,
+                num(m.dispatch_us_p50),
+                num(m.combine_us_p50)
+            );
         }
         out.push('}');
         out.push_str(if i + 1 < rows.len() { ",\n" } else { "\n" });

@@ -135,6 +135,7 @@ pub fn run(c: &Common) -> Result<()> {
                     busbw: gbps,
                     wrong,
                     baseline_us: None,
+                    moe: None,
                     stream_gbps: Some(if s50 > 0.0 {
                         size as f64 / (s50 * 1e3)
                     } else {

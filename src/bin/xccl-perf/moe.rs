@@ -1,0 +1,218 @@
+//! `xccl-perf moe`: normal-mode dispatch + combine, timed separately, the way the Open MPI
+//! reference in `shared/bench` (moe_mpi) does: per repetition, a barrier, then each phase
+//! timed on every rank and counted at the slowest rank; medians over repetitions. Routing is
+//! uniform (top-k distinct experts per token, seeded), experts are identities: each expert
+//! rank returns, per received row, the sum of its chosen experts' weights times the row.
+//! The output is checked: out[t] ≈ (Σ_j w_j) · x[t] within the dtype's rounding. Bytes =
+//! token rows sent to other ranks (each (token, destination rank) once).
+
+use crate::options::MoeArgs;
+use crate::report::{self, MoeFields, Row};
+use std::time::{Duration, Instant};
+use xccl::coll::{Coll, ReduceOp};
+use xccl::moe::{Dtype, MoeBuffer, MoeConfig};
+use xccl::{Backend, Communicator, Error, Result};
+
+/// splitmix64: the routing and data of a seed, identical on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+pub fn run(a: &MoeArgs) -> Result<()> {
+    let c = &a.common;
+    let dtype = match a.dtype.as_str() {
+        "f32" => Dtype::F32,
+        "f16" => Dtype::F16,
+        _ => Dtype::Bf16,
+    };
+    let comm = Communicator::builder()
+        .backend(c.backend.parse::<Backend>()?)
+        .timeout(Duration::from_secs_f64(c.timeout))
+        .build()?;
+    let (me, n) = (comm.rank(), comm.world_size());
+    if a.topk == 0 || a.topk > a.experts {
+        return Err(Error::InvalidArgument(format!(
+            "--topk {} with --experts {}",
+            a.topk, a.experts
+        )));
+    }
+    let cfg = MoeConfig::new(a.experts, a.hidden, a.topk, a.tokens.max(1), dtype);
+    let mut buf = MoeBuffer::new(&comm, cfg.clone())?;
+    let coll = Coll::new(&comm)?;
+    let (t_count, h, k) = (a.tokens, a.hidden, a.topk);
+    let mut rng = Rng(a.seed ^ (me as u64).wrapping_mul(0x1234_5678_9abc));
+    let mut x = vec![0u8; t_count * cfg.row_bytes()];
+    for i in 0..t_count * h {
+        dtype.store(&mut x, i, rng.unit() * 2.0 - 1.0);
+    }
+    let mut idx = Vec::with_capacity(t_count * k);
+    let mut w = Vec::with_capacity(t_count * k);
+    for _ in 0..t_count {
+        let mut chosen: Vec<i64> = Vec::with_capacity(k);
+        while chosen.len() < k {
+            let e = (rng.next() % a.experts as u64) as i64;
+            if !chosen.contains(&e) {
+                chosen.push(e);
+            }
+        }
+        idx.extend(&chosen);
+        w.extend((0..k).map(|_| 0.1 + 0.9 * rng.unit()));
+    }
+    let placement = cfg.placement_for(n)?;
+    // Rows this rank sends to other ranks (for GB/s), summed over ranks.
+    let mut cross = [(0..t_count)
+        .map(|t| {
+            let mut ranks: Vec<usize> = idx[t * k..(t + 1) * k]
+                .iter()
+                .map(|&e| placement[e as usize])
+                .collect();
+            ranks.sort_unstable();
+            ranks.dedup();
+            ranks.iter().filter(|&&r| r != me).count() as u64
+        })
+        .sum::<u64>()];
+    coll.allreduce(&mut cross, ReduceOp::Sum)?;
+    let bytes = cross[0] as usize * cfg.row_bytes();
+    if me == 0 {
+        println!("{}", report::header("moe", &c.backend, n));
+        println!(
+            "# tokens {t_count} hidden {h} topk {k} experts {} ranks {n} mode normal dtype {} routing {}",
+            a.experts, a.dtype, a.routing
+        );
+    }
+    let mut disp_times = Vec::with_capacity(a.reps);
+    let mut comb_times = Vec::with_capacity(a.reps);
+    let mut reduced: Vec<u8> = Vec::new();
+    let mut out = vec![0u8; x.len()];
+    let warm = c.warmup.unwrap_or(2);
+    for rep in 0..warm + a.reps {
+        comm.barrier()?;
+        let s = Instant::now();
+        let view = buf.dispatch(&x, &idx, &w)?;
+        let d = s.elapsed().as_secs_f64() * 1e6;
+        // Identity experts (untimed): Σ over this rank's chosen experts of w · x.
+        reduced.clear();
+        let mut tmp = vec![0f32; h];
+        for row in view.rows()? {
+            let ws: f32 = row.experts.iter().map(|&(_, wt)| wt).sum();
+            tmp.fill(0.0);
+            dtype.accumulate(&mut tmp, row.data);
+            tmp.iter_mut().for_each(|v| *v *= ws);
+            let start = reduced.len();
+            reduced.resize(start + cfg.row_bytes(), 0);
+            dtype.store_row(&mut reduced[start..], &tmp);
+        }
+        comm.barrier()?;
+        let s = Instant::now();
+        buf.combine(&reduced, &mut out)?;
+        let cb = s.elapsed().as_secs_f64() * 1e6;
+        let mut slow = [d, cb];
+        coll.allreduce(&mut slow, ReduceOp::Max)?;
+        if rep >= warm {
+            disp_times.push(slow[0]);
+            comb_times.push(slow[1]);
+        }
+    }
+    // Check: out[t] = (Σ_j w_j) x[t] within rounding of the dtype (twice: expert row, output).
+    let tol = match dtype {
+        Dtype::F32 => 1e-5,
+        Dtype::Bf16 => 2.0f32.powi(-6),
+        Dtype::F16 => 2.0f32.powi(-9),
+    };
+    let mut wrong = [0u64];
+    for t in 0..t_count {
+        let ws: f32 = w[t * k..(t + 1) * k].iter().sum();
+        for i in 0..h {
+            let want = ws * dtype.load(&x[t * cfg.row_bytes()..], i);
+            let got = dtype.load(&out[t * cfg.row_bytes()..], i);
+            if (got - want).abs() > tol * 4.0 * want.abs().max(1e-3) {
+                wrong[0] += 1;
+            }
+        }
+    }
+    coll.allreduce(&mut wrong, ReduceOp::Sum)?;
+    let (dp50, dp99, dmin, dmax) = report::stats(&mut disp_times);
+    let (cp50, cp99, cmin, cmax) = report::stats(&mut comb_times);
+    let gbps = |us: f64| {
+        if us > 0.0 {
+            bytes as f64 / (us * 1e3)
+        } else {
+            0.0
+        }
+    };
+    if me == 0 {
+        println!(
+            "dispatch: p50 {dp50:.1} us  p99 {dp99:.1}  min {dmin:.1}  max {dmax:.1}  {:.2} GB/s",
+            gbps(dp50)
+        );
+        println!(
+            "combine:  p50 {cp50:.1} us  p99 {cp99:.1}  min {cmin:.1}  max {cmax:.1}  {:.2} GB/s",
+            gbps(cp50)
+        );
+        println!(
+            "# rows to other ranks {} ({} bytes), #wrong {}",
+            cross[0], bytes, wrong[0]
+        );
+    }
+    let total: Vec<f64> = disp_times
+        .iter()
+        .zip(&comb_times)
+        .map(|(d, c)| d + c)
+        .collect();
+    let mut total = total;
+    let (p50, p99, min, max) = report::stats(&mut total);
+    let row = Row {
+        op: "moe",
+        backend: c.backend.clone(),
+        ranks: n,
+        bytes,
+        count: t_count,
+        dtype: match dtype {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+        },
+        p50_us: p50,
+        p99_us: p99,
+        min_us: min,
+        max_us: max,
+        algbw: gbps(p50),
+        busbw: gbps(p50),
+        wrong: wrong[0],
+        baseline_us: None,
+        stream_gbps: None,
+        moe: Some(MoeFields {
+            tokens: t_count,
+            hidden: h,
+            topk: k,
+            experts: a.experts,
+            mode: "normal",
+            dispatch_us_p50: dp50,
+            combine_us_p50: cp50,
+        }),
+    };
+    if me == 0 {
+        if let Some(path) = &c.json {
+            report::write_json(path, &[row])
+                .map_err(|e| Error::system(format!("writing {}", path.display()), e))?;
+        }
+    }
+    if wrong[0] > 0 {
+        return Err(Error::ProtocolViolation(format!(
+            "check failed: {} wrong elements",
+            wrong[0]
+        )));
+    }
+    Ok(())
+}
