@@ -31,3 +31,18 @@ mod shm {
 
     xccl::transport_conformance!(shm_ranks);
 }
+
+mod tcp {
+    use super::*;
+    use xccl::transport::tcp::in_process;
+
+    fn tcp_ranks(world: usize) -> Vec<Box<dyn Transport>> {
+        in_process(world, 4096)
+            .expect("tcp ranks")
+            .into_iter()
+            .map(|t| Box::new(t) as Box<dyn Transport>)
+            .collect()
+    }
+
+    xccl::transport_conformance!(tcp_ranks);
+}

@@ -38,6 +38,8 @@ pub mod conformance;
 pub mod loopback;
 #[cfg(feature = "shm")]
 pub mod shm;
+#[cfg(feature = "tcp")]
+pub mod tcp;
 mod window;
 
 pub use window::{check_peer, check_range, check_signal, Window};

@@ -1,0 +1,294 @@
+//! Adapter of the `xccl-tcp` crate to the transport contract: ranks on any hosts, one
+//! authenticated TCP link per pair, writes applied straight into the target window by the
+//! peer's progress thread, signals on the same stream (so per-pair ordering holds).
+
+use super::{check_peer, check_range, check_signal, Caps, Cmp, SignalOp, Transport, Window};
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use xccl_tcp::{Config, Listening, Node, Region};
+
+/// How to build a TCP transport.
+#[derive(Debug, Clone)]
+pub struct TcpOptions {
+    /// This rank.
+    pub rank: usize,
+    /// Number of ranks.
+    pub world: usize,
+    /// The job secret every rank proves it knows.
+    pub secret: Vec<u8>,
+    /// Listening address (loopback unless told otherwise).
+    pub bind: SocketAddr,
+    /// Signal words per rank.
+    pub num_signals: usize,
+    /// Deadline of setup and collective calls (`register`) and of `flush`.
+    pub setup_timeout: Duration,
+    /// Idle links get a heartbeat this often.
+    pub heartbeat: Duration,
+    /// A peer silent this long has failed.
+    pub peer_timeout: Duration,
+}
+
+impl TcpOptions {
+    /// Defaults for `rank` of `world`: loopback, 4096 signals, 60 s setup, heartbeat 200 ms,
+    /// peer timeout 3 s.
+    pub fn new(rank: usize, world: usize, secret: Vec<u8>) -> Self {
+        TcpOptions {
+            rank,
+            world,
+            secret,
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            num_signals: 4096,
+            setup_timeout: Duration::from_secs(60),
+            heartbeat: Duration::from_millis(200),
+            peer_timeout: Duration::from_secs(3),
+        }
+    }
+
+    fn config(&self) -> Config {
+        let mut c = Config::new(self.rank, self.world, self.secret.clone());
+        c.bind = self.bind;
+        c.num_signals = self.num_signals;
+        c.heartbeat = self.heartbeat;
+        c.peer_timeout = self.peer_timeout;
+        c
+    }
+}
+
+impl From<xccl_tcp::Error> for Error {
+    fn from(e: xccl_tcp::Error) -> Self {
+        match e {
+            xccl_tcp::Error::Io { context, source } => Error::System { context, source },
+            xccl_tcp::Error::PeerFailed { rank, .. } => Error::PeerFailed { rank },
+            xccl_tcp::Error::Aborted => Error::Aborted,
+            xccl_tcp::Error::Timeout(op) => Error::Timeout {
+                op,
+                waited: Duration::ZERO,
+            },
+            xccl_tcp::Error::Protocol(m) => Error::ProtocolViolation(m),
+            xccl_tcp::Error::Invalid(m) => Error::InvalidArgument(m),
+            xccl_tcp::Error::Mismatch(m) => Error::ConfigMismatch(m),
+        }
+    }
+}
+
+/// One rank of a TCP job.
+pub struct TcpTransport {
+    node: Node,
+    rank: usize,
+    world: usize,
+    owner: u64,
+    setup_timeout: Duration,
+    next_reg: AtomicU64,
+    windows: RwLock<HashMap<u64, Arc<Region>>>,
+}
+
+impl TcpTransport {
+    /// Collective: binds, publishes this rank's address through `exchange` (which returns
+    /// every rank's, in rank order; a store does it), and connects to every peer.
+    pub fn new(
+        opts: TcpOptions,
+        exchange: &mut dyn FnMut(SocketAddr) -> Result<Vec<SocketAddr>>,
+    ) -> Result<Self> {
+        let listening = Listening::bind(opts.config())?;
+        let addrs = exchange(listening.local_addr()?)?;
+        Self::finish(opts, listening, &addrs)
+    }
+
+    fn finish(opts: TcpOptions, listening: Listening, addrs: &[SocketAddr]) -> Result<Self> {
+        let node = listening.connect(addrs, Instant::now() + opts.setup_timeout)?;
+        Ok(TcpTransport {
+            node,
+            rank: opts.rank,
+            world: opts.world,
+            owner: Window::new_owner_tag(),
+            setup_timeout: opts.setup_timeout,
+            next_reg: AtomicU64::new(1),
+            windows: RwLock::new(HashMap::new()),
+        })
+    }
+
+    fn region(&self, win: &Window) -> Result<Arc<Region>> {
+        win.check_owner(self.owner)?;
+        self.windows
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&win.id())
+            .cloned()
+            .ok_or_else(|| Error::InvalidUsage(format!("window #{} is deregistered", win.id())))
+    }
+}
+
+/// Builds `world` TCP ranks as threads of this process, linked over loopback with a fresh
+/// secret: for tests and in-process benchmarks.
+pub fn in_process(world: usize, num_signals: usize) -> Result<Vec<TcpTransport>> {
+    let mut secret = vec![0u8; 32];
+    crate::bootstrap::fill_random(&mut secret);
+    let mut listening = Vec::with_capacity(world);
+    let mut addrs = Vec::with_capacity(world);
+    for rank in 0..world {
+        let mut o = TcpOptions::new(rank, world, secret.clone());
+        o.num_signals = num_signals;
+        let l = Listening::bind(o.config())?;
+        addrs.push(l.local_addr()?);
+        listening.push((o, l));
+    }
+    std::thread::scope(|s| {
+        let hs: Vec<_> = listening
+            .into_iter()
+            .map(|(o, l)| {
+                let addrs = &addrs;
+                s.spawn(move || TcpTransport::finish(o, l, addrs))
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("setup thread panicked"))
+            .collect()
+    })
+}
+
+fn map_op(op: SignalOp) -> xccl_tcp::SignalOp {
+    match op {
+        SignalOp::Set => xccl_tcp::SignalOp::Set,
+        SignalOp::Add => xccl_tcp::SignalOp::Add,
+    }
+}
+
+impl Transport for TcpTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn caps(&self) -> Caps {
+        Caps {
+            backend: "tcp",
+            num_signals: self.node.num_signals(),
+            max_window_len: isize::MAX as usize,
+            direct_put: true,
+            get: true,
+            cross_host: true,
+        }
+    }
+
+    fn register(&self, len: usize) -> Result<Window> {
+        if self.node.is_aborted() {
+            return Err(Error::Aborted);
+        }
+        let id = self.next_reg.fetch_add(1, Ordering::Relaxed);
+        let region = self.node.register(id, len)?;
+        let lens = self
+            .node
+            .peers_registered(id, len, Instant::now() + self.setup_timeout)?;
+        if lens.iter().any(|&l| l != len as u64) {
+            self.node.deregister(id);
+            return Err(Error::ConfigMismatch(format!(
+                "register #{id}: ranks asked for window sizes {lens:?}"
+            )));
+        }
+        self.windows
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, region);
+        Ok(Window::new(self.owner, id, len))
+    }
+
+    fn deregister(&self, win: Window) -> Result<()> {
+        win.check_owner(self.owner)?;
+        let gone = self
+            .windows
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&win.id());
+        self.node.deregister(win.id());
+        gone.map(|_| ())
+            .ok_or_else(|| Error::InvalidUsage(format!("window #{} is not registered", win.id())))
+    }
+
+    fn put(&self, peer: usize, win: &Window, offset: usize, data: &[u8]) -> Result<()> {
+        check_peer(peer, self.world)?;
+        check_range(win.len(), offset, data.len())?;
+        self.region(win)?;
+        Ok(self.node.write(peer, win.id(), offset as u64, data, None)?)
+    }
+
+    fn put_signal(
+        &self,
+        peer: usize,
+        win: &Window,
+        offset: usize,
+        data: &[u8],
+        index: usize,
+        op: SignalOp,
+        value: u64,
+    ) -> Result<()> {
+        check_peer(peer, self.world)?;
+        check_range(win.len(), offset, data.len())?;
+        check_signal(index, self.node.num_signals())?;
+        self.region(win)?;
+        Ok(self.node.write(
+            peer,
+            win.id(),
+            offset as u64,
+            data,
+            Some((index, map_op(op), value)),
+        )?)
+    }
+
+    fn get(&self, peer: usize, win: &Window, offset: usize, out: &mut [u8]) -> Result<()> {
+        check_peer(peer, self.world)?;
+        check_range(win.len(), offset, out.len())?;
+        self.region(win)?;
+        Ok(self.node.read(
+            peer,
+            win.id(),
+            offset as u64,
+            out,
+            Instant::now() + self.setup_timeout,
+        )?)
+    }
+
+    fn signal(&self, peer: usize, index: usize, op: SignalOp, value: u64) -> Result<()> {
+        check_peer(peer, self.world)?;
+        check_signal(index, self.node.num_signals())?;
+        Ok(self.node.signal(peer, index, map_op(op), value)?)
+    }
+
+    fn wait(&self, index: usize, cmp: Cmp, value: u64, deadline: Instant) -> Result<u64> {
+        check_signal(index, self.node.num_signals())?;
+        let start = Instant::now();
+        self.node
+            .wait(index, |v| cmp.holds(v, value), deadline)
+            .map_err(|e| match e {
+                xccl_tcp::Error::Timeout(op) => Error::Timeout {
+                    op,
+                    waited: start.elapsed(),
+                },
+                other => other.into(),
+            })
+    }
+
+    fn signal_value(&self, index: usize) -> Result<u64> {
+        check_signal(index, self.node.num_signals())?;
+        Ok(self.node.signal_value(index)?)
+    }
+
+    fn flush(&self, peer: usize) -> Result<()> {
+        check_peer(peer, self.world)?;
+        Ok(self.node.flush(peer, Instant::now() + self.setup_timeout)?)
+    }
+
+    fn abort(&self) {
+        self.node.abort();
+    }
+
+    fn local_base(&self, win: &Window) -> Result<*mut u8> {
+        Ok(self.region(win)?.as_ptr())
+    }
+}

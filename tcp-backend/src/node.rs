@@ -1,0 +1,1042 @@
+//! A rank's node: the authenticated mesh of TCP links, one progress thread per peer that
+//! applies frames straight into registered regions, a heartbeat thread, and the one-sided
+//! operations (write, read, signal, flush, wait, abort).
+
+use crate::auth;
+use crate::error::{Error, Result};
+use crate::frame::{Frame, Kind, FLAG_SET, FLAG_SIGNAL, HDR};
+use crate::region::Region;
+use crate::signals::{Outcome, Signals};
+use std::collections::HashMap;
+use std::io::{IoSlice, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How a signal updates its word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalOp {
+    /// Store the value.
+    Set,
+    /// Add the value.
+    Add,
+}
+
+/// Settings of a node.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This rank.
+    pub rank: usize,
+    /// Number of ranks.
+    pub world: usize,
+    /// The job secret every rank proves it knows (any length; 32 random bytes is usual).
+    pub secret: Vec<u8>,
+    /// Address to listen on (port 0 picks one). Loopback unless told otherwise.
+    pub bind: SocketAddr,
+    /// Signal words of this rank.
+    pub num_signals: usize,
+    /// A link idle this long gets a heartbeat.
+    pub heartbeat: Duration,
+    /// A peer silent this long has failed.
+    pub peer_timeout: Duration,
+    /// Largest payload of one frame; larger writes are split.
+    pub max_frame: u64,
+    /// How long a progress thread polls for the next frame before it blocks in `read`.
+    pub poll: Duration,
+}
+
+impl Config {
+    /// Defaults: loopback, 4096 signals, heartbeat 200 ms, peer timeout 3 s, 16 MiB frames,
+    /// 50 µs of polling.
+    pub fn new(rank: usize, world: usize, secret: Vec<u8>) -> Self {
+        Config {
+            rank,
+            world,
+            secret,
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            num_signals: 4096,
+            heartbeat: Duration::from_millis(200),
+            peer_timeout: Duration::from_secs(3),
+            max_frame: 16 << 20,
+            poll: Duration::from_micros(50),
+        }
+    }
+}
+
+struct Pending {
+    ptr: *mut u8,
+    len: usize,
+    done: bool,
+}
+
+// SAFETY: the pointer is the buffer of a `read` call that waits (holding no lock) until the
+// entry is marked done or removed; it is only written under the pending-map mutex.
+unsafe impl Send for Pending {}
+
+struct Shared {
+    cfg: Config,
+    start: Instant,
+    regions: RwLock<HashMap<u64, Arc<Region>>>,
+    signals: Signals,
+    writers: Vec<Mutex<Option<TcpStream>>>,
+    last_sent: Vec<AtomicU64>,
+    last_recv: Vec<AtomicU64>,
+    first_failed: AtomicUsize,
+    departed: Vec<AtomicBool>,
+    aborted: AtomicU64,
+    stop: AtomicBool,
+    regs: Mutex<HashMap<(usize, u64), u64>>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    flushed: Vec<AtomicU64>,
+    changed: Condvar,
+    next_req: AtomicU64,
+}
+
+impl Shared {
+    fn now_us(&self) -> u64 {
+        self.start.elapsed().as_micros() as u64
+    }
+
+    fn notify(&self) {
+        self.signals.wake();
+        let _g = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        self.changed.notify_all();
+    }
+
+    fn fail(&self, peer: usize, detail: &str) {
+        if self.departed[peer].load(Ordering::SeqCst) || self.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        if self
+            .first_failed
+            .compare_exchange(0, peer + 1, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            eprintln_warn(self.cfg.rank, peer, detail);
+        }
+        if let Some(s) = self.writers[peer]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        self.notify();
+    }
+
+    /// Why operations must stop, if they must.
+    fn interrupted(&self) -> Option<Error> {
+        match self.aborted.load(Ordering::SeqCst) {
+            0 => {}
+            _ => return Some(Error::Aborted),
+        }
+        match self.first_failed.load(Ordering::SeqCst) {
+            0 => None,
+            r => Some(Error::PeerFailed {
+                rank: r - 1,
+                detail: "link lost".into(),
+            }),
+        }
+    }
+
+    fn send(&self, peer: usize, f: &Frame, payload: &[u8]) -> Result<()> {
+        if let Some(e) = self.interrupted() {
+            return Err(e);
+        }
+        let hdr = f.encode();
+        let mut guard = self.writers[peer].lock().unwrap_or_else(|p| p.into_inner());
+        let Some(s) = guard.as_mut() else {
+            return Err(Error::Invalid(format!("no link to rank {peer}")));
+        };
+        let r = write_all_vectored(s, &hdr, payload);
+        drop(guard);
+        match r {
+            Ok(()) => {
+                self.last_sent[peer].store(self.now_us(), Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.fail(peer, &format!("send failed: {e}"));
+                Err(Error::PeerFailed {
+                    rank: peer,
+                    detail: e.to_string(),
+                })
+            }
+        }
+    }
+}
+
+fn eprintln_warn(rank: usize, peer: usize, detail: &str) {
+    if std::env::var_os("XCCL_TCP_QUIET").is_none() {
+        eprintln!("xccl-tcp: rank {rank}: peer {peer} failed: {detail}");
+    }
+}
+
+fn write_all_vectored(s: &mut TcpStream, hdr: &[u8], payload: &[u8]) -> std::io::Result<()> {
+    let total = hdr.len() + payload.len();
+    let mut done = 0;
+    while done < total {
+        let n = if done < hdr.len() {
+            s.write_vectored(&[IoSlice::new(&hdr[done..]), IoSlice::new(payload)])?
+        } else {
+            s.write(&payload[done - hdr.len()..])?
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// A node whose listener is bound but whose links are not up yet.
+pub struct Listening {
+    cfg: Config,
+    listener: TcpListener,
+}
+
+impl Listening {
+    /// Binds the listener (publish [`Listening::local_addr`] to the peers).
+    pub fn bind(cfg: Config) -> Result<Self> {
+        if cfg.rank >= cfg.world || cfg.num_signals == 0 || cfg.secret.is_empty() {
+            return Err(Error::Invalid(format!(
+                "rank {} of {}, {} signals, secret of {} bytes",
+                cfg.rank,
+                cfg.world,
+                cfg.num_signals,
+                cfg.secret.len()
+            )));
+        }
+        let listener = TcpListener::bind(cfg.bind)
+            .map_err(|e| Error::io(format!("binding {}", cfg.bind), e))?;
+        Ok(Listening { cfg, listener })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.listener
+            .local_addr()
+            .map_err(|e| Error::io("listener address", e))
+    }
+
+    /// Collective: connects to every peer (`addrs[r]` is rank r's listener; this rank's
+    /// entry is ignored), authenticating each link, and starts the progress threads.
+    pub fn connect(self, addrs: &[SocketAddr], deadline: Instant) -> Result<Node> {
+        let cfg = self.cfg.clone();
+        let (me, n) = (cfg.rank, cfg.world);
+        if addrs.len() != n {
+            return Err(Error::Invalid(format!(
+                "{} addresses for {n} ranks",
+                addrs.len()
+            )));
+        }
+        let shared = Arc::new(Shared {
+            signals: Signals::new(cfg.num_signals),
+            start: Instant::now(),
+            regions: RwLock::new(HashMap::new()),
+            writers: (0..n).map(|_| Mutex::new(None)).collect(),
+            last_sent: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            last_recv: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            first_failed: AtomicUsize::new(0),
+            departed: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            aborted: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            regs: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            flushed: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            changed: Condvar::new(),
+            next_req: AtomicU64::new(1),
+            cfg,
+        });
+        let mut threads = Vec::new();
+        // Acceptor: authenticates every incoming connection; links of the mesh go to setup,
+        // anything else (duplicates, late or rogue clients) is refused.
+        let (tx, rx) = mpsc::channel::<(usize, TcpStream)>();
+        self.listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::io("listener", e))?;
+        let acc_shared = shared.clone();
+        let listener = self.listener;
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("xccl-tcp-accept-{me}"))
+                .spawn(move || accept_loop(listener, acc_shared, tx))
+                .map_err(|e| Error::io("spawning the acceptor", e))?,
+        );
+        let mut links: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+        for (peer, link) in links.iter_mut().enumerate().take(me) {
+            *link = Some(connect_to(&shared.cfg, peer, addrs[peer], deadline)?);
+        }
+        let mut missing = n - me - 1;
+        while missing > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((peer, s)) if peer > me && links[peer].is_none() => {
+                    links[peer] = Some(s);
+                    missing -= 1;
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    shared.stop.store(true, Ordering::SeqCst);
+                    return Err(Error::Timeout(format!(
+                        "rank {me} waiting for {missing} higher ranks to connect"
+                    )));
+                }
+            }
+        }
+        drop(rx); // later connections are refused
+        for (peer, link) in links.into_iter().enumerate() {
+            let Some(s) = link else { continue };
+            let _ = s.set_nodelay(true);
+            let reader = s.try_clone().map_err(|e| Error::io("cloning a link", e))?;
+            *shared.writers[peer]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(s);
+            shared.last_recv[peer].store(shared.now_us(), Ordering::Relaxed);
+            let sh = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("xccl-tcp-{me}<{peer}"))
+                    .spawn(move || progress(sh, peer, reader))
+                    .map_err(|e| Error::io("spawning a progress thread", e))?,
+            );
+        }
+        let sh = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("xccl-tcp-beat-{me}"))
+                .spawn(move || heartbeat(sh))
+                .map_err(|e| Error::io("spawning the heartbeat", e))?,
+        );
+        Ok(Node { shared, threads })
+    }
+}
+
+fn connect_to(cfg: &Config, peer: usize, addr: SocketAddr, deadline: Instant) -> Result<TcpStream> {
+    let mut backoff = Duration::from_millis(2);
+    loop {
+        let attempt = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .map_err(|e| Error::io(format!("connecting to rank {peer} at {addr}"), e))
+            .and_then(|mut s| {
+                let _ = s.set_nodelay(true);
+                auth::connect(
+                    &mut s,
+                    &cfg.secret,
+                    cfg.rank as u32,
+                    cfg.world as u32,
+                    peer as u32,
+                )?;
+                Ok(s)
+            });
+        match attempt {
+            Ok(s) => return Ok(s),
+            Err(e @ Error::Protocol(_)) => return Err(e),
+            Err(e) if Instant::now() + backoff >= deadline => return Err(e),
+            Err(_) => {
+                std::thread::sleep(backoff); // retry pacing while the peer starts listening
+                backoff = (backoff * 2).min(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sender<(usize, TcpStream)>) {
+    while !shared.stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((s, from)) => {
+                let (sh, tx) = (shared.clone(), tx.clone());
+                let _ = std::thread::Builder::new().name("xccl-tcp-auth".into()).spawn(move || {
+                    let mut s = s;
+                    let _ = s.set_nonblocking(false);
+                    let cfg = &sh.cfg;
+                    match auth::accept(&mut s, &cfg.secret, cfg.rank as u32, cfg.world as u32) {
+                        Ok(peer) => {
+                            if tx.send((peer as usize, s)).is_err() && std::env::var_os("XCCL_TCP_QUIET").is_none() {
+                                eprintln!("xccl-tcp: rank {}: refused a late connection from {from} (rank {peer})", cfg.rank);
+                            }
+                        }
+                        Err(e) => {
+                            if std::env::var_os("XCCL_TCP_QUIET").is_none() {
+                                eprintln!("xccl-tcp: rank {}: refused {from}: {e}", cfg.rank);
+                            }
+                        }
+                    }
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let mut p = libc::pollfd {
+                    fd: listener.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd; a 50 ms timeout bounds how late `stop` is seen.
+                unsafe { libc::poll(&mut p, 1, 50) };
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+enum ReadEnd {
+    Eof,
+    Silent,
+    Err(std::io::Error),
+}
+
+/// Reads exactly `buf.len()` bytes. With `quiet_ok`, a timeout before the first byte is
+/// reported as `Silent` (the caller checks the peer's liveness and comes back).
+fn read_exact_timed(
+    s: &mut TcpStream,
+    buf: &mut [u8],
+    quiet_ok: bool,
+    sh: &Shared,
+    peer: usize,
+) -> std::result::Result<(), ReadEnd> {
+    let mut got = 0;
+    while got < buf.len() {
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Err(ReadEnd::Eof),
+            Ok(k) => got += k,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if got == 0 && quiet_ok {
+                    return Err(ReadEnd::Silent);
+                }
+                let silent = sh
+                    .now_us()
+                    .saturating_sub(sh.last_recv[peer].load(Ordering::Relaxed));
+                if Duration::from_micros(silent) > sh.cfg.peer_timeout
+                    || sh.stop.load(Ordering::SeqCst)
+                {
+                    return Err(ReadEnd::Err(e));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ReadEnd::Err(e)),
+        }
+        if got > 0 {
+            sh.last_recv[peer].store(sh.now_us(), Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}
+
+/// Spins (without blocking) until data is readable or `poll` has passed.
+fn poll_briefly(s: &TcpStream, poll: Duration) {
+    let start = Instant::now();
+    let mut b = [0u8; 1];
+    while start.elapsed() < poll {
+        // SAFETY: peeks at most one byte into a local buffer.
+        let r = unsafe {
+            libc::recv(
+                s.as_raw_fd(),
+                b.as_mut_ptr() as *mut libc::c_void,
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if r != -1 {
+            return; // data (or EOF) is there
+        }
+        std::hint::spin_loop();
+    }
+}
+
+fn progress(sh: Arc<Shared>, peer: usize, mut s: TcpStream) {
+    let _ = s.set_read_timeout(Some(sh.cfg.heartbeat));
+    let mut hdr = [0u8; HDR];
+    let mut scratch = Vec::new();
+    loop {
+        if sh.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        poll_briefly(&s, sh.cfg.poll);
+        match read_exact_timed(&mut s, &mut hdr, true, &sh, peer) {
+            Ok(()) => {}
+            Err(ReadEnd::Silent) => {
+                let silent = sh
+                    .now_us()
+                    .saturating_sub(sh.last_recv[peer].load(Ordering::Relaxed));
+                if Duration::from_micros(silent) > sh.cfg.peer_timeout {
+                    sh.fail(peer, &format!("silent for {silent} us"));
+                    return;
+                }
+                continue;
+            }
+            Err(ReadEnd::Eof) => {
+                sh.fail(peer, "connection closed");
+                return;
+            }
+            Err(ReadEnd::Err(e)) => {
+                sh.fail(peer, &format!("connection error: {e}"));
+                return;
+            }
+        }
+        sh.last_recv[peer].store(sh.now_us(), Ordering::Relaxed);
+        let r = Frame::decode(&hdr, sh.cfg.max_frame)
+            .and_then(|f| apply(&sh, peer, &mut s, &f, &mut scratch));
+        match r {
+            Ok(true) => {}
+            Ok(false) => return, // orderly goodbye
+            Err(e) => {
+                sh.fail(peer, &e.to_string());
+                return;
+            }
+        }
+    }
+}
+
+/// Applies one frame; `Ok(false)` after the peer's goodbye.
+fn apply(
+    sh: &Shared,
+    peer: usize,
+    s: &mut TcpStream,
+    f: &Frame,
+    scratch: &mut Vec<u8>,
+) -> Result<bool> {
+    let payload = |s: &mut TcpStream, buf: &mut [u8]| {
+        read_exact_timed(s, buf, false, sh, peer).map_err(|e| match e {
+            ReadEnd::Err(e) => Error::io("reading a payload", e),
+            _ => Error::Protocol("link closed inside a frame".into()),
+        })
+    };
+    let signal = |idx: u64, set: bool, v: u64| -> Result<()> {
+        if idx >= sh.signals.len() as u64 {
+            return Err(Error::Protocol(format!(
+                "signal index {idx} of {}",
+                sh.signals.len()
+            )));
+        }
+        sh.signals.apply(idx as usize, set, v);
+        Ok(())
+    };
+    match f.kind {
+        Kind::Write => {
+            let region = sh
+                .regions
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&f.region)
+                .cloned();
+            match region {
+                Some(r) => {
+                    r.check(f.offset, f.len)?;
+                    // SAFETY: the range was checked against the region, which the Arc keeps
+                    // alive; peers write a region only under the protocol's rules.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            r.as_ptr().add(f.offset as usize),
+                            f.len as usize,
+                        )
+                    };
+                    payload(s, dst)?;
+                }
+                None => {
+                    // A region this rank has deregistered: drain the bytes, keep the link.
+                    scratch.resize(f.len as usize, 0);
+                    payload(s, scratch)?;
+                }
+            }
+            if f.flags & FLAG_SIGNAL != 0 {
+                signal(f.a, f.flags & FLAG_SET != 0, f.b)?;
+            }
+        }
+        Kind::Signal => signal(f.a, f.flags & FLAG_SET != 0, f.b)?,
+        Kind::ReadReq => {
+            let region = sh
+                .regions
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&f.region)
+                .cloned();
+            let r = region
+                .ok_or_else(|| Error::Protocol(format!("read of unknown region {}", f.region)))?;
+            r.check(f.offset, f.len)?;
+            if f.len > sh.cfg.max_frame {
+                return Err(Error::Protocol(format!(
+                    "read of {} bytes exceeds the frame cap",
+                    f.len
+                )));
+            }
+            // SAFETY: range checked; a raw view of region memory for the duration of the send.
+            let src = unsafe {
+                std::slice::from_raw_parts(r.as_ptr().add(f.offset as usize), f.len as usize)
+            };
+            let mut resp = Frame::new(Kind::ReadResp);
+            resp.len = f.len;
+            resp.a = f.a;
+            sh.send(peer, &resp, src)?;
+        }
+        Kind::ReadResp => {
+            let mut pending = sh.pending.lock().unwrap_or_else(|p| p.into_inner());
+            match pending.get_mut(&f.a) {
+                Some(p) if p.len as u64 == f.len => {
+                    // SAFETY: the reader waits until `done` (or removes the entry, which it
+                    // cannot while we hold the lock), so the buffer is live and exclusive.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(p.ptr, p.len) };
+                    payload(s, dst)?;
+                    p.done = true;
+                    sh.changed.notify_all();
+                }
+                Some(p) => {
+                    return Err(Error::Protocol(format!(
+                        "read answer of {} bytes for a {}-byte read",
+                        f.len, p.len
+                    )))
+                }
+                None => {
+                    drop(pending);
+                    scratch.resize(f.len as usize, 0);
+                    payload(s, scratch)?;
+                }
+            }
+        }
+        Kind::Flush => {
+            let mut ack = Frame::new(Kind::FlushAck);
+            ack.a = f.a;
+            sh.send(peer, &ack, &[])?;
+        }
+        Kind::FlushAck => {
+            sh.flushed[peer].fetch_max(f.a, Ordering::SeqCst);
+            sh.notify();
+        }
+        Kind::Heartbeat => {}
+        Kind::Abort => {
+            let _ =
+                sh.aborted
+                    .compare_exchange(0, peer as u64 + 1, Ordering::SeqCst, Ordering::SeqCst);
+            sh.notify();
+        }
+        Kind::Reg => {
+            sh.regs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert((peer, f.region), f.len);
+            sh.notify();
+        }
+        Kind::Bye => {
+            sh.departed[peer].store(true, Ordering::SeqCst);
+            sh.notify();
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn heartbeat(sh: Arc<Shared>) {
+    let every = sh.cfg.heartbeat;
+    while !sh.stop.load(Ordering::SeqCst) {
+        std::thread::sleep(every / 2); // the heartbeat's own pace
+        let now = sh.now_us();
+        for peer in 0..sh.cfg.world {
+            if peer == sh.cfg.rank || sh.departed[peer].load(Ordering::SeqCst) {
+                continue;
+            }
+            if Duration::from_micros(now.saturating_sub(sh.last_sent[peer].load(Ordering::Relaxed)))
+                >= every
+            {
+                let _ = sh.send(peer, &Frame::new(Kind::Heartbeat), &[]);
+            }
+            let silent = now.saturating_sub(sh.last_recv[peer].load(Ordering::Relaxed));
+            if Duration::from_micros(silent) > sh.cfg.peer_timeout {
+                sh.fail(peer, &format!("silent for {} ms", silent / 1000));
+            }
+        }
+    }
+}
+
+/// A connected rank.
+pub struct Node {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Node {
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.shared.cfg.rank
+    }
+
+    /// Number of ranks.
+    pub fn world(&self) -> usize {
+        self.shared.cfg.world
+    }
+
+    /// Signal words of this rank.
+    pub fn num_signals(&self) -> usize {
+        self.shared.signals.len()
+    }
+
+    fn check_peer(&self, peer: usize) -> Result<()> {
+        if peer >= self.world() {
+            return Err(Error::Invalid(format!(
+                "peer rank {peer} >= world size {}",
+                self.world()
+            )));
+        }
+        if let Some(e) = self.shared.interrupted() {
+            return Err(e);
+        }
+        if peer != self.rank() && self.shared.departed[peer].load(Ordering::SeqCst) {
+            return Err(Error::Invalid(format!(
+                "peer rank {peer} has closed its node"
+            )));
+        }
+        Ok(())
+    }
+
+    fn region(&self, id: u64) -> Result<Arc<Region>> {
+        self.shared
+            .regions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::Invalid(format!("region {id} is not registered")))
+    }
+
+    /// Registers region `id` of `len` bytes here and announces it to every peer.
+    pub fn register(&self, id: u64, len: usize) -> Result<Arc<Region>> {
+        let r = Arc::new(Region::new(len)?);
+        self.shared
+            .regions
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, r.clone());
+        let mut f = Frame::new(Kind::Reg);
+        f.region = id;
+        f.len = len as u64;
+        for peer in (0..self.world()).filter(|&p| p != self.rank()) {
+            self.shared.send(peer, &f, &[])?;
+        }
+        Ok(r)
+    }
+
+    /// Waits until every peer has announced region `id`; returns each rank's length.
+    pub fn peers_registered(&self, id: u64, len: usize, deadline: Instant) -> Result<Vec<u64>> {
+        let me = self.rank();
+        let mut regs = self.shared.regs.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let all = (0..self.world()).all(|p| p == me || regs.contains_key(&(p, id)));
+            if all {
+                return Ok((0..self.world())
+                    .map(|p| {
+                        if p == me {
+                            len as u64
+                        } else {
+                            regs.remove(&(p, id)).expect("present")
+                        }
+                    })
+                    .collect());
+            }
+            if let Some(e) = self.shared.interrupted() {
+                return Err(e);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout(format!(
+                    "waiting for every rank to register region {id}"
+                )));
+            }
+            let g = self
+                .shared
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            drop(regs);
+            let _ = self
+                .shared
+                .changed
+                .wait_timeout(g, (deadline - now).min(Duration::from_millis(20)));
+            regs = self.shared.regs.lock().unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Drops this rank's region `id` (later writes to it are drained and ignored).
+    pub fn deregister(&self, id: u64) -> bool {
+        self.shared
+            .regions
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id)
+            .is_some()
+    }
+
+    /// One-sided write of `data` into `peer`'s region `id` at `offset`, then, if given, a
+    /// signal that the peer observes after the data.
+    pub fn write(
+        &self,
+        peer: usize,
+        id: u64,
+        offset: u64,
+        data: &[u8],
+        signal: Option<(usize, SignalOp, u64)>,
+    ) -> Result<()> {
+        self.check_peer(peer)?;
+        if peer == self.rank() {
+            let r = self.region(id)?;
+            r.check(offset, data.len() as u64)
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+            // SAFETY: range checked; `data` may alias the region, so an overlap-safe copy.
+            unsafe { std::ptr::copy(data.as_ptr(), r.as_ptr().add(offset as usize), data.len()) };
+            if let Some((i, op, v)) = signal {
+                self.signal(peer, i, op, v)?;
+            }
+            return Ok(());
+        }
+        let cap = self.shared.cfg.max_frame.max(1) as usize;
+        let mut chunks: Vec<&[u8]> = data.chunks(cap).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        let last = chunks.len() - 1;
+        for (k, c) in chunks.into_iter().enumerate() {
+            let mut f = Frame::new(Kind::Write);
+            f.region = id;
+            f.offset = offset + (k * cap) as u64;
+            f.len = c.len() as u64;
+            if k == last {
+                if let Some((i, op, v)) = signal {
+                    f.flags = FLAG_SIGNAL | if op == SignalOp::Set { FLAG_SET } else { 0 };
+                    f.a = i as u64;
+                    f.b = v;
+                }
+            }
+            self.shared.send(peer, &f, c)?;
+        }
+        Ok(())
+    }
+
+    /// Updates signal word `index` of `peer`.
+    pub fn signal(&self, peer: usize, index: usize, op: SignalOp, value: u64) -> Result<()> {
+        self.check_peer(peer)?;
+        if index >= self.num_signals() {
+            return Err(Error::Invalid(format!(
+                "signal index {index} >= {}",
+                self.num_signals()
+            )));
+        }
+        if peer == self.rank() {
+            self.shared.signals.apply(index, op == SignalOp::Set, value);
+            return Ok(());
+        }
+        let mut f = Frame::new(Kind::Signal);
+        f.flags = if op == SignalOp::Set { FLAG_SET } else { 0 };
+        f.a = index as u64;
+        f.b = value;
+        self.shared.send(peer, &f, &[])
+    }
+
+    /// One-sided read of `out.len()` bytes of `peer`'s region `id` at `offset`.
+    pub fn read(
+        &self,
+        peer: usize,
+        id: u64,
+        offset: u64,
+        out: &mut [u8],
+        deadline: Instant,
+    ) -> Result<()> {
+        self.check_peer(peer)?;
+        if peer == self.rank() {
+            let r = self.region(id)?;
+            r.check(offset, out.len() as u64)
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+            // SAFETY: range checked; `out` may alias the region, so an overlap-safe copy.
+            unsafe { std::ptr::copy(r.as_ptr().add(offset as usize), out.as_mut_ptr(), out.len()) };
+            return Ok(());
+        }
+        let cap = self.shared.cfg.max_frame.max(1) as usize;
+        for (k, chunk) in out.chunks_mut(cap).enumerate() {
+            let req = self.shared.next_req.fetch_add(1, Ordering::Relaxed);
+            let mut pending = self
+                .shared
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            pending.insert(
+                req,
+                Pending {
+                    ptr: chunk.as_mut_ptr(),
+                    len: chunk.len(),
+                    done: false,
+                },
+            );
+            drop(pending);
+            let mut f = Frame::new(Kind::ReadReq);
+            f.region = id;
+            f.offset = offset + (k * cap) as u64;
+            f.len = chunk.len() as u64;
+            f.a = req;
+            let sent = self.shared.send(peer, &f, &[]);
+            let mut pending = self
+                .shared
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let result = loop {
+                if let Err(e) = &sent {
+                    break Err(Error::Invalid(e.to_string()));
+                }
+                if pending.get(&req).is_some_and(|p| p.done) {
+                    break Ok(());
+                }
+                if let Some(e) = self.shared.interrupted() {
+                    break Err(e);
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    break Err(Error::Timeout(format!(
+                        "reading {} bytes from rank {peer}",
+                        chunk.len()
+                    )));
+                }
+                pending = self
+                    .shared
+                    .changed
+                    .wait_timeout(pending, (deadline - now).min(Duration::from_millis(20)))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            };
+            pending.remove(&req);
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Returns once every earlier write to `peer` has been applied there.
+    pub fn flush(&self, peer: usize, deadline: Instant) -> Result<()> {
+        self.check_peer(peer)?;
+        if peer == self.rank() {
+            return Ok(());
+        }
+        let req = self.shared.next_req.fetch_add(1, Ordering::Relaxed);
+        let mut f = Frame::new(Kind::Flush);
+        f.a = req;
+        self.shared.send(peer, &f, &[])?;
+        let mut g = self
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        loop {
+            if self.shared.flushed[peer].load(Ordering::SeqCst) >= req {
+                return Ok(());
+            }
+            if let Some(e) = self.shared.interrupted() {
+                return Err(e);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout(format!("flushing rank {peer}")));
+            }
+            g = self
+                .shared
+                .changed
+                .wait_timeout(g, (deadline - now).min(Duration::from_millis(20)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Current value of this rank's signal word `index`.
+    pub fn signal_value(&self, index: usize) -> Result<u64> {
+        if index >= self.num_signals() {
+            return Err(Error::Invalid(format!(
+                "signal index {index} >= {}",
+                self.num_signals()
+            )));
+        }
+        Ok(self.shared.signals.load(index))
+    }
+
+    /// Waits until `pred(value)` holds for signal word `index`.
+    pub fn wait(&self, index: usize, pred: impl Fn(u64) -> bool, deadline: Instant) -> Result<u64> {
+        if index >= self.num_signals() {
+            return Err(Error::Invalid(format!(
+                "signal index {index} >= {}",
+                self.num_signals()
+            )));
+        }
+        if let Some(e) = self.shared.interrupted() {
+            return Err(e);
+        }
+        let spin = if self.world()
+            > std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        {
+            Duration::from_micros(2)
+        } else {
+            Duration::from_micros(200)
+        };
+        match self
+            .shared
+            .signals
+            .wait_until(index, pred, deadline, spin, || self.shared.interrupted())
+        {
+            Outcome::Ready(v) => Ok(v),
+            Outcome::Interrupted(e) => Err(e),
+            Outcome::TimedOut(v) => Err(Error::Timeout(format!(
+                "waiting on signal {index} (last seen {v})"
+            ))),
+        }
+    }
+
+    /// Fails every pending and future operation here and on the peers with `Aborted`.
+    pub fn abort(&self) {
+        let _ = self.shared.aborted.compare_exchange(
+            0,
+            self.rank() as u64 + 1,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+        for peer in (0..self.world()).filter(|&p| p != self.rank()) {
+            let hdr = Frame::new(Kind::Abort).encode();
+            if let Some(s) = self.shared.writers[peer]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+            {
+                let _ = s.write_all(&hdr);
+            }
+        }
+        self.shared.notify();
+    }
+
+    /// Whether abort was called here or by a peer.
+    pub fn is_aborted(&self) -> bool {
+        self.shared.aborted.load(Ordering::SeqCst) != 0
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let sh = &self.shared;
+        for peer in (0..sh.cfg.world).filter(|&p| p != sh.cfg.rank) {
+            if let Some(s) = sh.writers[peer]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+            {
+                let _ = s.write_all(&Frame::new(Kind::Bye).encode());
+            }
+        }
+        sh.stop.store(true, Ordering::SeqCst);
+        for w in &sh.writers {
+            if let Some(s) = w.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                let _ = s.shutdown(Shutdown::Write);
+            }
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}

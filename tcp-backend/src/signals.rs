@@ -1,0 +1,116 @@
+//! Monotonic 64-bit signal words of one rank, updated by progress threads and waited on by
+//! the owner: spin briefly, then sleep on a condition variable in slices.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+#[repr(align(128))]
+struct Word(AtomicU64);
+
+pub(crate) struct Signals {
+    words: Box<[Word]>,
+    waiters: AtomicUsize,
+    lock: Mutex<u64>,
+    cv: Condvar,
+}
+
+pub(crate) enum Outcome<E> {
+    Ready(u64),
+    Interrupted(E),
+    TimedOut(u64),
+}
+
+impl Signals {
+    pub fn new(n: usize) -> Self {
+        Signals {
+            words: (0..n).map(|_| Word(AtomicU64::new(0))).collect(),
+            waiters: AtomicUsize::new(0),
+            lock: Mutex::new(0),
+            cv: Condvar::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.words.len()
+    }
+
+    pub fn load(&self, i: usize) -> u64 {
+        // Acquire: partner of the SeqCst updates in `apply`.
+        self.words[i].0.load(Ordering::Acquire)
+    }
+
+    /// Applies a signal (SeqCst, so it is ordered after the writes applied before it).
+    pub fn apply(&self, i: usize, set: bool, v: u64) {
+        if set {
+            self.words[i].0.store(v, Ordering::SeqCst);
+        } else {
+            self.words[i].0.fetch_add(v, Ordering::SeqCst);
+        }
+        self.wake();
+    }
+
+    /// Wakes every sleeper (after a value or an interruption flag changed).
+    pub fn wake(&self) {
+        // SeqCst: pairs with the sleeper's SeqCst `waiters` increment before it re-checks.
+        if self.waiters.load(Ordering::SeqCst) != 0 {
+            let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            *g += 1;
+            self.cv.notify_all();
+        }
+    }
+
+    pub fn wait_until<E>(
+        &self,
+        i: usize,
+        pred: impl Fn(u64) -> bool,
+        deadline: Instant,
+        spin: Duration,
+        interrupted: impl Fn() -> Option<E>,
+    ) -> Outcome<E> {
+        let start = Instant::now();
+        let mut n = 0u32;
+        loop {
+            let v = self.load(i);
+            if pred(v) {
+                return Outcome::Ready(v);
+            }
+            n += 1;
+            if n % 64 == 0 {
+                if let Some(e) = interrupted() {
+                    return Outcome::Interrupted(e);
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    return Outcome::TimedOut(v);
+                }
+                if now - start >= spin {
+                    break;
+                }
+            }
+            std::hint::spin_loop();
+        }
+        loop {
+            self.waiters.fetch_add(1, Ordering::SeqCst);
+            let g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            let v = self.words[i].0.load(Ordering::SeqCst);
+            let out = if pred(v) {
+                Some(Outcome::Ready(v))
+            } else if let Some(e) = interrupted() {
+                Some(Outcome::Interrupted(e))
+            } else if Instant::now() >= deadline {
+                Some(Outcome::TimedOut(v))
+            } else {
+                let slice = deadline
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(20));
+                let _ = self.cv.wait_timeout(g, slice);
+                None
+            };
+            self.waiters.fetch_sub(1, Ordering::SeqCst);
+            if let Some(o) = out {
+                return o;
+            }
+        }
+    }
+}
