@@ -18,6 +18,8 @@ pub enum Backend {
     Shm,
     /// Threads of one process (only a single rank can be built from the environment).
     Loopback,
+    /// RDMA-like one-sided memory over TCP, across hosts.
+    Tcp,
 }
 
 impl std::str::FromStr for Backend {
@@ -26,11 +28,9 @@ impl std::str::FromStr for Backend {
         match s {
             "shm" => Ok(Backend::Shm),
             "loopback" => Ok(Backend::Loopback),
-            "tcp" => Err(Error::Unsupported(
-                "the tcp backend is not built into this version".into(),
-            )),
+            "tcp" => Ok(Backend::Tcp),
             other => Err(Error::InvalidArgument(format!(
-                "backend {other:?} (expected shm or loopback)"
+                "backend {other:?} (expected shm, tcp or loopback)"
             ))),
         }
     }
@@ -41,6 +41,7 @@ impl Backend {
         match self {
             Backend::Shm => "shm",
             Backend::Loopback => "loopback",
+            Backend::Tcp => "tcp",
         }
     }
 }
@@ -163,11 +164,74 @@ impl CommBuilder {
             }
             #[cfg(not(feature = "shm"))]
             Backend::Shm => return Err(Error::Unsupported("built without the shm feature".into())),
+            #[cfg(feature = "tcp")]
+            Backend::Tcp => Box::new(tcp_from_env(
+                &*store,
+                &info,
+                &settings,
+                num_signals,
+                timeout,
+                deadline,
+            )?),
+            #[cfg(not(feature = "tcp"))]
+            Backend::Tcp => return Err(Error::Unsupported("built without the tcp feature".into())),
         };
         store_barrier(&*store, "xccl/ready", info.world_size, deadline)?;
         rdv.finish(info.rank, info.world_size, deadline)?;
         Ok(Communicator::with_info(transport, info, timeout))
     }
+}
+
+/// Builds the TCP transport: the secret from `XCCL_JOB_SECRET` or made by rank 0 and shared
+/// through the store, a listener on `XCCL_SOCKET_IFNAME`'s address or loopback, every
+/// rank's address exchanged through the store.
+#[cfg(feature = "tcp")]
+fn tcp_from_env(
+    store: &dyn Store,
+    info: &RankInfo,
+    settings: &Settings,
+    num_signals: usize,
+    timeout: Duration,
+    deadline: Instant,
+) -> Result<crate::transport::tcp::TcpTransport> {
+    use crate::transport::tcp::{TcpOptions, TcpTransport};
+    let secret = match &settings.job_secret {
+        Some(s) => s.as_bytes().to_vec(),
+        None => {
+            if info.rank == 0 {
+                store.set("xccl/tcp/secret", bootstrap::random_job_id().as_bytes())?;
+            }
+            store.get("xccl/tcp/secret", deadline)?
+        }
+    };
+    let mut opts = TcpOptions::new(info.rank, info.world_size, secret);
+    if let Some(ifname) = &settings.socket_ifname {
+        let ip = bootstrap::interface_ipv4(ifname)?;
+        opts.bind = std::net::SocketAddr::from((ip, 0));
+    }
+    opts.num_signals = num_signals;
+    opts.setup_timeout = timeout;
+    if let Some(h) = settings.tcp_heartbeat {
+        opts.heartbeat = h;
+    }
+    if let Some(t) = settings.tcp_peer_timeout {
+        opts.peer_timeout = t;
+    }
+    let (rank, world) = (info.rank, info.world_size);
+    TcpTransport::new(opts, &mut |addr| {
+        store.set(
+            &format!("xccl/tcp/addr/{rank}"),
+            addr.to_string().as_bytes(),
+        )?;
+        (0..world)
+            .map(|r| {
+                let v = store.get(&format!("xccl/tcp/addr/{r}"), deadline)?;
+                String::from_utf8_lossy(&v).parse().map_err(|_| {
+                    Error::ProtocolViolation(format!("rank {r} published a bad address"))
+                })
+            })
+            .collect()
+    })
 }
 
 /// Checks every rank's configuration line against rank 0's and returns the job id rank 0

@@ -38,9 +38,9 @@ pub struct LaunchSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bind {
     /// Rank r runs on the r-th CPU this launcher may use, when there are at least as many
-    /// CPUs as ranks (as Open MPI binds by default); unbound otherwise. Unbound ranks that
-    /// exchange data get moved onto one CPU by the scheduler now and then, which makes
-    /// timings bimodal.
+    /// CPUs as ranks (as Open MPI binds by default) and the backend is not tcp (whose ranks
+    /// run progress threads); unbound otherwise. Unbound shared-memory ranks get moved onto
+    /// one CPU by the scheduler now and then, which makes timings bimodal.
     Auto,
     /// Never pin.
     None,
@@ -162,7 +162,10 @@ pub fn launch(spec: &LaunchSpec) -> Result<LaunchOutcome> {
     // SAFETY: getpid cannot fail.
     let launcher_pid = unsafe { libc::getpid() };
     let cpus = allowed_cpus();
-    let pin = spec.bind == Bind::Auto && !cpus.is_empty() && spec.ranks <= cpus.len();
+    // TCP ranks run progress threads beside the caller: pinning a rank to one CPU would make
+    // them take turns, so only shared-memory ranks are pinned.
+    let tcp = spec.backend.as_deref() == Some("tcp");
+    let pin = spec.bind == Bind::Auto && !tcp && !cpus.is_empty() && spec.ranks <= cpus.len();
     for rank in 0..spec.ranks {
         let mut cmd = Command::new(&spec.program);
         cmd.args(&spec.args)

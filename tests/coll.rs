@@ -228,6 +228,7 @@ macro_rules! per_fabric {
     ($($name:ident),*) => {
         mod loopback { $( #[test] fn $name() { super::$name(super::Fabric::Loopback) } )* }
         mod shm { $( #[test] fn $name() { super::$name(super::Fabric::Shm) } )* }
+        mod tcp { $( #[test] fn $name() { super::$name(super::Fabric::Tcp) } )* }
     };
 }
 
@@ -345,5 +346,10 @@ proptest! {
     #[test]
     fn random_alltoallv_delivers_every_byte_once_shm((counts, gaps, slot) in exchange_strategy()) {
         random_exchange(Fabric::Shm, counts, gaps, slot);
+    }
+
+    #[test]
+    fn random_alltoallv_delivers_every_byte_once_tcp((counts, gaps, slot) in exchange_strategy()) {
+        random_exchange(Fabric::Tcp, counts, gaps, slot);
     }
 }

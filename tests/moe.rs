@@ -199,6 +199,11 @@ proptest! {
     }
 
     #[test]
+    fn dispatch_and_combine_match_reference_tcp(case in case_strategy()) {
+        check_case(Fabric::Tcp, case, Dtype::F32, 2);
+    }
+
+    #[test]
     fn bf16_and_f16_stay_within_their_rounding(case in case_strategy(), f16 in any::<bool>()) {
         check_case(Fabric::Loopback, case, if f16 { Dtype::F16 } else { Dtype::Bf16 }, 1);
     }

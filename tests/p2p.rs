@@ -211,6 +211,9 @@ macro_rules! per_fabric {
         mod shm { use super::*; $(
             #[test] fn $name() { for w in [1, 2, 3, 8] { super::$name(Fabric::Shm, w) } }
         )* }
+        mod tcp { use super::*; $(
+            #[test] fn $name() { for w in [1, 2, 3, 8] { super::$name(Fabric::Tcp, w) } }
+        )* }
     };
 }
 

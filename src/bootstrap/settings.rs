@@ -4,7 +4,7 @@ use crate::error::{Error, Result};
 use std::time::Duration;
 
 /// Settings from the environment.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Settings {
     /// `XCCL_TIMEOUT_MS`: deadline of every wait and of setup (default 60 000).
     pub timeout: Duration,
@@ -20,6 +20,14 @@ pub struct Settings {
     pub shm_disable: bool,
     /// `XCCL_DEBUG`: a `tracing` filter for the binaries (`info`, `debug`, ...).
     pub debug: Option<String>,
+    /// `XCCL_JOB_SECRET`: the secret TCP peers prove they know (else rank 0 makes one).
+    pub job_secret: Option<String>,
+    /// `XCCL_SOCKET_IFNAME`: the interface TCP listeners bind to (else loopback).
+    pub socket_ifname: Option<String>,
+    /// `XCCL_TCP_HEARTBEAT_MS`: idle TCP links get a heartbeat this often (default 200).
+    pub tcp_heartbeat: Option<Duration>,
+    /// `XCCL_TCP_PEER_TIMEOUT_MS`: a TCP peer silent this long has failed (default 3000).
+    pub tcp_peer_timeout: Option<Duration>,
 }
 
 fn var(name: &str) -> Option<String> {
@@ -46,8 +54,15 @@ impl Settings {
             num_signals: number("XCCL_NUM_SIGNALS")?.map(|n| n as usize),
             shm_disable: var("XCCL_SHM_DISABLE").is_some_and(|v| v != "0"),
             debug: var("XCCL_DEBUG"),
+            job_secret: var("XCCL_JOB_SECRET"),
+            socket_ifname: var("XCCL_SOCKET_IFNAME"),
+            tcp_heartbeat: number("XCCL_TCP_HEARTBEAT_MS")?.map(Duration::from_millis),
+            tcp_peer_timeout: number("XCCL_TCP_PEER_TIMEOUT_MS")?.map(Duration::from_millis),
         };
-        tracing::debug!(settings = ?s, "xccl settings");
+        tracing::debug!(
+            timeout = ?s.timeout, backend = ?s.backend, store = ?s.store, num_signals = ?s.num_signals,
+            socket_ifname = ?s.socket_ifname, job_secret_set = s.job_secret.is_some(), "xccl settings"
+        );
         Ok(s)
     }
 }

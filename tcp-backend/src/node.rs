@@ -45,13 +45,14 @@ pub struct Config {
     pub peer_timeout: Duration,
     /// Largest payload of one frame; larger writes are split.
     pub max_frame: u64,
-    /// How long a progress thread polls for the next frame before it blocks in `read`.
+    /// How long a waiting caller polls the links itself before it sleeps (and leaves the
+    /// frames to the progress threads, which block in `poll` until data arrives).
     pub poll: Duration,
 }
 
 impl Config {
     /// Defaults: loopback, 4096 signals, heartbeat 200 ms, peer timeout 3 s, 16 MiB frames,
-    /// 50 µs of polling.
+    /// 200 µs of polling by waiting callers.
     pub fn new(rank: usize, world: usize, secret: Vec<u8>) -> Self {
         Config {
             rank,
@@ -62,7 +63,7 @@ impl Config {
             heartbeat: Duration::from_millis(200),
             peer_timeout: Duration::from_secs(3),
             max_frame: 16 << 20,
-            poll: Duration::from_micros(50),
+            poll: Duration::from_micros(200),
         }
     }
 }
@@ -83,6 +84,11 @@ struct Shared {
     regions: RwLock<HashMap<u64, Arc<Region>>>,
     signals: Signals,
     writers: Vec<Mutex<Option<TcpStream>>>,
+    /// Receiving side of each link. Whoever holds the lock reads whole frames: the link's
+    /// progress thread, or a caller that is waiting anyway (it polls the links itself, which
+    /// saves the wake-up of another thread on every message).
+    rx: Vec<Mutex<Option<RxLink>>>,
+    closed: Vec<AtomicBool>,
     last_sent: Vec<AtomicU64>,
     last_recv: Vec<AtomicU64>,
     first_failed: AtomicUsize,
@@ -239,6 +245,8 @@ impl Listening {
             start: Instant::now(),
             regions: RwLock::new(HashMap::new()),
             writers: (0..n).map(|_| Mutex::new(None)).collect(),
+            rx: (0..n).map(|_| Mutex::new(None)).collect(),
+            closed: (0..n).map(|_| AtomicBool::new(false)).collect(),
             last_sent: (0..n).map(|_| AtomicU64::new(0)).collect(),
             last_recv: (0..n).map(|_| AtomicU64::new(0)).collect(),
             first_failed: AtomicUsize::new(0),
@@ -293,15 +301,20 @@ impl Listening {
             let Some(s) = link else { continue };
             let _ = s.set_nodelay(true);
             let reader = s.try_clone().map_err(|e| Error::io("cloning a link", e))?;
+            let _ = reader.set_read_timeout(Some(shared.cfg.heartbeat));
             *shared.writers[peer]
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()) = Some(s);
+            *shared.rx[peer].lock().unwrap_or_else(|p| p.into_inner()) = Some(RxLink {
+                s: reader,
+                scratch: Vec::new(),
+            });
             shared.last_recv[peer].store(shared.now_us(), Ordering::Relaxed);
             let sh = shared.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("xccl-tcp-{me}<{peer}"))
-                    .spawn(move || progress(sh, peer, reader))
+                    .spawn(move || progress(sh, peer))
                     .map_err(|e| Error::io("spawning a progress thread", e))?,
             );
         }
@@ -429,67 +442,122 @@ fn read_exact_timed(
     Ok(())
 }
 
-/// Spins (without blocking) until data is readable or `poll` has passed.
-fn poll_briefly(s: &TcpStream, poll: Duration) {
-    let start = Instant::now();
-    let mut b = [0u8; 1];
-    while start.elapsed() < poll {
-        // SAFETY: peeks at most one byte into a local buffer.
-        let r = unsafe {
-            libc::recv(
-                s.as_raw_fd(),
-                b.as_mut_ptr() as *mut libc::c_void,
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if r != -1 {
-            return; // data (or EOF) is there
-        }
-        std::hint::spin_loop();
-    }
+struct RxLink {
+    s: TcpStream,
+    scratch: Vec<u8>,
 }
 
-fn progress(sh: Arc<Shared>, peer: usize, mut s: TcpStream) {
-    let _ = s.set_read_timeout(Some(sh.cfg.heartbeat));
+/// Whether a byte (or the end of the stream) is waiting on the socket, without blocking.
+fn readable_now(s: &TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    // SAFETY: peeks at most one byte into a local buffer.
+    let r = unsafe {
+        libc::recv(
+            s.as_raw_fd(),
+            b.as_mut_ptr() as *mut libc::c_void,
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    r != -1
+}
+
+/// Reads and applies every frame already waiting on `peer`'s link. `false` once the link is
+/// finished (goodbye, failure): the caller then drops it.
+fn drain(sh: &Shared, peer: usize, link: &mut RxLink) -> bool {
     let mut hdr = [0u8; HDR];
-    let mut scratch = Vec::new();
-    loop {
-        if sh.stop.load(Ordering::SeqCst) {
-            return;
-        }
-        poll_briefly(&s, sh.cfg.poll);
-        match read_exact_timed(&mut s, &mut hdr, true, &sh, peer) {
-            Ok(()) => {}
-            Err(ReadEnd::Silent) => {
-                let silent = sh
-                    .now_us()
-                    .saturating_sub(sh.last_recv[peer].load(Ordering::Relaxed));
-                if Duration::from_micros(silent) > sh.cfg.peer_timeout {
-                    sh.fail(peer, &format!("silent for {silent} us"));
-                    return;
-                }
-                continue;
-            }
-            Err(ReadEnd::Eof) => {
-                sh.fail(peer, "connection closed");
-                return;
-            }
-            Err(ReadEnd::Err(e)) => {
-                sh.fail(peer, &format!("connection error: {e}"));
-                return;
-            }
+    while readable_now(&link.s) {
+        let end = match read_exact_timed(&mut link.s, &mut hdr, false, sh, peer) {
+            Ok(()) => None,
+            Err(ReadEnd::Eof) => Some("connection closed".to_string()),
+            Err(ReadEnd::Err(e)) => Some(format!("connection error: {e}")),
+            Err(ReadEnd::Silent) => Some("silent inside a frame".to_string()),
+        };
+        if let Some(why) = end {
+            sh.fail(peer, &why);
+            sh.closed[peer].store(true, Ordering::SeqCst);
+            return false;
         }
         sh.last_recv[peer].store(sh.now_us(), Ordering::Relaxed);
         let r = Frame::decode(&hdr, sh.cfg.max_frame)
-            .and_then(|f| apply(&sh, peer, &mut s, &f, &mut scratch));
+            .and_then(|f| apply(sh, peer, &mut link.s, &f, &mut link.scratch));
         match r {
             Ok(true) => {}
-            Ok(false) => return, // orderly goodbye
+            Ok(false) => {
+                sh.closed[peer].store(true, Ordering::SeqCst);
+                return false;
+            }
             Err(e) => {
                 sh.fail(peer, &e.to_string());
-                return;
+                sh.closed[peer].store(true, Ordering::SeqCst);
+                return false;
             }
+        }
+    }
+    true
+}
+
+/// Drains every link nobody else is reading right now (for callers that wait anyway).
+fn try_progress_all(sh: &Shared) {
+    for peer in 0..sh.cfg.world {
+        if peer == sh.cfg.rank || sh.closed[peer].load(Ordering::Relaxed) {
+            continue;
+        }
+        if let Ok(mut g) = sh.rx[peer].try_lock() {
+            if let Some(link) = g.as_mut() {
+                if !drain(sh, peer, link) {
+                    *g = None;
+                }
+            }
+        }
+    }
+}
+
+/// The progress thread of one link: sleeps in `poll` until frames arrive, applies them (unless
+/// a waiting caller already did), and declares the peer failed after `peer_timeout` of silence.
+fn progress(sh: Arc<Shared>, peer: usize) {
+    let fd = match sh.rx[peer]
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+    {
+        Some(l) => l.s.as_raw_fd(),
+        None => return,
+    };
+    let slice = sh
+        .cfg
+        .heartbeat
+        .min(Duration::from_millis(50))
+        .as_millis()
+        .max(1) as i32;
+    loop {
+        if sh.stop.load(Ordering::SeqCst) || sh.closed[peer].load(Ordering::SeqCst) {
+            return;
+        }
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; the descriptor stays open while this thread runs (the
+        // link is dropped only by this thread or after it was joined).
+        let rc = unsafe { libc::poll(&mut p, 1, slice) };
+        if rc > 0 {
+            let mut g = sh.rx[peer].lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(link) = g.as_mut() {
+                if !drain(&sh, peer, link) {
+                    *g = None;
+                    return;
+                }
+            }
+        }
+        let silent = sh
+            .now_us()
+            .saturating_sub(sh.last_recv[peer].load(Ordering::Relaxed));
+        if Duration::from_micros(silent) > sh.cfg.peer_timeout {
+            sh.fail(peer, &format!("silent for {} ms", silent / 1000));
+            sh.closed[peer].store(true, Ordering::SeqCst);
+            return;
         }
     }
 }
@@ -876,6 +944,14 @@ impl Node {
             f.len = chunk.len() as u64;
             f.a = req;
             let sent = self.shared.send(peer, &f, &[]);
+            self.poll_until(|| {
+                self.shared
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&req)
+                    .is_none_or(|p| p.done)
+            });
             let mut pending = self
                 .shared
                 .pending
@@ -921,6 +997,7 @@ impl Node {
         let mut f = Frame::new(Kind::Flush);
         f.a = req;
         self.shared.send(peer, &f, &[])?;
+        self.poll_until(|| self.shared.flushed[peer].load(Ordering::SeqCst) >= req);
         let mut g = self
             .shared
             .pending
@@ -946,6 +1023,17 @@ impl Node {
         }
     }
 
+    /// Polls the links in this thread until `done` holds or the polling budget is spent.
+    fn poll_until(&self, done: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !done()
+            && self.shared.interrupted().is_none()
+            && start.elapsed() < self.shared.cfg.poll
+        {
+            try_progress_all(&self.shared);
+        }
+    }
+
     /// Current value of this rank's signal word `index`.
     pub fn signal_value(&self, index: usize) -> Result<u64> {
         if index >= self.num_signals() {
@@ -968,20 +1056,33 @@ impl Node {
         if let Some(e) = self.shared.interrupted() {
             return Err(e);
         }
-        let spin = if self.world()
-            > std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        {
-            Duration::from_micros(2)
-        } else {
-            Duration::from_micros(200)
-        };
+        // Poll the links in this thread for a while (no wake-up of another thread on the
+        // critical path), then sleep while the progress threads apply what arrives.
+        let start = Instant::now();
+        let mut n = 0u32;
+        loop {
+            let v = self.shared.signals.load(index);
+            if pred(v) {
+                return Ok(v);
+            }
+            try_progress_all(&self.shared);
+            n += 1;
+            if n % 16 == 0 {
+                if let Some(e) = self.shared.interrupted() {
+                    return Err(e);
+                }
+                let now = Instant::now();
+                if now >= deadline || now - start >= self.shared.cfg.poll {
+                    break;
+                }
+            }
+        }
         match self
             .shared
             .signals
-            .wait_until(index, pred, deadline, spin, || self.shared.interrupted())
-        {
+            .wait_until(index, pred, deadline, Duration::ZERO, || {
+                self.shared.interrupted()
+            }) {
             Outcome::Ready(v) => Ok(v),
             Outcome::Interrupted(e) => Err(e),
             Outcome::TimedOut(v) => Err(Error::Timeout(format!(

@@ -237,6 +237,7 @@ pub fn skips_forbidden() -> bool {
 pub enum Fabric {
     Loopback,
     Shm,
+    Tcp,
 }
 
 /// `world` connected communicators of one fabric, ranks as threads of this process.
@@ -249,6 +250,11 @@ pub fn comms(fabric: Fabric, world: usize) -> Vec<xccl::Communicator> {
             .map(|t| Box::new(t) as Box<dyn Transport>)
             .collect(),
         Fabric::Shm => xccl::transport::shm::in_process(world, 4096)
+            .unwrap()
+            .into_iter()
+            .map(|t| Box::new(t) as Box<dyn Transport>)
+            .collect(),
+        Fabric::Tcp => xccl::transport::tcp::in_process(world, 4096)
             .unwrap()
             .into_iter()
             .map(|t| Box::new(t) as Box<dyn Transport>)
