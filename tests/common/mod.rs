@@ -113,6 +113,11 @@ impl Job {
         }
     }
 
+    /// The address of the job's rendezvous store.
+    pub fn store_addr(&self) -> String {
+        self._store.addr().to_string()
+    }
+
     /// Waits until every rank in `ranks` has printed a line starting with `word`.
     pub fn expect_from(&self, ranks: &[usize], word: &str, limit: Duration) {
         let end = Instant::now() + limit;

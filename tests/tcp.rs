@@ -1,0 +1,360 @@
+//! The TCP backend across real processes: a rank killed mid-transfer, hostile clients on a
+//! live job's listener, and ranks in separate network namespaces whose link is cut.
+
+mod common;
+
+use common::{assert_no_leaks, Job, SCENARIO, SERIAL};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use xccl::bootstrap::{Store, TcpStore};
+use xccl::transport::{Cmp, SignalOp};
+use xccl::{Communicator, Error};
+
+#[test]
+#[ignore = "entry point of the rank processes that the other tests start"]
+fn worker() {
+    let Ok(scenario) = std::env::var(SCENARIO) else {
+        return;
+    };
+    match scenario.as_str() {
+        "stream_until_killed" => stream_until_killed(),
+        "round_trips_for_3s" => round_trips_for_3s(),
+        "netns" => netns_worker(),
+        other => panic!("unknown scenario {other}"),
+    }
+}
+
+/// Every rank streams 1 MiB puts around a ring until a peer dies, then reports it.
+fn stream_until_killed() {
+    let comm = Communicator::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let (me, n) = (comm.rank(), comm.world_size());
+    let t = comm.transport();
+    let win = comm.register(1 << 20).unwrap();
+    let data = vec![me as u8; 1 << 20];
+    comm.barrier().unwrap();
+    println!("READY");
+    let mut i = 0u64;
+    let r = loop {
+        i += 1;
+        if let Err(e) = t.put_signal((me + 1) % n, &win, 0, &data, 0, SignalOp::Add, 1) {
+            break e;
+        }
+        if let Err(e) = t.wait(0, Cmp::Ge, i, comm.deadline()) {
+            break e;
+        }
+    };
+    match r {
+        Error::PeerFailed { rank } => println!("PEERFAILED {rank}"),
+        other => panic!("expected PeerFailed, got {other}"),
+    }
+}
+
+/// Ranks 0 and 1 ping-pong checked 8-byte values for 3 s of work, then stop together.
+fn round_trips_for_3s() {
+    let comm = Communicator::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let me = comm.rank();
+    let t = comm.transport();
+    let win = comm.register(64).unwrap();
+    comm.barrier().unwrap();
+    println!("READY");
+    let start = Instant::now();
+    let mut i = 0u64;
+    loop {
+        i += 1;
+        if me == 0 {
+            let stop = start.elapsed() > Duration::from_secs(3);
+            let v = if stop { u64::MAX } else { i };
+            t.put_signal(1, &win, 0, &v.to_le_bytes(), 0, SignalOp::Add, 1)
+                .unwrap();
+            t.wait(0, Cmp::Ge, i, comm.deadline()).unwrap();
+            let mut b = [0u8; 8];
+            t.read_local(&win, 0, &mut b).unwrap();
+            assert_eq!(u64::from_le_bytes(b), v ^ 0x5A5A, "round trip {i}");
+            if stop {
+                break;
+            }
+        } else {
+            t.wait(0, Cmp::Ge, i, comm.deadline()).unwrap();
+            let mut b = [0u8; 8];
+            t.read_local(&win, 0, &mut b).unwrap();
+            let v = u64::from_le_bytes(b);
+            t.put_signal(0, &win, 0, &(v ^ 0x5A5A).to_le_bytes(), 0, SignalOp::Add, 1)
+                .unwrap();
+            if v == u64::MAX {
+                break;
+            }
+        }
+    }
+    comm.barrier().unwrap();
+    println!("DONE {i}");
+}
+
+/// In its own network namespace: checks put/get/signal with the peer, then waits until the
+/// link is cut and reports the failure.
+fn netns_worker() {
+    let comm = Communicator::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let (me, n) = (comm.rank(), comm.world_size());
+    let t = comm.transport();
+    let win = comm.register(4096).unwrap();
+    let peer = 1 - me;
+    t.put_signal(peer, &win, 0, &[me as u8 + 1; 100], 0, SignalOp::Add, 1)
+        .unwrap();
+    t.wait(0, Cmp::Ge, 1, comm.deadline()).unwrap();
+    let mut got = [0u8; 100];
+    t.read_local(&win, 0, &mut got).unwrap();
+    assert_eq!(got, [peer as u8 + 1; 100]);
+    let mut remote = [0u8; 100];
+    t.get(peer, &win, 0, &mut remote).unwrap();
+    assert_eq!(remote, [me as u8 + 1; 100]);
+    comm.barrier().unwrap();
+    assert_eq!(n, 2);
+    println!("READY");
+    match t.wait(1, Cmp::Ge, 1, Instant::now() + Duration::from_secs(30)) {
+        Err(Error::PeerFailed { rank }) => println!("PEERFAILED {rank}"),
+        other => panic!("expected PeerFailed, got {other:?}"),
+    }
+}
+
+fn tcp_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("XCCL_BACKEND", "tcp".into()),
+        ("XCCL_TCP_PEER_TIMEOUT_MS", "2000".into()),
+        ("XCCL_TCP_QUIET", "1".into()),
+    ]
+}
+
+#[test]
+fn sigkill_mid_transfer_fails_the_others() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut job = Job::start(3, "stream_until_killed", &tcp_env());
+    job.expect_from(&[0, 1, 2], "READY", Duration::from_secs(60));
+    let at = Instant::now();
+    job.kill(1);
+    job.expect_from(&[0, 2], "PEERFAILED 1", Duration::from_secs(5));
+    eprintln!("survivors saw PeerFailed {:?} after SIGKILL", at.elapsed());
+    let st = job.wait_all(Duration::from_secs(30));
+    assert!(st[0].success() && st[2].success(), "{st:?}");
+    let mark = job.mark.clone();
+    drop(job);
+    assert_no_leaks(&mark);
+}
+
+/// Waits up to `limit` for the server to close `s` (read gives EOF or an error).
+fn closed_by_server(s: &mut TcpStream, limit: Duration) -> bool {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return true,
+            Ok(_) => {} // a challenge, or a refusal byte: keep reading until closed
+        }
+    }
+}
+
+#[test]
+fn hostile_clients_are_refused_while_the_job_completes() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut job = Job::start(2, "round_trips_for_3s", &tcp_env());
+    job.expect_from(&[0, 1], "READY", Duration::from_secs(60));
+    let store =
+        TcpStore::connect(&job.store_addr(), Instant::now() + Duration::from_secs(10)).unwrap();
+    let addr = String::from_utf8(
+        store
+            .get("xccl/tcp/addr/0", Instant::now() + Duration::from_secs(10))
+            .unwrap(),
+    )
+    .unwrap();
+    // Garbage.
+    let mut garbage = TcpStream::connect(&addr).unwrap();
+    garbage.write_all(&[0xAB; 64]).unwrap();
+    // A frame header announcing u64::MAX bytes, before any authentication.
+    let mut huge = TcpStream::connect(&addr).unwrap();
+    let mut h = [0u8; 48];
+    h[0..4].copy_from_slice(&0x5843_5450u32.to_le_bytes());
+    h[4] = 1;
+    h[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
+    huge.write_all(&h).unwrap();
+    // A well-formed hello from "rank 1", then a proof made without the secret.
+    let mut liar = TcpStream::connect(&addr).unwrap();
+    let mut hello = Vec::new();
+    for w in [0x5843_5448u32, 1, 1, 2] {
+        hello.extend_from_slice(&w.to_le_bytes());
+    }
+    hello.extend_from_slice(&[7u8; 16]);
+    liar.write_all(&hello).unwrap();
+    let mut challenge = [0u8; 52];
+    liar.read_exact(&mut challenge).unwrap();
+    liar.write_all(&[0u8; 32]).unwrap();
+    // A client that connects and says nothing.
+    let mut mute = TcpStream::connect(&addr).unwrap();
+    for (name, s) in [
+        ("garbage", &mut garbage),
+        ("u64::MAX frame", &mut huge),
+        ("wrong secret", &mut liar),
+        ("silent", &mut mute),
+    ] {
+        assert!(
+            closed_by_server(s, Duration::from_secs(10)),
+            "{name} client was not dropped"
+        );
+    }
+    let st = job.wait_all(Duration::from_secs(60));
+    assert!(st.iter().all(|s| s.success()), "the job failed: {st:?}");
+    let mark = job.mark.clone();
+    drop(job);
+    assert_no_leaks(&mark);
+}
+
+/// Runs `ip` with `args`; true on success.
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Network namespaces made for one test, deleted (with their veth ends) on drop.
+struct Netns(Vec<String>);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            ip(&["netns", "del", ns]);
+        }
+    }
+}
+
+#[test]
+fn cut_link_between_namespaces_fails_both_sides() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let id = std::process::id() % 100_000;
+    let (na, nb, va, vb) = (
+        format!("xccla{id}"),
+        format!("xcclb{id}"),
+        format!("xva{id}"),
+        format!("xvb{id}"),
+    );
+    if !ip(&["netns", "add", &na]) {
+        assert!(
+            !common::skips_forbidden(),
+            "cannot create network namespaces and XCCL_REQUIRE_ALL=1"
+        );
+        eprintln!("SKIPPED: cannot create network namespaces here (needs root and iproute2)");
+        return;
+    }
+    let guard = Netns(vec![na.clone(), nb.clone()]);
+    let octet = 1 + id % 250;
+    let (ipa, ipb) = (
+        format!("10.231.{octet}.1/24"),
+        format!("10.231.{octet}.2/24"),
+    );
+    for args in [
+        vec!["netns", "add", nb.as_str()],
+        vec![
+            "link",
+            "add",
+            va.as_str(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            vb.as_str(),
+        ],
+        vec!["link", "set", va.as_str(), "netns", na.as_str()],
+        vec!["link", "set", vb.as_str(), "netns", nb.as_str()],
+        vec![
+            "-n",
+            na.as_str(),
+            "addr",
+            "add",
+            ipa.as_str(),
+            "dev",
+            va.as_str(),
+        ],
+        vec![
+            "-n",
+            nb.as_str(),
+            "addr",
+            "add",
+            ipb.as_str(),
+            "dev",
+            vb.as_str(),
+        ],
+        vec!["-n", na.as_str(), "link", "set", va.as_str(), "up"],
+        vec!["-n", nb.as_str(), "link", "set", vb.as_str(), "up"],
+    ] {
+        assert!(ip(&args), "ip {args:?} failed");
+    }
+    let dir = std::env::temp_dir().join(format!("xccl-netns-store-{id}"));
+    let mark = format!("netns-{}", xccl::bootstrap::random_job_id());
+    let mut kids = Vec::new();
+    for (rank, (ns, dev)) in [(&na, &va), (&nb, &vb)].into_iter().enumerate() {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns.as_str()])
+            .arg(std::env::current_exe().unwrap())
+            .args(common::worker_args());
+        for v in common::LAUNCHER_VARS {
+            cmd.env_remove(v);
+        }
+        cmd.env(SCENARIO, "netns")
+            .env(common::MARK, &mark)
+            .env("XCCL_RANK", rank.to_string())
+            .env("XCCL_WORLD_SIZE", "2")
+            .env("XCCL_STORE", format!("file://{}", dir.display()))
+            .env("XCCL_BACKEND", "tcp")
+            .env("XCCL_SOCKET_IFNAME", dev.as_str())
+            .env("XCCL_TCP_HEARTBEAT_MS", "200")
+            .env("XCCL_TCP_PEER_TIMEOUT_MS", "1500")
+            .env("XCCL_TCP_QUIET", "1")
+            .stdout(std::process::Stdio::piped());
+        kids.push(cmd.spawn().unwrap());
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (rank, k) in kids.iter_mut().enumerate() {
+        let out = k.stdout.take().unwrap();
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                eprintln!("[{rank}] {line}");
+                let _ = tx.send((rank, line));
+            }
+        });
+    }
+    let wait_for = |word: &str, limit: Duration| -> Instant {
+        let end = Instant::now() + limit;
+        let mut seen = [false; 2];
+        while !seen.iter().all(|&s| s) {
+            match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+                Ok((r, l)) if l.starts_with(word) => seen[r] = true,
+                Ok(_) => {}
+                Err(_) => panic!("ranks did not print {word:?} within {limit:?}"),
+            }
+        }
+        Instant::now()
+    };
+    wait_for("READY", Duration::from_secs(60));
+    let cut = Instant::now();
+    assert!(ip(&["-n", &na, "link", "set", &va, "down"]));
+    let seen = wait_for("PEERFAILED", Duration::from_secs(10));
+    let took = seen - cut;
+    eprintln!("both sides saw PeerFailed {took:?} after the link was cut (timeout 1.5 s)");
+    assert!(took <= Duration::from_millis(1500 + 2000), "took {took:?}");
+    for k in &mut kids {
+        assert!(k.wait().unwrap().success());
+    }
+    drop(guard);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_no_leaks(&mark);
+}
