@@ -305,10 +305,7 @@ impl Listening {
             *shared.writers[peer]
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()) = Some(s);
-            *shared.rx[peer].lock().unwrap_or_else(|p| p.into_inner()) = Some(RxLink {
-                s: reader,
-                scratch: Vec::new(),
-            });
+            *shared.rx[peer].lock().unwrap_or_else(|p| p.into_inner()) = Some(RxLink::new(reader));
             shared.last_recv[peer].store(shared.now_us(), Ordering::Relaxed);
             let sh = shared.clone();
             threads.push(
@@ -442,59 +439,125 @@ fn read_exact_timed(
     Ok(())
 }
 
+/// Receiving side of a link: the socket and a staging buffer. Small frames (header and
+/// payload) arrive with one `recv`; a payload larger than what the staging buffer holds is
+/// read from the socket straight into its region.
 struct RxLink {
     s: TcpStream,
     scratch: Vec<u8>,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
 }
 
-/// Whether a byte (or the end of the stream) is waiting on the socket, without blocking.
-fn readable_now(s: &TcpStream) -> bool {
-    let mut b = [0u8; 1];
-    // SAFETY: peeks at most one byte into a local buffer.
-    let r = unsafe {
-        libc::recv(
-            s.as_raw_fd(),
-            b.as_mut_ptr() as *mut libc::c_void,
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    r != -1
+const STAGING: usize = 64 << 10;
+
+impl RxLink {
+    fn new(s: TcpStream) -> Self {
+        RxLink {
+            s,
+            scratch: Vec::new(),
+            buf: vec![0u8; STAGING].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Reads whatever is waiting into the staging buffer without blocking. `Ok(false)` when
+    /// nothing was there.
+    fn fill_nonblocking(&mut self) -> std::result::Result<bool, ReadEnd> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let room = &mut self.buf[self.end..];
+        // SAFETY: reads at most `room.len()` bytes into the live staging buffer.
+        let n = unsafe {
+            libc::recv(
+                self.s.as_raw_fd(),
+                room.as_mut_ptr() as *mut libc::c_void,
+                room.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        match n {
+            0 => Err(ReadEnd::Eof),
+            n if n > 0 => {
+                self.end += n as usize;
+                Ok(true)
+            }
+            _ => {
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(false),
+                    _ => Err(ReadEnd::Err(e)),
+                }
+            }
+        }
+    }
+
+    /// Fills `dst` from the staging buffer, then (blocking) from the socket.
+    fn read_into(&mut self, dst: &mut [u8], sh: &Shared, peer: usize) -> Result<()> {
+        let have = (self.end - self.start).min(dst.len());
+        dst[..have].copy_from_slice(&self.buf[self.start..self.start + have]);
+        self.start += have;
+        if have < dst.len() {
+            read_exact_timed(&mut self.s, &mut dst[have..], false, sh, peer).map_err(
+                |e| match e {
+                    ReadEnd::Err(e) => Error::io("reading a payload", e),
+                    _ => Error::Protocol("link closed inside a frame".into()),
+                },
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// Reads and applies every frame already waiting on `peer`'s link. `false` once the link is
 /// finished (goodbye, failure): the caller then drops it.
 fn drain(sh: &Shared, peer: usize, link: &mut RxLink) -> bool {
-    let mut hdr = [0u8; HDR];
-    while readable_now(&link.s) {
-        let end = match read_exact_timed(&mut link.s, &mut hdr, false, sh, peer) {
-            Ok(()) => None,
-            Err(ReadEnd::Eof) => Some("connection closed".to_string()),
-            Err(ReadEnd::Err(e)) => Some(format!("connection error: {e}")),
-            Err(ReadEnd::Silent) => Some("silent inside a frame".to_string()),
-        };
-        if let Some(why) = end {
-            sh.fail(peer, &why);
-            sh.closed[peer].store(true, Ordering::SeqCst);
-            return false;
+    let fail = |why: String| {
+        sh.fail(peer, &why);
+        sh.closed[peer].store(true, Ordering::SeqCst);
+        false
+    };
+    loop {
+        if link.end - link.start < HDR {
+            match link.fill_nonblocking() {
+                Ok(true) => continue,
+                Ok(false) if link.end == link.start => return true,
+                Ok(false) => {
+                    // Part of a header is here: the rest is on its way; wait for it.
+                    let mut hdr = [0u8; HDR];
+                    if let Err(e) = link.read_into(&mut hdr, sh, peer) {
+                        return fail(e.to_string());
+                    }
+                    link.buf[..HDR].copy_from_slice(&hdr);
+                    link.start = 0;
+                    link.end = HDR;
+                }
+                Err(ReadEnd::Eof) => return fail("connection closed".into()),
+                Err(ReadEnd::Err(e)) => return fail(format!("connection error: {e}")),
+                Err(ReadEnd::Silent) => return fail("silent".into()),
+            }
         }
         sh.last_recv[peer].store(sh.now_us(), Ordering::Relaxed);
-        let r = Frame::decode(&hdr, sh.cfg.max_frame)
-            .and_then(|f| apply(sh, peer, &mut link.s, &f, &mut link.scratch));
-        match r {
+        let mut hdr = [0u8; HDR];
+        hdr.copy_from_slice(&link.buf[link.start..link.start + HDR]);
+        link.start += HDR;
+        match Frame::decode(&hdr, sh.cfg.max_frame).and_then(|f| apply(sh, peer, link, &f)) {
             Ok(true) => {}
             Ok(false) => {
                 sh.closed[peer].store(true, Ordering::SeqCst);
                 return false;
             }
-            Err(e) => {
-                sh.fail(peer, &e.to_string());
-                sh.closed[peer].store(true, Ordering::SeqCst);
-                return false;
-            }
+            Err(e) => return fail(e.to_string()),
         }
     }
-    true
 }
 
 /// Drains every link nobody else is reading right now (for callers that wait anyway).
@@ -563,19 +626,7 @@ fn progress(sh: Arc<Shared>, peer: usize) {
 }
 
 /// Applies one frame; `Ok(false)` after the peer's goodbye.
-fn apply(
-    sh: &Shared,
-    peer: usize,
-    s: &mut TcpStream,
-    f: &Frame,
-    scratch: &mut Vec<u8>,
-) -> Result<bool> {
-    let payload = |s: &mut TcpStream, buf: &mut [u8]| {
-        read_exact_timed(s, buf, false, sh, peer).map_err(|e| match e {
-            ReadEnd::Err(e) => Error::io("reading a payload", e),
-            _ => Error::Protocol("link closed inside a frame".into()),
-        })
-    };
+fn apply(sh: &Shared, peer: usize, link: &mut RxLink, f: &Frame) -> Result<bool> {
     let signal = |idx: u64, set: bool, v: u64| -> Result<()> {
         if idx >= sh.signals.len() as u64 {
             return Err(Error::Protocol(format!(
@@ -605,12 +656,15 @@ fn apply(
                             f.len as usize,
                         )
                     };
-                    payload(s, dst)?;
+                    link.read_into(dst, sh, peer)?;
                 }
                 None => {
                     // A region this rank has deregistered: drain the bytes, keep the link.
+                    let mut scratch = std::mem::take(&mut link.scratch);
                     scratch.resize(f.len as usize, 0);
-                    payload(s, scratch)?;
+                    let r = link.read_into(&mut scratch, sh, peer);
+                    link.scratch = scratch;
+                    r?;
                 }
             }
             if f.flags & FLAG_SIGNAL != 0 {
@@ -650,7 +704,7 @@ fn apply(
                     // SAFETY: the reader waits until `done` (or removes the entry, which it
                     // cannot while we hold the lock), so the buffer is live and exclusive.
                     let dst = unsafe { std::slice::from_raw_parts_mut(p.ptr, p.len) };
-                    payload(s, dst)?;
+                    link.read_into(dst, sh, peer)?;
                     p.done = true;
                     sh.changed.notify_all();
                 }
@@ -662,8 +716,11 @@ fn apply(
                 }
                 None => {
                     drop(pending);
+                    let mut scratch = std::mem::take(&mut link.scratch);
                     scratch.resize(f.len as usize, 0);
-                    payload(s, scratch)?;
+                    let r = link.read_into(&mut scratch, sh, peer);
+                    link.scratch = scratch;
+                    r?;
                 }
             }
         }
