@@ -2,19 +2,23 @@
 # side_by_side.sh — xccl-perf against the reference programs of ../shared/bench, interleaved in
 # one session (the machine's speed drifts, so only ratios from the same run mean anything).
 #
-#   benches/side_by_side.sh [reps] [sections...]     sections: p2p a2a (default: both), reps 3
+#   benches/side_by_side.sh [reps] [sections...]     sections: p2p a2a tcp moe (default: all), reps 3
 #   SHARED_BENCH=path    where baseline.sh lives (default ../shared/bench)
 #
 # p2p: single-thread memcpy (16 MiB), Open MPI's shm ping-pong and streaming bandwidth
 #      (mpi_p2p), `xccl-perf pingpong --baseline` and `xccl-perf sendrecv`.
 # a2a: Open MPI's MPI_Alltoallv (mpi_a2a, blocks 1 KiB / 64 KiB / 1 MiB) and
 #      `xccl-perf alltoallv` at the same blocks, for 2, 4 and 8 ranks.
+# tcp: a plain polling loopback TCP ping-pong and stream (tcp_bench), Open MPI over its tcp
+#      BTL (mpi_p2p, mpi_a2a with 2 ranks), `xccl-perf pingpong` and `alltoallv` over tcp.
+# moe: Open MPI's dispatcher/combiner (moe_mpi, selfcopy, hidden 7168 bf16, top-8 of 64)
+#      and `xccl-perf moe` at T = 128 and 4096 with 2 ranks over shm.
 # Each repetition runs every program once; the summary gives each ratio per repetition and
 # the median, as "speedup" (> 1: xccl faster) or "fraction" (of a reference bandwidth).
 set -euo pipefail
 REPS=${1:-3}
 shift || true
-SECTIONS=${*:-p2p a2a}
+SECTIONS=${*:-p2p a2a tcp moe}
 TOP=$(cd "$(dirname "$0")/.." && pwd)
 SHARED_BENCH=${SHARED_BENCH:-$TOP/../shared/bench}
 OUT=${BENCH_OUT:-/tmp/xccl-baseline}
@@ -25,6 +29,7 @@ B=$OUT/bin
 (cd "$TOP" && cargo build --release --quiet --bin xccl-perf)
 PERF=$TOP/target/release/xccl-perf
 OMPI="mpirun.openmpi --allow-run-as-root --oversubscribe --mca pml ob1 --mca btl vader,self --mca oob_tcp_if_include lo"
+OMPI_TCP="mpirun.openmpi --allow-run-as-root --oversubscribe --mca pml ob1 --mca btl tcp,self --mca oob_tcp_if_include lo --mca btl_tcp_if_include lo"
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 for rep in $(seq 1 "$REPS"); do
@@ -39,6 +44,17 @@ for rep in $(seq 1 "$REPS"); do
         for P in 2 4 8; do
           $OMPI -np $P "$B/mpi_a2a" ompi_shm 3 0.05 > "$TMP/mpi_a2a.$P.$rep"
           "$PERF" alltoallv -n $P -b 1K -e 1M --json "$TMP/a2a.$P.$rep.json" > /dev/null
+        done ;;
+      tcp)
+        "$B/tcp_bench" 3 pin spin 3000 > "$TMP/tcp_bench.$rep"
+        $OMPI_TCP -np 2 "$B/mpi_p2p" ompi_tcp 3 0.02 > "$TMP/mpi_p2p_tcp.$rep"
+        $OMPI_TCP -np 2 "$B/mpi_a2a" ompi_tcp 3 0.05 > "$TMP/mpi_a2a_tcp.$rep"
+        "$PERF" pingpong -n 2 --backend tcp -e 16M --json "$TMP/pingpong_tcp.$rep.json" > /dev/null
+        "$PERF" alltoallv -n 2 --backend tcp -b 1M -e 1M --json "$TMP/a2a_tcp.$rep.json" > /dev/null ;;
+      moe)
+        for T in 128 4096; do
+          $OMPI -np 2 "$B/moe_mpi" ompi_shm $T 7168 8 64 5 1 42 selfcopy > "$TMP/moe_mpi.$T.$rep"
+          "$PERF" moe -n 2 --tokens $T --reps 5 --json "$TMP/moe.$T.$rep.json" > /dev/null
         done ;;
       *) echo "unknown section $s" >&2; exit 2 ;;
     esac
@@ -76,6 +92,31 @@ for r in range(1, reps + 1):
                 if blk in m and P * blk in x:
                     t = x[P * blk]["time_us_p50"]
                     add(f"alltoallv P={P} block {blk >> 10} KiB, speedup vs Open MPI", r, m[blk] / t, f"{t:.2f} vs {m[blk]:.2f} us")
+    if "tcp" in sections:
+        tl = {int(l[2]): float(l[3]) for l in lines(f"{tmp}/tcp_bench.{r}") if l[0] == "tcp_lat"}
+        tb = {int(l[2]): float(l[3]) for l in lines(f"{tmp}/tcp_bench.{r}") if l[0] == "tcp_bw"}
+        ml = {int(l[2]): float(l[3]) for l in lines(f"{tmp}/mpi_p2p_tcp.{r}") if l[0] == "mpi_lat"}
+        mb = {int(l[2]): float(l[3]) for l in lines(f"{tmp}/mpi_p2p_tcp.{r}") if l[0] == "mpi_bw"}
+        ma = {int(l[4]): float(l[5]) for l in lines(f"{tmp}/mpi_a2a_tcp.{r}") if l[2] == "alltoallv"}
+        pp = rows(f"{tmp}/pingpong_tcp.{r}.json")
+        x8 = pp[8]["time_us_p50"]
+        add("tcp 8 B one-way latency vs plain polling TCP (RTT/2), speedup", r, (tl[8] / 2) / x8, f"{x8:.2f} vs {tl[8] / 2:.2f} us")
+        add("tcp 8 B one-way latency vs Open MPI tcp, speedup", r, ml[8] / x8, f"{x8:.2f} vs {ml[8]:.2f} us")
+        big = pp[16 << 20]["put_bw_gbps"]
+        add(f"tcp 16 MiB put bw vs plain TCP stream ({max(tb) >> 20} MiB writes), fraction", r, big / tb[max(tb)], f"{big:.2f} vs {tb[max(tb)]:.2f} GB/s")
+        add(f"tcp 16 MiB put bw vs Open MPI tcp best streaming ({max(mb) >> 20} MiB)", r, big / mb[max(mb)], f"{big:.2f} vs {mb[max(mb)]:.2f} GB/s")
+        a = rows(f"{tmp}/a2a_tcp.{r}.json")
+        if 2 << 20 in a and (1 << 20) in ma:
+            t = a[2 << 20]["time_us_p50"]
+            add("tcp alltoallv P=2 block 1 MiB, speedup vs Open MPI tcp", r, ma[1 << 20] / t, f"{t:.1f} vs {ma[1 << 20]:.1f} us")
+    if "moe" in sections:
+        for T in (128, 4096):
+            l = [x for x in lines(f"{tmp}/moe_mpi.{T}.{r}") if x and x[0] == "moe"]
+            x = json.load(open(f"{tmp}/moe.{T}.{r}.json"))[0]
+            if l:
+                m_total = float(l[0][10]) + float(l[0][13])
+                ours = x["dispatch_us_p50"] / 1e3 + x["combine_us_p50"] / 1e3
+                add(f"moe normal T={T} dispatch+combine, speedup vs Open MPI", r, m_total / ours, f"{ours:.2f} vs {m_total:.2f} ms")
 for name, vals in results.items():
     per = "; ".join(f"rep {r}: x{v:.2f} ({d})" for r, v, d in vals)
     print(f"{name}: median x{statistics.median(v for _, v, _ in vals):.2f}   [{per}]")

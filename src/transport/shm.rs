@@ -153,9 +153,10 @@ impl ShmTransport {
             }
         }))?;
 
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        // CPUs of the machine, not of this process's affinity mask: a launcher that pins each
+        // rank to its own CPU has not oversubscribed anything.
+        // SAFETY: sysconf has no preconditions.
+        let cores = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
         Ok(ShmTransport {
             rank: opts.rank,
             world: opts.world,

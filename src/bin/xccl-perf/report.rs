@@ -61,9 +61,8 @@ pub fn header(op: &str, backend: &str, ranks: usize) -> String {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         })
         .unwrap_or_else(|| "unknown cpu".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    // SAFETY: sysconf has no preconditions.
+    let cores = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1);
     format!(
         "# xccl-perf {op} | xccl {} | backend {backend} | ranks {ranks} | host {} | {cpu} x {cores} cores",
         env!("CARGO_PKG_VERSION"),
