@@ -269,18 +269,21 @@ impl<'c> Coll<'c> {
                 send.len()
             )));
         }
-        let counts = vec![b; n];
-        let zeros = vec![0; n];
-        let displs: Vec<usize> = (0..n).map(|j| j * b).collect();
-        self.exchange(
+        self.gather_bytes(
             KIND_ALLGATHER,
             bytemuck::cast_slice(send),
-            &counts,
-            &zeros,
             bytemuck::cast_slice_mut(recv),
-            &counts,
-            &displs,
+            b,
         )
+    }
+
+    /// Every rank's `send` (`block` bytes) into `recv` in rank order (`world × block`).
+    fn gather_bytes(&self, kind: u64, send: &[u8], recv: &mut [u8], block: usize) -> Result<()> {
+        let n = self.comm().world_size();
+        let counts = vec![block; n];
+        let zeros = vec![0; n];
+        let displs: Vec<usize> = (0..n).map(|j| j * block).collect();
+        self.exchange(kind, send, &counts, &zeros, recv, &counts, &displs)
     }
 
     /// All-reduce of a small vector (statistics): every rank ends with the element-wise
@@ -289,17 +292,11 @@ impl<'c> Coll<'c> {
         let n = self.comm().world_size();
         let mut all = vec![T::zeroed(); data.len() * n];
         let sz = std::mem::size_of_val(data);
-        let counts = vec![sz; n];
-        let zeros = vec![0; n];
-        let displs: Vec<usize> = (0..n).map(|j| j * sz).collect();
-        self.exchange(
+        self.gather_bytes(
             KIND_ALLREDUCE,
             bytemuck::cast_slice(data),
-            &counts,
-            &zeros,
             bytemuck::cast_slice_mut(&mut all),
-            &counts,
-            &displs,
+            sz,
         )?;
         let len = data.len();
         for (i, d) in data.iter_mut().enumerate() {

@@ -1,13 +1,15 @@
 //! The loopback backend: ranks are threads of one process sharing plain memory. It is the
 //! reference every other backend is compared with, so it favours obviousness over speed.
 
-use super::{check_peer, check_range, check_signal, Caps, Cmp, SignalOp, Transport, Window};
+use super::{
+    check_peer, check_range, check_signal, Caps, Cmp, SignalOp, Transport, Window, WindowTable,
+};
 use crate::error::{Error, Result};
 use crossbeam_utils::CachePadded;
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Default number of signal words per rank.
@@ -93,9 +95,8 @@ impl Fabric {
 pub struct Loopback {
     fabric: Arc<Fabric>,
     rank: usize,
-    owner: u64,
     next_reg: AtomicU64,
-    windows: RwLock<HashMap<u64, Arc<[Arc<Buf>]>>>,
+    windows: WindowTable<Arc<[Arc<Buf>]>>,
 }
 
 impl Loopback {
@@ -137,21 +138,14 @@ impl Loopback {
             .map(|rank| Loopback {
                 fabric: fabric.clone(),
                 rank,
-                owner: Window::new_owner_tag(),
                 next_reg: AtomicU64::new(1),
-                windows: RwLock::new(HashMap::new()),
+                windows: WindowTable::new(),
             })
             .collect())
     }
 
     fn bufs(&self, win: &Window) -> Result<Arc<[Arc<Buf>]>> {
-        win.check_owner(self.owner)?;
-        self.windows
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&win.id())
-            .cloned()
-            .ok_or_else(|| Error::InvalidUsage(format!("window #{} is deregistered", win.id())))
+        self.windows.get(win)
     }
 
     fn check_live(&self) -> Result<()> {
@@ -245,21 +239,11 @@ impl Transport for Loopback {
                 "register #{id}: ranks asked for window sizes {lens:?}"
             )));
         }
-        self.windows
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, bufs);
-        Ok(Window::new(self.owner, id, len))
+        Ok(self.windows.insert(id, len, bufs))
     }
 
     fn deregister(&self, win: Window) -> Result<()> {
-        win.check_owner(self.owner)?;
-        self.windows
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&win.id())
-            .map(|_| ())
-            .ok_or_else(|| Error::InvalidUsage(format!("window #{} is not registered", win.id())))
+        self.windows.remove(win).map(|_| ())
     }
 
     fn put(&self, peer: usize, win: &Window, offset: usize, data: &[u8]) -> Result<()> {

@@ -42,7 +42,7 @@ pub mod shm;
 pub mod tcp;
 mod window;
 
-pub use window::{check_peer, check_range, check_signal, Window};
+pub use window::{check_peer, check_range, check_signal, Window, WindowTable};
 
 use crate::error::Result;
 use std::time::Instant;

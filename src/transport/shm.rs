@@ -2,12 +2,13 @@
 //! other's `memfd` windows; a put is one `memcpy` into the peer's mapping, a signal an atomic
 //! on the peer's signal page with a shared-futex wake.
 
-use super::{check_peer, check_range, check_signal, Caps, Cmp, SignalOp, Transport, Window};
+use super::{
+    check_peer, check_range, check_signal, Caps, Cmp, SignalOp, Transport, Window, WindowTable,
+};
 use crate::error::{Error, Result};
-use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use xccl_shm::{Mesh, Segment, SegmentState, SignalArray, WaitOutcome, WaitPolicy};
 
@@ -58,7 +59,6 @@ struct Liveness {
 pub struct ShmTransport {
     rank: usize,
     world: usize,
-    owner: u64,
     num_signals: usize,
     setup_timeout: Duration,
     policy: WaitPolicy,
@@ -67,7 +67,7 @@ pub struct ShmTransport {
     signals: Vec<SignalArray>,
     liveness: Arc<Liveness>,
     next_reg: AtomicU64,
-    windows: RwLock<HashMap<u64, Arc<[Segment]>>>,
+    windows: WindowTable<Arc<[Segment]>>,
     /// Dropped last (declared last): peers see our state `Closed` before our links close.
     mesh: Mesh,
 }
@@ -160,7 +160,6 @@ impl ShmTransport {
         Ok(ShmTransport {
             rank: opts.rank,
             world: opts.world,
-            owner: Window::new_owner_tag(),
             num_signals: opts.num_signals,
             setup_timeout: opts.setup_timeout,
             policy: opts
@@ -170,7 +169,7 @@ impl ShmTransport {
             signals,
             liveness,
             next_reg: AtomicU64::new(1),
-            windows: RwLock::new(HashMap::new()),
+            windows: WindowTable::new(),
             mesh,
         })
     }
@@ -209,13 +208,7 @@ impl ShmTransport {
     }
 
     fn segments(&self, win: &Window) -> Result<Arc<[Segment]>> {
-        win.check_owner(self.owner)?;
-        self.windows
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&win.id())
-            .cloned()
-            .ok_or_else(|| Error::InvalidUsage(format!("window #{} is deregistered", win.id())))
+        self.windows.get(win)
     }
 
     fn remote(&self, peer: usize, win: &Window, offset: usize, len: usize) -> Result<*mut u8> {
@@ -299,21 +292,11 @@ impl Transport for ShmTransport {
                 Some((fd, _)) => segs.push(Segment::open(fd.as_fd(), len)?),
             }
         }
-        self.windows
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, segs.into());
-        Ok(Window::new(self.owner, id, len))
+        Ok(self.windows.insert(id, len, segs.into()))
     }
 
     fn deregister(&self, win: Window) -> Result<()> {
-        win.check_owner(self.owner)?;
-        self.windows
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&win.id())
-            .map(|_| ())
-            .ok_or_else(|| Error::InvalidUsage(format!("window #{} is not registered", win.id())))
+        self.windows.remove(win).map(|_| ())
     }
 
     fn put(&self, peer: usize, win: &Window, offset: usize, data: &[u8]) -> Result<()> {

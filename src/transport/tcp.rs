@@ -2,12 +2,13 @@
 //! authenticated TCP link per pair, writes applied straight into the target window by the
 //! peer's progress thread, signals on the same stream (so per-pair ordering holds).
 
-use super::{check_peer, check_range, check_signal, Caps, Cmp, SignalOp, Transport, Window};
+use super::{
+    check_peer, check_range, check_signal, Caps, Cmp, SignalOp, Transport, Window, WindowTable,
+};
 use crate::error::{Error, Result};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use xccl_tcp::{Config, Listening, Node, Region};
 
@@ -80,10 +81,9 @@ pub struct TcpTransport {
     node: Node,
     rank: usize,
     world: usize,
-    owner: u64,
     setup_timeout: Duration,
     next_reg: AtomicU64,
-    windows: RwLock<HashMap<u64, Arc<Region>>>,
+    windows: WindowTable<Arc<Region>>,
 }
 
 impl TcpTransport {
@@ -104,21 +104,14 @@ impl TcpTransport {
             node,
             rank: opts.rank,
             world: opts.world,
-            owner: Window::new_owner_tag(),
             setup_timeout: opts.setup_timeout,
             next_reg: AtomicU64::new(1),
-            windows: RwLock::new(HashMap::new()),
+            windows: WindowTable::new(),
         })
     }
 
     fn region(&self, win: &Window) -> Result<Arc<Region>> {
-        win.check_owner(self.owner)?;
-        self.windows
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&win.id())
-            .cloned()
-            .ok_or_else(|| Error::InvalidUsage(format!("window #{} is deregistered", win.id())))
+        self.windows.get(win)
     }
 }
 
@@ -192,23 +185,13 @@ impl Transport for TcpTransport {
                 "register #{id}: ranks asked for window sizes {lens:?}"
             )));
         }
-        self.windows
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, region);
-        Ok(Window::new(self.owner, id, len))
+        Ok(self.windows.insert(id, len, region))
     }
 
     fn deregister(&self, win: Window) -> Result<()> {
-        win.check_owner(self.owner)?;
-        let gone = self
-            .windows
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&win.id());
+        self.windows.remove(win)?;
         self.node.deregister(win.id());
-        gone.map(|_| ())
-            .ok_or_else(|| Error::InvalidUsage(format!("window #{} is not registered", win.id())))
+        Ok(())
     }
 
     fn put(&self, peer: usize, win: &Window, offset: usize, data: &[u8]) -> Result<()> {

@@ -1,7 +1,9 @@
 //! Window handles and the overflow-safe argument checks every backend shares.
 
 use crate::error::{Error, Result};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
 
 /// A registered window: the same size on every rank, addressed by (rank, offset).
 ///
@@ -52,6 +54,59 @@ impl Window {
                 self.id
             )))
         }
+    }
+}
+
+/// For backends: the windows one transport has registered, by registration number, with the
+/// per-window state `V` the backend needs (its memory, its peers' mappings).
+pub struct WindowTable<V> {
+    owner: u64,
+    map: RwLock<HashMap<u64, V>>,
+}
+
+impl<V: Clone> Default for WindowTable<V> {
+    fn default() -> Self {
+        WindowTable {
+            owner: Window::new_owner_tag(),
+            map: RwLock::new(HashMap::new()),
+        }
+    }
+}
+
+impl<V: Clone> WindowTable<V> {
+    /// An empty table with a fresh owner tag.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records window `id` of `len` bytes and returns its handle.
+    pub fn insert(&self, id: u64, len: usize, state: V) -> Window {
+        self.map
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, state);
+        Window::new(self.owner, id, len)
+    }
+
+    /// The state of a live window of this table.
+    pub fn get(&self, win: &Window) -> Result<V> {
+        win.check_owner(self.owner)?;
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&win.id())
+            .cloned()
+            .ok_or_else(|| Error::InvalidUsage(format!("window #{} is deregistered", win.id())))
+    }
+
+    /// Forgets a window, returning its state.
+    pub fn remove(&self, win: Window) -> Result<V> {
+        win.check_owner(self.owner)?;
+        self.map
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&win.id())
+            .ok_or_else(|| Error::InvalidUsage(format!("window #{} is not registered", win.id())))
     }
 }
 

@@ -122,29 +122,8 @@ pub fn run(c: &Common, v: bool) -> Result<()> {
             .fold(0.0, f64::max);
         let (_, p99, min, max) = report::stats(&mut per_call);
         let p50 = mean;
-        let algbw = if p50 > 0.0 {
-            size as f64 / (p50 * 1e3)
-        } else {
-            0.0
-        };
-        let row = Row {
-            op: if v { "alltoallv" } else { "alltoall" },
-            backend: c.backend.clone(),
-            ranks: n,
-            bytes: size,
-            count: size,
-            dtype: "uint8",
-            p50_us: p50,
-            p99_us: p99,
-            min_us: min,
-            max_us: max,
-            algbw,
-            busbw: algbw * (n - 1) as f64 / n as f64,
-            wrong: wrong[0],
-            baseline_us: None,
-            moe: None,
-            stream_gbps: None,
-        };
+        let bus = (n - 1) as f64 / n as f64;
+        let row = Row::bytes(op, &c.backend, n, size, (p50, p99, min, max), bus, wrong[0]);
         if me == 0 {
             println!("{}", report::line(&row));
         }

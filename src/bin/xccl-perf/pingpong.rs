@@ -294,32 +294,18 @@ pub fn run(args: &PingpongArgs) -> Result<()> {
                 let (p50, p99, min, max) = report::stats(&mut times);
                 let stream_us = report::stats(&mut stream_times).0;
                 let baseline_us = c.baseline.then(|| report::stats(&mut memcpy_times[1..]).0);
-                let gbps = if p50 > 0.0 {
-                    size as f64 / (p50 * 1e3)
-                } else {
-                    0.0
-                };
                 let row = Row {
-                    op: "pingpong",
-                    backend: c.backend.clone(),
-                    ranks: n,
-                    bytes: size,
-                    count: size,
-                    dtype: "uint8",
-                    p50_us: p50,
-                    p99_us: p99,
-                    min_us: min,
-                    max_us: max,
-                    algbw: gbps,
-                    busbw: gbps,
-                    wrong,
                     baseline_us,
-                    moe: None,
-                    stream_gbps: Some(if stream_us > 0.0 {
-                        size as f64 / (stream_us * 1e3)
-                    } else {
-                        0.0
-                    }),
+                    stream_gbps: Some(report::gbps(size, stream_us)),
+                    ..Row::bytes(
+                        "pingpong",
+                        &c.backend,
+                        n,
+                        size,
+                        (p50, p99, min, max),
+                        1.0,
+                        wrong,
+                    )
                 };
                 if me == 0 {
                     println!("{}", report::line(&row));

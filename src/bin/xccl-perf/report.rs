@@ -28,6 +28,47 @@ pub struct Row {
     pub moe: Option<MoeFields>,
 }
 
+/// GB/s of `bytes` in `us` microseconds (0 for a zero time).
+pub fn gbps(bytes: usize, us: f64) -> f64 {
+    if us > 0.0 {
+        bytes as f64 / (us * 1e3)
+    } else {
+        0.0
+    }
+}
+
+impl Row {
+    /// A byte-typed row: `bytes` per rank per call, time statistics `(p50, p99, min, max)` in
+    /// µs, bus bandwidth = algbw × `bus_factor`.
+    pub fn bytes(
+        op: &'static str,
+        backend: &str,
+        ranks: usize,
+        bytes: usize,
+        (p50, p99, min, max): (f64, f64, f64, f64),
+        bus_factor: f64,
+        wrong: u64,
+    ) -> Row {
+        let algbw = gbps(bytes, p50);
+        Row {
+            op,
+            backend: backend.to_string(),
+            ranks,
+            bytes,
+            count: bytes,
+            dtype: "uint8",
+            p50_us: p50,
+            p99_us: p99,
+            min_us: min,
+            max_us: max,
+            algbw,
+            busbw: algbw * bus_factor,
+            wrong,
+            ..Row::default()
+        }
+    }
+}
+
 /// The MoE part of a row.
 #[derive(Debug, Clone, Default)]
 pub struct MoeFields {

@@ -115,32 +115,17 @@ pub fn run(c: &Common) -> Result<()> {
             if initiator {
                 let (p50, p99, min, max) = report::stats(&mut times);
                 let s50 = report::stats(&mut stream).0;
-                let gbps = if p50 > 0.0 {
-                    size as f64 / (p50 * 1e3)
-                } else {
-                    0.0
-                };
                 let row = Row {
-                    op: "sendrecv",
-                    backend: c.backend.clone(),
-                    ranks: n,
-                    bytes: size,
-                    count: size,
-                    dtype: "uint8",
-                    p50_us: p50,
-                    p99_us: p99,
-                    min_us: min,
-                    max_us: max,
-                    algbw: gbps,
-                    busbw: gbps,
-                    wrong,
-                    baseline_us: None,
-                    moe: None,
-                    stream_gbps: Some(if s50 > 0.0 {
-                        size as f64 / (s50 * 1e3)
-                    } else {
-                        0.0
-                    }),
+                    stream_gbps: Some(report::gbps(size, s50)),
+                    ..Row::bytes(
+                        "sendrecv",
+                        &c.backend,
+                        n,
+                        size,
+                        (p50, p99, min, max),
+                        1.0,
+                        wrong,
+                    )
                 };
                 if me == 0 {
                     println!("{}", report::line(&row));
