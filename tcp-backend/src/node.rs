@@ -62,7 +62,7 @@ impl Config {
             num_signals: 4096,
             heartbeat: Duration::from_millis(200),
             peer_timeout: Duration::from_secs(3),
-            max_frame: 16 << 20,
+            max_frame: 1 << 20,
             poll: Duration::from_micros(200),
         }
     }
@@ -89,6 +89,11 @@ struct Shared {
     /// saves the wake-up of another thread on every message).
     rx: Vec<Mutex<Option<RxLink>>>,
     closed: Vec<AtomicBool>,
+    /// Callers polling the links right now. The progress threads stay out of their way while
+    /// there are any: a progress thread woken by every frame would take a core from them.
+    pollers: AtomicUsize,
+    poll_gate: Mutex<()>,
+    poll_cv: Condvar,
     last_sent: Vec<AtomicU64>,
     last_recv: Vec<AtomicU64>,
     first_failed: AtomicUsize,
@@ -247,6 +252,9 @@ impl Listening {
             writers: (0..n).map(|_| Mutex::new(None)).collect(),
             rx: (0..n).map(|_| Mutex::new(None)).collect(),
             closed: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            pollers: AtomicUsize::new(0),
+            poll_gate: Mutex::new(()),
+            poll_cv: Condvar::new(),
             last_sent: (0..n).map(|_| AtomicU64::new(0)).collect(),
             last_recv: (0..n).map(|_| AtomicU64::new(0)).collect(),
             first_failed: AtomicUsize::new(0),
@@ -407,7 +415,34 @@ fn read_exact_timed(
     peer: usize,
 ) -> std::result::Result<(), ReadEnd> {
     let mut got = 0;
+    // Poll without blocking first (bytes of a frame in flight arrive within microseconds;
+    // sleeping in `read` and being woken costs far more on a virtual machine), then block.
+    let mut spin_since: Option<Instant> = None;
     while got < buf.len() {
+        let rest = &mut buf[got..];
+        // SAFETY: reads at most `rest.len()` bytes into the live buffer.
+        let n = unsafe {
+            libc::recv(
+                s.as_raw_fd(),
+                rest.as_mut_ptr() as *mut libc::c_void,
+                rest.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n > 0 {
+            got += n as usize;
+            spin_since = None;
+            sh.last_recv[peer].store(sh.now_us(), Ordering::Relaxed);
+            continue;
+        }
+        if n == 0 {
+            return Err(ReadEnd::Eof);
+        }
+        let since = *spin_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < READ_SPIN {
+            std::hint::spin_loop();
+            continue;
+        }
         match s.read(&mut buf[got..]) {
             Ok(0) => return Err(ReadEnd::Eof),
             Ok(k) => got += k,
@@ -438,6 +473,9 @@ fn read_exact_timed(
     }
     Ok(())
 }
+
+/// How long a reader polls a link without blocking before it sleeps in `read`.
+const READ_SPIN: Duration = Duration::from_micros(100);
 
 /// Receiving side of a link: the socket and a staging buffer. Small frames (header and
 /// payload) arrive with one `recv`; a payload larger than what the staging buffer holds is
@@ -560,6 +598,37 @@ fn drain(sh: &Shared, peer: usize, link: &mut RxLink) -> bool {
     }
 }
 
+/// Marks a caller as polling the links for as long as it lives.
+struct Polling<'a>(&'a Shared);
+
+impl<'a> Polling<'a> {
+    fn new(sh: &'a Shared) -> Self {
+        sh.pollers.fetch_add(1, Ordering::SeqCst);
+        Polling(sh)
+    }
+}
+
+impl Polling<'_> {
+    /// Stops polling and hands the links back to the progress threads at once (before the
+    /// caller goes to sleep and relies on them).
+    fn hand_back(self) {
+        let sh = self.0;
+        drop(self);
+        if sh.pollers.load(Ordering::SeqCst) == 0 {
+            let _g = sh.poll_gate.lock().unwrap_or_else(|p| p.into_inner());
+            sh.poll_cv.notify_all();
+        }
+    }
+}
+
+impl Drop for Polling<'_> {
+    fn drop(&mut self) {
+        // No wake-up here: a caller that got what it waited for will likely poll again soon;
+        // the progress threads look again within a millisecond anyway.
+        self.0.pollers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Drains every link nobody else is reading right now (for callers that wait anyway).
 fn try_progress_all(sh: &Shared) {
     for peer in 0..sh.cfg.world {
@@ -596,6 +665,16 @@ fn progress(sh: Arc<Shared>, peer: usize) {
     loop {
         if sh.stop.load(Ordering::SeqCst) || sh.closed[peer].load(Ordering::SeqCst) {
             return;
+        }
+        {
+            let mut g = sh.poll_gate.lock().unwrap_or_else(|p| p.into_inner());
+            while sh.pollers.load(Ordering::SeqCst) > 0 && !sh.stop.load(Ordering::SeqCst) {
+                g = sh
+                    .poll_cv
+                    .wait_timeout(g, Duration::from_millis(1))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
         }
         let mut p = libc::pollfd {
             fd,
@@ -1082,6 +1161,7 @@ impl Node {
 
     /// Polls the links in this thread until `done` holds or the polling budget is spent.
     fn poll_until(&self, done: impl Fn() -> bool) {
+        let _polling = Polling::new(&self.shared);
         let start = Instant::now();
         while !done()
             && self.shared.interrupted().is_none()
@@ -1117,6 +1197,7 @@ impl Node {
         // critical path), then sleep while the progress threads apply what arrives.
         let start = Instant::now();
         let mut n = 0u32;
+        let polling = Polling::new(&self.shared);
         loop {
             let v = self.shared.signals.load(index);
             if pred(v) {
@@ -1134,6 +1215,7 @@ impl Node {
                 }
             }
         }
+        polling.hand_back();
         match self
             .shared
             .signals
@@ -1188,6 +1270,10 @@ impl Drop for Node {
             }
         }
         sh.stop.store(true, Ordering::SeqCst);
+        {
+            let _g = sh.poll_gate.lock().unwrap_or_else(|p| p.into_inner());
+            sh.poll_cv.notify_all();
+        }
         for w in &sh.writers {
             if let Some(s) = w.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
                 let _ = s.shutdown(Shutdown::Write);
