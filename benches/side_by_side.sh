@@ -49,7 +49,7 @@ for rep in $(seq 1 "$REPS"); do
         "$B/tcp_bench" 3 pin spin 3000 > "$TMP/tcp_bench.$rep"
         $OMPI_TCP -np 2 "$B/mpi_p2p" ompi_tcp 3 0.02 > "$TMP/mpi_p2p_tcp.$rep"
         $OMPI_TCP -np 2 "$B/mpi_a2a" ompi_tcp 3 0.05 > "$TMP/mpi_a2a_tcp.$rep"
-        "$PERF" pingpong -n 2 --backend tcp -e 16M --json "$TMP/pingpong_tcp.$rep.json" > /dev/null
+        "$PERF" pingpong -n 2 --backend tcp --baseline -e 16M --json "$TMP/pingpong_tcp.$rep.json" > /dev/null
         "$PERF" alltoallv -n 2 --backend tcp -b 1M -e 1M --json "$TMP/a2a_tcp.$rep.json" > /dev/null ;;
       moe)
         for T in 128 4096; do
@@ -102,7 +102,9 @@ for r in range(1, reps + 1):
         x8 = pp[8]["time_us_p50"]
         add("tcp 8 B one-way latency vs plain polling TCP (RTT/2), speedup", r, (tl[8] / 2) / x8, f"{x8:.2f} vs {tl[8] / 2:.2f} us")
         add("tcp 8 B one-way latency vs Open MPI tcp, speedup", r, ml[8] / x8, f"{x8:.2f} vs {ml[8]:.2f} us")
+        add("tcp 8 B one-way latency vs plain polling TCP in the same harness run, speedup", r, pp[8]["baseline_us_p50"] / x8, f'{x8:.2f} vs {pp[8]["baseline_us_p50"]:.2f} us')
         big = pp[16 << 20]["put_bw_gbps"]
+        add("tcp 16 MiB put bw vs plain TCP stream of 16 MiB in the same harness run, fraction", r, big / pp[16 << 20]["baseline_gbps"], f'{big:.2f} vs {pp[16 << 20]["baseline_gbps"]:.2f} GB/s')
         add(f"tcp 16 MiB put bw vs plain TCP stream ({max(tb) >> 20} MiB writes), fraction", r, big / tb[max(tb)], f"{big:.2f} vs {tb[max(tb)]:.2f} GB/s")
         add(f"tcp 16 MiB put bw vs Open MPI tcp best streaming ({max(mb) >> 20} MiB)", r, big / mb[max(mb)], f"{big:.2f} vs {mb[max(mb)]:.2f} GB/s")
         a = rows(f"{tmp}/a2a_tcp.{r}.json")

@@ -8,6 +8,7 @@ mod options;
 mod pingpong;
 mod report;
 mod sendrecv;
+mod tcp_baseline;
 
 use clap::Parser;
 use options::{Cli, Command};

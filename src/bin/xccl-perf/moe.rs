@@ -191,6 +191,7 @@ pub fn run(a: &MoeArgs) -> Result<()> {
         busbw: gbps(p50),
         wrong: wrong[0],
         baseline_us: None,
+        baseline_gbps: None,
         stream_gbps: None,
         moe: Some(MoeFields {
             tokens: t_count,

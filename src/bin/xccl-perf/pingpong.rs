@@ -12,6 +12,7 @@
 
 use crate::options::PingpongArgs;
 use crate::report::{self, Row};
+use crate::tcp_baseline::PlainTcp;
 use std::time::{Duration, Instant};
 use xccl::transport::{Cmp, SignalOp, Transport, Window};
 use xccl::{Backend, Communicator, Error, Result};
@@ -222,7 +223,7 @@ pub fn run(args: &PingpongArgs) -> Result<()> {
         region: round_up(max),
     };
     let win = comm.register(lay.total())?;
-    let sigs = comm.alloc_signals(2)?;
+    let sigs = comm.alloc_signals(3)?;
     let t = comm.transport();
     let initiator = me % 2 == 0;
     let partner = if initiator { me + 1 } else { me - 1 };
@@ -236,6 +237,38 @@ pub fn run(args: &PingpongArgs) -> Result<()> {
         pong: sigs + 1,
         seq: 0,
         deadline: timeout,
+    };
+    // Over tcp, the baseline is plain TCP between the same processes (its port travels
+    // through the window and a third signal word); over shm, an in-process memcpy.
+    let mut plain = if c.baseline && c.backend == "tcp" && active {
+        let status = pair.lay.status();
+        Some(PlainTcp::connect(
+            initiator,
+            |port| {
+                t.put_signal(
+                    partner,
+                    &win,
+                    status,
+                    &(port as u64).to_le_bytes(),
+                    sigs + 2,
+                    SignalOp::Add,
+                    1,
+                )
+            },
+            || {
+                t.wait(sigs + 2, Cmp::Ge, 1, Instant::now() + timeout)?;
+                let mut b = [0u8; 8];
+                t.read_local(&win, status, &mut b)?;
+                Ok(u64::from_le_bytes(b) as u16)
+            },
+        )?)
+    } else {
+        None
+    };
+    let mut plain_buf = if plain.is_some() {
+        vec![0u8; *sizes.iter().max().expect("a size")]
+    } else {
+        Vec::new()
     };
     if me == 0 {
         println!("{}", report::header("pingpong", &c.backend, n));
@@ -290,12 +323,31 @@ pub fn run(args: &PingpongArgs) -> Result<()> {
                 pair.check(size, initiator)?
             };
             total_wrong += wrong;
+            // Plain TCP, same sizes and counts, right after (same machine state).
+            let (mut plain_lat, mut plain_bw) = (0.0, 0.0);
+            if let Some(p) = plain.as_mut() {
+                let buf = &mut plain_buf[..size];
+                let mut lat = p.pingpong(initiator, buf, warm, iters, timeout)?;
+                let mut per_msg = p.stream(initiator, buf, STREAM_WINDOW, batches, timeout)?;
+                if initiator {
+                    plain_lat = report::stats(&mut lat).0;
+                    plain_bw = report::gbps(size, report::stats(&mut per_msg).0);
+                }
+            }
             if initiator {
                 let (p50, p99, min, max) = report::stats(&mut times);
                 let stream_us = report::stats(&mut stream_times).0;
-                let baseline_us = c.baseline.then(|| report::stats(&mut memcpy_times[1..]).0);
+                let (baseline_us, baseline_gbps) = match (&mut plain, c.baseline) {
+                    (Some(_), _) => (Some(plain_lat), Some(plain_bw)),
+                    (None, true) => {
+                        let us = report::stats(&mut memcpy_times[1..]).0;
+                        (Some(us), Some(report::gbps(size, us)))
+                    }
+                    (None, false) => (None, None),
+                };
                 let row = Row {
                     baseline_us,
+                    baseline_gbps,
                     stream_gbps: Some(report::gbps(size, stream_us)),
                     ..Row::bytes(
                         "pingpong",

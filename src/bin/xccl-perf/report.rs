@@ -20,8 +20,10 @@ pub struct Row {
     pub algbw: f64,
     pub busbw: f64,
     pub wrong: u64,
-    /// Baseline (memcpy) median time, when measured.
+    /// Baseline median time: one memcpy of the bytes (shm), or a plain TCP one-way trip (tcp).
     pub baseline_us: Option<f64>,
+    /// Baseline bandwidth: memcpy (shm) or a plain TCP stream (tcp) of the same messages.
+    pub baseline_gbps: Option<f64>,
     /// Streaming put bandwidth, for point-to-point ops.
     pub stream_gbps: Option<f64>,
     /// MoE shape and split timings, for dispatch/combine rows.
@@ -121,7 +123,11 @@ pub fn columns(stream: bool, baseline: bool) -> String {
         let _ = write!(s, " {:>13}", "put_bw(GB/s)");
     }
     if baseline {
-        let _ = write!(s, " {:>14} {:>10}", "memcpy(GB/s)", "vs_memcpy");
+        let _ = write!(
+            s,
+            " {:>10} {:>13} {:>8} {:>8}",
+            "base(us)", "base(GB/s)", "x_lat", "x_bw"
+        );
     }
     s.push_str("\n#  time(us): median per call (collectives: per-rank mean, slowest rank); p99/min/max in --json");
     s
@@ -136,20 +142,13 @@ pub fn line(r: &Row) -> String {
     if let Some(bw) = r.stream_gbps {
         let _ = write!(s, " {bw:>13.2}");
     }
-    if let Some(b) = r.baseline_us {
-        let base_bw = if b > 0.0 {
-            r.bytes as f64 / (b * 1e3)
-        } else {
-            0.0
-        };
-        // The ratio compares like with like: streaming put bandwidth when measured, else the
-        // one-way time.
-        let ratio = match r.stream_gbps {
-            Some(bw) if base_bw > 0.0 => bw / base_bw,
-            _ if r.p50_us > 0.0 => b / r.p50_us,
-            _ => 0.0,
-        };
-        let _ = write!(s, " {base_bw:>14.2} {ratio:>10.2}");
+    if let (Some(bt), Some(bb)) = (r.baseline_us, r.baseline_gbps) {
+        // x_lat: baseline time / our time (> 1: faster); x_bw: our bandwidth / the baseline's
+        // (streaming when measured).
+        let x_lat = if r.p50_us > 0.0 { bt / r.p50_us } else { 0.0 };
+        let ours = r.stream_gbps.unwrap_or(r.algbw);
+        let x_bw = if bb > 0.0 { ours / bb } else { 0.0 };
+        let _ = write!(s, " {bt:>10.2} {bb:>13.2} {x_lat:>8.2} {x_bw:>8.2}");
     }
     s
 }
@@ -211,6 +210,9 @@ pub fn write_json(path: &std::path::Path, rows: &[Row]) -> std::io::Result<()> {
         );
         if let Some(b) = r.baseline_us {
             let _ = write!(out, ", \"baseline_us_p50\": {}", num(b));
+        }
+        if let Some(b) = r.baseline_gbps {
+            let _ = write!(out, ", \"baseline_gbps\": {}", num(b));
         }
         if let Some(bw) = r.stream_gbps {
             let _ = write!(out, ", \"put_bw_gbps\": {}", num(bw));
