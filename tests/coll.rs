@@ -214,7 +214,8 @@ fn one_copy_exchange(fabric: Fabric) {
                     );
                 }
             }
-            let too_big = ex.alltoallv(&vec![0u8; 5001 * n], &vec![5001; n], &vec![0; n]);
+            let big = vec![0u8; 5001 * n];
+            let too_big = ex.alltoallv(&big, &vec![5001; n], &vec![0; n]);
             assert!(
                 matches!(too_big, Err(Error::InvalidArgument(_))),
                 "{:?}",

@@ -1,7 +1,8 @@
 //! One-copy all-to-all(v) into a registered receive window: each rank puts its block for
 //! rank j straight from the caller's memory into j's window, at the region reserved for it,
-//! then signals; j reads the blocks in place. This is the memory-semantic data path of
-//! XCCL: no intermediate ring, no copy-out.
+//! then signals; j reads the blocks in place. A rank's block for itself is not copied at all:
+//! its view reads it from the send buffer. This is the memory-semantic data path of XCCL: no
+//! intermediate ring, no copy-out.
 //!
 //! The window holds two epochs (even and odd calls), so a call never overwrites blocks a
 //! peer may still be reading: a rank can write epoch e+2 only after every peer has sent it
@@ -47,6 +48,8 @@ pub struct ExchangeView<'a> {
     ex: &'a Exchange<'a>,
     parity: usize,
     counts: Vec<usize>,
+    /// This rank's own block, read in place from the caller's send buffer (never copied).
+    own: &'a [u8],
 }
 
 impl<'c> Exchange<'c> {
@@ -91,12 +94,12 @@ impl<'c> Exchange<'c> {
     /// Collective: sends block j (`scounts[j]` bytes at `sdispls[j]` of `send`) to rank j and
     /// returns the blocks this rank received, by source. Receivers learn each block's length
     /// from its sender (MoE dispatch does not know it in advance).
-    pub fn alltoallv(
-        &mut self,
-        send: &[u8],
+    pub fn alltoallv<'a>(
+        &'a mut self,
+        send: &'a [u8],
         scounts: &[usize],
         sdispls: &[usize],
-    ) -> Result<ExchangeView<'_>> {
+    ) -> Result<ExchangeView<'a>> {
         let (me, n) = (self.comm.rank(), self.comm.world_size());
         if scounts.len() != n || sdispls.len() != n {
             return Err(Error::InvalidArgument(format!(
@@ -124,7 +127,8 @@ impl<'c> Exchange<'c> {
         let parity = (epoch % 2) as usize;
         let t = self.comm.transport();
         // Put to every rank, starting with the next one so that not everyone hits rank 0 first.
-        for k in 0..n {
+        // Not to itself: its own block is read in place from `send`.
+        for k in 1..n {
             let dst = (me + k) % n;
             let block = &send[sdispls[dst]..sdispls[dst] + scounts[dst]];
             t.put(dst, &self.win, self.data_off(parity, me), block)?;
@@ -137,6 +141,10 @@ impl<'c> Exchange<'c> {
         let deadline = self.comm.deadline();
         let mut counts = vec![0usize; n];
         for (src, count) in counts.iter_mut().enumerate() {
+            if src == me {
+                *count = scounts[me];
+                continue;
+            }
             t.wait(self.sig_base + src, Cmp::Ge, epoch, deadline)?;
             let mut slot = [0u8; 16];
             t.read_local(&self.win, self.count_off(parity, src), &mut slot)?;
@@ -149,10 +157,12 @@ impl<'c> Exchange<'c> {
             }
             *count = c as usize;
         }
+        let own = &send[sdispls[me]..sdispls[me] + scounts[me]];
         Ok(ExchangeView {
             ex: self,
             parity,
             counts,
+            own,
         })
     }
 }
@@ -160,6 +170,9 @@ impl<'c> Exchange<'c> {
 impl ExchangeView<'_> {
     /// The block received from `src`, in place in the window.
     pub fn block(&self, src: usize) -> &[u8] {
+        if src == self.ex.comm.rank() {
+            return self.own;
+        }
         let off = self.ex.data_off(self.parity, src);
         // SAFETY: `src`'s block was announced by the signal we waited for; nobody writes this
         // epoch's region again before this view (which borrows the exchange) is dropped and the
