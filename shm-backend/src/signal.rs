@@ -176,14 +176,20 @@ impl SignalArray {
         }
         let start = Instant::now();
         let mut n: u32 = 0;
+        let mut yielding = false;
         loop {
-            // Spin phase, then yield phase: both re-check cheaply.
+            // Spin phase, then yield phase: both re-check cheaply. Once yielding, every check
+            // gives the core away (the rank we wait for may need it); the clock is read only
+            // every 64 checks while spinning, every 8 while yielding.
             let v = l.value.load(Ordering::Acquire);
             if pred(v) {
                 return WaitOutcome::Ready(v);
             }
             n = n.wrapping_add(1);
-            if n % 64 == 0 {
+            if yielding {
+                std::thread::yield_now();
+            }
+            if n % (if yielding { 8 } else { 64 }) == 0 {
                 if let Some(e) = interrupted() {
                     return WaitOutcome::Interrupted(e);
                 }
@@ -195,11 +201,11 @@ impl SignalArray {
                 if spent >= policy.spin + policy.yield_for {
                     break;
                 }
-                if spent >= policy.spin {
-                    std::thread::yield_now();
-                }
+                yielding = spent >= policy.spin;
             }
-            std::hint::spin_loop();
+            if !yielding {
+                std::hint::spin_loop();
+            }
         }
         // Park phase.
         loop {
