@@ -107,6 +107,8 @@ for r in range(1, reps + 1):
         add("tcp 16 MiB put bw vs plain TCP stream of 16 MiB in the same harness run, fraction", r, big / pp[16 << 20]["baseline_gbps"], f'{big:.2f} vs {pp[16 << 20]["baseline_gbps"]:.2f} GB/s')
         add(f"tcp 16 MiB put bw vs plain TCP stream ({max(tb) >> 20} MiB writes), fraction", r, big / tb[max(tb)], f"{big:.2f} vs {tb[max(tb)]:.2f} GB/s")
         add(f"tcp 16 MiB put bw vs Open MPI tcp best streaming ({max(mb) >> 20} MiB)", r, big / mb[max(mb)], f"{big:.2f} vs {mb[max(mb)]:.2f} GB/s")
+        four = pp[4 << 20]["put_bw_gbps"]
+        add("tcp 4 MiB put bw vs Open MPI tcp 4 MiB streaming", r, four / mb[4 << 20], f"{four:.2f} vs {mb[4 << 20]:.2f} GB/s")
         a = rows(f"{tmp}/a2a_tcp.{r}.json")
         if 2 << 20 in a and (1 << 20) in ma:
             t = a[2 << 20]["time_us_p50"]
