@@ -87,6 +87,58 @@ fn pingpong_prints_a_checked_table_and_json() {
     }
 }
 
+/// The MoE subcommands run briefly with small shapes, check their results and write the MoE
+/// fields into the JSON.
+#[test]
+fn moe_subcommands_run_checked() {
+    let _g = common::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    for (op, ranks) in [("moe", "2"), ("dispatch", "4"), ("combine", "2")] {
+        let json = std::env::temp_dir().join(format!("xccl-perf-{op}-{}.json", std::process::id()));
+        let out = perf(
+            &[
+                op,
+                "-n",
+                ranks,
+                "--tokens",
+                "32",
+                "--hidden",
+                "64",
+                "--topk",
+                "2",
+                "--experts",
+                "8",
+                "--reps",
+                "3",
+                "--json",
+                json.to_str().unwrap(),
+            ],
+            &[],
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{op}: {:?}", out.status);
+        assert!(text.contains("#wrong 0"), "{op}");
+        let rows: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        std::fs::remove_file(&json).unwrap();
+        let r = &rows.as_array().unwrap()[0];
+        assert_eq!(r["op"], op);
+        assert_eq!(
+            (
+                r["tokens"].as_u64(),
+                r["hidden"].as_u64(),
+                r["topk"].as_u64(),
+                r["experts"].as_u64()
+            ),
+            (Some(32), Some(64), Some(2), Some(8))
+        );
+        assert_eq!(r["mode"], "normal");
+        assert_eq!(r["wrong"], 0);
+        assert!(r["dispatch_us_p50"].as_f64().is_some_and(|v| v > 0.0));
+        assert!(r["combine_us_p50"].as_f64().is_some_and(|v| v > 0.0));
+    }
+}
+
 /// Every other subcommand runs briefly, checks its results and writes parseable JSON.
 #[test]
 fn sendrecv_and_alltoall_subcommands_run_checked() {

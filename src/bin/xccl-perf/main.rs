@@ -52,7 +52,9 @@ fn main() {
         Command::Sendrecv(a) => sendrecv::run(&a.common),
         Command::Alltoall(a) => alltoall::run(&a.common, false),
         Command::Alltoallv(a) => alltoall::run(&a.common, true),
-        Command::Moe(a) => moe::run(a),
+        Command::Moe(a) => moe::run(a, moe::Phase::Both),
+        Command::Dispatch(a) => moe::run(a, moe::Phase::Dispatch),
+        Command::Combine(a) => moe::run(a, moe::Phase::Combine),
     };
     if let Err(e) = result {
         eprintln!("xccl-perf: {e}");

@@ -29,7 +29,15 @@ impl Rng {
     }
 }
 
-pub fn run(a: &MoeArgs) -> Result<()> {
+/// Which phase the table reports (both always run: combine checks what dispatch delivered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Dispatch,
+    Combine,
+    Both,
+}
+
+pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
     let c = &a.common;
     let dtype = match a.dtype.as_str() {
         "f32" => Dtype::F32,
@@ -142,6 +150,16 @@ pub fn run(a: &MoeArgs) -> Result<()> {
         }
     }
     coll.allreduce(&mut wrong, ReduceOp::Sum)?;
+    // Per repetition, before the statistics sort each phase's times.
+    let mut reported: Vec<f64> = match phase {
+        Phase::Dispatch => disp_times.clone(),
+        Phase::Combine => comb_times.clone(),
+        Phase::Both => disp_times
+            .iter()
+            .zip(&comb_times)
+            .map(|(d, c)| d + c)
+            .collect(),
+    };
     let (dp50, dp99, dmin, dmax) = report::stats(&mut disp_times);
     let (cp50, cp99, cmin, cmax) = report::stats(&mut comb_times);
     let gbps = |us: f64| {
@@ -152,28 +170,30 @@ pub fn run(a: &MoeArgs) -> Result<()> {
         }
     };
     if me == 0 {
-        println!(
-            "dispatch: p50 {dp50:.1} us  p99 {dp99:.1}  min {dmin:.1}  max {dmax:.1}  {:.2} GB/s",
-            gbps(dp50)
-        );
-        println!(
-            "combine:  p50 {cp50:.1} us  p99 {cp99:.1}  min {cmin:.1}  max {cmax:.1}  {:.2} GB/s",
-            gbps(cp50)
-        );
+        if phase != Phase::Combine {
+            println!(
+                "dispatch: p50 {dp50:.1} us  p99 {dp99:.1}  min {dmin:.1}  max {dmax:.1}  {:.2} GB/s",
+                gbps(dp50)
+            );
+        }
+        if phase != Phase::Dispatch {
+            println!(
+                "combine:  p50 {cp50:.1} us  p99 {cp99:.1}  min {cmin:.1}  max {cmax:.1}  {:.2} GB/s",
+                gbps(cp50)
+            );
+        }
         println!(
             "# rows to other ranks {} ({} bytes), #wrong {}",
             cross[0], bytes, wrong[0]
         );
     }
-    let total: Vec<f64> = disp_times
-        .iter()
-        .zip(&comb_times)
-        .map(|(d, c)| d + c)
-        .collect();
-    let mut total = total;
-    let (p50, p99, min, max) = report::stats(&mut total);
+    let (p50, p99, min, max) = report::stats(&mut reported);
     let row = Row {
-        op: "moe",
+        op: match phase {
+            Phase::Dispatch => "dispatch",
+            Phase::Combine => "combine",
+            Phase::Both => "moe",
+        },
         backend: c.backend.clone(),
         ranks: n,
         bytes,

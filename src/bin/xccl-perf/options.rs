@@ -22,6 +22,10 @@ pub enum Command {
     Alltoallv(PingpongArgs),
     /// MoE dispatch + combine (normal mode), timed separately, results checked.
     Moe(MoeArgs),
+    /// MoE dispatch alone in the table (combine still runs, untimed, to check the results).
+    Dispatch(MoeArgs),
+    /// MoE combine alone in the table (after an untimed dispatch each repetition).
+    Combine(MoeArgs),
 }
 
 /// Options of the MoE subcommand.
@@ -63,7 +67,7 @@ impl Command {
             | Command::Sendrecv(a)
             | Command::Alltoall(a)
             | Command::Alltoallv(a) => &a.common,
-            Command::Moe(a) => &a.common,
+            Command::Moe(a) | Command::Dispatch(a) | Command::Combine(a) => &a.common,
         }
     }
 }
