@@ -48,6 +48,12 @@ fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
 
 /// Runs dispatch + combine on every rank and checks both against the reference.
 fn check_case(fabric: Fabric, case: Case, dtype: Dtype, reruns: usize) {
+    check_case_with(fabric, case, dtype, reruns, false)
+}
+
+/// As `check_case`; with `int8`, rows from other ranks travel quantized and are checked
+/// against the documented bound (max|x| / 254 per element, plus the dtype's rounding).
+fn check_case_with(fabric: Fabric, case: Case, dtype: Dtype, reruns: usize, int8: bool) {
     let n = case.inputs.len();
     let case = Arc::new(case);
     run_comms(fabric, n, move |comm| {
@@ -61,6 +67,7 @@ fn check_case(fabric: Fabric, case: Case, dtype: Dtype, reruns: usize) {
             .max(1);
         let mut cfg = MoeConfig::new(case.experts, case.hidden, case.topk, max_tokens, dtype);
         cfg.placement = Some(case.placement.clone());
+        cfg.int8_dispatch = int8;
         let mut buf = MoeBuffer::new(comm, cfg).unwrap();
         let mine = &case.inputs[me];
         let x = encode(dtype, &mine.x);
@@ -90,7 +97,18 @@ fn check_case(fabric: Fabric, case: Case, dtype: Dtype, reruns: usize) {
             for (row, (s, t, local, data)) in rows.iter().zip(&expect) {
                 assert_eq!((row.src_rank, row.src_token), (*s, *t));
                 assert_eq!(&row.experts, local);
-                assert_eq!(row.data, &data[..]);
+                if int8 && *s != me {
+                    let (got, want) = (decode(dtype, row.data), decode(dtype, data));
+                    let max = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (g - w).abs() <= max / 254.0 + g.abs() / 256.0 + 1e-6,
+                            "int8 row from {s}: {g} vs {w}"
+                        );
+                    }
+                } else {
+                    assert_eq!(row.data, &data[..]);
+                }
             }
             let per_expert = view.tokens_per_local_expert().unwrap();
             for (e, count) in per_expert {
@@ -123,7 +141,21 @@ fn check_case(fabric: Fabric, case: Case, dtype: Dtype, reruns: usize) {
                         .map(|q| mine.w[t * k + q] * c(mine.idx[t * k + q] as usize) * v)
                         .sum();
                     let g = got[t * h + j];
+                    let row_max = mine.x[t * h..(t + 1) * h]
+                        .iter()
+                        .fold(0f32, |m, v| m.max(v.abs()));
+                    let gain: f32 = (0..k)
+                        .filter(|&q| mine.idx[t * k + q] >= 0)
+                        .map(|q| mine.w[t * k + q] * c(mine.idx[t * k + q] as usize))
+                        .sum();
                     match dtype {
+                        _ if int8 => assert!(
+                            (g - want).abs()
+                                <= gain * (row_max / 254.0 + v.abs() / 256.0)
+                                    + want.abs() / 64.0
+                                    + 0.02,
+                            "token {t} elem {j}: {g} vs {want}"
+                        ),
                         Dtype::F32 => assert_eq!(g, want, "token {t} elem {j}"),
                         _ => assert!(
                             (g - want).abs() <= want.abs() * 0.02 + 0.02,
@@ -206,6 +238,12 @@ proptest! {
     #[test]
     fn bf16_and_f16_stay_within_their_rounding(case in case_strategy(), f16 in any::<bool>()) {
         check_case(Fabric::Loopback, case, if f16 { Dtype::F16 } else { Dtype::Bf16 }, 1);
+    }
+
+    #[test]
+    fn int8_dispatch_stays_within_its_bound(case in case_strategy(), f16 in any::<bool>(), shm in any::<bool>()) {
+        let fabric = if shm { Fabric::Shm } else { Fabric::Loopback };
+        check_case_with(fabric, case, if f16 { Dtype::F16 } else { Dtype::Bf16 }, 2, true);
     }
 }
 

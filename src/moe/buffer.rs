@@ -15,6 +15,7 @@
 
 use super::config::MoeConfig;
 use super::layout::{dispatch_layout, Layout};
+use super::quant;
 use crate::error::{Error, Result};
 use crate::transport::{Cmp, SignalOp, Window};
 use crate::Communicator;
@@ -64,6 +65,9 @@ pub struct MoeBuffer<'c> {
     /// Reused scratch: one metadata record, and the f32 sums of combine.
     meta_buf: Vec<u8>,
     acc: Vec<f32>,
+    /// INT8 dispatch: the scale of every token of the call, and one quantized row.
+    scales: Vec<f32>,
+    qrow: Vec<u8>,
 }
 
 /// Rows received by the last dispatch, read in place.
@@ -79,7 +83,13 @@ impl<'c> MoeBuffer<'c> {
     pub fn new(comm: &'c Communicator, cfg: MoeConfig) -> Result<Self> {
         let n = comm.world_size();
         let placement = cfg.placement_for(n)?;
-        let meta = round_line(8 + 8 * cfg.topk);
+        if cfg.int8_dispatch && cfg.dtype == super::config::Dtype::F32 {
+            return Err(Error::InvalidArgument(
+                "INT8 dispatch quantizes bf16 or f16 rows, not f32".into(),
+            ));
+        }
+        // Metadata: source token, local expert count, (expert, weight) per top-k slot, scale.
+        let meta = round_line(12 + 8 * cfg.topk);
         let rec = meta + round_line(cfg.row_bytes());
         let crow = round_line(cfg.row_bytes());
         let bytes = |per: usize| {
@@ -112,6 +122,8 @@ impl<'c> MoeBuffer<'c> {
             recv_counts: vec![0; n],
             tokens: 0,
             meta_buf: vec![0; meta],
+            scales: Vec::with_capacity(if cfg.int8_dispatch { cfg.max_tokens } else { 0 }),
+            qrow: vec![0; if cfg.int8_dispatch { cfg.hidden } else { 0 }],
             acc: Vec::with_capacity(cfg.max_tokens * cfg.hidden),
             cfg,
         })
@@ -221,6 +233,20 @@ impl<'c> MoeBuffer<'c> {
                 topk_idx[i]
             )));
         }
+        if self.cfg.int8_dispatch {
+            // Scales first: a non-finite value is refused before anything is sent.
+            self.scales.clear();
+            for tok in 0..tokens {
+                let row = &x[tok * self.cfg.row_bytes()..(tok + 1) * self.cfg.row_bytes()];
+                let s =
+                    quant::row_scale(self.cfg.dtype, row, self.cfg.hidden).ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "token {tok} has a value that is not finite (INT8 dispatch)"
+                        ))
+                    })?;
+                self.scales.push(s);
+            }
+        }
         self.disp_epoch += 1;
         let epoch = self.disp_epoch;
         self.tokens = tokens;
@@ -246,11 +272,25 @@ impl<'c> MoeBuffer<'c> {
                     }
                 }
                 meta[4..8].copy_from_slice(&(local as u32).to_le_bytes());
+                let quantized = self.cfg.int8_dispatch && dst != me;
+                if quantized {
+                    let at = 8 + 8 * k;
+                    meta[at..at + 4].copy_from_slice(&self.scales[tok].to_le_bytes());
+                }
                 let off = self.disp_off(epoch, me, i);
                 t.put(dst, &self.win, off, &self.meta_buf)?;
-                if dst != me {
+                let row = &x[tok * row_bytes..(tok + 1) * row_bytes];
+                if quantized {
+                    quant::quantize(
+                        self.cfg.dtype,
+                        row,
+                        self.cfg.hidden,
+                        self.scales[tok],
+                        &mut self.qrow,
+                    );
+                    t.put(dst, &self.win, off + self.meta, &self.qrow)?;
+                } else if dst != me {
                     // A rank's own rows are not copied: its view reads them from `x`.
-                    let row = &x[tok * row_bytes..(tok + 1) * row_bytes];
                     t.put(dst, &self.win, off + self.meta, row)?;
                 }
                 self.sent[dst].push(tok as u32);
@@ -260,7 +300,41 @@ impl<'c> MoeBuffer<'c> {
         for src in 0..n {
             self.recv_counts[src] = self.collect(src, 0, epoch, self.sig_disp)?;
         }
+        if self.cfg.int8_dispatch {
+            self.dequantize_arrivals(epoch)?;
+        }
         Ok(DispatchView { buf: self, x })
+    }
+
+    /// Rebuilds every INT8 row received from another rank, in place, in the row's dtype.
+    fn dequantize_arrivals(&mut self, epoch: u64) -> Result<()> {
+        let (me, n, k, hidden) = (
+            self.comm.rank(),
+            self.comm.world_size(),
+            self.cfg.topk,
+            self.cfg.hidden,
+        );
+        let t = self.comm.transport();
+        for src in (0..n).filter(|&s| s != me) {
+            for i in 0..self.recv_counts[src] {
+                let off = self.disp_off(epoch, src, i);
+                let mut sb = [0u8; 4];
+                t.read_local(&self.win, off + 8 + 8 * k, &mut sb)?;
+                let scale = f32::from_le_bytes(sb);
+                if !(scale.is_finite() && scale > 0.0) {
+                    return Err(Error::ProtocolViolation(format!(
+                        "row {i} from rank {src} has INT8 scale {scale}"
+                    )));
+                }
+                // SAFETY: the row was announced by the signal `collect` waited for; no peer
+                // writes this epoch's region again before the next-but-one dispatch, and no
+                // view of it exists yet (the view is created after this).
+                let row =
+                    unsafe { t.local_slice_mut(&self.win, off + self.meta, self.cfg.row_bytes())? };
+                quant::dequantize_in_place(self.cfg.dtype, row, hidden, scale, &mut self.qrow);
+            }
+        }
+        Ok(())
     }
 
     /// Collective, after a dispatch: `reduced` holds one row per received row (sources in

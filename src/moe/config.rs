@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 /// f32 → bf16 bits, rounding to nearest even; NaN stays NaN. Branch-free, so loops over
 /// rows vectorize (the same result as `half::bf16::from_f32`).
 #[inline]
-fn bf16_bits(v: f32) -> u16 {
+pub(crate) fn bf16_bits(v: f32) -> u16 {
     let u = v.to_bits();
     let rounded = (u.wrapping_add(0x7FFF + ((u >> 16) & 1)) >> 16) as u16;
     let nan = ((u >> 16) as u16) | 0x40;
@@ -125,6 +125,9 @@ pub struct MoeConfig {
     pub dtype: Dtype,
     /// Rank holding each expert; `None` = contiguous blocks (expert e on rank e / (E / R)).
     pub placement: Option<Vec<usize>>,
+    /// Dispatch bf16/f16 rows as INT8 with a per-row scale, rebuilt on arrival (half the
+    /// bytes; error bound in [`crate::moe::quant`]).
+    pub int8_dispatch: bool,
 }
 
 impl MoeConfig {
@@ -143,6 +146,7 @@ impl MoeConfig {
             max_tokens,
             dtype,
             placement: None,
+            int8_dispatch: false,
         }
     }
 

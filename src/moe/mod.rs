@@ -20,6 +20,7 @@
 mod buffer;
 mod config;
 mod layout;
+pub mod quant;
 
 pub use buffer::{DispatchView, MoeBuffer, RecvRow};
 pub use config::{Dtype, MoeConfig};

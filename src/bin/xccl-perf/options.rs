@@ -45,8 +45,8 @@ pub struct MoeArgs {
     /// Experts in all (spread evenly over the ranks).
     #[arg(long, default_value_t = 64)]
     pub experts: usize,
-    /// Row type: bf16, f16 or f32.
-    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16", "f32"])]
+    /// Row type: bf16, f16 or f32; int8 = bf16 rows dispatched as INT8 with per-row scales.
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16", "f32", "int8"])]
     pub dtype: String,
     /// Routing: uniform (each token picks top-k distinct experts at random).
     #[arg(long, default_value = "uniform", value_parser = ["uniform"])]
