@@ -68,6 +68,8 @@ pub struct MoeBuffer<'c> {
     /// INT8 dispatch: the scale of every token of the call, and one quantized row.
     scales: Vec<f32>,
     qrow: Vec<u8>,
+    /// Records for one destination, when they go out in one put (network backends).
+    stage: Vec<u8>,
 }
 
 /// Rows received by the last dispatch, read in place.
@@ -124,6 +126,7 @@ impl<'c> MoeBuffer<'c> {
             meta_buf: vec![0; meta],
             scales: Vec::with_capacity(if cfg.int8_dispatch { cfg.max_tokens } else { 0 }),
             qrow: vec![0; if cfg.int8_dispatch { cfg.hidden } else { 0 }],
+            stage: Vec::new(),
             acc: Vec::with_capacity(cfg.max_tokens * cfg.hidden),
             cfg,
         })
@@ -252,9 +255,17 @@ impl<'c> MoeBuffer<'c> {
         self.tokens = tokens;
         let t = self.comm.transport();
         let row_bytes = self.cfg.row_bytes();
+        let mut stage = std::mem::take(&mut self.stage);
         for step in 0..n {
             let dst = (me + step) % n;
             self.sent[dst].clear();
+            // Over a network backend (no direct mapping of the peer's window), the records for
+            // one destination are laid out here as in its window and sent in one put: one
+            // large write instead of two small frames per row.
+            let batch = t.peer_ptr(dst, &self.win)?.is_none();
+            if batch {
+                stage.clear();
+            }
             for tok in (0..tokens).filter(|&tok| layout.in_rank(tok, dst)) {
                 let i = self.sent[dst].len();
                 let meta = &mut self.meta_buf;
@@ -278,9 +289,8 @@ impl<'c> MoeBuffer<'c> {
                     meta[at..at + 4].copy_from_slice(&self.scales[tok].to_le_bytes());
                 }
                 let off = self.disp_off(epoch, me, i);
-                t.put(dst, &self.win, off, &self.meta_buf)?;
                 let row = &x[tok * row_bytes..(tok + 1) * row_bytes];
-                if quantized {
+                let data: &[u8] = if quantized {
                     quant::quantize(
                         self.cfg.dtype,
                         row,
@@ -288,15 +298,31 @@ impl<'c> MoeBuffer<'c> {
                         self.scales[tok],
                         &mut self.qrow,
                     );
-                    t.put(dst, &self.win, off + self.meta, &self.qrow)?;
+                    &self.qrow
                 } else if dst != me {
-                    // A rank's own rows are not copied: its view reads them from `x`.
-                    t.put(dst, &self.win, off + self.meta, row)?;
+                    row
+                } else {
+                    &[] // a rank's own rows are not copied: its view reads them from `x`
+                };
+                if batch {
+                    stage.resize((i + 1) * self.rec, 0);
+                    let at = i * self.rec;
+                    stage[at..at + self.meta].copy_from_slice(&self.meta_buf);
+                    stage[at + self.meta..at + self.meta + data.len()].copy_from_slice(data);
+                } else {
+                    t.put(dst, &self.win, off, &self.meta_buf)?;
+                    if !data.is_empty() {
+                        t.put(dst, &self.win, off + self.meta, data)?;
+                    }
                 }
                 self.sent[dst].push(tok as u32);
             }
+            if batch && !stage.is_empty() {
+                t.put(dst, &self.win, self.disp_off(epoch, me, 0), &stage)?;
+            }
             self.announce(dst, 0, self.sent[dst].len(), epoch, self.sig_disp)?;
         }
+        self.stage = stage;
         for src in 0..n {
             self.recv_counts[src] = self.collect(src, 0, epoch, self.sig_disp)?;
         }
@@ -374,10 +400,15 @@ impl<'c> MoeBuffer<'c> {
         for step in 1..n {
             // Rows for this rank itself stay in `reduced` and are summed from there.
             let src = (me + step) % n;
-            for i in 0..self.recv_counts[src] {
-                let row =
-                    &reduced[(starts[src] + i) * row_bytes..(starts[src] + i + 1) * row_bytes];
-                t.put(src, &self.win, self.comb_off(epoch, me, i), row)?;
+            let rows = &reduced
+                [starts[src] * row_bytes..(starts[src] + self.recv_counts[src]) * row_bytes];
+            if self.crow == row_bytes && t.peer_ptr(src, &self.win)?.is_none() {
+                // Network backend and rows already laid out as in the window: one put.
+                t.put(src, &self.win, self.comb_off(epoch, me, 0), rows)?;
+            } else {
+                for (i, row) in rows.chunks(row_bytes).enumerate() {
+                    t.put(src, &self.win, self.comb_off(epoch, me, i), row)?;
+                }
             }
         }
         for step in 0..n {
