@@ -250,7 +250,7 @@ pub fn launch(spec: &LaunchSpec) -> Result<LaunchOutcome> {
                 statuses[rank] = Some(status);
                 if !status.success() && first_failure.is_none() && !timed_out {
                     first_failure = Some(rank);
-                    eprintln!("xccl-run: rank {rank} failed ({status}); stopping the other ranks");
+                    tracing::warn!(rank, %status, "a rank failed; stopping the other ranks");
                     for (r, &pid) in pids.iter().enumerate() {
                         if statuses[r].is_none() {
                             send_signal(pid, libc::SIGTERM);
@@ -262,7 +262,7 @@ pub fn launch(spec: &LaunchSpec) -> Result<LaunchOutcome> {
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if first_failure.is_none() && !timed_out {
                     timed_out = true;
-                    eprintln!("xccl-run: timeout; stopping every rank");
+                    tracing::warn!("launch timeout; stopping every rank");
                     for (r, &pid) in pids.iter().enumerate() {
                         if statuses[r].is_none() {
                             send_signal(pid, libc::SIGTERM);

@@ -130,7 +130,6 @@ fn tcp_env() -> Vec<(&'static str, String)> {
     vec![
         ("XCCL_BACKEND", "tcp".into()),
         ("XCCL_TCP_PEER_TIMEOUT_MS", "2000".into()),
-        ("XCCL_TCP_QUIET", "1".into()),
     ]
 }
 
@@ -316,7 +315,6 @@ fn cut_link_between_namespaces_fails_both_sides() {
             .env("XCCL_SOCKET_IFNAME", dev.as_str())
             .env("XCCL_TCP_HEARTBEAT_MS", "200")
             .env("XCCL_TCP_PEER_TIMEOUT_MS", "1500")
-            .env("XCCL_TCP_QUIET", "1")
             .stdout(std::process::Stdio::piped());
         kids.push(cmd.spawn().unwrap());
     }

@@ -39,7 +39,17 @@ fn main() {
     spec.timeout = args.timeout.map(Duration::from_secs_f64);
     spec.bind = args.bind;
     match launch(&spec) {
-        Ok(outcome) => std::process::exit(outcome.exit_code()),
+        Ok(outcome) => {
+            if let Some(r) = outcome.first_failure {
+                eprintln!(
+                    "xccl-run: rank {r} failed ({}); the other ranks were stopped",
+                    outcome.statuses[r]
+                );
+            } else if outcome.timed_out {
+                eprintln!("xccl-run: timeout; every rank was stopped");
+            }
+            std::process::exit(outcome.exit_code())
+        }
         Err(e) => {
             eprintln!("xccl-run: {e}");
             std::process::exit(2);

@@ -127,7 +127,7 @@ impl Shared {
             .compare_exchange(0, peer + 1, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
         {
-            eprintln_warn(self.cfg.rank, peer, detail);
+            tracing::warn!(rank = self.cfg.rank, peer, detail, "xccl-tcp: peer failed");
         }
         if let Some(s) = self.writers[peer]
             .lock()
@@ -178,12 +178,6 @@ impl Shared {
                 })
             }
         }
-    }
-}
-
-fn eprintln_warn(rank: usize, peer: usize, detail: &str) {
-    if std::env::var_os("XCCL_TCP_QUIET").is_none() {
-        eprintln!("xccl-tcp: rank {rank}: peer {peer} failed: {detail}");
     }
 }
 
@@ -380,14 +374,12 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sender<(usi
                     let cfg = &sh.cfg;
                     match auth::accept(&mut s, &cfg.secret, cfg.rank as u32, cfg.world as u32) {
                         Ok(peer) => {
-                            if tx.send((peer as usize, s)).is_err() && std::env::var_os("XCCL_TCP_QUIET").is_none() {
-                                eprintln!("xccl-tcp: rank {}: refused a late connection from {from} (rank {peer})", cfg.rank);
+                            if tx.send((peer as usize, s)).is_err() {
+                                tracing::warn!(rank = cfg.rank, %from, peer, "xccl-tcp: refused a late connection");
                             }
                         }
                         Err(e) => {
-                            if std::env::var_os("XCCL_TCP_QUIET").is_none() {
-                                eprintln!("xccl-tcp: rank {}: refused {from}: {e}", cfg.rank);
-                            }
+                            tracing::warn!(rank = cfg.rank, %from, error = %e, "xccl-tcp: refused a connection");
                         }
                     }
                 });
