@@ -319,3 +319,83 @@ fn bad_input_is_refused_before_anything_is_sent() {
         buf.combine(&[], &mut []).unwrap();
     });
 }
+
+/// Low-latency mode: each (token, expert) row lands at its expert's slot, grouped by source
+/// in rank order; combine weights the experts' outputs at home.
+fn check_low_latency(fabric: Fabric, case: Case) {
+    let n = case.inputs.len();
+    let case = Arc::new(case);
+    run_comms(fabric, n, move |comm| {
+        let me = comm.rank();
+        let (h, k) = (case.hidden, case.topk);
+        let max_tokens = case
+            .inputs
+            .iter()
+            .map(|i| i.idx.len() / k)
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut cfg = MoeConfig::new(case.experts, h, k, max_tokens, Dtype::F32);
+        cfg.placement = Some(case.placement.clone());
+        let mut buf = xccl::moe::LowLatencyBuffer::new(comm, cfg).unwrap();
+        let mine = &case.inputs[me];
+        let x = encode(Dtype::F32, &mine.x);
+        for _ in 0..2 {
+            let view = buf.dispatch(&x, &mine.idx, &mine.w).unwrap();
+            let mut outputs = Vec::new();
+            for (l, &e) in view.local_experts().to_vec().iter().enumerate() {
+                let rows = view.expert_rows(l).unwrap();
+                let mut expect = Vec::new();
+                for (s, inp) in case.inputs.iter().enumerate() {
+                    for t in 0..inp.idx.len() / k {
+                        for j in 0..k {
+                            if inp.idx[t * k + j] == e as i64 {
+                                expect.push((
+                                    s,
+                                    t,
+                                    inp.w[t * k + j],
+                                    encode(Dtype::F32, &inp.x[t * h..(t + 1) * h]),
+                                ));
+                            }
+                        }
+                    }
+                }
+                assert_eq!(rows.len(), expect.len(), "expert {e}");
+                for (r, (s, t, w, d)) in rows.iter().zip(&expect) {
+                    assert_eq!((r.src_rank, r.src_token, r.weight), (*s, *t, *w));
+                    assert_eq!(r.data, &d[..]);
+                    let y: Vec<f32> = decode(Dtype::F32, r.data)
+                        .iter()
+                        .map(|v| c(e) * v)
+                        .collect();
+                    outputs.extend(encode(Dtype::F32, &y));
+                }
+            }
+            let _ = view;
+            let mut out = vec![0u8; x.len()];
+            buf.combine(&outputs, &mut out).unwrap();
+            let got = decode(Dtype::F32, &out);
+            for t in 0..mine.idx.len() / k {
+                for j in 0..h {
+                    let want: f32 = (0..k)
+                        .filter(|&q| mine.idx[t * k + q] >= 0)
+                        .map(|q| {
+                            mine.w[t * k + q]
+                                * (c(mine.idx[t * k + q] as usize) * mine.x[t * h + j])
+                        })
+                        .sum();
+                    assert_eq!(got[t * h + j], want, "token {t} elem {j}");
+                }
+            }
+        }
+    });
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    #[test]
+    fn low_latency_matches_reference(case in case_strategy(), tcp in any::<bool>()) {
+        check_low_latency(if tcp { Fabric::Tcp } else { Fabric::Shm }, case);
+    }
+}

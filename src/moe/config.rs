@@ -63,6 +63,28 @@ impl Dtype {
         }
     }
 
+    /// Adds `w` times the elements of `row` (this dtype) to `acc`, in f32.
+    #[inline]
+    pub fn accumulate_scaled(self, acc: &mut [f32], row: &[u8], w: f32) {
+        match self {
+            Dtype::F32 => {
+                for (a, b) in acc.iter_mut().zip(row.chunks_exact(4)) {
+                    *a += w * f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            Dtype::Bf16 => {
+                for (a, b) in acc.iter_mut().zip(row.chunks_exact(2)) {
+                    *a += w * f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+                }
+            }
+            Dtype::F16 => {
+                for (a, b) in acc.iter_mut().zip(row.chunks_exact(2)) {
+                    *a += w * half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            }
+        }
+    }
+
     /// Writes `vals` into `row` in this dtype (rounding to nearest even).
     #[inline]
     pub fn store_row(self, row: &mut [u8], vals: &[f32]) {

@@ -20,8 +20,10 @@
 mod buffer;
 mod config;
 mod layout;
+mod low_latency;
 pub mod quant;
 
 pub use buffer::{DispatchView, MoeBuffer, RecvRow};
 pub use config::{Dtype, MoeConfig};
 pub use layout::{dispatch_layout, Layout};
+pub use low_latency::{ExpertRow, LowLatencyBuffer, LowLatencyView};

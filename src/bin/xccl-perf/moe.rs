@@ -10,7 +10,7 @@ use crate::options::MoeArgs;
 use crate::report::{self, MoeFields, Row};
 use std::time::{Duration, Instant};
 use xccl::coll::{Coll, ReduceOp};
-use xccl::moe::{Dtype, MoeBuffer, MoeConfig};
+use xccl::moe::{Dtype, LowLatencyBuffer, MoeBuffer, MoeConfig};
 use xccl::{Backend, Communicator, Error, Result};
 
 /// splitmix64: the routing and data of a seed, identical on every run.
@@ -57,7 +57,22 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
     }
     let mut cfg = MoeConfig::new(a.experts, a.hidden, a.topk, a.tokens.max(1), dtype);
     cfg.int8_dispatch = a.dtype == "int8";
-    let mut buf = MoeBuffer::new(&comm, cfg.clone())?;
+    let ll = a.mode == "low-latency";
+    if ll && cfg.int8_dispatch {
+        return Err(Error::InvalidArgument(
+            "--dtype int8 is for --mode normal".into(),
+        ));
+    }
+    let mut buf = if ll {
+        None
+    } else {
+        Some(MoeBuffer::new(&comm, cfg.clone())?)
+    };
+    let mut llbuf = if ll {
+        Some(LowLatencyBuffer::new(&comm, cfg.clone())?)
+    } else {
+        None
+    };
     let coll = Coll::new(&comm)?;
     let (t_count, h, k) = (a.tokens, a.hidden, a.topk);
     let mut rng = Rng(a.seed ^ (me as u64).wrapping_mul(0x1234_5678_9abc));
@@ -86,8 +101,11 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
                 .iter()
                 .map(|&e| placement[e as usize])
                 .collect();
-            ranks.sort_unstable();
-            ranks.dedup();
+            if !ll {
+                // Normal mode sends a token once per destination rank.
+                ranks.sort_unstable();
+                ranks.dedup();
+            }
             ranks.iter().filter(|&&r| r != me).count() as u64
         })
         .sum::<u64>()];
@@ -96,8 +114,8 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
     if me == 0 {
         println!("{}", report::header("moe", &c.backend, n));
         println!(
-            "# tokens {t_count} hidden {h} topk {k} experts {} ranks {n} mode normal dtype {} routing {}",
-            a.experts, a.dtype, a.routing
+            "# tokens {t_count} hidden {h} topk {k} experts {} ranks {n} mode {} dtype {} routing {}",
+            a.experts, a.mode, a.dtype, a.routing
         );
     }
     let mut disp_times = Vec::with_capacity(a.reps);
@@ -108,23 +126,39 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
     for rep in 0..warm + a.reps {
         comm.barrier()?;
         let s = Instant::now();
-        let view = buf.dispatch(&x, &idx, &w)?;
-        let d = s.elapsed().as_secs_f64() * 1e6;
-        // Identity experts (untimed): Σ over this rank's chosen experts of w · x.
+        let d;
         reduced.clear();
-        let mut tmp = vec![0f32; h];
-        for row in view.rows()? {
-            let ws: f32 = row.experts.iter().map(|&(_, wt)| wt).sum();
-            tmp.fill(0.0);
-            dtype.accumulate(&mut tmp, row.data);
-            tmp.iter_mut().for_each(|v| *v *= ws);
-            let start = reduced.len();
-            reduced.resize(start + cfg.row_bytes(), 0);
-            dtype.store_row(&mut reduced[start..], &tmp);
+        if let Some(llb) = llbuf.as_mut() {
+            let view = llb.dispatch(&x, &idx, &w)?;
+            d = s.elapsed().as_secs_f64() * 1e6;
+            // Identity experts (untimed): each (token, expert) row comes back as it went.
+            for l in 0..view.local_experts().len() {
+                for row in view.expert_rows(l)? {
+                    reduced.extend_from_slice(row.data);
+                }
+            }
+        } else {
+            let view = buf.as_mut().expect("normal mode").dispatch(&x, &idx, &w)?;
+            d = s.elapsed().as_secs_f64() * 1e6;
+            // Identity experts (untimed): Σ over this rank's chosen experts of w · x.
+            let mut tmp = vec![0f32; h];
+            for row in view.rows()? {
+                let ws: f32 = row.experts.iter().map(|&(_, wt)| wt).sum();
+                tmp.fill(0.0);
+                dtype.accumulate(&mut tmp, row.data);
+                tmp.iter_mut().for_each(|v| *v *= ws);
+                let start = reduced.len();
+                reduced.resize(start + cfg.row_bytes(), 0);
+                dtype.store_row(&mut reduced[start..], &tmp);
+            }
         }
         comm.barrier()?;
         let s = Instant::now();
-        buf.combine(&reduced, &mut out)?;
+        match (llbuf.as_mut(), buf.as_mut()) {
+            (Some(llb), _) => llb.combine(&reduced, &mut out)?,
+            (None, Some(b)) => b.combine(&reduced, &mut out)?,
+            (None, None) => unreachable!("one buffer exists"),
+        }
         let cb = s.elapsed().as_secs_f64() * 1e6;
         let mut slow = [d, cb];
         coll.allreduce(&mut slow, ReduceOp::Max)?;
@@ -229,7 +263,7 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
             hidden: h,
             topk: k,
             experts: a.experts,
-            mode: "normal",
+            mode: if ll { "low-latency" } else { "normal" },
             dispatch_us_p50: dp50,
             combine_us_p50: cp50,
         }),

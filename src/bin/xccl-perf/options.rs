@@ -48,6 +48,10 @@ pub struct MoeArgs {
     /// Row type: bf16, f16 or f32; int8 = bf16 rows dispatched as INT8 with per-row scales.
     #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16", "f32", "int8"])]
     pub dtype: String,
+    /// Mode: normal (one row per token and destination rank) or low-latency (one row per
+    /// token and expert, fixed slots, one round).
+    #[arg(long, default_value = "normal", value_parser = ["normal", "low-latency"])]
+    pub mode: String,
     /// Routing: uniform (each token picks top-k distinct experts at random).
     #[arg(long, default_value = "uniform", value_parser = ["uniform"])]
     pub routing: String,
