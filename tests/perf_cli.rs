@@ -35,11 +35,27 @@ fn perf(args: &[&str], env: &[(&str, &str)]) -> Output {
     }
 }
 
+/// Runs `xccl-perf` with `args` plus `--json`, asserts success and that stdout contains
+/// `marker`; returns stdout and the parsed JSON rows.
+fn perf_json(name: &str, args: &[&str], marker: &str) -> (String, Vec<serde_json::Value>) {
+    let json = std::env::temp_dir().join(format!("xccl-perf-{name}-{}.json", std::process::id()));
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--json", json.to_str().unwrap()]);
+    let out = perf(&all, &[]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{name}: {:?}", out.status);
+    assert!(text.contains(marker), "{name}: no {marker:?}");
+    let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    std::fs::remove_file(&json).unwrap();
+    (text, rows.as_array().unwrap().clone())
+}
+
 #[test]
 fn pingpong_prints_a_checked_table_and_json() {
     let _g = common::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let json = std::env::temp_dir().join(format!("xccl-perf-{}.json", std::process::id()));
-    let out = perf(
+    let (text, rows) = perf_json(
+        "pingpong",
         &[
             "pingpong",
             "-n",
@@ -51,20 +67,11 @@ fn pingpong_prints_a_checked_table_and_json() {
             "--iters",
             "200",
             "--baseline",
-            "--json",
-            json.to_str().unwrap(),
         ],
-        &[],
+        "# Out of bounds values : 0 OK",
     );
-    let text = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{:?}", out.status);
     assert!(text.starts_with("# xccl-perf pingpong"), "header line");
-    assert!(text.contains("# Out of bounds values : 0 OK"));
     assert!(text.contains("# Avg bus bandwidth"));
-    let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    std::fs::remove_file(&json).unwrap();
-    let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 14, "8 B .. 64 KiB in powers of two");
     for (k, r) in rows.iter().enumerate() {
         assert_eq!(r["op"], "pingpong");
@@ -93,35 +100,23 @@ fn pingpong_prints_a_checked_table_and_json() {
 fn moe_subcommands_run_checked() {
     let _g = common::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     for (op, ranks) in [("moe", "2"), ("dispatch", "4"), ("combine", "2")] {
-        let json = std::env::temp_dir().join(format!("xccl-perf-{op}-{}.json", std::process::id()));
-        let out = perf(
-            &[
-                op,
-                "-n",
-                ranks,
-                "--tokens",
-                "32",
-                "--hidden",
-                "64",
-                "--topk",
-                "2",
-                "--experts",
-                "8",
-                "--reps",
-                "3",
-                "--json",
-                json.to_str().unwrap(),
-            ],
-            &[],
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success(), "{op}: {:?}", out.status);
-        assert!(text.contains("#wrong 0"), "{op}");
-        let rows: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-        std::fs::remove_file(&json).unwrap();
-        let r = &rows.as_array().unwrap()[0];
+        let args = [
+            op,
+            "-n",
+            ranks,
+            "--tokens",
+            "32",
+            "--hidden",
+            "64",
+            "--topk",
+            "2",
+            "--experts",
+            "8",
+            "--reps",
+            "3",
+        ];
+        let (_, rows) = perf_json(op, &args, "#wrong 0");
+        let r = &rows[0];
         assert_eq!(r["op"], op);
         assert_eq!(
             (
@@ -148,33 +143,10 @@ fn sendrecv_and_alltoall_subcommands_run_checked() {
         ("alltoall", "3", 8),
         ("alltoallv", "4", 8),
     ] {
-        let json = std::env::temp_dir().join(format!("xccl-perf-{op}-{}.json", std::process::id()));
-        let out = perf(
-            &[
-                op,
-                "-n",
-                ranks,
-                "-b",
-                "16",
-                "-e",
-                "2K",
-                "--iters",
-                "50",
-                "--json",
-                json.to_str().unwrap(),
-            ],
-            &[],
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success(), "{op}: {:?}", out.status);
-        assert!(text.contains("# Out of bounds values : 0 OK"), "{op}");
-        let rows: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-        std::fs::remove_file(&json).unwrap();
-        let rows = rows.as_array().unwrap();
+        let args = [op, "-n", ranks, "-b", "16", "-e", "2K", "--iters", "50"];
+        let (_, rows) = perf_json(op, &args, "# Out of bounds values : 0 OK");
         assert_eq!(rows.len(), expect_rows, "{op}: 16 B .. 2 KiB");
-        for r in rows {
+        for r in &rows {
             assert_eq!(r["op"], op);
             assert_eq!(r["ranks"].as_u64().unwrap().to_string(), ranks);
             assert_eq!(r["wrong"], 0);

@@ -41,13 +41,14 @@ pub struct Exchange<'c> {
     counts_at: usize,
     sig_base: usize,
     epoch: u64,
+    /// Bytes received from each source by the last call.
+    counts: Vec<usize>,
 }
 
 /// The blocks received by one call, read in place from the window.
 pub struct ExchangeView<'a> {
     ex: &'a Exchange<'a>,
     parity: usize,
-    counts: Vec<usize>,
     /// This rank's own block, read in place from the caller's send buffer (never copied).
     own: &'a [u8],
 }
@@ -75,6 +76,7 @@ impl<'c> Exchange<'c> {
             counts_at: data,
             sig_base,
             epoch: 0,
+            counts: vec![0; n],
         })
     }
 
@@ -139,10 +141,9 @@ impl<'c> Exchange<'c> {
             t.signal(dst, self.sig_base + me, SignalOp::Add, 1)?;
         }
         let deadline = self.comm.deadline();
-        let mut counts = vec![0usize; n];
-        for (src, count) in counts.iter_mut().enumerate() {
+        for src in 0..n {
             if src == me {
-                *count = scounts[me];
+                self.counts[me] = scounts[me];
                 continue;
             }
             t.wait(self.sig_base + src, Cmp::Ge, epoch, deadline)?;
@@ -155,13 +156,12 @@ impl<'c> Exchange<'c> {
                     "rank {src} announced {c} bytes for call {e} during call {epoch}"
                 )));
             }
-            *count = c as usize;
+            self.counts[src] = c as usize;
         }
         let own = &send[sdispls[me]..sdispls[me] + scounts[me]];
         Ok(ExchangeView {
             ex: self,
             parity,
-            counts,
             own,
         })
     }
@@ -182,29 +182,30 @@ impl ExchangeView<'_> {
             self.ex
                 .comm
                 .transport()
-                .local_slice(&self.ex.win, off, self.counts[src])
+                .local_slice(&self.ex.win, off, self.ex.counts[src])
         }
         .expect("checked region")
     }
 
     /// Bytes received from each source.
     pub fn counts(&self) -> &[usize] {
-        &self.counts
+        &self.ex.counts
     }
 
     /// Checks the received counts against what the caller expected (`ConfigMismatch` naming
     /// the first disagreeing source).
     pub fn expect_counts(&self, expected: &[usize]) -> Result<()> {
-        match self.counts.iter().zip(expected).position(|(a, b)| a != b) {
-            None if expected.len() == self.counts.len() => Ok(()),
+        let counts = &self.ex.counts;
+        match counts.iter().zip(expected).position(|(a, b)| a != b) {
+            None if expected.len() == counts.len() => Ok(()),
             None => Err(Error::InvalidArgument(format!(
                 "{} expected counts for {} ranks",
                 expected.len(),
-                self.counts.len()
+                counts.len()
             ))),
             Some(s) => Err(Error::ConfigMismatch(format!(
                 "rank {s} sent {} bytes where {} were expected",
-                self.counts[s], expected[s]
+                counts[s], expected[s]
             ))),
         }
     }

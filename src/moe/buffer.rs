@@ -70,6 +70,10 @@ pub struct MoeBuffer<'c> {
     qrow: Vec<u8>,
     /// Records for one destination, when they go out in one put (network backends).
     stage: Vec<u8>,
+    /// Per rank: where its rows start in the caller's `reduced` (combine), and a cursor into
+    /// the tokens sent to it (the combine sum).
+    starts: Vec<usize>,
+    cursors: Vec<usize>,
 }
 
 /// Rows received by the last dispatch, read in place.
@@ -127,6 +131,8 @@ impl<'c> MoeBuffer<'c> {
             scales: Vec::with_capacity(if cfg.int8_dispatch { cfg.max_tokens } else { 0 }),
             qrow: vec![0; if cfg.int8_dispatch { cfg.hidden } else { 0 }],
             stage: Vec::new(),
+            starts: vec![0; n],
+            cursors: vec![0; n],
             acc: Vec::with_capacity(cfg.max_tokens * cfg.hidden),
             cfg,
         })
@@ -388,20 +394,15 @@ impl<'c> MoeBuffer<'c> {
         let epoch = self.comb_epoch;
         let t = self.comm.transport();
         let mut base = 0;
-        let starts: Vec<usize> = self
-            .recv_counts
-            .iter()
-            .map(|&c| {
-                let s = base;
-                base += c;
-                s
-            })
-            .collect();
+        for (s, &c) in self.starts.iter_mut().zip(&self.recv_counts) {
+            *s = base;
+            base += c;
+        }
         for step in 1..n {
             // Rows for this rank itself stay in `reduced` and are summed from there.
             let src = (me + step) % n;
-            let rows = &reduced
-                [starts[src] * row_bytes..(starts[src] + self.recv_counts[src]) * row_bytes];
+            let start = self.starts[src];
+            let rows = &reduced[start * row_bytes..(start + self.recv_counts[src]) * row_bytes];
             if self.crow == row_bytes && t.peer_ptr(src, &self.win)?.is_none() {
                 // Network backend and rows already laid out as in the window: one put.
                 t.put(src, &self.win, self.comb_off(epoch, me, 0), rows)?;
@@ -429,7 +430,11 @@ impl<'c> MoeBuffer<'c> {
         let hidden = self.cfg.hidden;
         self.acc.clear();
         self.acc.resize(hidden, 0.0);
-        let mut next = vec![0usize; n];
+        // Taken out for the loop (it is put back at the end; an error path leaves it empty,
+        // and the resize makes the next call whole again).
+        let mut next = std::mem::take(&mut self.cursors);
+        next.clear();
+        next.resize(n, 0);
         for (tok, out_row) in out.chunks_mut(row_bytes).enumerate() {
             self.acc.fill(0.0);
             for (r, cursor) in next.iter_mut().enumerate() {
@@ -439,7 +444,8 @@ impl<'c> MoeBuffer<'c> {
                 let i = *cursor;
                 *cursor += 1;
                 let row = if r == me {
-                    &reduced[(starts[me] + i) * row_bytes..(starts[me] + i + 1) * row_bytes]
+                    let at = self.starts[me] + i;
+                    &reduced[at * row_bytes..(at + 1) * row_bytes]
                 } else {
                     // SAFETY: announced by the signal `collect` waited for; not written again
                     // before the next-but-one combine (see the module docs).
@@ -449,6 +455,7 @@ impl<'c> MoeBuffer<'c> {
             }
             self.cfg.dtype.store_row(out_row, &self.acc);
         }
+        self.cursors = next;
         Ok(())
     }
 }

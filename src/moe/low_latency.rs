@@ -42,6 +42,8 @@ pub struct LowLatencyBuffer<'c> {
     /// Rows received per (local expert, source) by the last dispatch.
     counts: Vec<usize>,
     acc: Vec<f32>,
+    /// Per expert: the next free slot of this rank's rows (dispatch).
+    next: Vec<usize>,
 }
 
 /// One (token, expert) row as the expert's rank receives it.
@@ -109,6 +111,7 @@ impl<'c> LowLatencyBuffer<'c> {
             tokens: 0,
             counts: vec![0; nlocal * n],
             acc: vec![0.0; cfg.hidden],
+            next: vec![0; cfg.experts],
             cfg,
         })
     }
@@ -161,7 +164,11 @@ impl<'c> LowLatencyBuffer<'c> {
         self.epoch += 1;
         let epoch = self.epoch;
         let t = self.comm.transport();
-        let mut next = vec![0usize; self.cfg.experts];
+        // Taken out for the loop and put back after (an error path leaves it empty; the resize
+        // makes the next call whole again).
+        let mut next = std::mem::take(&mut self.next);
+        next.clear();
+        next.resize(self.cfg.experts, 0);
         self.slots.clear();
         for (i, &e) in topk_idx.iter().enumerate() {
             if e < 0 {
@@ -190,6 +197,7 @@ impl<'c> LowLatencyBuffer<'c> {
                 (epoch << 32) | count as u64,
             )?;
         }
+        self.next = next;
         self.idx.clear();
         self.idx.extend_from_slice(topk_idx);
         self.weights.clear();

@@ -881,6 +881,16 @@ impl Node {
         self.shared.signals.len()
     }
 
+    fn check_index(&self, index: usize) -> Result<()> {
+        if index >= self.num_signals() {
+            return Err(Error::Invalid(format!(
+                "signal index {index} >= {}",
+                self.num_signals()
+            )));
+        }
+        Ok(())
+    }
+
     fn check_peer(&self, peer: usize) -> Result<()> {
         if peer >= self.world() {
             return Err(Error::Invalid(format!(
@@ -1024,12 +1034,7 @@ impl Node {
     /// Updates signal word `index` of `peer`.
     pub fn signal(&self, peer: usize, index: usize, op: SignalOp, value: u64) -> Result<()> {
         self.check_peer(peer)?;
-        if index >= self.num_signals() {
-            return Err(Error::Invalid(format!(
-                "signal index {index} >= {}",
-                self.num_signals()
-            )));
-        }
+        self.check_index(index)?;
         if peer == self.rank() {
             self.shared.signals.apply(index, op == SignalOp::Set, value);
             return Ok(());
@@ -1082,44 +1087,20 @@ impl Node {
             f.len = chunk.len() as u64;
             f.a = req;
             let sent = self.shared.send(peer, &f, &[]);
-            self.poll_until(|| {
-                self.shared
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&req)
-                    .is_none_or(|p| p.done)
-            });
-            let mut pending = self
-                .shared
+            let result = sent
+                .map_err(|e| Error::Invalid(e.to_string()))
+                .and_then(|()| {
+                    self.await_done(
+                        |p| p.get(&req).is_some_and(|p| p.done),
+                        deadline,
+                        || format!("reading {} bytes from rank {peer}", chunk.len()),
+                    )
+                });
+            self.shared
                 .pending
                 .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let result = loop {
-                if let Err(e) = &sent {
-                    break Err(Error::Invalid(e.to_string()));
-                }
-                if pending.get(&req).is_some_and(|p| p.done) {
-                    break Ok(());
-                }
-                if let Some(e) = self.shared.interrupted() {
-                    break Err(e);
-                }
-                let now = Instant::now();
-                if now >= deadline {
-                    break Err(Error::Timeout(format!(
-                        "reading {} bytes from rank {peer}",
-                        chunk.len()
-                    )));
-                }
-                pending = self
-                    .shared
-                    .changed
-                    .wait_timeout(pending, (deadline - now).min(Duration::from_millis(20)))
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-            };
-            pending.remove(&req);
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&req);
             result?;
         }
         Ok(())
@@ -1135,14 +1116,31 @@ impl Node {
         let mut f = Frame::new(Kind::Flush);
         f.a = req;
         self.shared.send(peer, &f, &[])?;
-        self.poll_until(|| self.shared.flushed[peer].load(Ordering::SeqCst) >= req);
-        let mut g = self
-            .shared
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        self.await_done(
+            |_| self.shared.flushed[peer].load(Ordering::SeqCst) >= req,
+            deadline,
+            || format!("flushing rank {peer}"),
+        )
+    }
+
+    /// Polls the links, then sleeps on the progress threads' notifications, until `done`
+    /// (checked under the pending-read lock) holds, the node is interrupted, or `deadline`.
+    fn await_done(
+        &self,
+        done: impl Fn(&HashMap<u64, Pending>) -> bool,
+        deadline: Instant,
+        what: impl FnOnce() -> String,
+    ) -> Result<()> {
+        let locked = || {
+            self.shared
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+        };
+        self.poll_until(|| done(&locked()));
+        let mut g = locked();
         loop {
-            if self.shared.flushed[peer].load(Ordering::SeqCst) >= req {
+            if done(&g) {
                 return Ok(());
             }
             if let Some(e) = self.shared.interrupted() {
@@ -1150,7 +1148,7 @@ impl Node {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(Error::Timeout(format!("flushing rank {peer}")));
+                return Err(Error::Timeout(what()));
             }
             g = self
                 .shared
@@ -1175,23 +1173,13 @@ impl Node {
 
     /// Current value of this rank's signal word `index`.
     pub fn signal_value(&self, index: usize) -> Result<u64> {
-        if index >= self.num_signals() {
-            return Err(Error::Invalid(format!(
-                "signal index {index} >= {}",
-                self.num_signals()
-            )));
-        }
+        self.check_index(index)?;
         Ok(self.shared.signals.load(index))
     }
 
     /// Waits until `pred(value)` holds for signal word `index`.
     pub fn wait(&self, index: usize, pred: impl Fn(u64) -> bool, deadline: Instant) -> Result<u64> {
-        if index >= self.num_signals() {
-            return Err(Error::Invalid(format!(
-                "signal index {index} >= {}",
-                self.num_signals()
-            )));
-        }
+        self.check_index(index)?;
         if let Some(e) = self.shared.interrupted() {
             return Err(e);
         }

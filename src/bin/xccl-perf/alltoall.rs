@@ -124,10 +124,7 @@ pub fn run(c: &Common, v: bool) -> Result<()> {
         let p50 = mean;
         let bus = (n - 1) as f64 / n as f64;
         let row = Row::bytes(op, &c.backend, n, size, (p50, p99, min, max), bus, wrong[0]);
-        if me == 0 {
-            println!("{}", report::line(&row));
-        }
-        rows.push(row);
+        report::emit(me, &mut rows, row);
     }
     comm.barrier()?;
     report::finish(me, c, &rows, total_wrong)

@@ -70,6 +70,19 @@ impl Pair<'_> {
 
     /// Initiator side of one round trip of `size` bytes.
     fn ping(&mut self, size: usize) -> Result<()> {
+        self.send(size, self.ping)?;
+        self.await_next(self.pong)
+    }
+
+    /// Responder side of one round trip.
+    fn pong(&mut self, size: usize) -> Result<()> {
+        self.await_next(self.ping)?;
+        self.send(size, self.pong)
+    }
+
+    /// Puts the first `size` bytes of the send part into the partner's recv part and bumps
+    /// its signal word `sig`.
+    fn send(&self, size: usize, sig: usize) -> Result<()> {
         // SAFETY: the send part is written only by this rank (locally, in `fill`), never by a
         // peer, so it is stable while the slice lives.
         let src = unsafe { self.t.local_slice(&self.win, self.lay.send(), size)? };
@@ -78,50 +91,35 @@ impl Pair<'_> {
             &self.win,
             self.lay.recv(),
             src,
-            self.ping,
-            SignalOp::Add,
-            1,
-        )?;
-        self.seq += 1;
-        self.t.wait(self.pong, Cmp::Ge, self.seq, self.deadline())?;
-        Ok(())
-    }
-
-    /// Responder side of one round trip.
-    fn pong(&mut self, size: usize) -> Result<()> {
-        self.seq += 1;
-        self.t.wait(self.ping, Cmp::Ge, self.seq, self.deadline())?;
-        // SAFETY: as in `ping`.
-        let src = unsafe { self.t.local_slice(&self.win, self.lay.send(), size)? };
-        self.t.put_signal(
-            self.partner,
-            &self.win,
-            self.lay.recv(),
-            src,
-            self.pong,
+            sig,
             SignalOp::Add,
             1,
         )
     }
 
+    /// Waits for the partner's next bump of signal word `sig`.
+    fn await_next(&mut self, sig: usize) -> Result<()> {
+        self.seq += 1;
+        self.t
+            .wait(sig, Cmp::Ge, self.seq, self.deadline())
+            .map(|_| ())
+    }
+
     /// Initiator side of one streaming batch: `window` puts of `size` bytes, one signal, and
     /// the partner's acknowledgement (osu_bw style).
     fn stream(&mut self, size: usize, window: usize) -> Result<()> {
-        // SAFETY: as in `ping`.
+        // SAFETY: as in `send`.
         let src = unsafe { self.t.local_slice(&self.win, self.lay.send(), size)? };
         for _ in 0..window {
             self.t.put(self.partner, &self.win, self.lay.recv(), src)?;
         }
         self.t.signal(self.partner, self.ping, SignalOp::Add, 1)?;
-        self.seq += 1;
-        self.t.wait(self.pong, Cmp::Ge, self.seq, self.deadline())?;
-        Ok(())
+        self.await_next(self.pong)
     }
 
     /// Responder side of one streaming batch.
     fn stream_ack(&mut self) -> Result<()> {
-        self.seq += 1;
-        self.t.wait(self.ping, Cmp::Ge, self.seq, self.deadline())?;
+        self.await_next(self.ping)?;
         self.t.signal(self.partner, self.pong, SignalOp::Add, 1)
     }
 
@@ -152,8 +150,7 @@ impl Pair<'_> {
                 .read_local(&self.win, self.lay.status(), &mut theirs)?;
             Ok(mine + u64::from_le_bytes(theirs))
         } else {
-            self.seq += 1;
-            self.t.wait(self.ping, Cmp::Ge, self.seq, self.deadline())?;
+            self.await_next(self.ping)?;
             let wrong = self.count_wrong(size, size)?;
             self.fill(size, size + 1)?;
             self.t.put(
@@ -162,17 +159,7 @@ impl Pair<'_> {
                 self.lay.status(),
                 &wrong.to_le_bytes(),
             )?;
-            // SAFETY: as in `ping`.
-            let src = unsafe { self.t.local_slice(&self.win, self.lay.send(), size)? };
-            self.t.put_signal(
-                self.partner,
-                &self.win,
-                self.lay.recv(),
-                src,
-                self.pong,
-                SignalOp::Add,
-                1,
-            )?;
+            self.send(size, self.pong)?;
             Ok(wrong)
         }
     }
@@ -359,10 +346,7 @@ pub fn run(args: &PingpongArgs) -> Result<()> {
                         wrong,
                     )
                 };
-                if me == 0 {
-                    println!("{}", report::line(&row));
-                }
-                rows.push(row);
+                report::emit(me, &mut rows, row);
             }
         }
     }

@@ -238,6 +238,14 @@ pub fn write_json(path: &std::path::Path, rows: &[Row]) -> std::io::Result<()> {
     std::fs::File::create(path)?.write_all(out.as_bytes())
 }
 
+/// Keeps `row`, printing its table line on rank 0.
+pub fn emit(rank: usize, rows: &mut Vec<Row>, row: Row) {
+    if rank == 0 {
+        println!("{}", line(&row));
+    }
+    rows.push(row);
+}
+
 /// Prints the footer and writes the JSON on rank 0; fails on any wrong result.
 pub fn finish(
     rank: usize,

@@ -127,10 +127,7 @@ pub fn run(c: &Common) -> Result<()> {
                         wrong,
                     )
                 };
-                if me == 0 {
-                    println!("{}", report::line(&row));
-                }
-                rows.push(row);
+                report::emit(me, &mut rows, row);
             }
         }
     }
