@@ -58,6 +58,70 @@ pub fn copy_slice(dst: &mut [u8], src: &[u8]) {
     unsafe { copy_bytes(dst.as_mut_ptr(), src.as_ptr(), src.len()) }
 }
 
+/// Copies `len` bytes from `src` to `dst` with non-temporal stores where the CPU has them:
+/// for bulk data the writer will not read again and that another core reads next, the stores
+/// skip this core's caches (no read for ownership, no eviction of the writer's working set).
+///
+/// Non-temporal stores are not ordered by `Release`: call [`store_fence`] after the last
+/// such copy and before the store that publishes the data.
+///
+/// # Safety
+/// As [`copy_bytes`].
+pub unsafe fn copy_streaming(dst: *mut u8, src: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if len >= 256 && std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present; the caller's contract covers the ranges.
+        unsafe { copy_stream_avx2(dst, src, len) };
+        return;
+    }
+    // SAFETY: the caller's contract.
+    unsafe { copy_bytes(dst, src, len) };
+}
+
+/// Orders every earlier store, non-temporal ones included, before every later one: the
+/// partner of [`copy_streaming`] before a publishing `Release` store.
+pub fn store_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `sfence` has no preconditions (SSE is baseline on x86_64).
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn copy_stream_avx2(dst: *mut u8, src: *const u8, len: usize) {
+    use std::arch::x86_64::{__m256i, _mm256_loadu_si256, _mm256_stream_si256};
+    // Head up to a 32-byte boundary of `dst` with ordinary stores.
+    let head = (32 - (dst as usize) % 32) % 32;
+    // SAFETY: `head < 32 <= len`, inside both ranges.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, head) };
+    let mut i = head;
+    while i + 128 <= len {
+        // SAFETY: `i + 128 <= len`, inside both ranges; `dst + i` is 32-byte aligned (the
+        // head made it so and `i` advances by 128), as the streaming store needs.
+        unsafe {
+            let s = src.add(i) as *const __m256i;
+            let d = dst.add(i) as *mut __m256i;
+            let (a, b, c, e) = (
+                _mm256_loadu_si256(s),
+                _mm256_loadu_si256(s.add(1)),
+                _mm256_loadu_si256(s.add(2)),
+                _mm256_loadu_si256(s.add(3)),
+            );
+            _mm256_stream_si256(d, a);
+            _mm256_stream_si256(d.add(1), b);
+            _mm256_stream_si256(d.add(2), c);
+            _mm256_stream_si256(d.add(3), e);
+        }
+        i += 128;
+    }
+    // SAFETY: the tail lies inside both ranges; under 128 bytes memcpy does not use rep movsb.
+    unsafe { std::ptr::copy_nonoverlapping(src.add(i), dst.add(i), len - i) };
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn copy_avx2(dst: *mut u8, src: *const u8, len: usize) {
@@ -137,6 +201,24 @@ mod tests {
             assert_eq!(&dst[off..off + len], &src[..len], "len {len} shift {shift}");
             assert!(dst[..off].iter().all(|&b| b == 0));
             assert!(dst[off + len..].iter().all(|&b| b == 0));
+        }
+    }
+
+    /// Streaming copies: every destination alignment (head), multiples of the 128-byte step
+    /// and odd tails, and sizes under the streaming threshold.
+    #[test]
+    fn streaming_copies_exactly() {
+        let src: Vec<u8> = (0..70_000u32).map(|i| (i * 13 + 5) as u8).collect();
+        for len in [0, 1, 255, 256, 257, 4096, 4096 + 127, 69_000] {
+            for off in [0, 1, 17, 31, 32, 63] {
+                let mut dst = vec![0u8; len + 128];
+                // SAFETY: `off + len <= dst.len()`; distinct vectors cannot overlap.
+                unsafe { copy_streaming(dst.as_mut_ptr().add(off), src.as_ptr(), len) };
+                store_fence();
+                assert_eq!(&dst[off..off + len], &src[..len], "len {len} off {off}");
+                assert!(dst[..off].iter().all(|&b| b == 0));
+                assert!(dst[off + len..].iter().all(|&b| b == 0));
+            }
         }
     }
 }

@@ -74,8 +74,10 @@ fn check_case_with(fabric: Fabric, case: Case, dtype: Dtype, reruns: usize, int8
         let h = case.hidden;
         let k = case.topk;
         let mut first_out: Option<Vec<u8>> = None;
-        for _ in 0..reruns {
-            let view = buf.dispatch(&x, &mine.idx, &mine.w).unwrap();
+        for rerun in 0..reruns {
+            // Every other rank (and rerun) has its experts write straight into the window.
+            let in_window = (rerun + me) % 2 == 1;
+            let mut view = buf.dispatch(&x, &mine.idx, &mine.w).unwrap();
             // Dispatch: exactly the rows the reference predicts, grouped by source in order.
             let rows = view.rows().unwrap();
             let mut expect = Vec::new();
@@ -128,10 +130,17 @@ fn check_case_with(fabric: Fabric, case: Case, dtype: Dtype, reruns: usize, int8
                     .collect();
                 reduced.extend(encode(dtype, &y));
             }
+            if in_window {
+                view.expert_output().unwrap().copy_from_slice(&reduced);
+            }
             drop(rows);
             let _ = view;
             let mut out = vec![0u8; x.len()];
-            buf.combine(&reduced, &mut out).unwrap();
+            if in_window {
+                buf.combine_in_place(&mut out).unwrap();
+            } else {
+                buf.combine(&reduced, &mut out).unwrap();
+            }
             let got = decode(dtype, &out);
             for t in 0..mine.idx.len() / k {
                 for j in 0..h {
@@ -284,6 +293,33 @@ fn twenty_reruns_are_bitwise_identical() {
     // Non-integer data: combine is checked against the reference within rounding and across
     // the reruns bit for bit.
     check_case(Fabric::Shm, case, Dtype::Bf16, 20);
+}
+
+/// Dispatches large enough to take the streaming-store path into mapped windows (over 1 MiB
+/// to a peer) deliver exactly the reference rows and sums, three calls in a row (both epochs).
+#[test]
+fn large_dispatch_over_shm_is_exact() {
+    let (n, experts, hidden, topk, tokens) = (2, 4, 4096, 2, 72);
+    let inputs = (0..n)
+        .map(|r| RankInput {
+            // Small integers: every sum is exact in f32.
+            x: (0..tokens * hidden)
+                .map(|i| ((i * 7 + r * 3) % 9) as f32 - 4.0)
+                .collect(),
+            idx: (0..tokens)
+                .flat_map(|t| [(t % experts) as i64, ((t + 1 + r) % experts) as i64])
+                .collect(),
+            w: (0..tokens * topk).map(|i| (1 + i % 3) as f32).collect(),
+        })
+        .collect();
+    let case = Case {
+        experts,
+        hidden,
+        topk,
+        placement: (0..experts).map(|e| e % n).collect(),
+        inputs,
+    };
+    check_case(Fabric::Shm, case, Dtype::F32, 3);
 }
 
 #[test]

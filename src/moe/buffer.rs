@@ -5,22 +5,31 @@
 //! rank that holds one of its experts — once per destination rank, however many of that
 //! rank's experts chose it — with a small metadata record (source token, the rank's chosen
 //! experts and their weights). Rows land grouped by source rank, in token order. Combine
-//! sends one row per (token, expert rank) back to the token's home, already reduced over that
+//! brings one row per (token, expert rank) back to the token's home, already reduced over that
 //! rank's experts; the home sums the rows in f32 in rank order, so the result is the same bits
-//! on every run, and writes the configured dtype.
+//! on every run, and writes the configured dtype. Experts may write their output straight
+//! into the window ([`DispatchView::expert_output`]); on shared memory the homes then read it
+//! in place.
 //!
 //! The window holds two epochs of each region (even and odd calls), for the reason given in
 //! [`crate::coll::Exchange`]: a rank can write call e+2 only after every peer has sent it
-//! call e+1, which a peer does only after it has stopped reading call e.
+//! call e+1, which a peer does only after it has stopped reading call e. The experts' output
+//! region follows the dispatch epochs: on shared memory each home reads a peer's output where
+//! the peer's experts wrote it, during combine e, and the peer rewrites that region only at
+//! dispatch e+2, which needs the home's dispatch e+1, which follows its combine e.
 
 use super::config::MoeConfig;
 use super::layout::{dispatch_layout, Layout};
 use super::quant;
+use super::sum::sum_rows;
 use crate::error::{Error, Result};
 use crate::transport::{Cmp, SignalOp, Window};
 use crate::Communicator;
+use smallvec::SmallVec;
 
 const LINE: usize = 64;
+/// Dispatches moving at least this much to one mapped peer use non-temporal stores.
+const STREAM_BYTES: usize = 1 << 20;
 
 fn round_line(n: usize) -> usize {
     n.div_ceil(LINE) * LINE
@@ -47,11 +56,14 @@ pub struct MoeBuffer<'c> {
     win: Window,
     meta: usize,
     rec: usize,
-    crow: usize,
     half: usize,
     disp_at: usize,
+    out_at: usize,
     comb_at: usize,
     counts_at: usize,
+    /// Every peer's window is mapped here (shared memory): combine reads the experts' output
+    /// straight from the peers' windows instead of having it sent.
+    mapped: bool,
     sig_disp: usize,
     sig_comb: usize,
     disp_epoch: u64,
@@ -62,17 +74,18 @@ pub struct MoeBuffer<'c> {
     recv_counts: Vec<usize>,
     /// Tokens of the last dispatch.
     tokens: usize,
-    /// Reused scratch: one metadata record, and the f32 sums of combine.
+    /// Reused scratch: one metadata record.
     meta_buf: Vec<u8>,
-    acc: Vec<f32>,
     /// INT8 dispatch: the scale of every token of the call, and one quantized row.
     scales: Vec<f32>,
     qrow: Vec<u8>,
     /// Records for one destination, when they go out in one put (network backends).
     stage: Vec<u8>,
-    /// Per rank: where its rows start in the caller's `reduced` (combine), and a cursor into
-    /// the tokens sent to it (the combine sum).
+    /// Per rank: where its rows start in this rank's expert output, where this rank's rows
+    /// start in its expert output (as it announced), and a cursor into the tokens sent to it
+    /// (the combine sum).
     starts: Vec<usize>,
+    peer_starts: Vec<usize>,
     cursors: Vec<usize>,
 }
 
@@ -97,16 +110,17 @@ impl<'c> MoeBuffer<'c> {
         // Metadata: source token, local expert count, (expert, weight) per top-k slot, scale.
         let meta = round_line(12 + 8 * cfg.topk);
         let rec = meta + round_line(cfg.row_bytes());
-        let crow = round_line(cfg.row_bytes());
+        let mapped = comm.transport().caps().load_store;
         let bytes = |per: usize| {
             n.checked_mul(cfg.max_tokens.max(1))
                 .and_then(|x| x.checked_mul(per))
                 .ok_or_else(|| Error::InvalidArgument(format!("MoE buffer for {cfg:?} overflows")))
         };
         let disp = bytes(rec)?;
-        let comb = bytes(crow)?;
+        let outs = round_line(bytes(cfg.row_bytes())?);
+        let comb = if mapped { 0 } else { outs };
         let counts = 2 * n * LINE;
-        let half = disp + comb + counts;
+        let half = disp + outs + comb + counts;
         let win = comm.register(2 * half)?;
         let sig_disp = comm.alloc_signals(2 * n)?;
         Ok(MoeBuffer {
@@ -115,11 +129,12 @@ impl<'c> MoeBuffer<'c> {
             win,
             meta,
             rec,
-            crow,
             half,
             disp_at: 0,
-            comb_at: disp,
-            counts_at: disp + comb,
+            out_at: disp,
+            comb_at: disp + outs,
+            counts_at: disp + outs + comb,
+            mapped,
             sig_disp,
             sig_comb: sig_disp + n,
             disp_epoch: 0,
@@ -132,8 +147,8 @@ impl<'c> MoeBuffer<'c> {
             qrow: vec![0; if cfg.int8_dispatch { cfg.hidden } else { 0 }],
             stage: Vec::new(),
             starts: vec![0; n],
+            peer_starts: vec![0; n],
             cursors: vec![0; n],
-            acc: Vec::with_capacity(cfg.max_tokens * cfg.hidden),
             cfg,
         })
     }
@@ -147,10 +162,16 @@ impl<'c> MoeBuffer<'c> {
         (epoch % 2) as usize * self.half + self.disp_at + (src * self.cfg.max_tokens + i) * self.rec
     }
 
+    /// Where this rank's expert output for received row `i` (all sources, in order) lives.
+    fn out_off(&self, epoch: u64, i: usize) -> usize {
+        (epoch % 2) as usize * self.half + self.out_at + i * self.cfg.row_bytes()
+    }
+
+    /// Network backends: where rows returned by `src` land.
     fn comb_off(&self, epoch: u64, src: usize, i: usize) -> usize {
         (epoch % 2) as usize * self.half
             + self.comb_at
-            + (src * self.cfg.max_tokens + i) * self.crow
+            + (src * self.cfg.max_tokens + i) * self.cfg.row_bytes()
     }
 
     fn count_off(&self, epoch: u64, kind: usize, src: usize) -> usize {
@@ -159,42 +180,51 @@ impl<'c> MoeBuffer<'c> {
             + (kind * self.comm.world_size() + src) * LINE
     }
 
-    /// Puts the (count, epoch) slot and the signal that publishes everything before it.
+    /// Puts the (count, epoch, start) slot and the signal that publishes everything before it.
     fn announce(
         &self,
         dst: usize,
         kind: usize,
         count: usize,
+        start: usize,
         epoch: u64,
-        sig: usize,
     ) -> Result<()> {
         let t = self.comm.transport();
-        let mut slot = [0u8; 16];
+        let mut slot = [0u8; 24];
         slot[..8].copy_from_slice(&(count as u64).to_le_bytes());
-        slot[8..].copy_from_slice(&epoch.to_le_bytes());
+        slot[8..16].copy_from_slice(&epoch.to_le_bytes());
+        slot[16..].copy_from_slice(&(start as u64).to_le_bytes());
         t.put(
             dst,
             &self.win,
             self.count_off(epoch, kind, self.comm.rank()),
             &slot,
         )?;
+        let sig = [self.sig_disp, self.sig_comb][kind];
         t.signal(dst, sig + self.comm.rank(), SignalOp::Add, 1)
     }
 
-    /// Waits for `src`'s announcement of `epoch` and returns its count (checked).
-    fn collect(&self, src: usize, kind: usize, epoch: u64, sig: usize) -> Result<usize> {
+    /// Waits for `src`'s announcement of `epoch` and returns its count and start, checked:
+    /// `start + count` rows fit in one epoch's region.
+    fn collect(&self, src: usize, kind: usize, epoch: u64) -> Result<(usize, usize)> {
         let t = self.comm.transport();
+        let sig = [self.sig_disp, self.sig_comb][kind];
         t.wait(sig + src, Cmp::Ge, epoch, self.comm.deadline())?;
-        let mut slot = [0u8; 16];
+        let mut slot = [0u8; 24];
         t.read_local(&self.win, self.count_off(epoch, kind, src), &mut slot)?;
-        let count = u64::from_le_bytes(slot[..8].try_into().expect("8 bytes"));
-        let e = u64::from_le_bytes(slot[8..].try_into().expect("8 bytes"));
-        if e != epoch || count > self.cfg.max_tokens as u64 {
+        let word = |i: usize| u64::from_le_bytes(slot[8 * i..8 * i + 8].try_into().expect("8"));
+        let (count, e, start) = (word(0), word(1), word(2));
+        let capacity = (self.comm.world_size() * self.cfg.max_tokens) as u64;
+        if e != epoch
+            || count > self.cfg.max_tokens as u64
+            || start > capacity
+            || count > capacity - start
+        {
             return Err(Error::ProtocolViolation(format!(
-                "rank {src} announced {count} rows for call {e} during call {epoch}"
+                "rank {src} announced {count} rows from {start} for call {e} during call {epoch}"
             )));
         }
-        Ok(count as usize)
+        Ok((count as usize, start as usize))
     }
 
     /// Collective: dispatches `T` tokens. `x` holds `T` rows of the configured dtype,
@@ -268,7 +298,12 @@ impl<'c> MoeBuffer<'c> {
             // Over a network backend (no direct mapping of the peer's window), the records for
             // one destination are laid out here as in its window and sent in one put: one
             // large write instead of two small frames per row.
-            let batch = t.peer_ptr(dst, &self.win)?.is_none();
+            let peer = t.peer_ptr(dst, &self.win)?;
+            let batch = peer.is_none();
+            // Large transfers into a mapped window bypass this core's caches: the receiver
+            // reads them next, from another core.
+            let stream = peer
+                .filter(|_| dst != me && layout.tokens_per_rank[dst] * row_bytes >= STREAM_BYTES);
             if batch {
                 stage.clear();
             }
@@ -317,20 +352,39 @@ impl<'c> MoeBuffer<'c> {
                     stage[at + self.meta..at + self.meta + data.len()].copy_from_slice(data);
                 } else {
                     t.put(dst, &self.win, off, &self.meta_buf)?;
-                    if !data.is_empty() {
-                        t.put(dst, &self.win, off + self.meta, data)?;
+                    match stream {
+                        Some(p) if off + self.meta + data.len() <= self.win.len() => {
+                            // SAFETY: `p` maps `dst`'s copy of the window (`win.len()` bytes,
+                            // bound checked above); this epoch's record `i` from this rank is
+                            // written by this rank only, and `dst` reads it after the signal
+                            // below, which the fence orders after these stores.
+                            unsafe {
+                                crate::copy::copy_streaming(
+                                    p.add(off + self.meta),
+                                    data.as_ptr(),
+                                    data.len(),
+                                )
+                            }
+                        }
+                        _ if !data.is_empty() => t.put(dst, &self.win, off + self.meta, data)?,
+                        _ => {}
                     }
                 }
                 self.sent[dst].push(tok as u32);
             }
+            if stream.is_some() {
+                // Partner of the streaming stores above: they complete before the announcing
+                // signal's Release store.
+                crate::copy::store_fence();
+            }
             if batch && !stage.is_empty() {
                 t.put(dst, &self.win, self.disp_off(epoch, me, 0), &stage)?;
             }
-            self.announce(dst, 0, self.sent[dst].len(), epoch, self.sig_disp)?;
+            self.announce(dst, 0, self.sent[dst].len(), 0, epoch)?;
         }
         self.stage = stage;
         for src in 0..n {
-            self.recv_counts[src] = self.collect(src, 0, epoch, self.sig_disp)?;
+            self.recv_counts[src] = self.collect(src, 0, epoch)?.0;
         }
         if self.cfg.int8_dispatch {
             self.dequantize_arrivals(epoch)?;
@@ -373,16 +427,48 @@ impl<'c> MoeBuffer<'c> {
     /// rank order, rows in arrival order), already reduced over this rank's experts. Each
     /// goes back to its home; `out` (`T` rows of the dtype) receives, per token, the sum over
     /// the ranks it went to, added in f32 in rank order. Tokens that chose no expert get 0.
+    ///
+    /// This copies `reduced` into the buffer first; experts that write their output straight
+    /// into [`DispatchView::expert_output`] call [`MoeBuffer::combine_in_place`] instead.
     pub fn combine(&mut self, reduced: &[u8], out: &mut [u8]) -> Result<()> {
-        let (me, n) = (self.comm.rank(), self.comm.world_size());
-        let row_bytes = self.cfg.row_bytes();
         let received: usize = self.recv_counts.iter().sum();
-        if reduced.len() != received * row_bytes {
+        if reduced.len() != received * self.cfg.row_bytes() {
             return Err(Error::InvalidArgument(format!(
-                "combine got {} bytes for {received} received rows of {row_bytes}",
-                reduced.len()
+                "combine got {} bytes for {received} received rows of {}",
+                reduced.len(),
+                self.cfg.row_bytes()
             )));
         }
+        // Rows for other ranks go into the window (where homes read or send them from);
+        // this rank's own rows are summed from `reduced` in place.
+        let (me, rb) = (self.comm.rank(), self.cfg.row_bytes());
+        let t = self.comm.transport();
+        let mut at = 0;
+        for (src, &count) in self.recv_counts.iter().enumerate() {
+            if src != me {
+                let off = self.out_off(self.disp_epoch, at);
+                t.write_local(&self.win, off, &reduced[at * rb..(at + count) * rb])?;
+            }
+            at += count;
+        }
+        self.combine_from(Some(reduced), out)
+    }
+
+    /// Collective, after a dispatch whose experts wrote their output (one row per received
+    /// row, already reduced over this rank's experts) into [`DispatchView::expert_output`]:
+    /// brings each row back to its home and writes into `out` (`T` rows of the dtype), per
+    /// token, the sum over the ranks it went to, added in f32 in rank order. Tokens that
+    /// chose no expert get 0. On shared memory the home reads the rows where the experts
+    /// wrote them: no byte is copied between processes.
+    pub fn combine_in_place(&mut self, out: &mut [u8]) -> Result<()> {
+        self.combine_from(None, out)
+    }
+
+    /// The combine; this rank's own rows come from `own` (all received rows, in order) when
+    /// given, else from its output region.
+    fn combine_from(&mut self, own: Option<&[u8]>, out: &mut [u8]) -> Result<()> {
+        let (me, n) = (self.comm.rank(), self.comm.world_size());
+        let row_bytes = self.cfg.row_bytes();
         if out.len() != self.tokens * row_bytes {
             return Err(Error::InvalidArgument(format!(
                 "combine output has {} bytes; the last dispatch had {} tokens of {row_bytes}",
@@ -392,75 +478,95 @@ impl<'c> MoeBuffer<'c> {
         }
         self.comb_epoch += 1;
         let epoch = self.comb_epoch;
+        let de = self.disp_epoch;
         let t = self.comm.transport();
         let mut base = 0;
         for (s, &c) in self.starts.iter_mut().zip(&self.recv_counts) {
             *s = base;
             base += c;
         }
-        for step in 1..n {
-            // Rows for this rank itself stay in `reduced` and are summed from there.
-            let src = (me + step) % n;
-            let start = self.starts[src];
-            let rows = &reduced[start * row_bytes..(start + self.recv_counts[src]) * row_bytes];
-            if self.crow == row_bytes && t.peer_ptr(src, &self.win)?.is_none() {
-                // Network backend and rows already laid out as in the window: one put.
+        if !self.mapped {
+            // Network backend: each home's rows leave in one put into its window.
+            for step in 1..n {
+                let src = (me + step) % n;
+                let len = self.recv_counts[src] * row_bytes;
+                // SAFETY: this rank's own expert output; no peer writes it (peers only read
+                // it, and only on mapped backends), and the view that wrote it is gone.
+                let rows =
+                    unsafe { t.local_slice(&self.win, self.out_off(de, self.starts[src]), len)? };
                 t.put(src, &self.win, self.comb_off(epoch, me, 0), rows)?;
-            } else {
-                for (i, row) in rows.chunks(row_bytes).enumerate() {
-                    t.put(src, &self.win, self.comb_off(epoch, me, i), row)?;
-                }
             }
         }
         for step in 0..n {
             let src = (me + step) % n;
-            self.announce(src, 1, self.recv_counts[src], epoch, self.sig_comb)?;
+            self.announce(src, 1, self.recv_counts[src], self.starts[src], epoch)?;
         }
         for r in 0..n {
-            let count = self.collect(r, 1, epoch, self.sig_comb)?;
+            let (count, start) = self.collect(r, 1, epoch)?;
             if count != self.sent[r].len() {
                 return Err(Error::ProtocolViolation(format!(
                     "rank {r} returned {count} rows for the {} tokens sent to it",
                     self.sent[r].len()
                 )));
             }
+            self.peer_starts[r] = start;
         }
-        // Token by token, rank by rank: one hidden-sized accumulator stays in cache, and the
-        // order of the sum is fixed (rank order), so the result is the same bits every run.
-        let hidden = self.cfg.hidden;
-        self.acc.clear();
-        self.acc.resize(hidden, 0.0);
+        let mut peers: SmallVec<[*const u8; 8]> = SmallVec::new();
+        for r in 0..n {
+            peers.push(match t.peer_ptr(r, &self.win)? {
+                Some(p) if self.mapped => p as *const u8,
+                _ => std::ptr::null(),
+            });
+        }
+        // Token by token, rank by rank: the order of the sum is fixed (rank order), so the
+        // result is the same bits every run.
         // Taken out for the loop (it is put back at the end; an error path leaves it empty,
         // and the resize makes the next call whole again).
         let mut next = std::mem::take(&mut self.cursors);
         next.clear();
         next.resize(n, 0);
+        let mut rows: SmallVec<[&[u8]; 8]> = SmallVec::new();
         for (tok, out_row) in out.chunks_mut(row_bytes).enumerate() {
-            self.acc.fill(0.0);
+            rows.clear();
             for (r, cursor) in next.iter_mut().enumerate() {
                 if self.sent[r].get(*cursor) != Some(&(tok as u32)) {
                     continue;
                 }
                 let i = *cursor;
                 *cursor += 1;
-                let row = if r == me {
-                    let at = self.starts[me] + i;
-                    &reduced[at * row_bytes..(at + 1) * row_bytes]
+                let at = self.starts[me] + i;
+                rows.push(if let (true, Some(own)) = (r == me, own) {
+                    &own[at * row_bytes..(at + 1) * row_bytes]
+                } else if r == me {
+                    // SAFETY: this rank's own expert output, written before this call; peers
+                    // only read it.
+                    unsafe { t.local_slice(&self.win, self.out_off(de, at), row_bytes)? }
+                } else if self.mapped {
+                    let off = self.out_off(de, self.peer_starts[r] + i);
+                    if peers[r].is_null() || off + row_bytes > self.win.len() {
+                        return Err(Error::InvalidUsage(format!(
+                            "rank {r}'s window is not mapped here"
+                        )));
+                    }
+                    // SAFETY: `peers[r]` maps rank r's copy of this window (`win.len()` bytes,
+                    // checked above). Rank r announced these rows with the signal `collect`
+                    // waited for and does not write this epoch's output region again before
+                    // the next-but-one dispatch, which needs this rank's next dispatch first.
+                    unsafe { std::slice::from_raw_parts(peers[r].add(off), row_bytes) }
                 } else {
                     // SAFETY: announced by the signal `collect` waited for; not written again
                     // before the next-but-one combine (see the module docs).
                     unsafe { t.local_slice(&self.win, self.comb_off(epoch, r, i), row_bytes)? }
-                };
-                self.cfg.dtype.accumulate(&mut self.acc, row);
+                });
             }
-            self.cfg.dtype.store_row(out_row, &self.acc);
+            sum_rows(self.cfg.dtype, out_row, &rows, None);
         }
         self.cursors = next;
         Ok(())
     }
 }
 
-impl DispatchView<'_> {
+impl<'a> DispatchView<'a> {
     /// Rows received from each source rank.
     pub fn counts(&self) -> &[usize] {
         &self.buf.recv_counts
@@ -477,8 +583,8 @@ impl DispatchView<'_> {
     }
 
     /// Row `i` from `src`, its metadata checked (it comes from another process).
-    pub fn row(&self, src: usize, i: usize) -> Result<RecvRow<'_>> {
-        let b = self.buf;
+    pub fn row(&self, src: usize, i: usize) -> Result<RecvRow<'a>> {
+        let b: &'a MoeBuffer<'a> = self.buf;
         let me = b.comm.rank();
         if src >= b.comm.world_size() || i >= b.recv_counts[src] {
             return Err(Error::InvalidArgument(format!(
@@ -493,7 +599,8 @@ impl DispatchView<'_> {
         let rb = b.cfg.row_bytes();
         let data = if src == me {
             let tok = b.sent[me][i] as usize;
-            &self.x[tok * rb..(tok + 1) * rb]
+            let x: &'a [u8] = self.x;
+            &x[tok * rb..(tok + 1) * rb]
         } else {
             // SAFETY: as for `meta`.
             unsafe { t.local_slice(&b.win, off + b.meta, rb)? }
@@ -529,11 +636,51 @@ impl DispatchView<'_> {
     }
 
     /// Every received row, sources in rank order.
-    pub fn rows(&self) -> Result<Vec<RecvRow<'_>>> {
+    pub fn rows(&self) -> Result<Vec<RecvRow<'a>>> {
         (0..self.buf.comm.world_size())
             .flat_map(|s| (0..self.buf.recv_counts[s]).map(move |i| (s, i)))
             .map(|(s, i)| self.row(s, i))
             .collect()
+    }
+
+    /// Where this rank's experts write their output for [`MoeBuffer::combine_in_place`]:
+    /// `len()` rows of the dtype, one per received row in the order of [`Self::rows`],
+    /// each already reduced over this rank's experts. It lives in the registered window, so
+    /// on shared memory the homes read it where it is written.
+    ///
+    /// ```no_run
+    /// # fn main() -> xccl::Result<()> {
+    /// # use xccl::moe::{Dtype, MoeBuffer, MoeConfig};
+    /// # let comm = xccl::Communicator::from_env()?;
+    /// # let mut buf = MoeBuffer::new(&comm, MoeConfig::new(8, 64, 2, 16, Dtype::F32))?;
+    /// # let (x, idx, w): (Vec<u8>, Vec<i64>, Vec<f32>) = (vec![], vec![], vec![]);
+    /// let mut view = buf.dispatch(&x, &idx, &w)?;
+    /// let rows = view.rows()?;
+    /// let output = view.expert_output()?;
+    /// for (row, dst) in rows.iter().zip(output.chunks_mut(64 * 4)) {
+    ///     let w: f32 = row.experts.iter().map(|&(_, w)| w).sum();
+    ///     for (d, s) in dst.chunks_mut(4).zip(row.data.chunks(4)) {
+    ///         let v = w * f32::from_le_bytes(s.try_into().unwrap());
+    ///         d.copy_from_slice(&v.to_le_bytes());
+    ///     }
+    /// }
+    /// drop(view);
+    /// let mut out = vec![0u8; x.len()];
+    /// buf.combine_in_place(&mut out)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn expert_output(&mut self) -> Result<&mut [u8]> {
+        let b = self.buf;
+        let len = self.len() * b.cfg.row_bytes();
+        // SAFETY: peers read this epoch's output region only after this rank announces a
+        // combine, which needs the buffer this view borrows; they finished reading it two
+        // dispatches ago (see the module docs). `&mut self` keeps one such slice at a time,
+        // and the region is disjoint from the received rows `row` hands out.
+        unsafe {
+            b.comm
+                .transport()
+                .local_slice_mut(&b.win, b.out_off(b.disp_epoch, 0), len)
+        }
     }
 
     /// Received tokens per local expert (this rank's experts in id order).

@@ -22,6 +22,7 @@ mod config;
 mod layout;
 mod low_latency;
 pub mod quant;
+mod sum;
 
 pub use buffer::{DispatchView, MoeBuffer, RecvRow};
 pub use config::{Dtype, MoeConfig};

@@ -144,6 +144,17 @@ pub fn get_reads_peer_memory(world: usize, f: Factory) {
             let mut part = [0u8; 3];
             t.get(p, &win, 10_004, &mut part).unwrap();
             assert_eq!(&part[..], &pattern(p, 0, 0, 10_007)[10_004..]);
+            // A backend that says peers' windows are mapped gives a pointer that reads them.
+            match t.peer_ptr(p, &win).unwrap() {
+                Some(ptr) => {
+                    assert!(t.caps().load_store, "peer_ptr mapped without load_store");
+                    // SAFETY: the window is 10,007 bytes, registered and written before the
+                    // barrier above; nobody writes it before the barrier below.
+                    let seen = unsafe { std::slice::from_raw_parts(ptr.add(10_000), 7) };
+                    assert_eq!(seen, &pattern(p, 0, 0, 10_007)[10_000..]);
+                }
+                None => assert!(!t.caps().load_store, "load_store without peer_ptr"),
+            }
         }
         signal_barrier(t, 0, 2);
     });

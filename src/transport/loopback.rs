@@ -183,6 +183,7 @@ impl Transport for Loopback {
             max_window_len: isize::MAX as usize - PAGE,
             direct_put: true,
             get: true,
+            load_store: true,
             cross_host: false,
         }
     }

@@ -100,6 +100,9 @@ pub struct Caps {
     pub direct_put: bool,
     /// `get` is supported.
     pub get: bool,
+    /// Peers' windows can be loaded from and stored to directly: [`Transport::peer_ptr`]
+    /// returns `Some` for every peer.
+    pub load_store: bool,
     /// Ranks may be on different hosts.
     pub cross_host: bool,
 }

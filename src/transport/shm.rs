@@ -263,6 +263,7 @@ impl Transport for ShmTransport {
             max_window_len: isize::MAX as usize - xccl_shm::HEADER_LEN,
             direct_put: true,
             get: true,
+            load_store: true,
             cross_host: false,
         }
     }

@@ -166,6 +166,7 @@ impl Transport for TcpTransport {
             max_window_len: isize::MAX as usize,
             direct_put: true,
             get: true,
+            load_store: false,
             cross_host: true,
         }
     }

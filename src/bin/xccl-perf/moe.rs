@@ -122,6 +122,8 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
     let mut comb_times = Vec::with_capacity(a.reps);
     let mut reduced: Vec<u8> = Vec::new();
     let mut out = vec![0u8; x.len()];
+    let mut tmp = vec![0f32; h];
+    let in_window = c.api == "window";
     let warm = c.warmup.unwrap_or(2);
     for rep in 0..warm + a.reps {
         comm.barrier()?;
@@ -138,24 +140,31 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
                 }
             }
         } else {
-            let view = buf.as_mut().expect("normal mode").dispatch(&x, &idx, &w)?;
+            let mut view = buf.as_mut().expect("normal mode").dispatch(&x, &idx, &w)?;
             d = s.elapsed().as_secs_f64() * 1e6;
-            // Identity experts (untimed): Σ over this rank's chosen experts of w · x.
-            let mut tmp = vec![0f32; h];
-            for row in view.rows()? {
+            // Identity experts (untimed): Σ over this rank's chosen experts of w · x, written
+            // into the window (`--api window`) or into a buffer of the caller's.
+            let rows = view.rows()?;
+            let rb = cfg.row_bytes();
+            let dst: &mut [u8] = if in_window {
+                view.expert_output()?
+            } else {
+                reduced.resize(rows.len() * rb, 0);
+                &mut reduced
+            };
+            for (row, o) in rows.iter().zip(dst.chunks_mut(rb)) {
                 let ws: f32 = row.experts.iter().map(|&(_, wt)| wt).sum();
                 tmp.fill(0.0);
                 dtype.accumulate(&mut tmp, row.data);
                 tmp.iter_mut().for_each(|v| *v *= ws);
-                let start = reduced.len();
-                reduced.resize(start + cfg.row_bytes(), 0);
-                dtype.store_row(&mut reduced[start..], &tmp);
+                dtype.store_row(o, &tmp);
             }
         }
         comm.barrier()?;
         let s = Instant::now();
         match (llbuf.as_mut(), buf.as_mut()) {
             (Some(llb), _) => llb.combine(&reduced, &mut out)?,
+            (None, Some(b)) if in_window => b.combine_in_place(&mut out)?,
             (None, Some(b)) => b.combine(&reduced, &mut out)?,
             (None, None) => unreachable!("one buffer exists"),
         }

@@ -112,8 +112,10 @@ pub struct Common {
     /// Give up (every wait and the whole run) after this many seconds.
     #[arg(long, default_value_t = 120.0)]
     pub timeout: f64,
-    /// All-to-all data path: `window` (one copy: blocks land in a registered receive window
+    /// Data path. All-to-all: `window` (one copy: blocks land in a registered receive window
     /// and are read in place) or `buffer` (MPI-style: into the caller's buffer, via rings).
+    /// MoE combine: `window` (experts write their output into the buffer's window, homes read
+    /// it there) or `buffer` (experts write a buffer of their own, combine copies it in).
     #[arg(long, default_value = "window", value_parser = ["window", "buffer"])]
     pub api: String,
     /// CPU binding of the ranks it launches: auto (one CPU each when there are enough) or none.
