@@ -94,13 +94,14 @@ pub fn store_fence() {
 #[target_feature(enable = "avx2")]
 unsafe fn copy_stream_avx2(dst: *mut u8, src: *const u8, len: usize) {
     use std::arch::x86_64::{__m256i, _mm256_loadu_si256, _mm256_stream_si256};
-    // Head up to a 32-byte boundary of `dst` with ordinary stores.
-    let head = (32 - (dst as usize) % 32) % 32;
-    // SAFETY: `head < 32 <= len`, inside both ranges.
+    // Head up to a cache-line boundary of `dst` with ordinary stores: the streamed part then
+    // fills whole lines (a line written partly each way costs more than either).
+    let head = (64 - (dst as usize) % 64) % 64;
+    // SAFETY: `head < 64 < 256 <= len`, inside both ranges.
     unsafe { std::ptr::copy_nonoverlapping(src, dst, head) };
     let mut i = head;
     while i + 128 <= len {
-        // SAFETY: `i + 128 <= len`, inside both ranges; `dst + i` is 32-byte aligned (the
+        // SAFETY: `i + 128 <= len`, inside both ranges; `dst + i` is 64-byte aligned (the
         // head made it so and `i` advances by 128), as the streaming store needs.
         unsafe {
             let s = src.add(i) as *const __m256i;

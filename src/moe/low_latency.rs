@@ -12,9 +12,11 @@
 
 use super::config::MoeConfig;
 use super::layout::dispatch_layout;
+use super::sum::sum_rows;
 use crate::error::{Error, Result};
 use crate::transport::{Cmp, SignalOp, Window};
 use crate::Communicator;
+use smallvec::SmallVec;
 
 const LINE: usize = 64;
 
@@ -41,7 +43,6 @@ pub struct LowLatencyBuffer<'c> {
     tokens: usize,
     /// Rows received per (local expert, source) by the last dispatch.
     counts: Vec<usize>,
-    acc: Vec<f32>,
     /// Per expert: the next free slot of this rank's rows (dispatch).
     next: Vec<usize>,
 }
@@ -110,7 +111,6 @@ impl<'c> LowLatencyBuffer<'c> {
             weights: Vec::with_capacity(cap * cfg.topk),
             tokens: 0,
             counts: vec![0; nlocal * n],
-            acc: vec![0.0; cfg.hidden],
             next: vec![0; cfg.experts],
             cfg,
         })
@@ -258,22 +258,23 @@ impl<'c> LowLatencyBuffer<'c> {
         for r in 0..n {
             t.wait(self.sig_comb + r, Cmp::Ge, epoch << 32, deadline)?;
         }
+        let mut rows: SmallVec<[&[u8]; 8]> = SmallVec::new();
+        let mut weights: SmallVec<[f32; 8]> = SmallVec::new();
         for (tok, out_row) in out.chunks_mut(rb).enumerate() {
-            self.acc.fill(0.0);
+            rows.clear();
+            weights.clear();
             for j in 0..k {
                 let (Some(slot), e) = (self.slots[tok * k + j], self.idx[tok * k + j]) else {
                     continue;
                 };
                 // SAFETY: the expert rank's rows were announced by the signal waited for above
                 // and are not rewritten before the next-but-one call.
-                let row = unsafe {
+                rows.push(unsafe {
                     t.local_slice(&self.win, self.comb_off(epoch, e as usize, slot), rb)?
-                };
-                self.cfg
-                    .dtype
-                    .accumulate_scaled(&mut self.acc, row, self.weights[tok * k + j]);
+                });
+                weights.push(self.weights[tok * k + j]);
             }
-            self.cfg.dtype.store_row(out_row, &self.acc);
+            sum_rows(self.cfg.dtype, out_row, &rows, Some(&weights));
         }
         Ok(())
     }

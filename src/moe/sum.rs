@@ -7,6 +7,7 @@
 //! is the same bits with or without AVX2.
 
 use super::config::{bf16_bits, Dtype};
+use smallvec::SmallVec;
 
 /// Elements summed per block (the accumulator lives on the stack).
 const BLOCK: usize = 512;
@@ -37,6 +38,100 @@ unsafe fn sum_rows_avx2(dtype: Dtype, out: &mut [u8], rows: &[&[u8]], weights: O
 
 #[inline(always)]
 fn sum_rows_generic(dtype: Dtype, out: &mut [u8], rows: &[&[u8]], weights: Option<&[f32]>) {
+    // Aligned bf16 and f32 rows (window rows always are): lanes summed in registers, each
+    // input and the output touched once. Anything else: blocks through a stack accumulator.
+    match dtype {
+        Dtype::Bf16 => {
+            if let Some((o, r)) = cast_all::<u16>(out, rows) {
+                return sum_lanes(
+                    o,
+                    &r,
+                    weights,
+                    |x| f32::from_bits((u16::from_le(x) as u32) << 16),
+                    |v| bf16_bits(v).to_le(),
+                );
+            }
+        }
+        Dtype::F32 => {
+            if let Some((o, r)) = cast_all::<u32>(out, rows) {
+                return sum_lanes(
+                    o,
+                    &r,
+                    weights,
+                    |x| f32::from_bits(u32::from_le(x)),
+                    |v| v.to_bits().to_le(),
+                );
+            }
+        }
+        Dtype::F16 => {}
+    }
+    sum_blocked(dtype, out, rows, weights);
+}
+
+/// An output row and its input rows, as slices of one element type.
+type Cast<'a, T> = (&'a mut [T], SmallVec<[&'a [T]; 8]>);
+
+/// `out` and every row as slices of `T`, when all are aligned for it.
+#[inline(always)]
+fn cast_all<'a, T: bytemuck::Pod>(out: &'a mut [u8], rows: &[&'a [u8]]) -> Option<Cast<'a, T>> {
+    let o = bytemuck::try_cast_slice_mut::<u8, T>(out).ok()?;
+    let r = rows
+        .iter()
+        .map(|r| bytemuck::try_cast_slice::<u8, T>(r).ok())
+        .collect::<Option<SmallVec<[&[T]; 8]>>>()?;
+    Some((o, r))
+}
+
+/// Elements kept in registers at a time.
+const LANES: usize = 16;
+
+#[inline(always)]
+fn sum_lanes<T: Copy>(
+    out: &mut [T],
+    rows: &[&[T]],
+    weights: Option<&[f32]>,
+    load: impl Fn(T) -> f32,
+    store: impl Fn(f32) -> T,
+) {
+    let n = out.len();
+    let body = n - n % LANES;
+    for at in (0..body).step_by(LANES) {
+        let mut acc = [0f32; LANES];
+        for (j, row) in rows.iter().enumerate() {
+            let src: &[T; LANES] = row[at..at + LANES].try_into().expect("LANES elements");
+            match weights {
+                Some(w) => {
+                    let w = w[j];
+                    for (a, &x) in acc.iter_mut().zip(src) {
+                        *a += w * load(x);
+                    }
+                }
+                None => {
+                    for (a, &x) in acc.iter_mut().zip(src) {
+                        *a += load(x);
+                    }
+                }
+            }
+        }
+        let dst: &mut [T; LANES] = (&mut out[at..at + LANES]).try_into().expect("LANES");
+        for (o, &a) in dst.iter_mut().zip(&acc) {
+            *o = store(a);
+        }
+    }
+    for i in body..n {
+        let mut acc = 0f32;
+        for (j, row) in rows.iter().enumerate() {
+            acc += match weights {
+                Some(w) => w[j] * load(row[i]),
+                None => load(row[i]),
+            };
+        }
+        out[i] = store(acc);
+    }
+}
+
+/// Any dtype, any alignment: blocks of the row summed into a stack accumulator.
+fn sum_blocked(dtype: Dtype, out: &mut [u8], rows: &[&[u8]], weights: Option<&[f32]>) {
     let mut acc = [0f32; BLOCK];
     let elem = dtype.size();
     let n = out.len() / elem;
@@ -48,78 +143,13 @@ fn sum_rows_generic(dtype: Dtype, out: &mut [u8], rows: &[&[u8]], weights: Optio
         for (j, row) in rows.iter().enumerate() {
             let src = &row[at * elem..(at + len) * elem];
             match weights {
-                Some(w) => add_block(dtype, acc, src, Some(w[j])),
-                None => add_block(dtype, acc, src, None),
+                Some(w) => dtype.accumulate_scaled(acc, src, w[j]),
+                None => dtype.accumulate(acc, src),
             }
         }
-        store_block(dtype, &mut out[at * elem..(at + len) * elem], acc);
+        dtype.store_row(&mut out[at * elem..(at + len) * elem], acc);
         at += len;
     }
-}
-
-#[inline(always)]
-fn add_block(dtype: Dtype, acc: &mut [f32], src: &[u8], w: Option<f32>) {
-    match dtype {
-        Dtype::Bf16 => match bytemuck::try_cast_slice::<u8, u16>(src) {
-            Ok(words) => match w {
-                Some(w) => {
-                    for (a, &x) in acc.iter_mut().zip(words) {
-                        *a += w * bf16_to_f32(u16::from_le(x));
-                    }
-                }
-                None => {
-                    for (a, &x) in acc.iter_mut().zip(words) {
-                        *a += bf16_to_f32(u16::from_le(x));
-                    }
-                }
-            },
-            Err(_) => add_slow(dtype, acc, src, w),
-        },
-        Dtype::F32 => match bytemuck::try_cast_slice::<u8, f32>(src) {
-            Ok(vals) => match w {
-                Some(w) => {
-                    for (a, &x) in acc.iter_mut().zip(vals) {
-                        *a += w * f32::from_bits(u32::from_le(x.to_bits()));
-                    }
-                }
-                None => {
-                    for (a, &x) in acc.iter_mut().zip(vals) {
-                        *a += f32::from_bits(u32::from_le(x.to_bits()));
-                    }
-                }
-            },
-            Err(_) => add_slow(dtype, acc, src, w),
-        },
-        Dtype::F16 => add_slow(dtype, acc, src, w),
-    }
-}
-
-/// Any alignment, any dtype: element by element.
-fn add_slow(dtype: Dtype, acc: &mut [f32], src: &[u8], w: Option<f32>) {
-    match w {
-        Some(w) => dtype.accumulate_scaled(acc, src, w),
-        None => dtype.accumulate(acc, src),
-    }
-}
-
-#[inline(always)]
-fn store_block(dtype: Dtype, out: &mut [u8], acc: &[f32]) {
-    match dtype {
-        Dtype::Bf16 => match bytemuck::try_cast_slice_mut::<u8, u16>(out) {
-            Ok(words) => {
-                for (o, &a) in words.iter_mut().zip(acc) {
-                    *o = bf16_bits(a).to_le();
-                }
-            }
-            Err(_) => dtype.store_row(out, acc),
-        },
-        _ => dtype.store_row(out, acc),
-    }
-}
-
-#[inline(always)]
-fn bf16_to_f32(bits: u16) -> f32 {
-    f32::from_bits((bits as u32) << 16)
 }
 
 #[cfg(test)]
