@@ -99,9 +99,15 @@ fn pingpong_prints_a_checked_table_and_json() {
 #[test]
 fn moe_subcommands_run_checked() {
     let _g = common::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    for (op, ranks) in [("moe", "2"), ("dispatch", "4"), ("combine", "2")] {
+    for (op, ranks, routing) in [
+        ("moe", "2", "uniform"),
+        ("dispatch", "4", "zipf:1.5"),
+        ("combine", "2", "zipf:0.8"),
+    ] {
         let args = [
             op,
+            "--routing",
+            routing,
             "-n",
             ranks,
             "--tokens",
@@ -128,6 +134,7 @@ fn moe_subcommands_run_checked() {
             (Some(32), Some(64), Some(2), Some(8))
         );
         assert_eq!(r["mode"], "normal");
+        assert_eq!(r["routing"], routing);
         assert_eq!(r["wrong"], 0);
         assert!(r["dispatch_us_p50"].as_f64().is_some_and(|v| v > 0.0));
         assert!(r["combine_us_p50"].as_f64().is_some_and(|v| v > 0.0));
@@ -164,6 +171,9 @@ fn bad_option_fails_with_a_message() {
     let out = perf(&["pingpong", "-b", "12Q"], &[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a size"));
+    let out = perf(&["moe", "--routing", "zipf:-1"], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("zipf exponent"));
 }
 
 #[test]

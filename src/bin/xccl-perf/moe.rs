@@ -6,7 +6,7 @@
 //! The output is checked: out[t] ≈ (Σ_j w_j) · x[t] within the dtype's rounding. Bytes =
 //! token rows sent to other ranks (each (token, destination rank) once).
 
-use crate::options::MoeArgs;
+use crate::options::{MoeArgs, Routing};
 use crate::report::{self, MoeFields, Row};
 use std::time::{Duration, Instant};
 use xccl::coll::{Coll, ReduceOp};
@@ -27,6 +27,42 @@ impl Rng {
     fn unit(&mut self) -> f32 {
         (self.next() >> 40) as f32 / (1u64 << 24) as f32
     }
+}
+
+/// Top-k distinct experts for each of `tokens` tokens, drawn without replacement from the
+/// routing's distribution over experts.
+fn route(routing: Routing, rng: &mut Rng, tokens: usize, k: usize, experts: usize) -> Vec<i64> {
+    let weight: Vec<f64> = (0..experts)
+        .map(|e| match routing {
+            Routing::Uniform => 1.0,
+            Routing::Zipf(s) => 1.0 / ((e + 1) as f64).powf(s),
+        })
+        .collect();
+    let total: f64 = weight.iter().sum();
+    let mut idx = Vec::with_capacity(tokens * k);
+    let mut chosen = vec![false; experts];
+    for _ in 0..tokens {
+        chosen.fill(false);
+        let mut left = total;
+        for _ in 0..k {
+            // A point in the mass of the experts not chosen yet; the last one standing takes
+            // any rounding excess.
+            let mut u = (rng.next() >> 11) as f64 / (1u64 << 53) as f64 * left;
+            let mut pick = None;
+            for e in (0..experts).filter(|&e| !chosen[e]) {
+                pick = Some(e);
+                if u < weight[e] {
+                    break;
+                }
+                u -= weight[e];
+            }
+            let e = pick.expect("top-k is at most the number of experts");
+            chosen[e] = true;
+            left -= weight[e];
+            idx.push(e as i64);
+        }
+    }
+    idx
 }
 
 /// Which phase the table reports (both always run: combine checks what dispatch delivered).
@@ -80,19 +116,8 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
     for i in 0..t_count * h {
         dtype.store(&mut x, i, rng.unit() * 2.0 - 1.0);
     }
-    let mut idx = Vec::with_capacity(t_count * k);
-    let mut w = Vec::with_capacity(t_count * k);
-    for _ in 0..t_count {
-        let mut chosen: Vec<i64> = Vec::with_capacity(k);
-        while chosen.len() < k {
-            let e = (rng.next() % a.experts as u64) as i64;
-            if !chosen.contains(&e) {
-                chosen.push(e);
-            }
-        }
-        idx.extend(&chosen);
-        w.extend((0..k).map(|_| 0.1 + 0.9 * rng.unit()));
-    }
+    let idx = route(a.routing, &mut rng, t_count, k, a.experts);
+    let w: Vec<f32> = (0..t_count * k).map(|_| 0.1 + 0.9 * rng.unit()).collect();
     let placement = cfg.placement_for(n)?;
     // Rows this rank sends to other ranks (for GB/s), summed over ranks.
     let mut cross = [(0..t_count)
@@ -273,6 +298,7 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
             topk: k,
             experts: a.experts,
             mode: if ll { "low-latency" } else { "normal" },
+            routing: a.routing.to_string(),
             dispatch_us_p50: dp50,
             combine_us_p50: cp50,
         }),
@@ -290,4 +316,38 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(routing: Routing) -> Vec<usize> {
+        let (tokens, k, experts) = (2000, 4, 16);
+        let idx = route(routing, &mut Rng(7), tokens, k, experts);
+        assert_eq!(idx.len(), tokens * k);
+        let mut c = vec![0; experts];
+        for row in idx.chunks(k) {
+            for (j, &e) in row.iter().enumerate() {
+                assert!(!row[..j].contains(&e), "expert {e} twice in {row:?}");
+                c[e as usize] += 1;
+            }
+        }
+        c
+    }
+
+    /// Uniform routing spreads tokens evenly; zipf favours low ids, more so for larger S, and
+    /// a huge S always picks the first k experts.
+    #[test]
+    fn routing_follows_its_distribution() {
+        let u = counts(Routing::Uniform);
+        assert!(u.iter().all(|&c| (400..600).contains(&c)), "{u:?}");
+        let z1 = counts(Routing::Zipf(1.0));
+        let z2 = counts(Routing::Zipf(2.0));
+        assert!(z1[0] > 3 * z1[15] && z1.windows(2).filter(|w| w[0] < w[1]).count() < 6);
+        assert!(z2[15] < z1[15], "{z1:?} {z2:?}");
+        let z = counts(Routing::Zipf(100.0));
+        assert_eq!(&z[..4], &[2000; 4]);
+        assert!(z[4..].iter().all(|&c| c == 0));
+    }
 }

@@ -52,15 +52,50 @@ pub struct MoeArgs {
     /// token and expert, fixed slots, one round).
     #[arg(long, default_value = "normal", value_parser = ["normal", "low-latency"])]
     pub mode: String,
-    /// Routing: uniform (each token picks top-k distinct experts at random).
-    #[arg(long, default_value = "uniform", value_parser = ["uniform"])]
-    pub routing: String,
+    /// Routing: `uniform` (each token picks top-k distinct experts at random) or `zipf:S`
+    /// (expert e is picked with weight 1/(e+1)^S, S > 0, without replacement: low expert ids,
+    /// and so the first ranks, are hot).
+    #[arg(long, default_value = "uniform", value_parser = parse_routing)]
+    pub routing: Routing,
     /// Timed repetitions.
     #[arg(long, default_value_t = 10)]
     pub reps: usize,
     /// Random seed of data and routing.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+}
+
+/// How the harness routes tokens to experts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Routing {
+    /// Every expert equally likely.
+    Uniform,
+    /// Expert `e` with weight `1 / (e + 1)^s`.
+    Zipf(f64),
+}
+
+impl std::fmt::Display for Routing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Routing::Uniform => write!(f, "uniform"),
+            Routing::Zipf(s) => write!(f, "zipf:{s}"),
+        }
+    }
+}
+
+fn parse_routing(v: &str) -> Result<Routing, String> {
+    if v == "uniform" {
+        return Ok(Routing::Uniform);
+    }
+    let s = v
+        .strip_prefix("zipf:")
+        .ok_or_else(|| format!("routing {v:?}: expected uniform or zipf:S"))?;
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 && x <= 100.0 => Ok(Routing::Zipf(x)),
+        _ => Err(format!(
+            "zipf exponent {s:?}: expected a number in (0, 100]"
+        )),
+    }
 }
 
 impl Command {

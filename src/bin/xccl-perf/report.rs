@@ -79,6 +79,8 @@ pub struct MoeFields {
     pub topk: usize,
     pub experts: usize,
     pub mode: &'static str,
+    /// `uniform` or `zipf:S`.
+    pub routing: String,
     pub dispatch_us_p50: f64,
     pub combine_us_p50: f64,
 }
@@ -221,12 +223,13 @@ pub fn write_json(path: &std::path::Path, rows: &[Row]) -> std::io::Result<()> {
             let _ = write!(
                 out,
                 ", \"tokens\": {}, \"hidden\": {}, \"topk\": {}, \"experts\": {}, \"mode\": \"{}\", \
-                 \"dispatch_us_p50\": {}, \"combine_us_p50\": {}",
+                 \"routing\": \"{}\", \"dispatch_us_p50\": {}, \"combine_us_p50\": {}",
                 m.tokens,
                 m.hidden,
                 m.topk,
                 m.experts,
                 m.mode,
+                m.routing,
                 num(m.dispatch_us_p50),
                 num(m.combine_us_p50)
             );
