@@ -28,6 +28,8 @@ use crate::Communicator;
 use smallvec::SmallVec;
 
 const LINE: usize = 64;
+/// Network backends: records for one rank leave in puts of about this size.
+const STAGE_CHUNK: usize = 512 << 10;
 /// Dispatches moving at least this much to one mapped peer use non-temporal stores.
 const STREAM_BYTES: usize = 1 << 20;
 
@@ -296,10 +298,11 @@ impl<'c> MoeBuffer<'c> {
             let dst = (me + step) % n;
             self.sent[dst].clear();
             // Over a network backend (no direct mapping of the peer's window), the records for
-            // one destination are laid out here as in its window and sent in one put: one
-            // large write instead of two small frames per row.
+            // another rank are laid out here as in its window and sent a chunk at a time: few
+            // large writes instead of two small frames per row, from memory still in cache.
             let peer = t.peer_ptr(dst, &self.win)?;
-            let batch = peer.is_none();
+            let batch = peer.is_none() && dst != me;
+            let mut chunk_first = 0;
             // Large transfers into a mapped window bypass this core's caches: the receiver
             // reads them next, from another core.
             let stream = peer
@@ -346,10 +349,21 @@ impl<'c> MoeBuffer<'c> {
                     &[] // a rank's own rows are not copied: its view reads them from `x`
                 };
                 if batch {
-                    stage.resize((i + 1) * self.rec, 0);
-                    let at = i * self.rec;
-                    stage[at..at + self.meta].copy_from_slice(&self.meta_buf);
-                    stage[at + self.meta..at + self.meta + data.len()].copy_from_slice(data);
+                    if stage.is_empty() {
+                        chunk_first = i;
+                    }
+                    stage.extend_from_slice(&self.meta_buf);
+                    stage.extend_from_slice(data);
+                    stage.resize(stage.len() + self.rec - self.meta - data.len(), 0);
+                    if stage.len() + self.rec > STAGE_CHUNK {
+                        t.put(
+                            dst,
+                            &self.win,
+                            self.disp_off(epoch, me, chunk_first),
+                            &stage,
+                        )?;
+                        stage.clear();
+                    }
                 } else {
                     t.put(dst, &self.win, off, &self.meta_buf)?;
                     match stream {
@@ -378,7 +392,13 @@ impl<'c> MoeBuffer<'c> {
                 crate::copy::store_fence();
             }
             if batch && !stage.is_empty() {
-                t.put(dst, &self.win, self.disp_off(epoch, me, 0), &stage)?;
+                t.put(
+                    dst,
+                    &self.win,
+                    self.disp_off(epoch, me, chunk_first),
+                    &stage,
+                )?;
+                stage.clear();
             }
             self.announce(dst, 0, self.sent[dst].len(), 0, epoch)?;
         }
