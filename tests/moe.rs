@@ -296,9 +296,10 @@ fn twenty_reruns_are_bitwise_identical() {
 }
 
 /// Dispatches large enough to take the streaming-store path into mapped windows (over 1 MiB
-/// to a peer) deliver exactly the reference rows and sums, three calls in a row (both epochs).
+/// to a peer), and over tcp to leave in several staged chunks, deliver exactly the reference
+/// rows and sums, three calls in a row (both epochs).
 #[test]
-fn large_dispatch_over_shm_is_exact() {
+fn large_dispatch_is_exact() {
     let (n, experts, hidden, topk, tokens) = (2, 4, 4096, 2, 72);
     let inputs = (0..n)
         .map(|r| RankInput {
@@ -319,7 +320,8 @@ fn large_dispatch_over_shm_is_exact() {
         placement: (0..experts).map(|e| e % n).collect(),
         inputs,
     };
-    check_case(Fabric::Shm, case, Dtype::F32, 3);
+    check_case(Fabric::Shm, case.clone(), Dtype::F32, 3);
+    check_case(Fabric::Tcp, case, Dtype::F32, 3);
 }
 
 #[test]
