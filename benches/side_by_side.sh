@@ -12,7 +12,9 @@
 # tcp: a plain polling loopback TCP ping-pong and stream (tcp_bench), Open MPI over its tcp
 #      BTL (mpi_p2p, mpi_a2a with 2 ranks), `xccl-perf pingpong` and `alltoallv` over tcp.
 # moe: Open MPI's dispatcher/combiner (moe_mpi, selfcopy, hidden 7168 bf16, top-8 of 64)
-#      and `xccl-perf moe` at T = 128 and 4096 with 2 ranks over shm.
+#      and `xccl-perf moe`: normal mode at T = 128 and 4096 with 2 and 4 ranks over shm,
+#      low-latency mode at T = 128 with 2 ranks over shm, normal mode at T = 4096 with 2
+#      ranks over tcp (Open MPI over its tcp BTL).
 # Each repetition runs every program once; the summary gives each ratio per repetition and
 # the median, as "speedup" (> 1: xccl faster) or "fraction" (of a reference bandwidth).
 set -euo pipefail
@@ -52,10 +54,15 @@ for rep in $(seq 1 "$REPS"); do
         "$PERF" pingpong -n 2 --backend tcp --baseline -e 16M --json "$TMP/pingpong_tcp.$rep.json" > /dev/null
         "$PERF" alltoallv -n 2 --backend tcp -b 1M -e 1M --json "$TMP/a2a_tcp.$rep.json" > /dev/null ;;
       moe)
-        for T in 128 4096; do
-          $OMPI -np 2 "$B/moe_mpi" ompi_shm $T 7168 8 64 5 1 42 selfcopy > "$TMP/moe_mpi.$T.$rep"
-          "$PERF" moe -n 2 --tokens $T --reps 5 --json "$TMP/moe.$T.$rep.json" > /dev/null
-        done ;;
+        for P in 2 4; do
+          for T in 128 4096; do
+            $OMPI -np $P "$B/moe_mpi" ompi_shm $T 7168 8 64 5 1 42 selfcopy > "$TMP/moe_mpi.$P.$T.$rep"
+            "$PERF" moe -n $P --tokens $T --reps 5 --json "$TMP/moe.$P.$T.$rep.json" > /dev/null
+          done
+        done
+        "$PERF" moe -n 2 --tokens 128 --reps 5 --mode low-latency --json "$TMP/moe_ll.$rep.json" > /dev/null
+        $OMPI_TCP -np 2 "$B/moe_mpi" ompi_tcp 4096 7168 8 64 5 1 42 selfcopy > "$TMP/moe_mpi_tcp.$rep"
+        "$PERF" moe -n 2 --backend tcp --tokens 4096 --reps 5 --json "$TMP/moe_tcp.$rep.json" > /dev/null ;;
       *) echo "unknown section $s" >&2; exit 2 ;;
     esac
   done
@@ -114,13 +121,22 @@ for r in range(1, reps + 1):
             t = a[2 << 20]["time_us_p50"]
             add("tcp alltoallv P=2 block 1 MiB, speedup vs Open MPI tcp", r, ma[1 << 20] / t, f"{t:.1f} vs {ma[1 << 20]:.1f} us")
     if "moe" in sections:
-        for T in (128, 4096):
-            l = [x for x in lines(f"{tmp}/moe_mpi.{T}.{r}") if x and x[0] == "moe"]
-            x = json.load(open(f"{tmp}/moe.{T}.{r}.json"))[0]
-            if l:
-                m_total = float(l[0][10]) + float(l[0][13])
-                ours = x["dispatch_us_p50"] / 1e3 + x["combine_us_p50"] / 1e3
-                add(f"moe normal T={T} dispatch+combine, speedup vs Open MPI", r, m_total / ours, f"{ours:.2f} vs {m_total:.2f} ms")
+        def mpi_total(path):
+            l = [x for x in lines(path) if x and x[0] == "moe"]
+            return float(l[0][10]) + float(l[0][13]) if l else None
+        def ours(path):
+            x = json.load(open(path))[0]
+            return (x["dispatch_us_p50"] + x["combine_us_p50"]) / 1e3
+        def moe_ratio(name, mpi_path, our_path):
+            m = mpi_total(mpi_path)
+            if m is not None and os.path.exists(our_path):
+                o = ours(our_path)
+                add(name, r, m / o, f"{o:.2f} vs {m:.2f} ms")
+        for P in (2, 4):
+            for T in (128, 4096):
+                moe_ratio(f"moe normal shm P={P} T={T} dispatch+combine, speedup vs Open MPI", f"{tmp}/moe_mpi.{P}.{T}.{r}", f"{tmp}/moe.{P}.{T}.{r}.json")
+        moe_ratio("moe low-latency shm P=2 T=128 dispatch+combine, speedup vs Open MPI", f"{tmp}/moe_mpi.2.128.{r}", f"{tmp}/moe_ll.{r}.json")
+        moe_ratio("moe normal tcp P=2 T=4096 dispatch+combine, speedup vs Open MPI tcp", f"{tmp}/moe_mpi_tcp.{r}", f"{tmp}/moe_tcp.{r}.json")
 for name, vals in results.items():
     per = "; ".join(f"rep {r}: x{v:.2f} ({d})" for r, v, d in vals)
     print(f"{name}: median x{statistics.median(v for _, v, _ in vals):.2f}   [{per}]")
