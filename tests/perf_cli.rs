@@ -162,6 +162,59 @@ fn sendrecv_and_alltoall_subcommands_run_checked() {
     }
 }
 
+/// A corrupted result (one received value flipped before the check) makes every subcommand
+/// exit non-zero and say so.
+#[test]
+fn failed_check_fails_with_a_message() {
+    let _g = common::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let small = [
+        "-n",
+        "2",
+        "-b",
+        "8",
+        "-e",
+        "64",
+        "--iters",
+        "20",
+        "--inject-error",
+    ];
+    let moe = [
+        "-n",
+        "2",
+        "--tokens",
+        "16",
+        "--hidden",
+        "64",
+        "--topk",
+        "2",
+        "--experts",
+        "8",
+        "--reps",
+        "2",
+        "--inject-error",
+    ];
+    for op in [
+        "pingpong",
+        "sendrecv",
+        "alltoall",
+        "alltoallv",
+        "moe",
+        "dispatch",
+        "combine",
+    ] {
+        let rest: &[&str] = if ["moe", "dispatch", "combine"].contains(&op) {
+            &moe
+        } else {
+            &small
+        };
+        let args: Vec<&str> = std::iter::once(op).chain(rest.iter().copied()).collect();
+        let out = perf(&args, &[]);
+        assert!(!out.status.success(), "{op} passed with a corrupted result");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("check failed"), "{op}: {err}");
+    }
+}
+
 #[test]
 fn bad_option_fails_with_a_message() {
     let out = perf(&["pingpong", "-n", "2", "-b", "1M", "-e", "1K"], &[]);

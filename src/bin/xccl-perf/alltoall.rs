@@ -101,6 +101,9 @@ pub fn run(c: &Common, v: bool) -> Result<()> {
             }
             recv[..size].fill(0);
             call(&send, &mut recv, true)?;
+            if c.inject_error && size > 0 {
+                recv[0] ^= 0xff;
+            }
             for (s, &rd) in rdispls.iter().enumerate() {
                 let at = if v { rd } else { s * block };
                 wrong[0] += (0..block)

@@ -207,6 +207,10 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
         Dtype::Bf16 => 2.0f32.powi(-6),
         Dtype::F16 => 2.0f32.powi(-9),
     };
+    if c.inject_error && t_count > 0 {
+        let v = dtype.load(&out, 0);
+        dtype.store(&mut out, 0, v + 1.0 + 2.0 * v.abs());
+    }
     let mut wrong = [0u64];
     for t in 0..t_count {
         let ws: f32 = w[t * k..(t + 1) * k].iter().sum();

@@ -138,6 +138,9 @@ pub struct Common {
     /// Skip the result check.
     #[arg(long)]
     pub no_check: bool,
+    /// Corrupt one received value before it is checked (tests that a failed check fails).
+    #[arg(long, hide = true)]
+    pub inject_error: bool,
     /// Also time a plain in-process memcpy of the same bytes and print the ratio.
     #[arg(long)]
     pub baseline: bool,

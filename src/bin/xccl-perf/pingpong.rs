@@ -128,9 +128,12 @@ impl Pair<'_> {
         self.t.write_local(&self.win, self.lay.send(), &data)
     }
 
-    fn count_wrong(&self, size: usize, seed: usize) -> Result<u64> {
+    fn count_wrong(&self, size: usize, seed: usize, inject: bool) -> Result<u64> {
         let mut got = vec![0u8; size];
         self.t.read_local(&self.win, self.lay.recv(), &mut got)?;
+        if let (true, Some(b)) = (inject, got.first_mut()) {
+            *b ^= 0xff;
+        }
         Ok(got
             .iter()
             .enumerate()
@@ -140,18 +143,18 @@ impl Pair<'_> {
 
     /// The checked round: a pattern each way; returns the wrong bytes both sides saw
     /// (initiator) or the responder's own count (responder).
-    fn check(&mut self, size: usize, initiator: bool) -> Result<u64> {
+    fn check(&mut self, size: usize, initiator: bool, inject: bool) -> Result<u64> {
         if initiator {
             self.fill(size, size)?;
             self.ping(size)?;
-            let mine = self.count_wrong(size, size + 1)?;
+            let mine = self.count_wrong(size, size + 1, inject)?;
             let mut theirs = [0u8; 8];
             self.t
                 .read_local(&self.win, self.lay.status(), &mut theirs)?;
             Ok(mine + u64::from_le_bytes(theirs))
         } else {
             self.await_next(self.ping)?;
-            let wrong = self.count_wrong(size, size)?;
+            let wrong = self.count_wrong(size, size, false)?;
             self.fill(size, size + 1)?;
             self.t.put(
                 self.partner,
@@ -307,7 +310,7 @@ pub fn run(args: &PingpongArgs) -> Result<()> {
             let wrong = if c.no_check {
                 0
             } else {
-                pair.check(size, initiator)?
+                pair.check(size, initiator, c.inject_error)?
             };
             total_wrong += wrong;
             // Plain TCP, same sizes and counts, right after (same machine state).

@@ -103,6 +103,9 @@ pub fn run(c: &Common) -> Result<()> {
                 sbuf[..size].copy_from_slice(&pattern(size + me, size));
                 rbuf[..size].fill(0);
                 let got = p2p.sendrecv(partner, 4, &sbuf[..size], partner, 4, &mut rbuf[..size])?;
+                if c.inject_error && size > 0 {
+                    rbuf[0] ^= 0xff;
+                }
                 let expect = pattern(size + partner, size);
                 let bad = rbuf[..size]
                     .iter()
