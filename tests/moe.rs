@@ -378,8 +378,10 @@ fn check_low_latency(fabric: Fabric, case: Case) {
         let mut buf = xccl::moe::LowLatencyBuffer::new(comm, cfg).unwrap();
         let mine = &case.inputs[me];
         let x = encode(Dtype::F32, &mine.x);
-        for _ in 0..2 {
-            let view = buf.dispatch(&x, &mine.idx, &mine.w).unwrap();
+        for rerun in 0..3 {
+            // Every other rank (and rerun) has its experts write straight into the window.
+            let in_window = (rerun + me) % 2 == 1;
+            let mut view = buf.dispatch(&x, &mine.idx, &mine.w).unwrap();
             let mut outputs = Vec::new();
             for (l, &e) in view.local_experts().to_vec().iter().enumerate() {
                 let rows = view.expert_rows(l).unwrap();
@@ -399,6 +401,7 @@ fn check_low_latency(fabric: Fabric, case: Case) {
                     }
                 }
                 assert_eq!(rows.len(), expect.len(), "expert {e}");
+                let mut ys = Vec::new();
                 for (r, (s, t, w, d)) in rows.iter().zip(&expect) {
                     assert_eq!((r.src_rank, r.src_token, r.weight), (*s, *t, *w));
                     assert_eq!(r.data, &d[..]);
@@ -406,12 +409,25 @@ fn check_low_latency(fabric: Fabric, case: Case) {
                         .iter()
                         .map(|v| c(e) * v)
                         .collect();
-                    outputs.extend(encode(Dtype::F32, &y));
+                    ys.push((r.index, encode(Dtype::F32, &y)));
+                }
+                if in_window {
+                    let o = view.expert_output(l).unwrap();
+                    let rb = h * 4;
+                    for (i, y) in ys {
+                        o[i * rb..(i + 1) * rb].copy_from_slice(&y);
+                    }
+                } else {
+                    ys.into_iter().for_each(|(_, y)| outputs.extend(y));
                 }
             }
             let _ = view;
             let mut out = vec![0u8; x.len()];
-            buf.combine(&outputs, &mut out).unwrap();
+            if in_window {
+                buf.combine_in_place(&mut out).unwrap();
+            } else {
+                buf.combine(&outputs, &mut out).unwrap();
+            }
             let got = decode(Dtype::F32, &out);
             for t in 0..mine.idx.len() / k {
                 for j in 0..h {

@@ -3,12 +3,18 @@
 //! (expert, source) whose value carries both "arrived" and the count.
 //!
 //! Each token goes to each of its top-k experts separately (no per-rank deduplication), so a
-//! rank's output for local expert `e` is laid out `[sources × capacity, hidden]` and read with
-//! [`LowLatencyView::expert_rows`]. Combine returns one row per (token, expert), unweighted;
-//! the home rank weights them with the gate weights and sums in top-k order in f32.
+//! rank's input for local expert `e` is `[sources × capacity]` rows, read with
+//! [`LowLatencyView::expert_rows`] (a rank's own tokens are read in place from its input).
+//! The experts write their output, unweighted, into [`LowLatencyView::expert_output`]: one
+//! `[sources × capacity, hidden]` tensor per local expert, in the window. Combine brings one
+//! row per (token, expert) home — on shared memory the home reads it where the expert wrote
+//! it — and the home weights the rows with the gate weights and sums them in top-k order in
+//! f32.
 //!
 //! Signal values are `epoch << 32 | count`: monotonic across calls, so a waiter waits for
-//! `>= epoch << 32` and a stale value from an earlier call can never look current.
+//! `>= epoch << 32` and a stale value from an earlier call can never look current. Regions
+//! come in two epochs (even and odd calls): a home reads an expert's output of call e during
+//! its combine e, and its own next write there is its dispatch e+2, after that combine.
 
 use super::config::MoeConfig;
 use super::layout::dispatch_layout;
@@ -19,6 +25,10 @@ use crate::Communicator;
 use smallvec::SmallVec;
 
 const LINE: usize = 64;
+/// Bytes of metadata per row: source token (u32) and gate weight (f32).
+const META: usize = 8;
+/// Dispatches moving at least this much to one mapped peer use non-temporal stores.
+const STREAM_BYTES: usize = 1 << 20;
 
 /// Low-latency dispatch/combine state of one rank.
 pub struct LowLatencyBuffer<'c> {
@@ -29,10 +39,15 @@ pub struct LowLatencyBuffer<'c> {
     local_index: Vec<usize>,
     local_experts: Vec<usize>,
     win: Window,
+    /// Stride of dispatched rows (64-byte aligned).
     row: usize,
     half: usize,
-    disp_at: usize,
+    meta_at: usize,
+    data_at: usize,
+    out_at: usize,
     comb_at: usize,
+    /// Every peer's window is mapped here: homes read the experts' output in place.
+    mapped: bool,
     sig_disp: usize,
     sig_comb: usize,
     epoch: u64,
@@ -45,6 +60,8 @@ pub struct LowLatencyBuffer<'c> {
     counts: Vec<usize>,
     /// Per expert: the next free slot of this rank's rows (dispatch).
     next: Vec<usize>,
+    /// Per rank: (token, expert) rows the last dispatch sent it.
+    per_rank: Vec<usize>,
 }
 
 /// One (token, expert) row as the expert's rank receives it.
@@ -56,6 +73,9 @@ pub struct ExpertRow<'a> {
     pub src_token: usize,
     /// The gate weight of this expert for the token.
     pub weight: f32,
+    /// Where the expert's output for this row goes: row `index` of
+    /// [`LowLatencyView::expert_output`].
+    pub index: usize,
     /// The token's row.
     pub data: &'a [u8],
 }
@@ -63,11 +83,14 @@ pub struct ExpertRow<'a> {
 /// Rows received by the last low-latency dispatch, per local expert.
 pub struct LowLatencyView<'a> {
     buf: &'a LowLatencyBuffer<'a>,
+    /// The caller's input: rows a rank dispatches to its own experts are read from it.
+    x: &'a [u8],
 }
 
 impl<'c> LowLatencyBuffer<'c> {
-    /// Collective: registers `2 × (local experts × world × max_tokens + experts × max_tokens)`
-    /// row slots (each row: 8 bytes of metadata, the token row, 64-byte aligned).
+    /// Collective: registers two epochs of `local experts × world × max_tokens` row slots for
+    /// dispatched rows and as many for the experts' output (plus, over a network backend,
+    /// `experts × max_tokens` rows where homes receive the output).
     pub fn new(comm: &'c Communicator, cfg: MoeConfig) -> Result<Self> {
         let n = comm.world_size();
         let placement = cfg.placement_for(n)?;
@@ -84,14 +107,26 @@ impl<'c> LowLatencyBuffer<'c> {
             .map(|r| placement.iter().filter(|&&p| p == r).count())
             .max()
             .unwrap_or(0);
-        let row = (8 + cfg.row_bytes()).div_ceil(LINE) * LINE;
+        let mapped = comm.transport().caps().load_store;
+        let rb = cfg.row_bytes();
+        let row = rb.div_ceil(LINE) * LINE;
         let cap = cfg.max_tokens.max(1);
-        let disp = max_local.checked_mul(n * cap * row).ok_or_else(|| {
-            Error::InvalidArgument(format!("low-latency buffer for {cfg:?} overflows"))
-        })?;
-        let comb = cfg.experts * cap * row;
-        let half = disp + comb;
-        let win = comm.register(2 * half)?;
+        let overflow =
+            || Error::InvalidArgument(format!("low-latency buffer for {cfg:?} overflows"));
+        let slots = max_local
+            .checked_mul(n)
+            .and_then(|v| v.checked_mul(cap))
+            .ok_or_else(overflow)?;
+        let meta = (slots * META).div_ceil(LINE) * LINE;
+        let data = slots.checked_mul(row).ok_or_else(overflow)?;
+        let outs = (slots.checked_mul(rb).ok_or_else(overflow)?).div_ceil(LINE) * LINE;
+        let comb = if mapped {
+            0
+        } else {
+            cfg.experts.checked_mul(cap * rb).ok_or_else(overflow)?
+        };
+        let half = meta + data + outs + comb;
+        let win = comm.register(half.checked_mul(2).ok_or_else(overflow)?)?;
         let sig_disp = comm.alloc_signals(max_local * n + n)?;
         Ok(LowLatencyBuffer {
             comm,
@@ -101,8 +136,11 @@ impl<'c> LowLatencyBuffer<'c> {
             win,
             row,
             half,
-            disp_at: 0,
-            comb_at: disp,
+            meta_at: 0,
+            data_at: meta,
+            out_at: meta + data,
+            comb_at: meta + data + outs,
+            mapped,
             sig_disp,
             sig_comb: sig_disp + max_local * n,
             epoch: 0,
@@ -112,27 +150,45 @@ impl<'c> LowLatencyBuffer<'c> {
             tokens: 0,
             counts: vec![0; nlocal * n],
             next: vec![0; cfg.experts],
+            per_rank: vec![0; n],
             cfg,
         })
     }
 
-    fn disp_off(&self, epoch: u64, local: usize, src: usize, slot: usize) -> usize {
-        let n = self.comm.world_size();
-        (epoch % 2) as usize * self.half
-            + self.disp_at
-            + ((local * n + src) * self.cfg.max_tokens + slot) * self.row
+    /// Slot number of (local expert, source, slot) within one epoch's regions.
+    fn slot_index(&self, local: usize, src: usize, slot: usize) -> usize {
+        (local * self.comm.world_size() + src) * self.cfg.max_tokens + slot
     }
 
-    fn comb_off(&self, epoch: u64, expert: usize, slot: usize) -> usize {
+    fn epoch_base(&self, epoch: u64) -> usize {
         (epoch % 2) as usize * self.half
+    }
+
+    fn meta_off(&self, epoch: u64, local: usize, src: usize, slot: usize) -> usize {
+        self.epoch_base(epoch) + self.meta_at + self.slot_index(local, src, slot) * META
+    }
+
+    fn data_off(&self, epoch: u64, local: usize, src: usize, slot: usize) -> usize {
+        self.epoch_base(epoch) + self.data_at + self.slot_index(local, src, slot) * self.row
+    }
+
+    fn out_off(&self, epoch: u64, local: usize, src: usize, slot: usize) -> usize {
+        self.epoch_base(epoch)
+            + self.out_at
+            + self.slot_index(local, src, slot) * self.cfg.row_bytes()
+    }
+
+    /// Network backends: where the output of `expert` for this rank's row `slot` lands.
+    fn comb_off(&self, epoch: u64, expert: usize, slot: usize) -> usize {
+        self.epoch_base(epoch)
             + self.comb_at
-            + (expert * self.cfg.max_tokens + slot) * self.row
+            + (expert * self.cfg.max_tokens + slot) * self.cfg.row_bytes()
     }
 
     /// Collective: sends each token row to each of its experts, in one round.
     pub fn dispatch<'a>(
         &'a mut self,
-        x: &[u8],
+        x: &'a [u8],
         topk_idx: &[i64],
         topk_weights: &[f32],
     ) -> Result<LowLatencyView<'a>> {
@@ -164,6 +220,17 @@ impl<'c> LowLatencyBuffer<'c> {
         self.epoch += 1;
         let epoch = self.epoch;
         let t = self.comm.transport();
+        self.per_rank.fill(0);
+        for &e in topk_idx.iter().filter(|&&e| e >= 0) {
+            self.per_rank[self.placement[e as usize]] += 1;
+        }
+        // Large transfers into a mapped window bypass this core's caches (the expert's rank
+        // reads them next, from another core).
+        let mut stream: SmallVec<[Option<*mut u8>; 8]> = SmallVec::new();
+        for r in 0..n {
+            let big = r != me && self.per_rank[r] * rb >= STREAM_BYTES;
+            stream.push(if big { t.peer_ptr(r, &self.win)? } else { None });
+        }
         // Taken out for the loop and put back after (an error path leaves it empty; the resize
         // makes the next call whole again).
         let mut next = std::mem::take(&mut self.next);
@@ -180,13 +247,30 @@ impl<'c> LowLatencyBuffer<'c> {
             let slot = next[e];
             next[e] += 1;
             self.slots.push(Some(slot));
-            let off = self.disp_off(epoch, self.local_index[e], me, slot);
-            let mut meta = [0u8; 8];
+            let (dst, local) = (self.placement[e], self.local_index[e]);
+            let mut meta = [0u8; META];
             meta[..4].copy_from_slice(&(tok as u32).to_le_bytes());
             meta[4..].copy_from_slice(&topk_weights[i].to_le_bytes());
-            let dst = self.placement[e];
-            t.put(dst, &self.win, off, &meta)?;
-            t.put(dst, &self.win, off + 8, &x[tok * rb..(tok + 1) * rb])?;
+            t.put(dst, &self.win, self.meta_off(epoch, local, me, slot), &meta)?;
+            if dst == me {
+                continue; // read in place from `x` by the view
+            }
+            let row = &x[tok * rb..(tok + 1) * rb];
+            let off = self.data_off(epoch, local, me, slot);
+            match stream[dst] {
+                Some(p) if off + rb <= self.win.len() => {
+                    // SAFETY: `p` maps `dst`'s copy of the window (`win.len()` bytes, bound
+                    // checked above); this epoch's slot is written by this rank only, and
+                    // `dst` reads it after the signal below, which the fence orders after.
+                    unsafe { crate::copy::copy_streaming(p.add(off), row.as_ptr(), rb) }
+                }
+                _ => t.put(dst, &self.win, off, row)?,
+            }
+        }
+        if stream.iter().any(Option::is_some) {
+            // Partner of the streaming stores above: they complete before the signals'
+            // Release stores.
+            crate::copy::store_fence();
         }
         for (e, &count) in next.iter().enumerate() {
             let index = self.sig_disp + self.local_index[e] * n + me;
@@ -217,37 +301,66 @@ impl<'c> LowLatencyBuffer<'c> {
                 self.counts[l * n + src] = count;
             }
         }
-        Ok(LowLatencyView { buf: self })
+        Ok(LowLatencyView { buf: self, x })
     }
 
     /// Collective, after a dispatch: `outputs` holds, for every local expert (in id order),
     /// every source (in rank order), one output row per received row — the expert's output,
     /// unweighted. `out` (`T` rows) receives Σ_j w_j · output(token, expert_j) in top-k order.
+    ///
+    /// This copies `outputs` into the buffer first; experts that write straight into
+    /// [`LowLatencyView::expert_output`] call [`LowLatencyBuffer::combine_in_place`].
     pub fn combine(&mut self, outputs: &[u8], out: &mut [u8]) -> Result<()> {
-        let (me, n, k) = (self.comm.rank(), self.comm.world_size(), self.cfg.topk);
+        let n = self.comm.world_size();
         let rb = self.cfg.row_bytes();
         let received: usize = self.counts.iter().sum();
-        if outputs.len() != received * rb || out.len() != self.tokens * rb {
+        if outputs.len() != received * rb {
             return Err(Error::InvalidArgument(format!(
-                "combine got {} output bytes for {received} rows and {} output bytes for {} tokens",
-                outputs.len(),
+                "combine got {} output bytes for {received} rows of {rb}",
+                outputs.len()
+            )));
+        }
+        let t = self.comm.transport();
+        let mut at = 0;
+        for l in 0..self.local_experts.len() {
+            for src in 0..n {
+                let len = self.counts[l * n + src] * rb;
+                let off = self.out_off(self.epoch, l, src, 0);
+                t.write_local(&self.win, off, &outputs[at..at + len])?;
+                at += len;
+            }
+        }
+        self.combine_in_place(out)
+    }
+
+    /// Collective, after a dispatch whose experts wrote their output into
+    /// [`LowLatencyView::expert_output`]: `out` (`T` rows) receives
+    /// Σ_j w_j · output(token, expert_j), added in f32 in top-k order.
+    pub fn combine_in_place(&mut self, out: &mut [u8]) -> Result<()> {
+        let (me, n, k) = (self.comm.rank(), self.comm.world_size(), self.cfg.topk);
+        let rb = self.cfg.row_bytes();
+        if out.len() != self.tokens * rb {
+            return Err(Error::InvalidArgument(format!(
+                "combine output has {} bytes; the last dispatch had {} tokens of {rb}",
                 out.len(),
                 self.tokens
             )));
         }
         let epoch = self.epoch;
         let t = self.comm.transport();
-        let mut at = 0;
-        for (l, &e) in self.local_experts.iter().enumerate() {
-            for src in 0..n {
-                for slot in 0..self.counts[l * n + src] {
-                    t.put(
-                        src,
-                        &self.win,
-                        self.comb_off(epoch, e, slot),
-                        &outputs[at..at + rb],
-                    )?;
-                    at += rb;
+        if !self.mapped {
+            // Network backend: each expert's rows for one home leave in one put.
+            for (l, &e) in self.local_experts.iter().enumerate() {
+                for src in (0..n).filter(|&s| s != me) {
+                    let len = self.counts[l * n + src] * rb;
+                    if len == 0 {
+                        continue;
+                    }
+                    // SAFETY: this rank's own output region, written by its experts before
+                    // this call; peers never write it.
+                    let rows =
+                        unsafe { t.local_slice(&self.win, self.out_off(epoch, l, src, 0), len)? };
+                    t.put(src, &self.win, self.comb_off(epoch, e, 0), rows)?;
                 }
             }
         }
@@ -258,6 +371,13 @@ impl<'c> LowLatencyBuffer<'c> {
         for r in 0..n {
             t.wait(self.sig_comb + r, Cmp::Ge, epoch << 32, deadline)?;
         }
+        let mut peers: SmallVec<[*const u8; 8]> = SmallVec::new();
+        for r in 0..n {
+            peers.push(match t.peer_ptr(r, &self.win)? {
+                Some(p) if self.mapped => p as *const u8,
+                _ => std::ptr::null(),
+            });
+        }
         let mut rows: SmallVec<[&[u8]; 8]> = SmallVec::new();
         let mut weights: SmallVec<[f32; 8]> = SmallVec::new();
         for (tok, out_row) in out.chunks_mut(rb).enumerate() {
@@ -267,10 +387,28 @@ impl<'c> LowLatencyBuffer<'c> {
                 let (Some(slot), e) = (self.slots[tok * k + j], self.idx[tok * k + j]) else {
                     continue;
                 };
-                // SAFETY: the expert rank's rows were announced by the signal waited for above
-                // and are not rewritten before the next-but-one call.
-                rows.push(unsafe {
-                    t.local_slice(&self.win, self.comb_off(epoch, e as usize, slot), rb)?
+                let (e, r) = (e as usize, self.placement[e as usize]);
+                let local = self.local_index[e];
+                rows.push(if r == me {
+                    // SAFETY: this rank's own output region, written by its experts before
+                    // this call; peers never write it.
+                    unsafe { t.local_slice(&self.win, self.out_off(epoch, local, me, slot), rb)? }
+                } else if self.mapped {
+                    let off = self.out_off(epoch, local, me, slot);
+                    if peers[r].is_null() || off + rb > self.win.len() {
+                        return Err(Error::InvalidUsage(format!(
+                            "rank {r}'s window is not mapped here"
+                        )));
+                    }
+                    // SAFETY: `peers[r]` maps rank r's copy of this window (`win.len()` bytes,
+                    // checked above). Rank r's experts wrote this row before the signal waited
+                    // for above, and r writes this epoch's output region again only after its
+                    // dispatch e+2, which needs this rank's dispatch e+1, after this combine.
+                    unsafe { std::slice::from_raw_parts(peers[r].add(off), rb) }
+                } else {
+                    // SAFETY: the expert rank's rows were announced by the signal waited for
+                    // above and are not rewritten before the next-but-one call.
+                    unsafe { t.local_slice(&self.win, self.comb_off(epoch, e, slot), rb)? }
                 });
                 weights.push(self.weights[tok * k + j]);
             }
@@ -280,47 +418,79 @@ impl<'c> LowLatencyBuffer<'c> {
     }
 }
 
-impl LowLatencyView<'_> {
+impl<'a> LowLatencyView<'a> {
     /// This rank's experts, in id order.
     pub fn local_experts(&self) -> &[usize] {
         &self.buf.local_experts
     }
 
-    /// Rows received for local expert number `l` (`local_experts()[l]`), from every source
-    /// in rank order.
-    pub fn expert_rows(&self, l: usize) -> Result<Vec<ExpertRow<'_>>> {
-        let b = self.buf;
-        let n = b.comm.world_size();
-        if l >= b.local_experts.len() {
+    fn check_local(&self, l: usize) -> Result<()> {
+        if l >= self.buf.local_experts.len() {
             return Err(Error::InvalidArgument(format!(
                 "local expert {l} of {}",
-                b.local_experts.len()
+                self.buf.local_experts.len()
             )));
         }
+        Ok(())
+    }
+
+    /// Rows received for local expert number `l` (`local_experts()[l]`), from every source
+    /// in rank order.
+    pub fn expert_rows(&self, l: usize) -> Result<Vec<ExpertRow<'a>>> {
+        self.check_local(l)?;
+        let b: &'a LowLatencyBuffer<'a> = self.buf;
+        let (me, n, rb) = (b.comm.rank(), b.comm.world_size(), b.cfg.row_bytes());
         let t = b.comm.transport();
         let mut out = Vec::new();
         for src in 0..n {
             for slot in 0..b.counts[l * n + src] {
-                let off = b.disp_off(b.epoch, l, src, slot);
                 // SAFETY: announced by the signal the dispatch waited for; not rewritten before
                 // the next-but-one call, which cannot start while this view borrows the buffer.
-                let rec = unsafe { t.local_slice(&b.win, off, 8 + b.cfg.row_bytes())? };
-                let tok = u32::from_le_bytes(rec[..4].try_into().expect("4 bytes")) as usize;
-                let w = f32::from_le_bytes(rec[4..8].try_into().expect("4 bytes"));
-                if tok >= b.cfg.max_tokens || !w.is_finite() {
+                let meta =
+                    unsafe { t.local_slice(&b.win, b.meta_off(b.epoch, l, src, slot), META)? };
+                let tok = u32::from_le_bytes(meta[..4].try_into().expect("4 bytes")) as usize;
+                let w = f32::from_le_bytes(meta[4..8].try_into().expect("4 bytes"));
+                if tok >= b.cfg.max_tokens || !w.is_finite() || (src == me && tok >= b.tokens) {
                     return Err(Error::ProtocolViolation(format!(
                         "row {slot} from rank {src}: token {tok}, weight {w}"
                     )));
                 }
+                let data = if src == me {
+                    let x: &'a [u8] = self.x;
+                    &x[tok * rb..(tok + 1) * rb]
+                } else {
+                    // SAFETY: as for `meta`.
+                    unsafe { t.local_slice(&b.win, b.data_off(b.epoch, l, src, slot), rb)? }
+                };
                 out.push(ExpertRow {
                     src_rank: src,
                     src_token: tok,
                     weight: w,
-                    data: &rec[8..],
+                    index: src * b.cfg.max_tokens + slot,
+                    data,
                 });
             }
         }
         Ok(out)
+    }
+
+    /// Where local expert `l` writes its output for [`LowLatencyBuffer::combine_in_place`]:
+    /// a `[world × max_tokens, hidden]` tensor of the dtype in the registered window; the
+    /// output for a row of [`Self::expert_rows`] goes to row [`ExpertRow::index`]. Rows no
+    /// token was sent to are not read.
+    pub fn expert_output(&mut self, l: usize) -> Result<&mut [u8]> {
+        self.check_local(l)?;
+        let b = self.buf;
+        let len = b.comm.world_size() * b.cfg.max_tokens * b.cfg.row_bytes();
+        // SAFETY: homes read this epoch's output region only after this rank signals its
+        // combine, which needs the buffer this view borrows; they finished reading it two
+        // dispatches ago (see the module docs). `&mut self` keeps one such slice at a time, and
+        // the region is disjoint from the received rows `expert_rows` hands out.
+        unsafe {
+            b.comm
+                .transport()
+                .local_slice_mut(&b.win, b.out_off(b.epoch, l, 0, 0), len)
+        }
     }
 
     /// Rows received per local expert.

@@ -156,12 +156,22 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
         let d;
         reduced.clear();
         if let Some(llb) = llbuf.as_mut() {
-            let view = llb.dispatch(&x, &idx, &w)?;
+            let mut view = llb.dispatch(&x, &idx, &w)?;
             d = s.elapsed().as_secs_f64() * 1e6;
-            // Identity experts (untimed): each (token, expert) row comes back as it went.
+            // Identity experts (untimed): each (token, expert) row comes back as it went,
+            // written into the window (`--api window`) or into a buffer of the caller's.
+            let rb = cfg.row_bytes();
             for l in 0..view.local_experts().len() {
-                for row in view.expert_rows(l)? {
-                    reduced.extend_from_slice(row.data);
+                let rows = view.expert_rows(l)?;
+                if in_window {
+                    let o = view.expert_output(l)?;
+                    for row in rows {
+                        o[row.index * rb..(row.index + 1) * rb].copy_from_slice(row.data);
+                    }
+                } else {
+                    for row in rows {
+                        reduced.extend_from_slice(row.data);
+                    }
                 }
             }
         } else {
@@ -188,6 +198,7 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
         comm.barrier()?;
         let s = Instant::now();
         match (llbuf.as_mut(), buf.as_mut()) {
+            (Some(llb), _) if in_window => llb.combine_in_place(&mut out)?,
             (Some(llb), _) => llb.combine(&reduced, &mut out)?,
             (None, Some(b)) if in_window => b.combine_in_place(&mut out)?,
             (None, Some(b)) => b.combine(&reduced, &mut out)?,
