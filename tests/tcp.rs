@@ -49,7 +49,15 @@ fn stream_until_killed() {
         }
     };
     match r {
-        Error::PeerFailed { rank } => println!("PEERFAILED {rank}"),
+        Error::PeerFailed { rank } => {
+            // A get from the dead rank fails the same way (not as a bad argument).
+            let mut back = [0u8; 8];
+            match t.get(rank, &win, 0, &mut back) {
+                Err(Error::PeerFailed { rank: r }) if r == rank => {}
+                other => panic!("get from dead rank {rank}: {other:?}"),
+            }
+            println!("PEERFAILED {rank}")
+        }
         other => panic!("expected PeerFailed, got {other}"),
     }
 }

@@ -1086,16 +1086,15 @@ impl Node {
             f.offset = offset + (k * cap) as u64;
             f.len = chunk.len() as u64;
             f.a = req;
+            // A failed send is already `PeerFailed`: a get from a dead peer says so.
             let sent = self.shared.send(peer, &f, &[]);
-            let result = sent
-                .map_err(|e| Error::Invalid(e.to_string()))
-                .and_then(|()| {
-                    self.await_done(
-                        |p| p.get(&req).is_some_and(|p| p.done),
-                        deadline,
-                        || format!("reading {} bytes from rank {peer}", chunk.len()),
-                    )
-                });
+            let result = sent.and_then(|()| {
+                self.await_done(
+                    |p| p.get(&req).is_some_and(|p| p.done),
+                    deadline,
+                    || format!("reading {} bytes from rank {peer}", chunk.len()),
+                )
+            });
             self.shared
                 .pending
                 .lock()
