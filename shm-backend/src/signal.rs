@@ -38,8 +38,11 @@ impl WaitPolicy {
     pub fn for_load(local_ranks: usize, cores: usize) -> Self {
         let oversubscribed = local_ranks > cores;
         WaitPolicy {
+            // Oversubscribed, a rank that waits mostly waits for a rank that is not running:
+            // a brief spin catches a partner on the other core, then the core is handed over
+            // (500 ns measured best for 4 and 8 ranks on 2 cores, against 0 and 2 µs).
             spin: if oversubscribed {
-                Duration::from_micros(2)
+                Duration::from_nanos(500)
             } else {
                 Duration::from_micros(200)
             },
