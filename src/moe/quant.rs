@@ -10,14 +10,14 @@ use super::config::Dtype;
 
 /// The scale of `row` (`hidden` elements of `dtype`); `None` if a value is not finite.
 pub fn row_scale(dtype: Dtype, row: &[u8], hidden: usize) -> Option<f32> {
-    let max = match dtype {
+    let max = match (
+        dtype,
+        bytemuck::try_cast_slice::<u8, u16>(&row[..2 * hidden]),
+    ) {
         // bf16: the largest magnitude is the largest value of the 15 low bits (non-finite
         // values have all exponent bits set, so they compare above every finite one).
-        Dtype::Bf16 => {
-            let bits = row[..2 * hidden]
-                .chunks_exact(2)
-                .map(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7FFF)
-                .fold(0u16, u16::max);
+        (Dtype::Bf16, Ok(words)) => {
+            let bits = max_magnitude_bits(words);
             if bits >= 0x7F80 {
                 return None;
             }
@@ -38,22 +38,24 @@ pub fn row_scale(dtype: Dtype, row: &[u8], hidden: usize) -> Option<f32> {
     Some(if max > 0.0 { max / 127.0 } else { 1.0 })
 }
 
-/// Rounds to the nearest integer (halves away from zero) within ±127, without a libm call.
-#[inline]
+/// Rounds to the nearest integer (ties to even) within ±127, as the i8's byte: adding
+/// 1.5 · 2^23 leaves the rounded integer in the low mantissa bits (two's complement in the
+/// low byte for |c| ≤ 127), with plain float arithmetic that vectorizes.
+#[inline(always)]
 fn to_i8(v: f32) -> u8 {
+    const MAGIC: f32 = 12_582_912.0;
     let c = v.clamp(-127.0, 127.0);
-    (c + if c >= 0.0 { 0.5 } else { -0.5 }) as i8 as u8
+    (c + MAGIC).to_bits() as u8
 }
 
 /// Quantizes `row` with `scale` into `out` (`hidden` bytes of i8).
 pub fn quantize(dtype: Dtype, row: &[u8], hidden: usize, scale: f32, out: &mut [u8]) {
     let inv = 1.0 / scale;
-    match dtype {
-        Dtype::Bf16 => {
-            for (o, b) in out[..hidden].iter_mut().zip(row.chunks_exact(2)) {
-                *o = to_i8(f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16) * inv);
-            }
-        }
+    match (
+        dtype,
+        bytemuck::try_cast_slice::<u8, u16>(&row[..2 * hidden]),
+    ) {
+        (Dtype::Bf16, Ok(words)) => quantize_bf16(words, inv, &mut out[..hidden]),
         _ => {
             for (i, o) in out.iter_mut().enumerate().take(hidden) {
                 *o = to_i8(dtype.load(row, i) * inv);
@@ -64,18 +66,85 @@ pub fn quantize(dtype: Dtype, row: &[u8], hidden: usize, scale: f32, out: &mut [
 
 /// Rebuilds a row: `q` (`hidden` quantized bytes) times `scale`, written to `out` in `dtype`.
 pub fn dequantize(dtype: Dtype, q: &[u8], scale: f32, out: &mut [u8]) {
-    match dtype {
-        Dtype::Bf16 => {
-            for (o, &b) in out.chunks_exact_mut(2).zip(q) {
-                o.copy_from_slice(&super::config::bf16_bits(b as i8 as f32 * scale).to_le_bytes());
-            }
-        }
+    match (dtype, bytemuck::try_cast_slice_mut::<u8, u16>(out)) {
+        (Dtype::Bf16, Ok(words)) => dequantize_bf16(q, scale, words),
         _ => {
             for (i, &b) in q.iter().enumerate() {
                 dtype.store(out, i, b as i8 as f32 * scale);
             }
         }
     }
+}
+
+// The bf16 loops below are written so the compiler vectorizes them; where the CPU has AVX2
+// they are compiled a second time with it enabled (the same arithmetic, so the same bits).
+
+#[inline(always)]
+fn max_magnitude_bits_body(words: &[u16]) -> u16 {
+    words
+        .iter()
+        .fold(0u16, |m, &w| m.max(u16::from_le(w) & 0x7FFF))
+}
+
+#[inline(always)]
+fn quantize_bf16_body(words: &[u16], inv: f32, out: &mut [u8]) {
+    for (o, &w) in out.iter_mut().zip(words) {
+        *o = to_i8(f32::from_bits((u16::from_le(w) as u32) << 16) * inv);
+    }
+}
+
+#[inline(always)]
+fn dequantize_bf16_body(q: &[u8], scale: f32, out: &mut [u16]) {
+    for (o, &b) in out.iter_mut().zip(q) {
+        *o = super::config::bf16_bits(b as i8 as f32 * scale).to_le();
+    }
+}
+
+fn max_magnitude_bits(words: &[u16]) -> u16 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked on the line above).
+        return unsafe { max_magnitude_bits_avx2(words) };
+    }
+    max_magnitude_bits_body(words)
+}
+
+fn quantize_bf16(words: &[u16], inv: f32, out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked on the line above).
+        unsafe { quantize_bf16_avx2(words, inv, out) };
+        return;
+    }
+    quantize_bf16_body(words, inv, out)
+}
+
+fn dequantize_bf16(q: &[u8], scale: f32, out: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked on the line above).
+        unsafe { dequantize_bf16_avx2(q, scale, out) };
+        return;
+    }
+    dequantize_bf16_body(q, scale, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn max_magnitude_bits_avx2(words: &[u16]) -> u16 {
+    max_magnitude_bits_body(words)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_bf16_avx2(words: &[u16], inv: f32, out: &mut [u8]) {
+    quantize_bf16_body(words, inv, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dequantize_bf16_avx2(q: &[u8], scale: f32, out: &mut [u16]) {
+    dequantize_bf16_body(q, scale, out)
 }
 
 /// Rebuilds, in place, a row whose first `hidden` bytes hold the quantized values, using
@@ -130,6 +199,19 @@ mod tests {
                     "{dtype:?} {i}: {r} vs {o}"
                 );
             }
+        }
+        // Rounding: to nearest, ties to even, clamped to ±127.
+        for (v, q) in [
+            (0.49f32, 0i8),
+            (0.5, 0),
+            (1.5, 2),
+            (-2.5, -2),
+            (-0.51, -1),
+            (126.6, 127),
+            (300.0, 127),
+            (-300.0, -127),
+        ] {
+            assert_eq!(to_i8(v) as i8, q, "{v}");
         }
         let mut nan = vec![0u8; 4];
         Dtype::Bf16.store_row(&mut nan, &[1.0, f32::NAN]);
