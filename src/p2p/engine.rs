@@ -422,6 +422,117 @@ impl<'c> Engine<'c> {
         }
     }
 
+    /// A blocking send's fast path for a message that fits in a chunk header, when nothing
+    /// else is queued to `peer` and the ring has room: writes it at once, without an op.
+    /// `Ok(false)` when it does not apply (the caller takes the general path).
+    pub(crate) fn send_inline_now(&self, peer: usize, tag: u64, data: &[u8]) -> Result<bool> {
+        crate::transport::check_peer(peer, self.comm.world_size())?;
+        if data.len() > INLINE_MAX {
+            return Ok(false);
+        }
+        let mut st = self.lock()?;
+        let ch = &mut st.ch[peer];
+        let n = ch.sent_chunks;
+        if !ch.send_q.is_empty()
+            || (n >= self.slots as u64
+                && self.t().signal_value(self.credit_base + peer)? < n + 1 - self.slots as u64)
+        {
+            return Ok(false);
+        }
+        let len = data.len() as u64;
+        let h = ChunkHeader {
+            seq: n,
+            tag,
+            total: len,
+            offset: 0,
+            len,
+        };
+        let slot = (n % self.slots as u64) as usize;
+        // As `progress_send` does for a one-chunk inline message.
+        self.put_header(
+            peer,
+            self.header_off(self.comm.rank(), slot),
+            &h.encode(data),
+        )?;
+        if self.direct[peer].is_none() {
+            self.t()
+                .signal(peer, self.head_base + self.comm.rank(), SignalOp::Add, 1)?;
+        }
+        self.ring_doorbell(peer)?;
+        st.ch[peer].sent_chunks += 1;
+        Ok(true)
+    }
+
+    /// A blocking receive's fast path: when nothing from `src` is pending (no posted receive,
+    /// no message half in, none set aside), watches `src`'s next chunk for a short while and,
+    /// if it is a whole message with `tag` that fits `buf` and sits in the header, takes it
+    /// at once, without an op. `Ok(None)` when it does not apply or nothing came: the caller
+    /// takes the general path, which finds the chunk where it was left.
+    pub(crate) fn recv_inline_now(
+        &self,
+        src: usize,
+        tag: u64,
+        buf: &mut [u8],
+    ) -> Result<Option<usize>> {
+        crate::transport::check_peer(src, self.comm.world_size())?;
+        let idle = |st: &State| {
+            let ch = &st.ch[src];
+            ch.posted.is_empty() && ch.incoming.is_none() && ch.unexpected.is_empty()
+        };
+        let n = {
+            let st = self.lock()?;
+            if !idle(&st) {
+                return Ok(None);
+            }
+            st.ch[src].consumed
+        };
+        if !(0..QUICK_POLLS).any(|_| {
+            std::hint::spin_loop();
+            self.arrived(src, n).unwrap_or(true)
+        }) {
+            return Ok(None);
+        }
+        let mut st = self.lock()?;
+        if !idle(&st) || st.ch[src].consumed != n || !self.arrived(src, n)? {
+            return Ok(None);
+        }
+        let slot = (n % self.slots as u64) as usize;
+        let mut hb = [0u8; HEADER_LEN];
+        self.read_own(self.header_off(src, slot), &mut hb)?;
+        let h = match ChunkHeader::decode(&hb, src, n, self.slot_bytes) {
+            Ok(h) => h,
+            Err(e) => {
+                if let Error::ProtocolViolation(m) = &e {
+                    st.poisoned = Some(m.clone());
+                }
+                return Err(e);
+            }
+        };
+        if h.tag != tag || h.offset != 0 || h.len != h.total || !h.is_inline() {
+            return Ok(None);
+        }
+        let payload = h.inline_bytes(&hb);
+        let Some(dst) = buf.get_mut(..payload.len()) else {
+            return Ok(None); // too long for `buf`: the general path reports it
+        };
+        dst.copy_from_slice(payload);
+        let ch = &mut st.ch[src];
+        ch.consumed += 1;
+        // Credits go back in half-ring batches, as in `progress_recv`.
+        if ch.consumed - ch.credited >= (self.slots as u64).div_ceil(2) {
+            let back = ch.consumed - ch.credited;
+            ch.credited = ch.consumed;
+            self.t().signal(
+                src,
+                self.credit_base + self.comm.rank(),
+                SignalOp::Add,
+                back,
+            )?;
+            self.ring_doorbell(src)?;
+        }
+        Ok(Some(payload.len()))
+    }
+
     /// Queues a send of the segments (all bytes, in order) to `peer`.
     pub(crate) fn post_send(&self, peer: usize, tag: u64, segs: SendSegs) -> Result<OpId> {
         crate::transport::check_peer(peer, self.comm.world_size())?;
