@@ -99,8 +99,9 @@ pub struct DispatchView<'a> {
 }
 
 impl<'c> MoeBuffer<'c> {
-    /// Collective: checks the configuration and registers the window (two epochs of
-    /// `world × max_tokens` dispatch records and combine rows).
+    /// Collective: checks the configuration and registers the window: two epochs of
+    /// `world × max_tokens` dispatch records and as many rows of expert output (plus, over a
+    /// network backend, as many rows where homes receive the output).
     pub fn new(comm: &'c Communicator, cfg: MoeConfig) -> Result<Self> {
         let n = comm.world_size();
         let placement = cfg.placement_for(n)?;
