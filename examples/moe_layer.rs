@@ -138,10 +138,13 @@ fn main() -> xccl::Result<()> {
     let (idx, w) = layer.route(&x);
     let xb = bytes(&x);
     let t0 = Instant::now();
-    let view = buf.dispatch(&xb, &idx, &w)?;
+    let mut view = buf.dispatch(&xb, &idx, &w)?;
     let t_dispatch = t0.elapsed();
-    let mut reduced = Vec::with_capacity(view.len() * hidden * 4);
-    for row in view.rows()? {
+    // The experts write their weighted output straight into the buffer's window: on shared
+    // memory each token's home then reads it there (no copy between processes).
+    let rows = view.rows()?;
+    let output = view.expert_output()?;
+    for (row, dst) in rows.iter().zip(output.chunks_mut(hidden * 4)) {
         let xin = floats(row.data);
         let mut y = vec![0f32; hidden];
         for (e, wt) in &row.experts {
@@ -149,11 +152,12 @@ fn main() -> xccl::Result<()> {
                 *a += wt * b;
             }
         }
-        reduced.extend(bytes(&y));
+        dst.copy_from_slice(&bytes(&y));
     }
+    drop(view);
     let mut out = vec![0u8; xb.len()];
     let t1 = Instant::now();
-    buf.combine(&reduced, &mut out)?;
+    buf.combine_in_place(&mut out)?;
     let t_combine = t1.elapsed();
     let total = start.elapsed();
 
