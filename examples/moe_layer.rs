@@ -154,7 +154,6 @@ fn main() -> xccl::Result<()> {
         }
         dst.copy_from_slice(&bytes(&y));
     }
-    drop(view);
     let mut out = vec![0u8; xb.len()];
     let t1 = Instant::now();
     buf.combine_in_place(&mut out)?;
