@@ -685,7 +685,6 @@ impl<'a> DispatchView<'a> {
     ///         d.copy_from_slice(&v.to_le_bytes());
     ///     }
     /// }
-    /// drop(view);
     /// let mut out = vec![0u8; x.len()];
     /// buf.combine_in_place(&mut out)?;
     /// # Ok(()) }
