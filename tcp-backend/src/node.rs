@@ -10,7 +10,7 @@ use crate::signals::{Outcome, Signals};
 use std::collections::HashMap;
 use std::io::{IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -94,6 +94,11 @@ struct Shared {
     pollers: AtomicUsize,
     poll_gate: Mutex<()>,
     poll_cv: Condvar,
+    /// Progress threads between their gate check and the end of their `poll`, and the
+    /// eventfd in every progress thread's poll set that a caller starting to poll writes to
+    /// get them out of the way (else each arriving frame would wake one of them as well).
+    in_poll: AtomicUsize,
+    kick: OwnedFd,
     last_sent: Vec<AtomicU64>,
     last_recv: Vec<AtomicU64>,
     first_failed: AtomicUsize,
@@ -256,6 +261,8 @@ impl Listening {
             pollers: AtomicUsize::new(0),
             poll_gate: Mutex::new(()),
             poll_cv: Condvar::new(),
+            in_poll: AtomicUsize::new(0),
+            kick: new_eventfd()?,
             last_sent: (0..n).map(|_| AtomicU64::new(0)).collect(),
             last_recv: (0..n).map(|_| AtomicU64::new(0)).collect(),
             first_failed: AtomicUsize::new(0),
@@ -605,7 +612,12 @@ struct Polling<'a>(&'a Shared);
 
 impl<'a> Polling<'a> {
     fn new(sh: &'a Shared) -> Self {
-        sh.pollers.fetch_add(1, Ordering::SeqCst);
+        // SeqCst with its partner in `progress` (`in_poll` raised, then `pollers` read): either
+        // the progress thread sees this caller and keeps out of `poll`, or this caller sees
+        // the thread about to poll and kicks it out.
+        if sh.pollers.fetch_add(1, Ordering::SeqCst) == 0 && sh.in_poll.load(Ordering::SeqCst) > 0 {
+            eventfd_add(&sh.kick);
+        }
         Polling(sh)
     }
 }
@@ -626,9 +638,36 @@ impl Polling<'_> {
 impl Drop for Polling<'_> {
     fn drop(&mut self) {
         // No wake-up here: a caller that got what it waited for will likely poll again soon;
-        // the progress threads look again within a millisecond anyway.
-        self.0.pollers.fetch_sub(1, Ordering::SeqCst);
+        // the progress threads look again within a millisecond anyway. The last poller out
+        // rearms the kick.
+        if self.0.pollers.fetch_sub(1, Ordering::SeqCst) == 1 {
+            eventfd_clear(&self.0.kick);
+        }
     }
+}
+
+fn new_eventfd() -> Result<OwnedFd> {
+    // SAFETY: plain system call; a non-negative result is a new descriptor we own.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::io("eventfd", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn eventfd_add(fd: &OwnedFd) {
+    let one = 1u64;
+    // SAFETY: writes 8 bytes from a live u64 to an eventfd (non-blocking; a full counter
+    // only means it is readable already).
+    let _ = unsafe { libc::write(fd.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+}
+
+fn eventfd_clear(fd: &OwnedFd) {
+    let mut v = 0u64;
+    // SAFETY: reads 8 bytes into a live u64 from an eventfd (non-blocking; nothing to read
+    // means it is clear already).
+    let _ = unsafe { libc::read(fd.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
 }
 
 /// Drains every link nobody else is reading right now (for callers that wait anyway).
@@ -668,7 +707,10 @@ fn progress(sh: Arc<Shared>, peer: usize) {
         if sh.stop.load(Ordering::SeqCst) || sh.closed[peer].load(Ordering::SeqCst) {
             return;
         }
-        {
+        // Partner of `Polling::new`: raised before `pollers` is read.
+        sh.in_poll.fetch_add(1, Ordering::SeqCst);
+        if sh.pollers.load(Ordering::SeqCst) > 0 {
+            sh.in_poll.fetch_sub(1, Ordering::SeqCst);
             let mut g = sh.poll_gate.lock().unwrap_or_else(|p| p.into_inner());
             while sh.pollers.load(Ordering::SeqCst) > 0 && !sh.stop.load(Ordering::SeqCst) {
                 g = sh
@@ -677,16 +719,27 @@ fn progress(sh: Arc<Shared>, peer: usize) {
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
             }
+            continue;
         }
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd; the descriptor stays open while this thread runs (the
-        // link is dropped only by this thread or after it was joined).
-        let rc = unsafe { libc::poll(&mut p, 1, slice) };
-        if rc > 0 {
+        let mut p = [
+            libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: sh.kick.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds; the link's descriptor stays open while this thread runs
+        // (the link is dropped only by this thread or after it was joined), the eventfd for
+        // the node's life.
+        let rc = unsafe { libc::poll(p.as_mut_ptr(), 2, slice) };
+        sh.in_poll.fetch_sub(1, Ordering::SeqCst);
+        // When kicked (a caller polls now), the link is left to the caller.
+        if rc > 0 && p[0].revents != 0 && sh.pollers.load(Ordering::SeqCst) == 0 {
             let mut g = sh.rx[peer].lock().unwrap_or_else(|p| p.into_inner());
             if let Some(link) = g.as_mut() {
                 if !drain(&sh, peer, link) {
