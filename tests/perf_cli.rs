@@ -215,6 +215,49 @@ fn failed_check_fails_with_a_message() {
     }
 }
 
+/// `--baseline` adds a same-run reference to every row: an in-process memcpy of the same bytes
+/// (shm), or plain TCP between the same pair (sendrecv over tcp).
+#[test]
+fn baselines_are_measured_beside_each_row() {
+    let _g = common::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    for (op, backend) in [
+        ("sendrecv", "shm"),
+        ("sendrecv", "tcp"),
+        ("alltoallv", "shm"),
+        ("alltoall", "tcp"),
+    ] {
+        let args = [
+            op,
+            "-n",
+            "2",
+            "--backend",
+            backend,
+            "-b",
+            "8",
+            "-e",
+            "64K",
+            "-f",
+            "64",
+            "--iters",
+            "50",
+            "--baseline",
+        ];
+        let (text, rows) = perf_json(&format!("{op}-{backend}-base"), &args, "OK");
+        assert!(
+            text.contains("x_lat"),
+            "{op} over {backend}: no ratio columns"
+        );
+        assert_eq!(rows.len(), 3, "{op} over {backend}");
+        for r in &rows {
+            assert!(
+                r["baseline_us_p50"].as_f64().is_some_and(|v| v > 0.0),
+                "{r}"
+            );
+            assert!(r["baseline_gbps"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+        }
+    }
+}
+
 #[test]
 fn bad_option_fails_with_a_message() {
     let out = perf(&["pingpong", "-n", "2", "-b", "1M", "-e", "1K"], &[]);

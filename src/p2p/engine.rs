@@ -64,6 +64,9 @@ enum Wake {
 
 /// Polls of the wake word before a wait that reads the clock.
 const QUICK_POLLS: usize = 64;
+/// Where windows are not mapped: how long a receive first waits on its source's head
+/// counter (reading the links meanwhile) before the general path.
+const QUICK_WAIT: Duration = Duration::from_micros(20);
 
 /// First slice of a focused wait.
 const FOCUS_SLICE: Duration = Duration::from_micros(100);
@@ -360,20 +363,49 @@ impl<'c> Engine<'c> {
         self.t().signal(peer, self.doorbell, SignalOp::Add, 1)
     }
 
-    /// Writes a chunk header. Where the window is mapped here, the body goes first and the
-    /// arrival marker last with Release, so a receiver polling the marker (Acquire, in
-    /// `arrived`) sees a complete header without waiting for the head signal.
-    fn put_header(&self, peer: usize, off: usize, bytes: &[u8; HEADER_LEN]) -> Result<()> {
+    /// Publishes a chunk (its payload already written): the header, then whatever tells the
+    /// receiver. Where the window is mapped here, the header body goes first and the arrival
+    /// marker last with Release, so a receiver polling the marker (Acquire, in `arrived`) sees
+    /// a complete header without any head signal. Elsewhere the header and the head signal
+    /// travel together (one frame over tcp). Then the doorbell, for a parked receiver.
+    fn publish_chunk(&self, peer: usize, slot: usize, bytes: &[u8; HEADER_LEN]) -> Result<()> {
+        let me = self.comm.rank();
+        let off = self.header_off(me, slot);
         match self.direct[peer] {
             Some(base) => {
                 self.put(peer, off + MARKER_LEN, &bytes[MARKER_LEN..])?;
                 let marker = u64::from_le_bytes(bytes[..MARKER_LEN].try_into().expect("8 bytes"));
                 // SAFETY: `off` is a header slot (64-byte aligned, inside the window).
                 unsafe { &*(base.add(off) as *const AtomicU64) }.store(marker, Ordering::Release);
-                Ok(())
             }
-            None => self.put(peer, off, bytes),
+            None => self.t().put_signal(
+                peer,
+                &self.win,
+                off,
+                bytes,
+                self.head_base + me,
+                SignalOp::Add,
+                1,
+            )?,
         }
+        self.ring_doorbell(peer)
+    }
+
+    /// Waits briefly for chunk `n` from `src`; true once it is here. Where the window is
+    /// mapped, spins on its marker; elsewhere waits on the head counter through the
+    /// transport, which meanwhile reads the links itself (a tcp receiver that only looked at
+    /// the counter would wait for a progress thread to wake up).
+    fn arrives_soon(&self, src: usize, n: u64) -> bool {
+        if self.direct[self.comm.rank()].is_some() {
+            return (0..QUICK_POLLS).any(|_| {
+                std::hint::spin_loop();
+                self.arrived(src, n).unwrap_or(true)
+            });
+        }
+        let until = Instant::now() + QUICK_WAIT;
+        self.t()
+            .wait(self.head_base + src, Cmp::Gt, n, until)
+            .is_ok()
     }
 
     /// Whether chunk `n` from `src` has arrived in this rank's ring: its header's marker where
@@ -449,16 +481,7 @@ impl<'c> Engine<'c> {
         };
         let slot = (n % self.slots as u64) as usize;
         // As `progress_send` does for a one-chunk inline message.
-        self.put_header(
-            peer,
-            self.header_off(self.comm.rank(), slot),
-            &h.encode(data),
-        )?;
-        if self.direct[peer].is_none() {
-            self.t()
-                .signal(peer, self.head_base + self.comm.rank(), SignalOp::Add, 1)?;
-        }
-        self.ring_doorbell(peer)?;
+        self.publish_chunk(peer, slot, &h.encode(data))?;
         st.ch[peer].sent_chunks += 1;
         Ok(true)
     }
@@ -486,10 +509,7 @@ impl<'c> Engine<'c> {
             }
             st.ch[src].consumed
         };
-        if !(0..QUICK_POLLS).any(|_| {
-            std::hint::spin_loop();
-            self.arrived(src, n).unwrap_or(true)
-        }) {
+        if !self.arrives_soon(src, n) {
             return Ok(None);
         }
         let mut st = self.lock()?;
@@ -703,13 +723,7 @@ impl<'c> Engine<'c> {
             } else {
                 &[][..]
             };
-            self.put_header(peer, self.header_off(me, slot), &h.encode(inline))?;
-            if self.direct[peer].is_none() {
-                // Where the window is mapped, the header's marker announces the chunk (and the
-                // doorbell wakes a parked receiver): no head counter on the critical path.
-                t.signal(peer, self.head_base + me, SignalOp::Add, 1)?;
-            }
-            self.ring_doorbell(peer)?;
+            self.publish_chunk(peer, slot, &h.encode(inline))?;
             s.sent += len as u64;
             s.started = true;
             st.ch[peer].sent_chunks += 1;
@@ -913,10 +927,7 @@ impl<'c> Engine<'c> {
             if let Wake::Focused(src, consumed) = wake {
                 // Poll briefly before anything that reads the clock: most waits for a short
                 // message end here.
-                if (0..QUICK_POLLS).any(|_| {
-                    std::hint::spin_loop();
-                    self.arrived(src, consumed).unwrap_or(true)
-                }) {
+                if self.arrives_soon(src, consumed) {
                     continue;
                 }
             }

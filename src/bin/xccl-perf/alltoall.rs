@@ -9,6 +9,7 @@
 //! straight into the receivers' registered windows and are read in place. `--api buffer`
 //! runs the MPI-style [`Coll`] calls that deliver into the caller's receive buffer.
 
+use crate::memcpy_baseline::Memcpy;
 use crate::options::Common;
 use crate::report::{self, Row};
 use std::time::{Duration, Instant};
@@ -38,10 +39,14 @@ pub fn run(c: &Common, v: bool) -> Result<()> {
     };
     let mut send = vec![0u8; n * max];
     let mut recv = vec![0u8; n * max];
+    let mut memcpy = c.baseline.then(|| Memcpy::new(n * max));
     if me == 0 {
         println!("{}", report::header(op, &c.backend, n));
-        println!("{}", report::columns(false, false));
+        println!("{}", report::columns(false, c.baseline));
         println!("#  size = ranks x block; block = bytes each rank sends each peer");
+        if c.baseline {
+            println!("#  base: one in-process memcpy of the size's bytes, timed after each size");
+        }
     }
     comm.barrier()?;
     let mut rows = Vec::new();
@@ -126,7 +131,12 @@ pub fn run(c: &Common, v: bool) -> Result<()> {
         let (_, p99, min, max) = report::stats(&mut per_call);
         let p50 = mean;
         let bus = (n - 1) as f64 / n as f64;
-        let row = Row::bytes(op, &c.backend, n, size, (p50, p99, min, max), bus, wrong[0]);
+        let mut row = Row::bytes(op, &c.backend, n, size, (p50, p99, min, max), bus, wrong[0]);
+        if let Some(m) = memcpy.as_mut() {
+            let us = m.time_us(size, iters.min(100));
+            row.baseline_us = Some(us);
+            row.baseline_gbps = Some(report::gbps(size, us));
+        }
         report::emit(me, &mut rows, row);
     }
     comm.barrier()?;

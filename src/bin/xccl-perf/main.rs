@@ -3,6 +3,7 @@
 //! checks every result and prints an nccl-tests-style table.
 
 mod alltoall;
+mod memcpy_baseline;
 mod moe;
 mod options;
 mod pingpong;

@@ -6,6 +6,7 @@
 //! The output is checked: out[t] ≈ (Σ_j w_j) · x[t] within the dtype's rounding. Bytes =
 //! token rows sent to other ranks (each (token, destination rank) once).
 
+use crate::memcpy_baseline::Memcpy;
 use crate::options::{MoeArgs, Routing};
 use crate::report::{self, MoeFields, Row};
 use std::time::{Duration, Instant};
@@ -134,6 +135,7 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
             ranks.iter().filter(|&&r| r != me).count() as u64
         })
         .sum::<u64>()];
+    let my_bytes = cross[0] as usize * cfg.row_bytes();
     coll.allreduce(&mut cross, ReduceOp::Sum)?;
     let bytes = cross[0] as usize * cfg.row_bytes();
     if me == 0 {
@@ -254,6 +256,13 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
             .map(|(d, c)| d + c)
             .collect(),
     };
+    // `--baseline`: one in-process memcpy of the bytes a rank sends to the others, timed after
+    // the repetitions (slowest rank).
+    let mut base = [0f64];
+    if c.baseline {
+        base[0] = Memcpy::new(my_bytes).time_us(my_bytes, a.reps);
+        coll.allreduce(&mut base, ReduceOp::Max)?;
+    }
     let (dp50, dp99, dmin, dmax) = report::stats(&mut disp_times);
     let (cp50, cp99, cmin, cmax) = report::stats(&mut comb_times);
     let gbps = |us: f64| {
@@ -280,6 +289,22 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
             "# rows to other ranks {} ({} bytes), #wrong {}",
             cross[0], bytes, wrong[0]
         );
+        if c.baseline {
+            let x = |us: f64| {
+                if my_bytes > 0 && base[0] > 0.0 {
+                    us / base[0]
+                } else {
+                    0.0
+                }
+            };
+            println!(
+                "# baseline: memcpy of the bytes one rank sends (slowest rank) {:.1} us; \
+                 dispatch {:.2}x, combine {:.2}x of it",
+                base[0],
+                x(dp50),
+                x(cp50)
+            );
+        }
     }
     let (p50, p99, min, max) = report::stats(&mut reported);
     let row = Row {
@@ -304,8 +329,8 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
         algbw: gbps(p50),
         busbw: gbps(p50),
         wrong: wrong[0],
-        baseline_us: None,
-        baseline_gbps: None,
+        baseline_us: c.baseline.then_some(base[0]),
+        baseline_gbps: c.baseline.then(|| report::gbps(my_bytes, base[0])),
         stream_gbps: None,
         moe: Some(MoeFields {
             tokens: t_count,

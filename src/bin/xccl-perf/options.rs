@@ -141,7 +141,8 @@ pub struct Common {
     /// Corrupt one received value before it is checked (tests that a failed check fails).
     #[arg(long, hide = true)]
     pub inject_error: bool,
-    /// Also time a plain in-process memcpy of the same bytes and print the ratio.
+    /// Also measure a baseline in the same run and print the ratios: an in-process memcpy of
+    /// the same bytes; for pingpong and sendrecv over tcp, plain TCP between the same pair.
     #[arg(long)]
     pub baseline: bool,
     /// Write the rows as a JSON array to this file.

@@ -3,8 +3,10 @@
 //! one-byte acknowledgement, like osu_bw). A checked exchange after each size counts wrong
 //! bytes.
 
+use crate::memcpy_baseline::Memcpy;
 use crate::options::Common;
 use crate::report::{self, Row};
+use crate::tcp_baseline::PlainTcp;
 use std::time::{Duration, Instant};
 use xccl::p2p::{P2p, P2pConfig};
 use xccl::{Backend, Communicator, Error, Result};
@@ -48,8 +50,26 @@ pub fn run(c: &Common) -> Result<()> {
     let mut ack = [0u8; 1];
     if me == 0 {
         println!("{}", report::header("sendrecv", &c.backend, n));
-        println!("{}", report::columns(true, false));
+        println!("{}", report::columns(true, c.baseline));
     }
+    // `--baseline`: over tcp, plain TCP between the same pair (its port travels by send/recv);
+    // over shm, an in-process memcpy of the same bytes.
+    let timeout = Duration::from_secs_f64(c.timeout);
+    let mut plain = if c.baseline && c.backend == "tcp" && active {
+        Some(PlainTcp::connect(
+            initiator,
+            |port| p2p.send(partner, 9, &port.to_le_bytes()),
+            || {
+                let mut b = [0u8; 2];
+                p2p.recv(partner, 9, &mut b)?;
+                Ok(u16::from_le_bytes(b))
+            },
+        )?)
+    } else {
+        None
+    };
+    let mut memcpy = (c.baseline && plain.is_none()).then(|| Memcpy::new(max));
+    let mut plain_buf = vec![0u8; if plain.is_some() { max } else { 0 }];
     comm.barrier()?;
     let mut rows = Vec::new();
     let mut total_wrong = 0u64;
@@ -115,10 +135,26 @@ pub fn run(c: &Common) -> Result<()> {
                 bad + (got != size) as u64
             };
             total_wrong += wrong;
+            // The baseline, right after (same machine state).
+            let mut baseline = None;
+            if let Some(p) = plain.as_mut() {
+                let buf = &mut plain_buf[..size];
+                let mut lat = p.pingpong(initiator, buf, warm, iters, timeout)?;
+                let mut per_msg = p.stream(initiator, buf, WINDOW, batches, timeout)?;
+                if initiator {
+                    let bw = report::gbps(size, report::stats(&mut per_msg).0);
+                    baseline = Some((report::stats(&mut lat).0, bw));
+                }
+            } else if let Some(m) = memcpy.as_mut() {
+                let us = m.time_us(size, iters.min(100));
+                baseline = Some((us, report::gbps(size, us)));
+            }
             if initiator {
                 let (p50, p99, min, max) = report::stats(&mut times);
                 let s50 = report::stats(&mut stream).0;
                 let row = Row {
+                    baseline_us: baseline.map(|b| b.0),
+                    baseline_gbps: baseline.map(|b| b.1),
                     stream_gbps: Some(report::gbps(size, s50)),
                     ..Row::bytes(
                         "sendrecv",
