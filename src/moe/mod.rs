@@ -28,3 +28,4 @@ pub use buffer::{DispatchView, MoeBuffer, RecvRow};
 pub use config::{Dtype, MoeConfig};
 pub use layout::{dispatch_layout, Layout};
 pub use low_latency::{ExpertRow, LowLatencyBuffer, LowLatencyView};
+pub use sum::sum_rows;

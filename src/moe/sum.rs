@@ -13,13 +13,28 @@ use smallvec::SmallVec;
 const BLOCK: usize = 512;
 
 /// Writes into `out` (one row of `dtype`) the f32 sum of `rows`, each scaled by its weight
-/// when `weights` is given, added in order starting from 0, rounded to nearest even.
+/// when `weights` is given, added in order starting from 0, rounded to nearest even: what
+/// combine computes per token.
 ///
-/// Rows and `out` must hold the same number of bytes (a multiple of the dtype's size);
-/// weights, when given, one per row.
-pub(crate) fn sum_rows(dtype: Dtype, out: &mut [u8], rows: &[&[u8]], weights: Option<&[f32]>) {
-    debug_assert!(rows.iter().all(|r| r.len() == out.len()));
-    debug_assert!(weights.is_none_or(|w| w.len() == rows.len()));
+/// # Panics
+/// If a row's length differs from `out`'s, or `weights` does not hold one weight per row.
+///
+/// ```
+/// use xccl::moe::{sum_rows, Dtype};
+/// let (a, b) = (1.5f32.to_le_bytes(), 2.0f32.to_le_bytes());
+/// let mut out = [0u8; 4];
+/// sum_rows(Dtype::F32, &mut out, &[&a, &b], Some(&[2.0, 0.5]));
+/// assert_eq!(f32::from_le_bytes(out), 4.0);
+/// ```
+pub fn sum_rows(dtype: Dtype, out: &mut [u8], rows: &[&[u8]], weights: Option<&[f32]>) {
+    assert!(
+        rows.iter().all(|r| r.len() == out.len()),
+        "sum_rows: every row must be as long as the output"
+    );
+    assert!(
+        weights.is_none_or(|w| w.len() == rows.len()),
+        "sum_rows: one weight per row"
+    );
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2 (checked on the line above), all `sum_rows_avx2` needs.
@@ -196,9 +211,20 @@ mod tests {
         for dtype in [Dtype::Bf16, Dtype::F16, Dtype::F32] {
             let inputs: Vec<Vec<u8>> = (0..3)
                 .map(|j| {
-                    let vals: Vec<f32> = (0..n)
+                    let mut vals: Vec<f32> = (0..n)
                         .map(|i| ((i * 7 + j * 13) % 101) as f32 * 0.37 - 17.0)
                         .collect();
+                    // Non-finite inputs and sums that overflow take the NaN/inf paths.
+                    if j == 1 {
+                        vals[3] = f32::NAN;
+                        vals[20] = f32::INFINITY;
+                        vals[21] = f32::NEG_INFINITY;
+                        vals[40] = 3.0e38;
+                    }
+                    if j == 2 {
+                        vals[40] = 3.0e38;
+                        vals[21] = f32::INFINITY;
+                    }
                     row(dtype, &vals)
                 })
                 .collect();
