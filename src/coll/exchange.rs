@@ -137,8 +137,16 @@ impl<'c> Exchange<'c> {
             let mut slot = [0u8; 16];
             slot[..8].copy_from_slice(&(block.len() as u64).to_le_bytes());
             slot[8..].copy_from_slice(&epoch.to_le_bytes());
-            t.put(dst, &self.win, self.count_off(parity, me), &slot)?;
-            t.signal(dst, self.sig_base + me, SignalOp::Add, 1)?;
+            // The count and the signal that publishes both travel together (one frame on tcp).
+            t.put_signal(
+                dst,
+                &self.win,
+                self.count_off(parity, me),
+                &slot,
+                self.sig_base + me,
+                SignalOp::Add,
+                1,
+            )?;
         }
         let deadline = self.comm.deadline();
         for src in 0..n {
