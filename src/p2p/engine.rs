@@ -321,7 +321,13 @@ impl<'c> Engine<'c> {
     /// Chunk size for a message of `total` bytes: large enough to amortize a signal, small
     /// enough that a message spreads over the ring, so the receiver copies chunk k out while
     /// the sender writes chunk k+1 (both cores busy instead of one after the other).
-    fn chunk_len(&self, total: u64) -> usize {
+    ///
+    /// Where `peer`'s window is not mapped (tcp), the network pipelines already and every
+    /// chunk costs frames and a credit round trip: chunks are as large as a slot.
+    fn chunk_len(&self, peer: usize, total: u64) -> usize {
+        if self.direct[peer].is_none() {
+            return self.slot_bytes;
+        }
         const PIPE_MIN: usize = 16 << 10;
         let spread = (total as usize).div_ceil(self.slots).div_ceil(PAGE) * PAGE;
         spread.clamp(PIPE_MIN.min(self.slot_bytes), self.slot_bytes)
@@ -698,7 +704,7 @@ impl<'c> Engine<'c> {
             let Kind::Send(s) = &mut op.kind else {
                 unreachable!("send queue holds sends")
             };
-            let len = (s.total - s.sent).min(self.chunk_len(s.total) as u64) as usize;
+            let len = (s.total - s.sent).min(self.chunk_len(peer, s.total) as u64) as usize;
             let slot = (n % self.slots as u64) as usize;
             let h = ChunkHeader {
                 seq: n,
