@@ -1,14 +1,70 @@
-//! MoE dispatch and combine against a single-process reference, over loopback and shared
-//! memory: random world sizes, token counts (including 0), hidden sizes, top-k, expert
-//! counts, placements and `-1` masks; determinism over reruns; bad input refused up front.
+//! MoE dispatch and combine against a single-process reference, over loopback, shared memory
+//! (ranks as threads, and as real processes) and tcp: random world sizes, token counts
+//! (including 0), hidden sizes, top-k, expert counts, placements and `-1` masks; determinism
+//! over reruns; bad input refused up front.
 
 mod common;
 
-use common::{run_comms, Fabric};
+use common::{assert_no_leaks, run_comms, Fabric, Job, SCENARIO, SERIAL};
 use proptest::prelude::*;
 use std::sync::Arc;
 use xccl::moe::{Dtype, MoeBuffer, MoeConfig};
-use xccl::Error;
+use xccl::{Communicator, Error};
+
+/// Entry point of the rank processes of the multi-process test (the binary re-enters itself).
+#[test]
+#[ignore = "entry point of the rank processes that the other tests start"]
+fn worker() {
+    let Ok(scenario) = std::env::var(SCENARIO) else {
+        return;
+    };
+    assert_eq!(scenario, "moe_case", "unknown scenario");
+    let seed: u64 = std::env::var("XCCL_TEST_SEED").unwrap().parse().unwrap();
+    let comm = Communicator::builder()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let case = seeded_case(comm.world_size(), seed);
+    check_on(&comm, &case, Dtype::F32, 2, false);
+    comm.barrier().unwrap();
+    println!("DONE {seed}");
+}
+
+/// The property test's cases, drawn from seeds, run by real processes over shared memory
+/// (1 to 8 ranks), each job under a watchdog and followed by a leak check.
+#[test]
+fn dispatch_and_combine_match_reference_multiprocess_shm() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    for (n, seed) in [
+        (1, 1),
+        (2, 2),
+        (3, 3),
+        (4, 4),
+        (5, 5),
+        (8, 6),
+        (2, 7),
+        (3, 8),
+    ] {
+        let case = seeded_case(n, seed);
+        eprintln!(
+            "{n} ranks, seed {seed}: {} experts, hidden {}, top-{}, tokens {:?}",
+            case.experts,
+            case.hidden,
+            case.topk,
+            case.inputs
+                .iter()
+                .map(|i| i.idx.len() / case.topk)
+                .collect::<Vec<_>>()
+        );
+        let mut job = Job::start(n, "moe_case", &[("XCCL_TEST_SEED", seed.to_string())]);
+        let status = job.wait_all(std::time::Duration::from_secs(120));
+        assert!(
+            status.iter().all(|s| s.success()),
+            "seed {seed} on {n} ranks: {status:?}"
+        );
+        assert_no_leaks(&job.mark);
+    }
+}
 
 /// One rank's input: token rows (f32 values), expert choices and weights.
 #[derive(Debug, Clone)]
@@ -57,6 +113,13 @@ fn check_case_with(fabric: Fabric, case: Case, dtype: Dtype, reruns: usize, int8
     let n = case.inputs.len();
     let case = Arc::new(case);
     run_comms(fabric, n, move |comm| {
+        check_on(comm, &case, dtype, reruns, int8)
+    });
+}
+
+/// One rank's part of `check_case_with` (threads or processes alike).
+fn check_on(comm: &Communicator, case: &Case, dtype: Dtype, reruns: usize, int8: bool) {
+    {
         let me = comm.rank();
         let max_tokens = case
             .inputs
@@ -178,11 +241,29 @@ fn check_case_with(fabric: Fabric, case: Case, dtype: Dtype, reruns: usize, int8
                 Some(f) => assert_eq!(f, &out, "rerun differs"),
             }
         }
-    });
+    }
 }
 
 fn case_strategy() -> impl Strategy<Value = Case> {
-    (1usize..=5, 1usize..=10, 1usize..=12).prop_flat_map(|(n, experts, hidden)| {
+    (1usize..=5).prop_flat_map(case_for_world)
+}
+
+/// The case a seed stands for, for `n` ranks (every process of a job derives the same one).
+fn seeded_case(n: usize, seed: u64) -> Case {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &key);
+    let mut runner = TestRunner::new_with_rng(Config::default(), rng);
+    case_for_world(n)
+        .new_tree(&mut runner)
+        .expect("a case")
+        .current()
+}
+
+fn case_for_world(n: usize) -> impl Strategy<Value = Case> {
+    (1usize..=10, 1usize..=12).prop_flat_map(move |(experts, hidden)| {
         (1usize..=experts.min(4)).prop_flat_map(move |topk| {
             let input = (0usize..=20).prop_flat_map(move |tokens| {
                 (
