@@ -197,14 +197,9 @@ impl<'c> MoeBuffer<'c> {
         slot[..8].copy_from_slice(&(count as u64).to_le_bytes());
         slot[8..16].copy_from_slice(&epoch.to_le_bytes());
         slot[16..].copy_from_slice(&(start as u64).to_le_bytes());
-        t.put(
-            dst,
-            &self.win,
-            self.count_off(epoch, kind, self.comm.rank()),
-            &slot,
-        )?;
-        let sig = [self.sig_disp, self.sig_comb][kind];
-        t.signal(dst, sig + self.comm.rank(), SignalOp::Add, 1)
+        let sig = [self.sig_disp, self.sig_comb][kind] + self.comm.rank();
+        let off = self.count_off(epoch, kind, self.comm.rank());
+        t.put_signal(dst, &self.win, off, &slot, sig, SignalOp::Add, 1)
     }
 
     /// Waits for `src`'s announcement of `epoch` and returns its count and start, checked:
