@@ -314,21 +314,18 @@ pub fn run(args: &PingpongArgs) -> Result<()> {
             };
             total_wrong += wrong;
             // Plain TCP, same sizes and counts, right after (same machine state).
-            let (mut plain_lat, mut plain_bw) = (0.0, 0.0);
-            if let Some(p) = plain.as_mut() {
-                let buf = &mut plain_buf[..size];
-                let mut lat = p.pingpong(initiator, buf, warm, iters, timeout)?;
-                let mut per_msg = p.stream(initiator, buf, STREAM_WINDOW, batches, timeout)?;
-                if initiator {
-                    plain_lat = report::stats(&mut lat).0;
-                    plain_bw = report::gbps(size, report::stats(&mut per_msg).0);
+            let plain_base = match plain.as_mut() {
+                Some(p) => {
+                    let buf = &mut plain_buf[..size];
+                    p.measure(initiator, buf, warm, iters, STREAM_WINDOW, batches, timeout)?
                 }
-            }
+                None => None,
+            };
             if initiator {
                 let (p50, p99, min, max) = report::stats(&mut times);
                 let stream_us = report::stats(&mut stream_times).0;
-                let (baseline_us, baseline_gbps) = match (&mut plain, c.baseline) {
-                    (Some(_), _) => (Some(plain_lat), Some(plain_bw)),
+                let (baseline_us, baseline_gbps) = match (plain_base, c.baseline) {
+                    (Some((lat, bw)), _) => (Some(lat), Some(bw)),
                     (None, true) => {
                         let us = report::stats(&mut memcpy_times[1..]).0;
                         (Some(us), Some(report::gbps(size, us)))

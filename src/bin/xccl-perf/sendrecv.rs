@@ -139,12 +139,7 @@ pub fn run(c: &Common) -> Result<()> {
             let mut baseline = None;
             if let Some(p) = plain.as_mut() {
                 let buf = &mut plain_buf[..size];
-                let mut lat = p.pingpong(initiator, buf, warm, iters, timeout)?;
-                let mut per_msg = p.stream(initiator, buf, WINDOW, batches, timeout)?;
-                if initiator {
-                    let bw = report::gbps(size, report::stats(&mut per_msg).0);
-                    baseline = Some((report::stats(&mut lat).0, bw));
-                }
+                baseline = p.measure(initiator, buf, warm, iters, WINDOW, batches, timeout)?;
             } else if let Some(m) = memcpy.as_mut() {
                 let us = m.time_us(size, iters.min(100));
                 baseline = Some((us, report::gbps(size, us)));

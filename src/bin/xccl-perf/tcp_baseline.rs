@@ -134,4 +134,26 @@ impl PlainTcp {
         }
         Ok(times)
     }
+
+    /// The baseline of one message size: `iters` ping-pongs (after `warm`) then `batches`
+    /// streamed batches of `window`; on the initiator, the median one-way time (µs) and the
+    /// streaming bandwidth (GB/s), `None` on the responder.
+    #[allow(clippy::too_many_arguments)]
+    pub fn measure(
+        &mut self,
+        initiator: bool,
+        buf: &mut [u8],
+        warm: usize,
+        iters: usize,
+        window: usize,
+        batches: usize,
+        limit: Duration,
+    ) -> Result<Option<(f64, f64)>> {
+        let mut lat = self.pingpong(initiator, buf, warm, iters, limit)?;
+        let mut per_msg = self.stream(initiator, buf, window, batches, limit)?;
+        Ok(initiator.then(|| {
+            let bw = crate::report::gbps(buf.len(), crate::report::stats(&mut per_msg).0);
+            (crate::report::stats(&mut lat).0, bw)
+        }))
+    }
 }
