@@ -93,60 +93,60 @@ pub fn store_fence() {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn copy_stream_avx2(dst: *mut u8, src: *const u8, len: usize) {
-    use std::arch::x86_64::{__m256i, _mm256_loadu_si256, _mm256_stream_si256};
     // Head up to a cache-line boundary of `dst` with ordinary stores: the streamed part then
     // fills whole lines (a line written partly each way costs more than either).
     let head = (64 - (dst as usize) % 64) % 64;
-    // SAFETY: `head < 64 < 256 <= len`, inside both ranges.
-    unsafe { std::ptr::copy_nonoverlapping(src, dst, head) };
-    let mut i = head;
-    while i + 128 <= len {
-        // SAFETY: `i + 128 <= len`, inside both ranges; `dst + i` is 64-byte aligned (the
-        // head made it so and `i` advances by 128), as the streaming store needs.
-        unsafe {
-            let s = src.add(i) as *const __m256i;
-            let d = dst.add(i) as *mut __m256i;
-            let (a, b, c, e) = (
-                _mm256_loadu_si256(s),
-                _mm256_loadu_si256(s.add(1)),
-                _mm256_loadu_si256(s.add(2)),
-                _mm256_loadu_si256(s.add(3)),
-            );
-            _mm256_stream_si256(d, a);
-            _mm256_stream_si256(d.add(1), b);
-            _mm256_stream_si256(d.add(2), c);
-            _mm256_stream_si256(d.add(3), e);
-        }
-        i += 128;
+    // SAFETY: `head < 64 < 256 <= len`, inside both ranges; the rest starts 64-byte aligned
+    // at `dst + head`, as the streaming stores need.
+    unsafe {
+        std::ptr::copy_nonoverlapping(src, dst, head);
+        copy_loop_avx2::<true>(dst.add(head), src.add(head), len - head);
     }
-    // SAFETY: the tail lies inside both ranges; under 128 bytes memcpy does not use rep movsb.
-    unsafe { std::ptr::copy_nonoverlapping(src.add(i), dst.add(i), len - i) };
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn copy_avx2(dst: *mut u8, src: *const u8, len: usize) {
-    use std::arch::x86_64::{__m256i, _mm256_loadu_si256, _mm256_storeu_si256};
+    // SAFETY: the caller's contract; unaligned stores need no alignment.
+    unsafe { copy_loop_avx2::<false>(dst, src, len) }
+}
+
+/// 128 bytes per step with AVX2 loads, and streaming stores (`STREAM`, `dst` 32-byte aligned)
+/// or ordinary unaligned ones; the tail with `memcpy` (under 128 bytes it does not use
+/// `rep movsb`).
+///
+/// # Safety
+/// As [`copy_bytes`], the CPU has AVX2, and with `STREAM` `dst` is 32-byte aligned.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn copy_loop_avx2<const STREAM: bool>(dst: *mut u8, src: *const u8, len: usize) {
+    use std::arch::x86_64::{
+        __m256i, _mm256_loadu_si256, _mm256_storeu_si256, _mm256_stream_si256,
+    };
     let mut i = 0;
     while i + 128 <= len {
-        // SAFETY: `i + 128 <= len`, inside both ranges; unaligned loads and stores.
+        // SAFETY: `i + 128 <= len`, inside both ranges; `dst + i` keeps the alignment of
+        // `dst` (`i` advances by 128), which the streaming store needs.
         unsafe {
             let s = src.add(i) as *const __m256i;
             let d = dst.add(i) as *mut __m256i;
-            let (a, b, c, e) = (
+            let v = [
                 _mm256_loadu_si256(s),
                 _mm256_loadu_si256(s.add(1)),
                 _mm256_loadu_si256(s.add(2)),
                 _mm256_loadu_si256(s.add(3)),
-            );
-            _mm256_storeu_si256(d, a);
-            _mm256_storeu_si256(d.add(1), b);
-            _mm256_storeu_si256(d.add(2), c);
-            _mm256_storeu_si256(d.add(3), e);
+            ];
+            for (k, v) in v.into_iter().enumerate() {
+                if STREAM {
+                    _mm256_stream_si256(d.add(k), v);
+                } else {
+                    _mm256_storeu_si256(d.add(k), v);
+                }
+            }
         }
         i += 128;
     }
-    // SAFETY: the tail lies inside both ranges; under 128 bytes memcpy does not use rep movsb.
+    // SAFETY: the tail lies inside both ranges.
     unsafe { std::ptr::copy_nonoverlapping(src.add(i), dst.add(i), len - i) };
 }
 
