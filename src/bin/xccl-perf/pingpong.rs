@@ -322,30 +322,18 @@ pub fn run(args: &PingpongArgs) -> Result<()> {
                 None => None,
             };
             if initiator {
-                let (p50, p99, min, max) = report::stats(&mut times);
                 let stream_us = report::stats(&mut stream_times).0;
-                let (baseline_us, baseline_gbps) = match (plain_base, c.baseline) {
-                    (Some((lat, bw)), _) => (Some(lat), Some(bw)),
+                let baseline = match (plain_base, c.baseline) {
+                    (Some(b), _) => Some(b),
                     (None, true) => {
                         let us = report::stats(&mut memcpy_times[1..]).0;
-                        (Some(us), Some(report::gbps(size, us)))
+                        Some((us, report::gbps(size, us)))
                     }
-                    (None, false) => (None, None),
+                    (None, false) => None,
                 };
-                let row = Row {
-                    baseline_us,
-                    baseline_gbps,
-                    stream_gbps: Some(report::gbps(size, stream_us)),
-                    ..Row::bytes(
-                        "pingpong",
-                        &c.backend,
-                        n,
-                        size,
-                        (p50, p99, min, max),
-                        1.0,
-                        wrong,
-                    )
-                };
+                let row = Row::p2p(
+                    "pingpong", &c.backend, n, size, &mut times, stream_us, baseline, wrong,
+                );
                 report::emit(me, &mut rows, row);
             }
         }

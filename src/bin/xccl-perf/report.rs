@@ -71,6 +71,29 @@ impl Row {
     }
 }
 
+impl Row {
+    /// A point-to-point row (one rank pair): one-way `times` (µs, sorted here), the median
+    /// time per streamed message `stream_us`, and the baseline `(time µs, GB/s)` if measured.
+    #[allow(clippy::too_many_arguments)]
+    pub fn p2p(
+        op: &'static str,
+        backend: &str,
+        ranks: usize,
+        size: usize,
+        times: &mut [f64],
+        stream_us: f64,
+        baseline: Option<(f64, f64)>,
+        wrong: u64,
+    ) -> Row {
+        Row {
+            baseline_us: baseline.map(|b| b.0),
+            baseline_gbps: baseline.map(|b| b.1),
+            stream_gbps: Some(gbps(size, stream_us)),
+            ..Row::bytes(op, backend, ranks, size, stats(times), 1.0, wrong)
+        }
+    }
+}
+
 /// The MoE part of a row.
 #[derive(Debug, Clone, Default)]
 pub struct MoeFields {

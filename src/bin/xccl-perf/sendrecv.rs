@@ -145,22 +145,10 @@ pub fn run(c: &Common) -> Result<()> {
                 baseline = Some((us, report::gbps(size, us)));
             }
             if initiator {
-                let (p50, p99, min, max) = report::stats(&mut times);
                 let s50 = report::stats(&mut stream).0;
-                let row = Row {
-                    baseline_us: baseline.map(|b| b.0),
-                    baseline_gbps: baseline.map(|b| b.1),
-                    stream_gbps: Some(report::gbps(size, s50)),
-                    ..Row::bytes(
-                        "sendrecv",
-                        &c.backend,
-                        n,
-                        size,
-                        (p50, p99, min, max),
-                        1.0,
-                        wrong,
-                    )
-                };
+                let row = Row::p2p(
+                    "sendrecv", &c.backend, n, size, &mut times, s50, baseline, wrong,
+                );
                 report::emit(me, &mut rows, row);
             }
         }
