@@ -460,12 +460,12 @@ impl<'c> Engine<'c> {
         }
     }
 
-    /// A blocking send's fast path for a message that fits in a chunk header, when nothing
-    /// else is queued to `peer` and the ring has room: writes it at once, without an op.
-    /// `Ok(false)` when it does not apply (the caller takes the general path).
-    pub(crate) fn send_inline_now(&self, peer: usize, tag: u64, data: &[u8]) -> Result<bool> {
+    /// A blocking send's fast path for a message that is one chunk, when nothing else is
+    /// queued to `peer` and the ring has room: writes it at once, without an op. `Ok(false)`
+    /// when it does not apply (the caller takes the general path).
+    pub(crate) fn send_now(&self, peer: usize, tag: u64, data: &[u8]) -> Result<bool> {
         crate::transport::check_peer(peer, self.comm.world_size())?;
-        if data.len() > INLINE_MAX {
+        if data.len() > self.chunk_len(peer, data.len() as u64) {
             return Ok(false);
         }
         let mut st = self.lock()?;
@@ -486,23 +486,24 @@ impl<'c> Engine<'c> {
             len,
         };
         let slot = (n % self.slots as u64) as usize;
-        // As `progress_send` does for a one-chunk inline message.
-        self.publish_chunk(peer, slot, &h.encode(data))?;
+        // As `progress_send` does for a one-chunk message.
+        let inline = if h.is_inline() {
+            data
+        } else {
+            self.put(peer, self.payload_off(self.comm.rank(), slot), data)?;
+            &[][..]
+        };
+        self.publish_chunk(peer, slot, &h.encode(inline))?;
         st.ch[peer].sent_chunks += 1;
         Ok(true)
     }
 
     /// A blocking receive's fast path: when nothing from `src` is pending (no posted receive,
     /// no message half in, none set aside), watches `src`'s next chunk for a short while and,
-    /// if it is a whole message with `tag` that fits `buf` and sits in the header, takes it
-    /// at once, without an op. `Ok(None)` when it does not apply or nothing came: the caller
-    /// takes the general path, which finds the chunk where it was left.
-    pub(crate) fn recv_inline_now(
-        &self,
-        src: usize,
-        tag: u64,
-        buf: &mut [u8],
-    ) -> Result<Option<usize>> {
+    /// if it is a whole message (one chunk) with `tag` that fits `buf`, takes it at once,
+    /// without an op. `Ok(None)` when it does not apply or nothing came: the caller takes the
+    /// general path, which finds the chunk where it was left.
+    pub(crate) fn recv_now(&self, src: usize, tag: u64, buf: &mut [u8]) -> Result<Option<usize>> {
         crate::transport::check_peer(src, self.comm.world_size())?;
         let idle = |st: &State| {
             let ch = &st.ch[src];
@@ -534,14 +535,25 @@ impl<'c> Engine<'c> {
                 return Err(e);
             }
         };
-        if h.tag != tag || h.offset != 0 || h.len != h.total || !h.is_inline() {
+        if h.tag != tag || h.offset != 0 || h.len != h.total {
             return Ok(None);
         }
-        let payload = h.inline_bytes(&hb);
-        let Some(dst) = buf.get_mut(..payload.len()) else {
+        let Some(dst) = buf.get_mut(..h.len as usize) else {
             return Ok(None); // too long for `buf`: the general path reports it
         };
-        dst.copy_from_slice(payload);
+        if h.is_inline() {
+            dst.copy_from_slice(h.inline_bytes(&hb));
+        } else {
+            // SAFETY: the sender wrote this slot before publishing the header seen above and
+            // writes it again only after the credit below; the length was checked against the
+            // slot by `decode`.
+            let payload = unsafe {
+                self.t()
+                    .local_slice(&self.win, self.payload_off(src, slot), dst.len())?
+            };
+            crate::copy::copy_slice(dst, payload);
+        }
+        let got = dst.len();
         let ch = &mut st.ch[src];
         ch.consumed += 1;
         // Credits go back in half-ring batches, as in `progress_recv`.
@@ -556,7 +568,7 @@ impl<'c> Engine<'c> {
             )?;
             self.ring_doorbell(src)?;
         }
-        Ok(Some(payload.len()))
+        Ok(Some(got))
     }
 
     /// Queues a send of the segments (all bytes, in order) to `peer`.

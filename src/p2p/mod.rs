@@ -111,7 +111,7 @@ impl<'c> P2p<'c> {
 
     /// Sends `data` to `peer` with `tag`; returns once the data has left.
     pub fn send(&self, peer: usize, tag: u64, data: &[u8]) -> Result<()> {
-        if self.engine.send_inline_now(peer, tag, data)? {
+        if self.engine.send_now(peer, tag, data)? {
             return Ok(());
         }
         let id =
@@ -127,7 +127,7 @@ impl<'c> P2p<'c> {
 
     /// Receives the next message with `tag` from `src` into `buf`; returns its length.
     pub fn recv(&self, src: usize, tag: u64, buf: &mut [u8]) -> Result<usize> {
-        if let Some(n) = self.engine.recv_inline_now(src, tag, buf)? {
+        if let Some(n) = self.engine.recv_now(src, tag, buf)? {
             return Ok(n);
         }
         let id = self.engine.post_recv(
