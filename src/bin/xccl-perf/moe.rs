@@ -3,7 +3,7 @@
 //! timed on every rank and counted at the slowest rank; medians over repetitions. Routing is
 //! uniform (top-k distinct experts per token, seeded), experts are identities: each expert
 //! rank returns, per received row, the sum of its chosen experts' weights times the row.
-//! The output is checked: out[t] ≈ (Σ_j w_j) · x[t] within the dtype's rounding. Bytes =
+//! The output is checked: `out[t] ≈ (Σ_j w_j) · x[t]` within the dtype's rounding. Bytes =
 //! token rows sent to other ranks (each (token, destination rank) once).
 
 use crate::memcpy_baseline::Memcpy;
