@@ -259,7 +259,18 @@ pub(crate) struct Engine<'c> {
     armed_at: usize,
     /// Each rank's copy of the window, where the backend maps it into this process.
     direct: Vec<Option<*mut u8>>,
+    /// The backend counts every signal applied here (tcp): a waiter for anything waits on
+    /// that count, and senders ring no doorbell.
+    arrivals: bool,
     state: Mutex<State>,
+}
+
+/// What a parked waiter watches.
+enum Watch {
+    /// Signal word `index` to exceed a value.
+    Signal(usize),
+    /// The backend's count of applied signals to exceed a value.
+    Arrivals,
 }
 
 // SAFETY: the raw pointers in `direct` point into window mappings that live as long as the
@@ -303,6 +314,7 @@ impl<'c> Engine<'c> {
             hdr_base: ring_bytes,
             armed_at: ring_bytes + hdr_bytes,
             direct,
+            arrivals: comm.transport().arrivals().is_some(),
             state: Mutex::new(State {
                 ops: OpMap::default(),
                 next_id: 1,
@@ -358,6 +370,10 @@ impl<'c> Engine<'c> {
     /// no waiter parked on it (a rank waiting for one source watches that source's head
     /// instead). Where the peer's window is not mapped here, it always bumps.
     fn ring_doorbell(&self, peer: usize) -> Result<()> {
+        if self.arrivals {
+            // The head or credit signal just sent counts as an arrival at `peer`.
+            return Ok(());
+        }
         if let Some(armed) = self.armed(peer) {
             // SeqCst fence after the head/credit update and before reading the count; its
             // partner is the fence in `wait` after a waiter arms and before it re-checks.
@@ -955,12 +971,11 @@ impl<'c> Engine<'c> {
                 Wake::Focused(..) if self.direct[self.comm.rank()].is_some() => Wake::Doorbell,
                 w => w,
             };
-            let (index, value, until, armed) = match wake {
+            let (watch, value, until, armed) = match wake {
                 Wake::Focused(src, consumed) => {
-                    let (index, value) = (self.head_base + src, consumed);
                     let until = deadline().min(Instant::now() + slice);
                     slice = (slice * 2).min(Duration::from_millis(10));
-                    (index, value, until, None)
+                    (Watch::Signal(self.head_base + src), consumed, until, None)
                 }
                 Wake::Drain | Wake::Doorbell => {
                     // Arm, so that peers bump the doorbell, then look once more for anything
@@ -971,7 +986,10 @@ impl<'c> Engine<'c> {
                         // Partner: the fence in `ring_doorbell`.
                         fence(Ordering::SeqCst);
                     }
-                    let seen = t.signal_value(self.doorbell)?;
+                    let (watch, seen) = match t.arrivals() {
+                        Some(n) if self.arrivals => (Watch::Arrivals, n),
+                        _ => (Watch::Signal(self.doorbell), t.signal_value(self.doorbell)?),
+                    };
                     let (done, _) = self.test_inner(id)?;
                     if let Some(n) = done {
                         if let Some(a) = armed {
@@ -984,10 +1002,13 @@ impl<'c> Engine<'c> {
                         Wake::Drain => deadline().min(Instant::now() + DRAIN_AFTER),
                         _ => deadline(),
                     };
-                    (self.doorbell, seen, until, armed)
+                    (watch, seen, until, armed)
                 }
             };
-            let r = t.wait(index, Cmp::Gt, value, until);
+            let r = match watch {
+                Watch::Signal(index) => t.wait(index, Cmp::Gt, value, until),
+                Watch::Arrivals => t.wait_arrivals(value, until),
+            };
             if let Some(a) = armed {
                 a.fetch_sub(1, Ordering::SeqCst);
             }

@@ -212,6 +212,26 @@ pub fn signals_are_counters(world: usize, f: Factory) {
         t.signal(me, 8, SignalOp::Add, 3).unwrap();
         assert_eq!(t.signal_value(8).unwrap(), 1);
         signal_barrier(t, 9, 1);
+        // Backends that count applied signals: a signal applied here moves the count past
+        // what was read before it; the others say they keep none.
+        match t.arrivals() {
+            Some(seen) => {
+                t.signal(me, 10, SignalOp::Add, 1).unwrap();
+                assert!(t.wait_arrivals(seen, deadline()).unwrap() > seen);
+                assert!(t.arrivals().unwrap() > seen);
+                let later = t.arrivals().unwrap();
+                let quiet = Instant::now() + Duration::from_millis(20);
+                assert!(matches!(
+                    t.wait_arrivals(later + 1_000_000, quiet),
+                    Err(crate::Error::Timeout { .. })
+                ));
+            }
+            None => assert!(matches!(
+                t.wait_arrivals(0, deadline()),
+                Err(crate::Error::InvalidUsage(_))
+            )),
+        }
+        signal_barrier(t, 9, 2);
     });
 }
 

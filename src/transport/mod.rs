@@ -185,6 +185,24 @@ pub trait Transport: Send + Sync {
         Ok(None)
     }
 
+    /// Backends that apply their peers' signals in this process (tcp) count every signal
+    /// applied here: the count so far. `None` where peers update signal words directly
+    /// (mapped memory). A waiter for "any signal" reads it, then calls
+    /// [`Transport::wait_arrivals`].
+    fn arrivals(&self) -> Option<u64> {
+        None
+    }
+
+    /// Waits until more than `seen` signals have been applied here (see
+    /// [`Transport::arrivals`]), or the deadline passes (`Timeout`).
+    fn wait_arrivals(&self, seen: u64, deadline: Instant) -> Result<u64> {
+        let _ = (seen, deadline);
+        Err(crate::Error::InvalidUsage(format!(
+            "the {} backend keeps no arrival count",
+            self.caps().backend
+        )))
+    }
+
     /// Copies bytes out of this rank's own copy of `win`.
     fn read_local(&self, win: &Window, offset: usize, out: &mut [u8]) -> Result<()> {
         check_range(win.len(), offset, out.len())?;

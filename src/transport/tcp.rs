@@ -115,6 +115,17 @@ impl TcpTransport {
     }
 }
 
+/// A node's result, its timeout told as the time waited since `start`.
+fn timed(start: Instant, r: xccl_tcp::Result<u64>) -> Result<u64> {
+    r.map_err(|e| match e {
+        xccl_tcp::Error::Timeout(op) => Error::Timeout {
+            op,
+            waited: start.elapsed(),
+        },
+        other => other.into(),
+    })
+}
+
 /// Builds `world` TCP ranks as threads of this process, linked over loopback with a fresh
 /// secret: for tests and in-process benchmarks.
 pub fn in_process(world: usize, num_signals: usize) -> Result<Vec<TcpTransport>> {
@@ -247,15 +258,18 @@ impl Transport for TcpTransport {
     fn wait(&self, index: usize, cmp: Cmp, value: u64, deadline: Instant) -> Result<u64> {
         check_signal(index, self.node.num_signals())?;
         let start = Instant::now();
-        self.node
-            .wait(index, |v| cmp.holds(v, value), deadline)
-            .map_err(|e| match e {
-                xccl_tcp::Error::Timeout(op) => Error::Timeout {
-                    op,
-                    waited: start.elapsed(),
-                },
-                other => other.into(),
-            })
+        timed(
+            start,
+            self.node.wait(index, |v| cmp.holds(v, value), deadline),
+        )
+    }
+
+    fn arrivals(&self) -> Option<u64> {
+        Some(self.node.arrivals())
+    }
+
+    fn wait_arrivals(&self, seen: u64, deadline: Instant) -> Result<u64> {
+        timed(Instant::now(), self.node.wait_arrivals(seen, deadline))
     }
 
     fn signal_value(&self, index: usize) -> Result<u64> {

@@ -99,6 +99,8 @@ struct Shared {
     /// get them out of the way (else each arriving frame would wake one of them as well).
     in_poll: AtomicUsize,
     kick: OwnedFd,
+    /// The kick was written and not yet cleared.
+    kicked: AtomicBool,
     last_sent: Vec<AtomicU64>,
     last_recv: Vec<AtomicU64>,
     first_failed: AtomicUsize,
@@ -263,6 +265,7 @@ impl Listening {
             poll_cv: Condvar::new(),
             in_poll: AtomicUsize::new(0),
             kick: new_eventfd()?,
+            kicked: AtomicBool::new(false),
             last_sent: (0..n).map(|_| AtomicU64::new(0)).collect(),
             last_recv: (0..n).map(|_| AtomicU64::new(0)).collect(),
             first_failed: AtomicUsize::new(0),
@@ -616,6 +619,7 @@ impl<'a> Polling<'a> {
         // the progress thread sees this caller and keeps out of `poll`, or this caller sees
         // the thread about to poll and kicks it out.
         if sh.pollers.fetch_add(1, Ordering::SeqCst) == 0 && sh.in_poll.load(Ordering::SeqCst) > 0 {
+            sh.kicked.store(true, Ordering::SeqCst);
             eventfd_add(&sh.kick);
         }
         Polling(sh)
@@ -640,7 +644,9 @@ impl Drop for Polling<'_> {
         // No wake-up here: a caller that got what it waited for will likely poll again soon;
         // the progress threads look again within a millisecond anyway. The last poller out
         // rearms the kick.
-        if self.0.pollers.fetch_sub(1, Ordering::SeqCst) == 1 {
+        if self.0.pollers.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.0.kicked.swap(false, Ordering::SeqCst)
+        {
             eventfd_clear(&self.0.kick);
         }
     }
@@ -1232,6 +1238,25 @@ impl Node {
     /// Waits until `pred(value)` holds for signal word `index`.
     pub fn wait(&self, index: usize, pred: impl Fn(u64) -> bool, deadline: Instant) -> Result<u64> {
         self.check_index(index)?;
+        self.wait_word(index, pred, deadline)
+    }
+
+    /// How many signals this rank has applied (its peers' and its own), ever.
+    pub fn arrivals(&self) -> u64 {
+        self.shared.signals.load(self.shared.signals.arrivals())
+    }
+
+    /// Waits until more than `seen` signals have been applied here.
+    pub fn wait_arrivals(&self, seen: u64, deadline: Instant) -> Result<u64> {
+        self.wait_word(self.shared.signals.arrivals(), |v| v > seen, deadline)
+    }
+
+    fn wait_word(
+        &self,
+        index: usize,
+        pred: impl Fn(u64) -> bool,
+        deadline: Instant,
+    ) -> Result<u64> {
         if let Some(e) = self.shared.interrupted() {
             return Err(e);
         }

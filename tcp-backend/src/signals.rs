@@ -22,17 +22,25 @@ pub(crate) enum Outcome<E> {
 }
 
 impl Signals {
+    /// `n` signal words, and one more past them that counts every signal applied (the
+    /// arrival count: a waiter for "anything" waits on it).
     pub fn new(n: usize) -> Self {
         Signals {
-            words: (0..n).map(|_| Word(AtomicU64::new(0))).collect(),
+            words: (0..=n).map(|_| Word(AtomicU64::new(0))).collect(),
             waiters: AtomicUsize::new(0),
             lock: Mutex::new(0),
             cv: Condvar::new(),
         }
     }
 
+    /// Signal words peers and callers may name (the arrival count is not one of them).
     pub fn len(&self) -> usize {
-        self.words.len()
+        self.words.len() - 1
+    }
+
+    /// Index of the arrival count.
+    pub fn arrivals(&self) -> usize {
+        self.words.len() - 1
     }
 
     pub fn load(&self, i: usize) -> u64 {
@@ -40,13 +48,15 @@ impl Signals {
         self.words[i].0.load(Ordering::Acquire)
     }
 
-    /// Applies a signal (SeqCst, so it is ordered after the writes applied before it).
+    /// Applies a signal (SeqCst, so it is ordered after the writes applied before it) and
+    /// counts it in the arrival count (after it, so whoever sees the count sees the signal).
     pub fn apply(&self, i: usize, set: bool, v: u64) {
         if set {
             self.words[i].0.store(v, Ordering::SeqCst);
         } else {
             self.words[i].0.fetch_add(v, Ordering::SeqCst);
         }
+        self.words[self.arrivals()].0.fetch_add(1, Ordering::SeqCst);
         self.wake();
     }
 
