@@ -64,8 +64,8 @@ enum Wake {
 
 /// Polls of the wake word before a wait that reads the clock.
 const QUICK_POLLS: usize = 64;
-/// Where windows are not mapped: how long a receive first waits on its source's head
-/// counter (reading the links meanwhile) before the general path.
+/// How long a receive first watches its source's next chunk (the marker where windows are
+/// mapped; elsewhere the head counter, reading the links meanwhile) before the general path.
 const QUICK_WAIT: Duration = Duration::from_micros(20);
 
 /// First slice of a focused wait.
@@ -418,13 +418,20 @@ impl<'c> Engine<'c> {
     /// transport, which meanwhile reads the links itself (a tcp receiver that only looked at
     /// the counter would wait for a progress thread to wake up).
     fn arrives_soon(&self, src: usize, n: u64) -> bool {
-        if self.direct[self.comm.rank()].is_some() {
-            return (0..QUICK_POLLS).any(|_| {
-                std::hint::spin_loop();
-                self.arrived(src, n).unwrap_or(true)
-            });
-        }
         let until = Instant::now() + QUICK_WAIT;
+        if self.direct[self.comm.rank()].is_some() {
+            loop {
+                if (0..QUICK_POLLS).any(|_| {
+                    std::hint::spin_loop();
+                    self.arrived(src, n).unwrap_or(true)
+                }) {
+                    return true;
+                }
+                if Instant::now() >= until {
+                    return false;
+                }
+            }
+        }
         self.t()
             .wait(self.head_base + src, Cmp::Gt, n, until)
             .is_ok()
