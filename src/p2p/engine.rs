@@ -65,8 +65,20 @@ enum Wake {
 /// Polls of the wake word before a wait that reads the clock.
 const QUICK_POLLS: usize = 64;
 /// How long a receive first watches its source's next chunk (the marker where windows are
-/// mapped; elsewhere the head counter, reading the links meanwhile) before the general path.
+/// mapped; elsewhere the head counter, reading the links meanwhile) before the general path,
+/// unless this host's ranks outnumber its CPUs: a spinning rank then holds the core the
+/// sender needs, so it looks only briefly.
 const QUICK_WAIT: Duration = Duration::from_micros(20);
+
+fn quick_wait(comm: &Communicator) -> Duration {
+    // SAFETY: sysconf has no preconditions.
+    let cores = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+    if comm.info().local_size > cores {
+        Duration::ZERO
+    } else {
+        QUICK_WAIT
+    }
+}
 
 /// First slice of a focused wait.
 const FOCUS_SLICE: Duration = Duration::from_micros(100);
@@ -262,6 +274,9 @@ pub(crate) struct Engine<'c> {
     /// The backend counts every signal applied here (tcp): a waiter for anything waits on
     /// that count, and senders ring no doorbell.
     arrivals: bool,
+    /// How long a blocking receive first watches its source's next chunk (see
+    /// `arrives_soon`).
+    quick_wait: Duration,
     state: Mutex<State>,
 }
 
@@ -315,6 +330,7 @@ impl<'c> Engine<'c> {
             armed_at: ring_bytes + hdr_bytes,
             direct,
             arrivals: comm.transport().arrivals().is_some(),
+            quick_wait: quick_wait(comm),
             state: Mutex::new(State {
                 ops: OpMap::default(),
                 next_id: 1,
@@ -418,7 +434,7 @@ impl<'c> Engine<'c> {
     /// transport, which meanwhile reads the links itself (a tcp receiver that only looked at
     /// the counter would wait for a progress thread to wake up).
     fn arrives_soon(&self, src: usize, n: u64) -> bool {
-        let until = Instant::now() + QUICK_WAIT;
+        let until = Instant::now() + self.quick_wait;
         if self.direct[self.comm.rank()].is_some() {
             loop {
                 if (0..QUICK_POLLS).any(|_| {
