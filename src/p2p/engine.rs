@@ -382,6 +382,31 @@ impl<'c> Engine<'c> {
         self.direct[rank].map(|base| unsafe { &*(base.add(self.armed_at) as *const AtomicU64) })
     }
 
+    /// Whether `peer`'s ring has a free slot for chunk `n` (its credits say it consumed
+    /// chunk `n - slots`).
+    fn has_room(&self, peer: usize, n: u64) -> Result<bool> {
+        let slots = self.slots as u64;
+        Ok(n < slots || self.t().signal_value(self.credit_base + peer)? >= n + 1 - slots)
+    }
+
+    /// Returns `src` the credits of the chunks consumed from it, once half the ring is
+    /// consumed: the sender is never blocked by withheld credits (at most `slots - 1` chunks
+    /// are ever withheld), and a short exchange costs one signal fewer on its critical path.
+    fn return_credits(&self, ch: &mut Channel, src: usize) -> Result<()> {
+        let back = ch.consumed - ch.credited;
+        if back >= (self.slots as u64).div_ceil(2) {
+            self.t().signal(
+                src,
+                self.credit_base + self.comm.rank(),
+                SignalOp::Add,
+                back,
+            )?;
+            self.ring_doorbell(src)?;
+            ch.credited = ch.consumed;
+        }
+        Ok(())
+    }
+
     /// Bumps `peer`'s doorbell after a head or credit update, unless `peer` is known to have
     /// no waiter parked on it (a rank waiting for one source watches that source's head
     /// instead). Where the peer's window is not mapped here, it always bumps.
@@ -510,10 +535,7 @@ impl<'c> Engine<'c> {
         let mut st = self.lock()?;
         let ch = &mut st.ch[peer];
         let n = ch.sent_chunks;
-        if !ch.send_q.is_empty()
-            || (n >= self.slots as u64
-                && self.t().signal_value(self.credit_base + peer)? < n + 1 - self.slots as u64)
-        {
+        if !ch.send_q.is_empty() || !self.has_room(peer, n)? {
             return Ok(false);
         }
         let len = data.len() as u64;
@@ -595,18 +617,7 @@ impl<'c> Engine<'c> {
         let got = dst.len();
         let ch = &mut st.ch[src];
         ch.consumed += 1;
-        // Credits go back in half-ring batches, as in `progress_recv`.
-        if ch.consumed - ch.credited >= (self.slots as u64).div_ceil(2) {
-            let back = ch.consumed - ch.credited;
-            ch.credited = ch.consumed;
-            self.t().signal(
-                src,
-                self.credit_base + self.comm.rank(),
-                SignalOp::Add,
-                back,
-            )?;
-            self.ring_doorbell(src)?;
-        }
+        self.return_credits(ch, src)?;
         Ok(Some(got))
     }
 
@@ -736,7 +747,6 @@ impl<'c> Engine<'c> {
     }
 
     fn progress_send(&self, st: &mut State, peer: usize) -> Result<bool> {
-        let t = self.t();
         let me = self.comm.rank();
         let mut moved = false;
         loop {
@@ -744,11 +754,8 @@ impl<'c> Engine<'c> {
                 return Ok(moved);
             };
             let n = st.ch[peer].sent_chunks;
-            if n >= self.slots as u64 {
-                let credit = t.signal_value(self.credit_base + peer)?;
-                if credit < n + 1 - self.slots as u64 {
-                    return Ok(moved);
-                }
+            if !self.has_room(peer, n)? {
+                return Ok(moved);
             }
             moved = true;
             let op = st.ops.get_mut(&id).expect("queued op exists");
@@ -793,7 +800,6 @@ impl<'c> Engine<'c> {
 
     fn progress_recv(&self, st: &mut State, src: usize, drain: bool) -> Result<bool> {
         let t = self.t();
-        let me = self.comm.rank();
         let State {
             ops,
             ch: chans,
@@ -802,17 +808,9 @@ impl<'c> Engine<'c> {
         } = st;
         let ch = &mut chans[src];
         let mut moved = false;
-        // Credits go back once half the ring is consumed: the sender is never blocked by
-        // withheld credits (at most `slots - 1` chunks are ever withheld), and a short
-        // exchange costs one signal fewer on its critical path.
-        let batch = (self.slots as u64).div_ceil(2);
         loop {
+            self.return_credits(ch, src)?;
             let n = ch.consumed;
-            if n - ch.credited >= batch {
-                t.signal(src, self.credit_base + me, SignalOp::Add, n - ch.credited)?;
-                self.ring_doorbell(src)?;
-                ch.credited = n;
-            }
             if !self.arrived(src, n)? {
                 return Ok(moved);
             }
