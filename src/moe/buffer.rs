@@ -20,6 +20,7 @@
 
 use super::config::MoeConfig;
 use super::layout::{dispatch_layout, Layout};
+use super::peer_rows::PeerRows;
 use super::quant;
 use super::sum::sum_rows;
 use crate::error::{Error, Result};
@@ -527,13 +528,7 @@ impl<'c> MoeBuffer<'c> {
             }
             self.peer_starts[r] = start;
         }
-        let mut peers: SmallVec<[*const u8; 8]> = SmallVec::new();
-        for r in 0..n {
-            peers.push(match t.peer_ptr(r, &self.win)? {
-                Some(p) if self.mapped => p as *const u8,
-                _ => std::ptr::null(),
-            });
-        }
+        let peers = PeerRows::new(t, &self.win, self.mapped)?;
         // Token by token, rank by rank: the order of the sum is fixed (rank order), so the
         // result is the same bits every run.
         // Taken out for the loop (it is put back at the end; an error path leaves it empty,
@@ -559,16 +554,10 @@ impl<'c> MoeBuffer<'c> {
                     unsafe { t.local_slice(&self.win, self.out_off(de, at), row_bytes)? }
                 } else if self.mapped {
                     let off = self.out_off(de, self.peer_starts[r] + i);
-                    if peers[r].is_null() || off + row_bytes > self.win.len() {
-                        return Err(Error::InvalidUsage(format!(
-                            "rank {r}'s window is not mapped here"
-                        )));
-                    }
-                    // SAFETY: `peers[r]` maps rank r's copy of this window (`win.len()` bytes,
-                    // checked above). Rank r announced these rows with the signal `collect`
-                    // waited for and does not write this epoch's output region again before
-                    // the next-but-one dispatch, which needs this rank's next dispatch first.
-                    unsafe { std::slice::from_raw_parts(peers[r].add(off), row_bytes) }
+                    // SAFETY: rank r announced these rows with the signal `collect` waited
+                    // for and does not write this epoch's output region again before the
+                    // next-but-one dispatch, which needs this rank's next dispatch first.
+                    unsafe { peers.row(r, off, row_bytes)? }
                 } else {
                     // SAFETY: announced by the signal `collect` waited for; not written again
                     // before the next-but-one combine (see the module docs).

@@ -18,6 +18,7 @@
 
 use super::config::MoeConfig;
 use super::layout::dispatch_layout;
+use super::peer_rows::PeerRows;
 use super::sum::sum_rows;
 use crate::error::{Error, Result};
 use crate::transport::{Cmp, SignalOp, Window};
@@ -371,13 +372,7 @@ impl<'c> LowLatencyBuffer<'c> {
         for r in 0..n {
             t.wait(self.sig_comb + r, Cmp::Ge, epoch << 32, deadline)?;
         }
-        let mut peers: SmallVec<[*const u8; 8]> = SmallVec::new();
-        for r in 0..n {
-            peers.push(match t.peer_ptr(r, &self.win)? {
-                Some(p) if self.mapped => p as *const u8,
-                _ => std::ptr::null(),
-            });
-        }
+        let peers = PeerRows::new(t, &self.win, self.mapped)?;
         let mut rows: SmallVec<[&[u8]; 8]> = SmallVec::new();
         let mut weights: SmallVec<[f32; 8]> = SmallVec::new();
         for (tok, out_row) in out.chunks_mut(rb).enumerate() {
@@ -395,16 +390,10 @@ impl<'c> LowLatencyBuffer<'c> {
                     unsafe { t.local_slice(&self.win, self.out_off(epoch, local, me, slot), rb)? }
                 } else if self.mapped {
                     let off = self.out_off(epoch, local, me, slot);
-                    if peers[r].is_null() || off + rb > self.win.len() {
-                        return Err(Error::InvalidUsage(format!(
-                            "rank {r}'s window is not mapped here"
-                        )));
-                    }
-                    // SAFETY: `peers[r]` maps rank r's copy of this window (`win.len()` bytes,
-                    // checked above). Rank r's experts wrote this row before the signal waited
-                    // for above, and r writes this epoch's output region again only after its
+                    // SAFETY: rank r's experts wrote this row before the signal waited for
+                    // above, and r writes this epoch's output region again only after its
                     // dispatch e+2, which needs this rank's dispatch e+1, after this combine.
-                    unsafe { std::slice::from_raw_parts(peers[r].add(off), rb) }
+                    unsafe { peers.row(r, off, rb)? }
                 } else {
                     // SAFETY: the expert rank's rows were announced by the signal waited for
                     // above and are not rewritten before the next-but-one call.

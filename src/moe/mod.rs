@@ -21,6 +21,7 @@ mod buffer;
 mod config;
 mod layout;
 mod low_latency;
+mod peer_rows;
 pub mod quant;
 mod sum;
 
