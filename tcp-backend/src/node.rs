@@ -115,6 +115,15 @@ struct Shared {
 }
 
 impl Shared {
+    /// Region `id`, if registered here.
+    fn region(&self, id: u64) -> Option<Arc<Region>> {
+        self.regions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
     fn now_us(&self) -> u64 {
         self.start.elapsed().as_micros() as u64
     }
@@ -779,12 +788,7 @@ fn apply(sh: &Shared, peer: usize, link: &mut RxLink, f: &Frame) -> Result<bool>
     };
     match f.kind {
         Kind::Write => {
-            let region = sh
-                .regions
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&f.region)
-                .cloned();
+            let region = sh.region(f.region);
             match region {
                 Some(r) => {
                     r.check(f.offset, f.len)?;
@@ -813,12 +817,7 @@ fn apply(sh: &Shared, peer: usize, link: &mut RxLink, f: &Frame) -> Result<bool>
         }
         Kind::Signal => signal(f.a, f.flags & FLAG_SET != 0, f.b)?,
         Kind::ReadReq => {
-            let region = sh
-                .regions
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&f.region)
-                .cloned();
+            let region = sh.region(f.region);
             let r = region
                 .ok_or_else(|| Error::Protocol(format!("read of unknown region {}", f.region)))?;
             r.check(f.offset, f.len)?;
@@ -970,11 +969,7 @@ impl Node {
 
     fn region(&self, id: u64) -> Result<Arc<Region>> {
         self.shared
-            .regions
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .cloned()
+            .region(id)
             .ok_or_else(|| Error::Invalid(format!("region {id} is not registered")))
     }
 
