@@ -83,6 +83,20 @@ struct Case {
     inputs: Vec<RankInput>,
 }
 
+impl Case {
+    /// Experts dealt to the ranks in turn (expert e on rank e mod world).
+    fn round_robin(experts: usize, hidden: usize, topk: usize, inputs: Vec<RankInput>) -> Case {
+        let n = inputs.len();
+        Case {
+            experts,
+            hidden,
+            topk,
+            placement: (0..experts).map(|e| e % n).collect(),
+            inputs,
+        }
+    }
+}
+
 /// Expert e multiplies its input by c_e.
 fn c(e: usize) -> f32 {
     (e % 3 + 1) as f32
@@ -364,13 +378,7 @@ fn twenty_reruns_are_bitwise_identical() {
             inp
         })
         .collect();
-    let case = Case {
-        experts,
-        hidden,
-        topk,
-        placement: (0..experts).map(|e| e % n).collect(),
-        inputs,
-    };
+    let case = Case::round_robin(experts, hidden, topk, inputs);
     // Non-integer data: combine is checked against the reference within rounding and across
     // the reruns bit for bit.
     check_case(Fabric::Shm, case, Dtype::Bf16, 20);
@@ -394,13 +402,7 @@ fn large_dispatch_is_exact() {
             w: (0..tokens * topk).map(|i| (1 + i % 3) as f32).collect(),
         })
         .collect();
-    let case = Case {
-        experts,
-        hidden,
-        topk,
-        placement: (0..experts).map(|e| e % n).collect(),
-        inputs,
-    };
+    let case = Case::round_robin(experts, hidden, topk, inputs);
     check_case(Fabric::Shm, case.clone(), Dtype::F32, 3);
     check_case(Fabric::Tcp, case, Dtype::F32, 3);
 }
