@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use xccl::bootstrap::{Store, TcpStore};
+use xccl::bootstrap::{store_barrier, Store, TcpStore};
 use xccl::transport::{Cmp, SignalOp};
 use xccl::{Communicator, Error};
 
@@ -56,7 +56,13 @@ fn stream_until_killed() {
                 Err(Error::PeerFailed { rank: r }) if r == rank => {}
                 other => panic!("get from dead rank {rank}: {other:?}"),
             }
-            println!("PEERFAILED {rank}")
+            println!("PEERFAILED {rank}");
+            // Survivors leave together: one that closed its node early would make the other's
+            // next put fail for that reason before it noticed the killed rank.
+            let addr = std::env::var("XCCL_STORE").unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let store = TcpStore::connect(addr.trim_start_matches("tcp://"), deadline).unwrap();
+            store_barrier(&store, "survivors", n - 1, deadline).unwrap();
         }
         other => panic!("expected PeerFailed, got {other}"),
     }
