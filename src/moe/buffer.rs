@@ -33,6 +33,11 @@ const LINE: usize = 64;
 const STAGE_CHUNK: usize = 512 << 10;
 /// Dispatches moving at least this much to one mapped peer use non-temporal stores.
 const STREAM_BYTES: usize = 1 << 20;
+/// Network backends: a combine returns rows to a home in puts of about this size, each
+/// announced by its own signal, so the home sums while the rest is on the way.
+const RETURN_CHUNK: usize = 1 << 20;
+/// Signal values carry the call in the high half and a row count in the low half.
+const COUNT_MASK: u64 = 0xFFFF_FFFF;
 
 fn round_line(n: usize) -> usize {
     n.div_ceil(LINE) * LINE
@@ -69,6 +74,9 @@ pub struct MoeBuffer<'c> {
     mapped: bool,
     sig_disp: usize,
     sig_comb: usize,
+    /// Network backends, per source rank: `call << 32 | rows` of the combine's output it has
+    /// put here so far.
+    sig_rows: usize,
     disp_epoch: u64,
     comb_epoch: u64,
     /// Per destination rank: tokens sent to it by the last dispatch, in order.
@@ -90,6 +98,10 @@ pub struct MoeBuffer<'c> {
     starts: Vec<usize>,
     peer_starts: Vec<usize>,
     cursors: Vec<usize>,
+    /// Network backends, reused by each combine: the puts (home, first row, end row) that
+    /// return this rank's expert output, and per source the rows known to have arrived.
+    returns: Vec<(usize, usize, usize)>,
+    arrived: Vec<usize>,
 }
 
 /// Rows received by the last dispatch, read in place.
@@ -126,7 +138,7 @@ impl<'c> MoeBuffer<'c> {
         let counts = 2 * n * LINE;
         let half = disp + outs + comb + counts;
         let win = comm.register(2 * half)?;
-        let sig_disp = comm.alloc_signals(2 * n)?;
+        let sig_disp = comm.alloc_signals(3 * n)?;
         Ok(MoeBuffer {
             comm,
             placement,
@@ -141,6 +153,7 @@ impl<'c> MoeBuffer<'c> {
             mapped,
             sig_disp,
             sig_comb: sig_disp + n,
+            sig_rows: sig_disp + 2 * n,
             disp_epoch: 0,
             comb_epoch: 0,
             sent: vec![Vec::with_capacity(cfg.max_tokens); n],
@@ -153,6 +166,8 @@ impl<'c> MoeBuffer<'c> {
             starts: vec![0; n],
             peer_starts: vec![0; n],
             cursors: vec![0; n],
+            returns: Vec::new(),
+            arrived: vec![0; n],
             cfg,
         })
     }
@@ -483,6 +498,13 @@ impl<'c> MoeBuffer<'c> {
 
     /// The combine; this rank's own rows come from `own` (all received rows, in order) when
     /// given, else from its output region.
+    ///
+    /// On shared memory every rank announces where its output starts and the homes read it in
+    /// place. Over a network the output travels to the homes in chunks, each with a signal
+    /// giving the rows sent so far; a home sums a token as soon as its rows are in and sends
+    /// its own next chunk whenever it would wait (and in step with its sum otherwise), so
+    /// sending, receiving and summing overlap. The announcements then come last and check the
+    /// counts.
     fn combine_from(&mut self, own: Option<&[u8]>, out: &mut [u8]) -> Result<()> {
         let (me, n) = (self.comm.rank(), self.comm.world_size());
         let row_bytes = self.cfg.row_bytes();
@@ -502,42 +524,49 @@ impl<'c> MoeBuffer<'c> {
             *s = base;
             base += c;
         }
-        if !self.mapped {
-            // Network backend: each home's rows leave in one put into its window.
-            for step in 1..n {
+        // Taken out for the call (put back at the end; an error path leaves them empty, and
+        // the resizes make the next call whole again).
+        let mut returns = std::mem::take(&mut self.returns);
+        let mut arrived = std::mem::take(&mut self.arrived);
+        returns.clear();
+        arrived.clear();
+        arrived.resize(n, 0);
+        if self.mapped {
+            for step in 0..n {
                 let src = (me + step) % n;
-                let len = self.recv_counts[src] * row_bytes;
-                // SAFETY: this rank's own expert output; no peer writes it (peers only read
-                // it, and only on mapped backends), and the view that wrote it is gone.
-                let rows =
-                    unsafe { t.local_slice(&self.win, self.out_off(de, self.starts[src]), len)? };
-                t.put(src, &self.win, self.comb_off(epoch, me, 0), rows)?;
+                self.announce(src, 1, self.recv_counts[src], self.starts[src], epoch)?;
             }
-        }
-        for step in 0..n {
-            let src = (me + step) % n;
-            self.announce(src, 1, self.recv_counts[src], self.starts[src], epoch)?;
-        }
-        for r in 0..n {
-            let (count, start) = self.collect(r, 1, epoch)?;
-            if count != self.sent[r].len() {
-                return Err(Error::ProtocolViolation(format!(
-                    "rank {r} returned {count} rows for the {} tokens sent to it",
-                    self.sent[r].len()
-                )));
+            for r in 0..n {
+                self.peer_starts[r] = self.checked_return(r, epoch)?;
             }
-            self.peer_starts[r] = start;
+        } else {
+            let per = (RETURN_CHUNK / row_bytes.max(1)).max(1);
+            for step in 1..n {
+                let home = (me + step) % n;
+                let count = self.recv_counts[home];
+                returns.extend(
+                    (0..count)
+                        .step_by(per)
+                        .map(|a| (home, a, (a + per).min(count))),
+                );
+            }
         }
         let peers = PeerRows::new(t, &self.win, self.mapped)?;
+        let mut sent_returns = 0;
         // Token by token, rank by rank: the order of the sum is fixed (rank order), so the
         // result is the same bits every run.
-        // Taken out for the loop (it is put back at the end; an error path leaves it empty,
-        // and the resize makes the next call whole again).
         let mut next = std::mem::take(&mut self.cursors);
         next.clear();
         next.resize(n, 0);
         let mut rows: SmallVec<[&[u8]; 8]> = SmallVec::new();
         for (tok, out_row) in out.chunks_mut(row_bytes).enumerate() {
+            // Keep the returns ahead of the sum: chunk k goes once k/chunks of the tokens
+            // are summed.
+            while sent_returns < returns.len() && sent_returns * self.tokens <= tok * returns.len()
+            {
+                self.send_return(returns[sent_returns], de, epoch)?;
+                sent_returns += 1;
+            }
             rows.clear();
             for (r, cursor) in next.iter_mut().enumerate() {
                 if self.sent[r].get(*cursor) != Some(&(tok as u32)) {
@@ -554,20 +583,112 @@ impl<'c> MoeBuffer<'c> {
                     unsafe { t.local_slice(&self.win, self.out_off(de, at), row_bytes)? }
                 } else if self.mapped {
                     let off = self.out_off(de, self.peer_starts[r] + i);
-                    // SAFETY: rank r announced these rows with the signal `collect` waited
-                    // for and does not write this epoch's output region again before the
-                    // next-but-one dispatch, which needs this rank's next dispatch first.
+                    // SAFETY: rank r announced these rows with the signal `checked_return`
+                    // waited for and does not write this epoch's output region again before
+                    // the next-but-one dispatch, which needs this rank's next dispatch first.
                     unsafe { peers.row(r, off, row_bytes)? }
                 } else {
-                    // SAFETY: announced by the signal `collect` waited for; not written again
-                    // before the next-but-one combine (see the module docs).
+                    while arrived[r] <= i {
+                        if sent_returns < returns.len() {
+                            // Rather than wait, send.
+                            self.send_return(returns[sent_returns], de, epoch)?;
+                            sent_returns += 1;
+                            arrived[r] =
+                                self.returned_rows(r, t.signal_value(self.sig_rows + r)?, epoch)?;
+                        } else {
+                            let want = (epoch << 32) | (i as u64 + 1);
+                            let v =
+                                t.wait(self.sig_rows + r, Cmp::Ge, want, self.comm.deadline())?;
+                            arrived[r] = self.returned_rows(r, v, epoch)?;
+                        }
+                    }
+                    // SAFETY: rank r put this row before the signal read above (the
+                    // transport applies a signal after the data it follows) and writes this
+                    // epoch's region again only at the next-but-one combine (module docs).
                     unsafe { t.local_slice(&self.win, self.comb_off(epoch, r, i), row_bytes)? }
                 });
             }
             sum_rows(self.cfg.dtype, out_row, &rows, None);
         }
+        if !self.mapped {
+            for &ret in &returns[sent_returns..] {
+                self.send_return(ret, de, epoch)?;
+            }
+            for step in 0..n {
+                let src = (me + step) % n;
+                self.announce(src, 1, self.recv_counts[src], self.starts[src], epoch)?;
+            }
+            for r in 0..n {
+                self.checked_return(r, epoch)?;
+            }
+        }
         self.cursors = next;
+        self.returns = returns;
+        self.arrived = arrived;
         Ok(())
+    }
+
+    /// Waits for `r`'s combine announcement and checks that it returned one row per token
+    /// sent to it; gives where its rows start in its output region.
+    fn checked_return(&self, r: usize, epoch: u64) -> Result<usize> {
+        let (count, start) = self.collect(r, 1, epoch)?;
+        if count != self.sent[r].len() {
+            return Err(Error::ProtocolViolation(format!(
+                "rank {r} returned {count} rows for the {} tokens sent to it",
+                self.sent[r].len()
+            )));
+        }
+        Ok(start)
+    }
+
+    /// Network backends: puts rows `from..to` of this rank's output for `home` into its
+    /// window, with the signal that tells it `to` rows are in.
+    fn send_return(
+        &self,
+        (home, from, to): (usize, usize, usize),
+        de: u64,
+        epoch: u64,
+    ) -> Result<()> {
+        let rb = self.cfg.row_bytes();
+        let t = self.comm.transport();
+        // SAFETY: this rank's own expert output; no peer writes it (peers only read it, and
+        // only on mapped backends), and the view that wrote it is gone.
+        let rows = unsafe {
+            t.local_slice(
+                &self.win,
+                self.out_off(de, self.starts[home] + from),
+                (to - from) * rb,
+            )?
+        };
+        let me = self.comm.rank();
+        let value = (epoch << 32) | to as u64;
+        t.put_signal(
+            home,
+            &self.win,
+            self.comb_off(epoch, me, from),
+            rows,
+            self.sig_rows + me,
+            SignalOp::Set,
+            value,
+        )
+    }
+
+    /// The row count in `r`'s return signal `v`, checked: this call's, and no more rows than
+    /// tokens were sent to `r`.
+    fn returned_rows(&self, r: usize, v: u64, epoch: u64) -> Result<usize> {
+        if v >> 32 > epoch || (v >> 32 == epoch && (v & COUNT_MASK) as usize > self.sent[r].len()) {
+            return Err(Error::ProtocolViolation(format!(
+                "rank {r} signalled {} returned rows for call {} during call {epoch} ({} sent)",
+                v & COUNT_MASK,
+                v >> 32,
+                self.sent[r].len()
+            )));
+        }
+        Ok(if v >> 32 == epoch {
+            (v & COUNT_MASK) as usize
+        } else {
+            0
+        })
     }
 }
 
