@@ -5,6 +5,7 @@
 # `<!-- perf:begin -->` and `<!-- perf:end -->` is replaced by what the commands print.
 #
 #   benches/readme_perf.sh [reps]      reps of side_by_side.sh (default 3)
+#   FULL_LOG=path                      also keep side_by_side.sh's per-repetition figures there
 set -euo pipefail
 REPS=${1:-3}
 TOP=$(cd "$(dirname "$0")/.." && pwd)
@@ -35,7 +36,7 @@ fence='```'
   echo "fraction: of the reference bandwidth):"
   echo
   echo "$fence"
-  bash benches/side_by_side.sh "$REPS" | sed 's/   \[rep .*//'
+  bash benches/side_by_side.sh "$REPS" | tee "${FULL_LOG:-/dev/null}" | sed 's/   \[rep .*//'
   echo "$fence"
   echo "<!-- perf:end -->"
 } > "$OUT"
