@@ -181,6 +181,22 @@ impl<'c> MoeBuffer<'c> {
         (epoch % 2) as usize * self.half + self.disp_at + (src * self.cfg.max_tokens + i) * self.rec
     }
 
+    /// Network backends: records leave packed, `wire_rec` bytes apart (an INT8 record is half
+    /// a full one, and only what it holds crosses the network); the receiver spreads them to
+    /// `rec` apart as it dequantizes.
+    fn wire_rec(&self) -> usize {
+        if self.cfg.int8_dispatch {
+            self.meta + round_line(self.cfg.hidden)
+        } else {
+            self.rec
+        }
+    }
+
+    /// Where record `i` from `src` lands when it comes packed (see [`Self::wire_rec`]).
+    fn wire_off(&self, epoch: u64, src: usize, i: usize) -> usize {
+        self.disp_off(epoch, src, 0) + i * self.wire_rec()
+    }
+
     /// Where this rank's expert output for received row `i` (all sources, in order) lives.
     fn out_off(&self, epoch: u64, i: usize) -> usize {
         (epoch % 2) as usize * self.half + self.out_at + i * self.cfg.row_bytes()
@@ -313,7 +329,7 @@ impl<'c> MoeBuffer<'c> {
             // another rank are laid out here as in its window and sent a chunk at a time: few
             // large writes instead of two small frames per row, from memory still in cache.
             let peer = t.peer_ptr(dst, &self.win)?;
-            let batch = peer.is_none() && dst != me;
+            let batch = !self.mapped && dst != me;
             let mut chunk_first = 0;
             // Large transfers into a mapped window bypass this core's caches: the receiver
             // reads them next, from another core.
@@ -364,14 +380,15 @@ impl<'c> MoeBuffer<'c> {
                     if stage.is_empty() {
                         chunk_first = i;
                     }
+                    let wire = self.wire_rec();
                     stage.extend_from_slice(&self.meta_buf);
                     stage.extend_from_slice(data);
-                    stage.resize(stage.len() + self.rec - self.meta - data.len(), 0);
-                    if stage.len() + self.rec > STAGE_CHUNK {
+                    stage.resize(stage.len() + wire - self.meta - data.len(), 0);
+                    if stage.len() + wire > STAGE_CHUNK {
                         t.put(
                             dst,
                             &self.win,
-                            self.disp_off(epoch, me, chunk_first),
+                            self.wire_off(epoch, me, chunk_first),
                             &stage,
                         )?;
                         stage.clear();
@@ -407,7 +424,7 @@ impl<'c> MoeBuffer<'c> {
                 t.put(
                     dst,
                     &self.win,
-                    self.disp_off(epoch, me, chunk_first),
+                    self.wire_off(epoch, me, chunk_first),
                     &stage,
                 )?;
                 stage.clear();
@@ -433,23 +450,35 @@ impl<'c> MoeBuffer<'c> {
             self.cfg.hidden,
         );
         let t = self.comm.transport();
+        let rb = self.cfg.row_bytes();
         for src in (0..n).filter(|&s| s != me) {
-            for i in 0..self.recv_counts[src] {
-                let off = self.disp_off(epoch, src, i);
-                let mut sb = [0u8; 4];
-                t.read_local(&self.win, off + 8 + 8 * k, &mut sb)?;
-                let scale = f32::from_le_bytes(sb);
+            // Last record first: spreading packed records out to `rec` apart then never
+            // overwrites one not yet read (record i moves to a place at or after its own).
+            for i in (0..self.recv_counts[src]).rev() {
+                let from = if self.mapped {
+                    self.disp_off(epoch, src, i)
+                } else {
+                    self.wire_off(epoch, src, i)
+                };
+                t.read_local(&self.win, from, &mut self.meta_buf)?;
+                t.read_local(&self.win, from + self.meta, &mut self.qrow[..hidden])?;
+                let at = 8 + 8 * k;
+                let scale =
+                    f32::from_le_bytes(self.meta_buf[at..at + 4].try_into().expect("4 bytes"));
                 if !(scale.is_finite() && scale > 0.0) {
                     return Err(Error::ProtocolViolation(format!(
                         "row {i} from rank {src} has INT8 scale {scale}"
                     )));
                 }
+                let to = self.disp_off(epoch, src, i);
+                if to != from {
+                    t.write_local(&self.win, to, &self.meta_buf)?;
+                }
                 // SAFETY: the row was announced by the signal `collect` waited for; no peer
                 // writes this epoch's region again before the next-but-one dispatch, and no
                 // view of it exists yet (the view is created after this).
-                let row =
-                    unsafe { t.local_slice_mut(&self.win, off + self.meta, self.cfg.row_bytes())? };
-                quant::dequantize_in_place(self.cfg.dtype, row, hidden, scale, &mut self.qrow);
+                let row = unsafe { t.local_slice_mut(&self.win, to + self.meta, rb)? };
+                quant::dequantize(self.cfg.dtype, &self.qrow[..hidden], scale, row);
             }
         }
         Ok(())
@@ -550,6 +579,8 @@ impl<'c> MoeBuffer<'c> {
                         .map(|a| (home, a, (a + per).min(count))),
                 );
             }
+            // Round robin over the homes, so each gets its first rows early.
+            returns.sort_unstable_by_key(|&(home, first, _)| (first, (home + n - me) % n));
         }
         let peers = PeerRows::new(t, &self.win, self.mapped)?;
         let mut sent_returns = 0;
