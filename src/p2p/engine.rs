@@ -62,6 +62,9 @@ enum Wake {
     Doorbell,
 }
 
+/// Messages of at least this many bytes are written into mapped rings with non-temporal
+/// stores.
+const STREAM_MESSAGE: u64 = 8 << 20;
 /// Polls of the wake word before a wait that reads the clock.
 const QUICK_POLLS: usize = 64;
 /// How long a receive first watches its source's next chunk (the marker where windows are
@@ -363,12 +366,25 @@ impl<'c> Engine<'c> {
 
     /// A put into `peer`'s window: a direct copy where the window is mapped here.
     fn put(&self, peer: usize, off: usize, data: &[u8]) -> Result<()> {
+        self.put_with(peer, off, data, false)
+    }
+
+    /// A put that, with `stream` and where the window is mapped here, uses non-temporal
+    /// stores (the caller fences before publishing).
+    fn put_with(&self, peer: usize, off: usize, data: &[u8], stream: bool) -> Result<()> {
         match self.direct[peer] {
             Some(base) => {
                 debug_assert!(off + data.len() <= self.win.len());
                 // SAFETY: offsets come from `payload_off`/`header_off`, inside the window by
                 // construction; the window stays mapped for the engine's life.
-                unsafe { crate::copy::copy_bytes(base.add(off), data.as_ptr(), data.len()) };
+                unsafe {
+                    let dst = base.add(off);
+                    if stream {
+                        crate::copy::copy_streaming(dst, data.as_ptr(), data.len());
+                    } else {
+                        crate::copy::copy_bytes(dst, data.as_ptr(), data.len());
+                    }
+                }
                 Ok(())
             }
             None => self.t().put(peer, &self.win, off, data),
@@ -773,12 +789,15 @@ impl<'c> Engine<'c> {
             };
             let mut inline = [0u8; INLINE_MAX];
             let mut at = 0;
+            // Messages far larger than the caches stream past this core's caches: the
+            // receiver reads the chunk next, from another core.
+            let stream = s.total >= STREAM_MESSAGE;
             // SAFETY: the segments are borrowed by a live scope for as long as the op exists.
             for piece in unsafe { gather(&s.segs, s.sent, len) } {
                 if h.is_inline() {
                     inline[at..at + piece.len()].copy_from_slice(piece);
                 } else {
-                    self.put(peer, self.payload_off(me, slot) + at, piece)?;
+                    self.put_with(peer, self.payload_off(me, slot) + at, piece, stream)?;
                 }
                 at += piece.len();
             }
@@ -787,6 +806,11 @@ impl<'c> Engine<'c> {
             } else {
                 &[][..]
             };
+            if stream {
+                // Partner of the streaming stores above: they complete before the header's
+                // Release store in `publish_chunk`.
+                crate::copy::store_fence();
+            }
             self.publish_chunk(peer, slot, &h.encode(inline))?;
             s.sent += len as u64;
             s.started = true;
