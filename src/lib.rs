@@ -24,6 +24,7 @@ pub mod coll;
 mod comm;
 pub mod copy;
 mod error;
+mod id_map;
 pub mod launch;
 pub mod moe;
 pub mod p2p;

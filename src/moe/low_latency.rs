@@ -63,6 +63,9 @@ pub struct LowLatencyBuffer<'c> {
     next: Vec<usize>,
     /// Per rank: (token, expert) rows the last dispatch sent it.
     per_rank: Vec<usize>,
+    /// Dispatch scratch: the metadata of each expert's rows, `max_tokens` records per
+    /// expert, put as one block per expert.
+    meta_stage: Vec<u8>,
 }
 
 /// One (token, expert) row as the expert's rank receives it.
@@ -152,6 +155,7 @@ impl<'c> LowLatencyBuffer<'c> {
             counts: vec![0; nlocal * n],
             next: vec![0; cfg.experts],
             per_rank: vec![0; n],
+            meta_stage: vec![0; cfg.experts * cap * META],
             cfg,
         })
     }
@@ -249,10 +253,10 @@ impl<'c> LowLatencyBuffer<'c> {
             next[e] += 1;
             self.slots.push(Some(slot));
             let (dst, local) = (self.placement[e], self.local_index[e]);
-            let mut meta = [0u8; META];
+            let at = (e * self.cfg.max_tokens + slot) * META;
+            let meta = &mut self.meta_stage[at..at + META];
             meta[..4].copy_from_slice(&(tok as u32).to_le_bytes());
             meta[4..].copy_from_slice(&topk_weights[i].to_le_bytes());
-            t.put(dst, &self.win, self.meta_off(epoch, local, me, slot), &meta)?;
             if dst == me {
                 continue; // read in place from `x` by the view
             }
@@ -274,6 +278,13 @@ impl<'c> LowLatencyBuffer<'c> {
             crate::copy::store_fence();
         }
         for (e, &count) in next.iter().enumerate() {
+            // Each expert's metadata in one put (its slots are consecutive), before its signal.
+            if count > 0 {
+                let at = e * self.cfg.max_tokens * META;
+                let (dst, local) = (self.placement[e], self.local_index[e]);
+                let off = self.meta_off(epoch, local, me, 0);
+                t.put(dst, &self.win, off, &self.meta_stage[at..at + count * META])?;
+            }
             let index = self.sig_disp + self.local_index[e] * n + me;
             t.signal(
                 self.placement[e],
@@ -373,6 +384,23 @@ impl<'c> LowLatencyBuffer<'c> {
             t.wait(self.sig_comb + r, Cmp::Ge, epoch << 32, deadline)?;
         }
         let peers = PeerRows::new(t, &self.win, self.mapped)?;
+        let slots = self.local_experts.len() * n * self.cfg.max_tokens;
+        // SAFETY: this rank's own output region, written by its experts before this call;
+        // peers never write it.
+        let own = unsafe { t.local_slice(&self.win, self.out_off(epoch, 0, 0, 0), slots * rb)? };
+        let landed = if self.mapped {
+            &[][..]
+        } else {
+            // SAFETY: the expert ranks' rows were announced by the signals waited for above
+            // and are not rewritten before the next-but-one call.
+            unsafe {
+                t.local_slice(
+                    &self.win,
+                    self.comb_off(epoch, 0, 0),
+                    self.cfg.experts * self.cfg.max_tokens * rb,
+                )?
+            }
+        };
         let mut rows: SmallVec<[&[u8]; 8]> = SmallVec::new();
         let mut weights: SmallVec<[f32; 8]> = SmallVec::new();
         for (tok, out_row) in out.chunks_mut(rb).enumerate() {
@@ -385,9 +413,8 @@ impl<'c> LowLatencyBuffer<'c> {
                 let (e, r) = (e as usize, self.placement[e as usize]);
                 let local = self.local_index[e];
                 rows.push(if r == me {
-                    // SAFETY: this rank's own output region, written by its experts before
-                    // this call; peers never write it.
-                    unsafe { t.local_slice(&self.win, self.out_off(epoch, local, me, slot), rb)? }
+                    let at = self.slot_index(local, me, slot) * rb;
+                    &own[at..at + rb]
                 } else if self.mapped {
                     let off = self.out_off(epoch, local, me, slot);
                     // SAFETY: rank r's experts wrote this row before the signal waited for
@@ -395,9 +422,8 @@ impl<'c> LowLatencyBuffer<'c> {
                     // dispatch e+2, which needs this rank's dispatch e+1, after this combine.
                     unsafe { peers.row(r, off, rb)? }
                 } else {
-                    // SAFETY: the expert rank's rows were announced by the signal waited for
-                    // above and are not rewritten before the next-but-one call.
-                    unsafe { t.local_slice(&self.win, self.comb_off(epoch, e, slot), rb)? }
+                    let at = (e * self.cfg.max_tokens + slot) * rb;
+                    &landed[at..at + rb]
                 });
                 weights.push(self.weights[tok * k + j]);
             }

@@ -12,8 +12,7 @@ use crate::error::{Error, Result};
 use crate::transport::{Cmp, SignalOp, Transport, Window};
 use crate::Communicator;
 use smallvec::SmallVec;
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::VecDeque;
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -29,25 +28,7 @@ pub(crate) type RecvSegs = SmallVec<[(*mut u8, usize); 2]>;
 /// what its peers send, so blocking sends in a cycle cannot deadlock.
 const DRAIN_AFTER: Duration = Duration::from_micros(50);
 
-/// Op ids are unique counters: hashing them is the identity.
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8) | b as u64;
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
-}
-
-type OpMap = HashMap<OpId, Op, BuildHasherDefault<IdHasher>>;
+type OpMap = crate::id_map::IdMap<Op>;
 
 /// What a waiting op sleeps on.
 enum Wake {

@@ -1,7 +1,7 @@
 //! Window handles and the overflow-safe argument checks every backend shares.
 
 use crate::error::{Error, Result};
-use std::collections::HashMap;
+use crate::id_map::IdMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
@@ -61,14 +61,14 @@ impl Window {
 /// per-window state `V` the backend needs (its memory, its peers' mappings).
 pub struct WindowTable<V> {
     owner: u64,
-    map: RwLock<HashMap<u64, V>>,
+    map: RwLock<IdMap<V>>,
 }
 
 impl<V: Clone> Default for WindowTable<V> {
     fn default() -> Self {
         WindowTable {
             owner: Window::new_owner_tag(),
-            map: RwLock::new(HashMap::new()),
+            map: RwLock::new(IdMap::default()),
         }
     }
 }
