@@ -552,6 +552,28 @@ fn check_low_latency(fabric: Fabric, case: Case) {
     });
 }
 
+/// Low-latency dispatch with rows large enough that one expert's rows from one rank leave
+/// over tcp in several chunks (and into mapped windows with streaming stores), checked
+/// against the reference on both.
+#[test]
+fn large_low_latency_is_exact() {
+    let (n, experts, hidden, topk, tokens) = (2, 4, 4096, 2, 72);
+    let inputs = (0..n)
+        .map(|r| RankInput {
+            x: (0..tokens * hidden)
+                .map(|i| ((i * 5 + r * 7) % 11) as f32 - 5.0)
+                .collect(),
+            idx: (0..tokens)
+                .flat_map(|t| [(t % 2) as i64 * 2, ((t + r) % 2) as i64 * 2 + 1])
+                .collect(),
+            w: (0..tokens * topk).map(|i| (1 + i % 2) as f32).collect(),
+        })
+        .collect();
+    let case = Case::round_robin(experts, hidden, topk, inputs);
+    check_low_latency(Fabric::Shm, case.clone());
+    check_low_latency(Fabric::Tcp, case);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
 

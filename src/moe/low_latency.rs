@@ -30,6 +30,8 @@ const LINE: usize = 64;
 const META: usize = 8;
 /// Dispatches moving at least this much to one mapped peer use non-temporal stores.
 const STREAM_BYTES: usize = 1 << 20;
+/// Network backends: rows for one expert leave in puts of about this size.
+const STAGE_CHUNK: usize = 512 << 10;
 
 /// Low-latency dispatch/combine state of one rank.
 pub struct LowLatencyBuffer<'c> {
@@ -66,6 +68,9 @@ pub struct LowLatencyBuffer<'c> {
     /// Dispatch scratch: the metadata of each expert's rows, `max_tokens` records per
     /// expert, put as one block per expert.
     meta_stage: Vec<u8>,
+    /// Network backends: rows for one expert, laid out as in its slots, sent a chunk at a
+    /// time (a frame per row would cost a system call per row).
+    stage: Vec<u8>,
 }
 
 /// One (token, expert) row as the expert's rank receives it.
@@ -156,6 +161,7 @@ impl<'c> LowLatencyBuffer<'c> {
             next: vec![0; cfg.experts],
             per_rank: vec![0; n],
             meta_stage: vec![0; cfg.experts * cap * META],
+            stage: Vec::new(),
             cfg,
         })
     }
@@ -257,8 +263,10 @@ impl<'c> LowLatencyBuffer<'c> {
             let meta = &mut self.meta_stage[at..at + META];
             meta[..4].copy_from_slice(&(tok as u32).to_le_bytes());
             meta[4..].copy_from_slice(&topk_weights[i].to_le_bytes());
-            if dst == me {
-                continue; // read in place from `x` by the view
+            if dst == me || !self.mapped {
+                // Own rows are read in place from `x` by the view; over a network the rows go
+                // per expert below.
+                continue;
             }
             let row = &x[tok * rb..(tok + 1) * rb];
             let off = self.data_off(epoch, local, me, slot);
@@ -278,17 +286,18 @@ impl<'c> LowLatencyBuffer<'c> {
             crate::copy::store_fence();
         }
         for (e, &count) in next.iter().enumerate() {
-            // Each expert's metadata in one put (its slots are consecutive), before its signal.
-            if count > 0 {
-                let at = e * self.cfg.max_tokens * META;
-                let (dst, local) = (self.placement[e], self.local_index[e]);
-                let off = self.meta_off(epoch, local, me, 0);
-                t.put(dst, &self.win, off, &self.meta_stage[at..at + count * META])?;
+            let (dst, local) = (self.placement[e], self.local_index[e]);
+            if !self.mapped && dst != me {
+                self.send_rows(x, e, count, epoch)?;
             }
-            let index = self.sig_disp + self.local_index[e] * n + me;
-            t.signal(
-                self.placement[e],
-                index,
+            // Each expert's metadata in one put (its slots are consecutive), with its signal.
+            let at = e * self.cfg.max_tokens * META;
+            t.put_signal(
+                dst,
+                &self.win,
+                self.meta_off(epoch, local, me, 0),
+                &self.meta_stage[at..at + count * META],
+                self.sig_disp + local * n + me,
                 SignalOp::Set,
                 (epoch << 32) | count as u64,
             )?;
@@ -314,6 +323,36 @@ impl<'c> LowLatencyBuffer<'c> {
             }
         }
         Ok(LowLatencyView { buf: self, x })
+    }
+
+    /// Network backends: puts this rank's `count` rows for expert `e` (the tokens recorded in
+    /// its metadata, in slot order) into their slots, in chunks of consecutive slots.
+    fn send_rows(&mut self, x: &[u8], e: usize, count: usize, epoch: u64) -> Result<()> {
+        let (me, rb) = (self.comm.rank(), self.cfg.row_bytes());
+        let (dst, local) = (self.placement[e], self.local_index[e]);
+        let t = self.comm.transport();
+        let mut stage = std::mem::take(&mut self.stage);
+        stage.clear();
+        let mut first = 0;
+        for slot in 0..count {
+            let at = (e * self.cfg.max_tokens + slot) * META;
+            let tok =
+                u32::from_le_bytes(self.meta_stage[at..at + 4].try_into().expect("4")) as usize;
+            stage.extend_from_slice(&x[tok * rb..(tok + 1) * rb]);
+            stage.resize(stage.len() + self.row - rb, 0);
+            if stage.len() + self.row > STAGE_CHUNK || slot + 1 == count {
+                t.put(
+                    dst,
+                    &self.win,
+                    self.data_off(epoch, local, me, first),
+                    &stage,
+                )?;
+                stage.clear();
+                first = slot + 1;
+            }
+        }
+        self.stage = stage;
+        Ok(())
     }
 
     /// Collective, after a dispatch: `outputs` holds, for every local expert (in id order),
