@@ -192,6 +192,17 @@ impl<'c> MoeBuffer<'c> {
         }
     }
 
+    /// Network backends: puts the staged records (this rank's records `first..` for `dst`,
+    /// packed) into `dst`'s window, and empties the stage.
+    fn put_stage(&self, dst: usize, epoch: u64, first: usize, stage: &mut Vec<u8>) -> Result<()> {
+        if !stage.is_empty() {
+            let off = self.wire_off(epoch, self.comm.rank(), first);
+            self.comm.transport().put(dst, &self.win, off, stage)?;
+            stage.clear();
+        }
+        Ok(())
+    }
+
     /// Where record `i` from `src` lands when it comes packed (see [`Self::wire_rec`]).
     fn wire_off(&self, epoch: u64, src: usize, i: usize) -> usize {
         self.disp_off(epoch, src, 0) + i * self.wire_rec()
@@ -385,13 +396,7 @@ impl<'c> MoeBuffer<'c> {
                     stage.extend_from_slice(data);
                     stage.resize(stage.len() + wire - self.meta - data.len(), 0);
                     if stage.len() + wire > STAGE_CHUNK {
-                        t.put(
-                            dst,
-                            &self.win,
-                            self.wire_off(epoch, me, chunk_first),
-                            &stage,
-                        )?;
-                        stage.clear();
+                        self.put_stage(dst, epoch, chunk_first, &mut stage)?;
                     }
                 } else {
                     t.put(dst, &self.win, off, &self.meta_buf)?;
@@ -420,14 +425,8 @@ impl<'c> MoeBuffer<'c> {
                 // signal's Release store.
                 crate::copy::store_fence();
             }
-            if batch && !stage.is_empty() {
-                t.put(
-                    dst,
-                    &self.win,
-                    self.wire_off(epoch, me, chunk_first),
-                    &stage,
-                )?;
-                stage.clear();
+            if batch {
+                self.put_stage(dst, epoch, chunk_first, &mut stage)?;
             }
             self.announce(dst, 0, self.sent[dst].len(), 0, epoch)?;
         }
