@@ -29,8 +29,12 @@ use crate::Communicator;
 use smallvec::SmallVec;
 
 const LINE: usize = 64;
-/// Network backends: records for one rank leave in puts of about this size.
+/// Network backends: records for one rank leave in puts of about this size, and at most
+/// this many records at a time.
 const STAGE_CHUNK: usize = 512 << 10;
+const STAGE_RECORDS: usize = 64;
+/// Padding between a row and the next record.
+const ZEROS: [u8; LINE] = [0; LINE];
 /// Dispatches moving at least this much to one mapped peer use non-temporal stores.
 const STREAM_BYTES: usize = 1 << 20;
 /// Network backends: a combine returns rows to a home in puts of about this size, each
@@ -90,8 +94,11 @@ pub struct MoeBuffer<'c> {
     /// INT8 dispatch: the scale of every token of the call, and one quantized row.
     scales: Vec<f32>,
     qrow: Vec<u8>,
-    /// Records for one destination, when they go out in one put (network backends).
+    /// Network backends: the records of one chunk for one destination. INT8 records are
+    /// staged whole; otherwise only their metadata is, with the tokens in `stage_toks`, and
+    /// the rows go out straight from the caller's input in the same vectored put.
     stage: Vec<u8>,
+    stage_toks: Vec<u32>,
     /// Per rank: where its rows start in this rank's expert output, where this rank's rows
     /// start in its expert output (as it announced), and a cursor into the tokens sent to it
     /// (the combine sum).
@@ -163,6 +170,7 @@ impl<'c> MoeBuffer<'c> {
             scales: Vec::with_capacity(if cfg.int8_dispatch { cfg.max_tokens } else { 0 }),
             qrow: vec![0; if cfg.int8_dispatch { cfg.hidden } else { 0 }],
             stage: Vec::new(),
+            stage_toks: Vec::new(),
             starts: vec![0; n],
             peer_starts: vec![0; n],
             cursors: vec![0; n],
@@ -193,13 +201,36 @@ impl<'c> MoeBuffer<'c> {
     }
 
     /// Network backends: puts the staged records (this rank's records `first..` for `dst`,
-    /// packed) into `dst`'s window, and empties the stage.
-    fn put_stage(&self, dst: usize, epoch: u64, first: usize, stage: &mut Vec<u8>) -> Result<()> {
-        if !stage.is_empty() {
-            let off = self.wire_off(epoch, self.comm.rank(), first);
-            self.comm.transport().put(dst, &self.win, off, stage)?;
-            stage.clear();
+    /// packed) into `dst`'s window in one vectored put — metadata from the stage, rows from
+    /// `x` unless they were staged whole (INT8) — and empties the stage.
+    fn put_stage(
+        &self,
+        dst: usize,
+        epoch: u64,
+        first: usize,
+        x: &[u8],
+        stage: &mut Vec<u8>,
+        toks: &mut Vec<u32>,
+    ) -> Result<()> {
+        if stage.is_empty() {
+            return Ok(());
         }
+        let off = self.wire_off(epoch, self.comm.rank(), first);
+        let t = self.comm.transport();
+        if self.cfg.int8_dispatch {
+            t.put(dst, &self.win, off, stage)?;
+        } else {
+            let rb = self.cfg.row_bytes();
+            let pad = &ZEROS[..self.rec - self.meta - rb];
+            let mut parts: SmallVec<[&[u8]; 256]> = SmallVec::new();
+            for (meta, &tok) in stage.chunks(self.meta).zip(toks.iter()) {
+                let tok = tok as usize;
+                parts.extend([meta, &x[tok * rb..(tok + 1) * rb], pad]);
+            }
+            t.put_vectored(dst, &self.win, off, &parts)?;
+        }
+        stage.clear();
+        toks.clear();
         Ok(())
     }
 
@@ -333,6 +364,7 @@ impl<'c> MoeBuffer<'c> {
         let t = self.comm.transport();
         let row_bytes = self.cfg.row_bytes();
         let mut stage = std::mem::take(&mut self.stage);
+        let mut stage_toks = std::mem::take(&mut self.stage_toks);
         for step in 0..n {
             let dst = (me + step) % n;
             self.sent[dst].clear();
@@ -391,12 +423,17 @@ impl<'c> MoeBuffer<'c> {
                     if stage.is_empty() {
                         chunk_first = i;
                     }
-                    let wire = self.wire_rec();
                     stage.extend_from_slice(&self.meta_buf);
-                    stage.extend_from_slice(data);
-                    stage.resize(stage.len() + wire - self.meta - data.len(), 0);
-                    if stage.len() + wire > STAGE_CHUNK {
-                        self.put_stage(dst, epoch, chunk_first, &mut stage)?;
+                    if quantized {
+                        let wire = self.wire_rec();
+                        stage.extend_from_slice(data);
+                        stage.resize(stage.len() + wire - self.meta - data.len(), 0);
+                    } else {
+                        stage_toks.push(tok as u32);
+                    }
+                    let records = i + 1 - chunk_first;
+                    if (records + 1) * self.wire_rec() > STAGE_CHUNK || records == STAGE_RECORDS {
+                        self.put_stage(dst, epoch, chunk_first, x, &mut stage, &mut stage_toks)?;
                     }
                 } else {
                     t.put(dst, &self.win, off, &self.meta_buf)?;
@@ -426,11 +463,12 @@ impl<'c> MoeBuffer<'c> {
                 crate::copy::store_fence();
             }
             if batch {
-                self.put_stage(dst, epoch, chunk_first, &mut stage)?;
+                self.put_stage(dst, epoch, chunk_first, x, &mut stage, &mut stage_toks)?;
             }
             self.announce(dst, 0, self.sent[dst].len(), 0, epoch)?;
         }
         self.stage = stage;
+        self.stage_toks = stage_toks;
         for src in 0..n {
             self.recv_counts[src] = self.collect(src, 0, epoch)?.0;
         }

@@ -130,6 +130,49 @@ pub fn put_signal_ordering(world: usize, f: Factory) {
     });
 }
 
+/// A vectored put lands its parts end to end (empty parts included, pieces larger than a
+/// frame too), every rank to every rank, observed after the signal that follows; a range
+/// past the window is refused before anything is written.
+pub fn put_vectored_lands_contiguously(world: usize, f: Factory) {
+    const SLOT: usize = (1 << 20) + 8192;
+    run_ranks(f(world), WATCHDOG, |t| {
+        let (me, n) = (t.rank(), t.world_size());
+        let win = t.register(n * SLOT).unwrap();
+        let lens = [7usize, 0, 3000, (1 << 20) + 5, 1, 0, 1086];
+        let total: usize = lens.iter().sum();
+        for p in 0..n {
+            let data = pattern(me, p, 0, total);
+            let mut parts = Vec::new();
+            let mut at = 0;
+            for &l in &lens {
+                parts.push(&data[at..at + l]);
+                at += l;
+            }
+            t.put_vectored(p, &win, me * SLOT + 1, &parts).unwrap();
+            t.signal(p, me, SignalOp::Add, 1).unwrap();
+            let r = t.put_vectored(p, &win, n * SLOT - 10, &[&[0u8; 8][..], &[0u8; 3][..]]);
+            assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+        }
+        let mut got = vec![0u8; total + 2];
+        for s in 0..n {
+            t.wait(s, Cmp::Ge, 1, deadline()).unwrap();
+            t.read_local(&win, s * SLOT, &mut got).unwrap();
+            assert_eq!(got[0], 0, "byte before the range from {s}");
+            assert!(
+                got[1..=total] == pattern(s, me, 0, total)[..],
+                "parts from {s}"
+            );
+            assert_eq!(got[total + 1], 0, "byte after the range from {s}");
+        }
+        let tail = t.read_local(&win, n * SLOT - 10, &mut got[..10]);
+        tail.unwrap();
+        assert!(
+            got[..10].iter().all(|&b| b == 0),
+            "refused put wrote something"
+        );
+    });
+}
+
 /// `get` reads what each peer wrote into its own window.
 pub fn get_reads_peer_memory(world: usize, f: Factory) {
     run_ranks(f(world), WATCHDOG, |t| {
@@ -452,7 +495,8 @@ pub fn register_mismatch(world: usize, f: Factory) {
 macro_rules! transport_conformance {
     ($factory:ident) => {
         $crate::transport_conformance!(@checks $factory;
-            put_signal_ordering, get_reads_peer_memory, flush_completes_puts,
+            put_signal_ordering, put_vectored_lands_contiguously, get_reads_peer_memory,
+            flush_completes_puts,
             signals_are_counters, deadline_gives_timeout, abort_wakes_every_waiter,
             bad_arguments_are_rejected, window_sizes, large_window, many_windows,
             register_mismatch);

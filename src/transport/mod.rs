@@ -42,7 +42,7 @@ pub mod shm;
 pub mod tcp;
 mod window;
 
-pub use window::{check_peer, check_range, check_signal, Window, WindowTable};
+pub use window::{check_peer, check_range, check_signal, vectored_len, Window, WindowTable};
 
 use crate::error::Result;
 use std::time::Instant;
@@ -132,6 +132,26 @@ pub trait Transport: Send + Sync {
     /// One-sided write of `data` into `peer`'s copy of `win` at `offset`. When it returns,
     /// `data` may be reused; the peer sees the bytes once it has observed a later signal.
     fn put(&self, peer: usize, win: &Window, offset: usize, data: &[u8]) -> Result<()>;
+
+    /// `put` of `parts` laid end to end from `offset`: scattered pieces (a record's header and
+    /// its row) land as one contiguous range, sent as one transfer where the backend can (one
+    /// frame over tcp, no staging copy). The whole range is checked before anything is sent.
+    fn put_vectored(
+        &self,
+        peer: usize,
+        win: &Window,
+        offset: usize,
+        parts: &[&[u8]],
+    ) -> Result<()> {
+        check_peer(peer, self.world_size())?;
+        check_range(win.len(), offset, vectored_len(parts)?)?;
+        let mut at = offset;
+        for part in parts {
+            self.put(peer, win, at, part)?;
+            at += part.len();
+        }
+        Ok(())
+    }
 
     /// One-sided read of `out.len()` bytes from `peer`'s copy of `win` at `offset`.
     fn get(&self, peer: usize, win: &Window, offset: usize, out: &mut [u8]) -> Result<()>;

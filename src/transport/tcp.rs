@@ -3,7 +3,8 @@
 //! peer's progress thread, signals on the same stream (so per-pair ordering holds).
 
 use super::{
-    check_peer, check_range, check_signal, Caps, Cmp, SignalOp, Transport, Window, WindowTable,
+    check_peer, check_range, check_signal, vectored_len, Caps, Cmp, SignalOp, Transport, Window,
+    WindowTable,
 };
 use crate::error::{Error, Result};
 use std::net::SocketAddr;
@@ -211,6 +212,21 @@ impl Transport for TcpTransport {
         check_range(win.len(), offset, data.len())?;
         self.region(win)?;
         Ok(self.node.write(peer, win.id(), offset as u64, data, None)?)
+    }
+
+    fn put_vectored(
+        &self,
+        peer: usize,
+        win: &Window,
+        offset: usize,
+        parts: &[&[u8]],
+    ) -> Result<()> {
+        check_peer(peer, self.world)?;
+        check_range(win.len(), offset, vectored_len(parts)?)?;
+        self.region(win)?;
+        Ok(self
+            .node
+            .write_parts(peer, win.id(), offset as u64, parts, None)?)
     }
 
     fn put_signal(

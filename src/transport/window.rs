@@ -120,6 +120,14 @@ pub fn check_range(win_len: usize, offset: usize, len: usize) -> Result<()> {
     }
 }
 
+/// The total length of `parts`, or `InvalidArgument` if it overflows.
+pub fn vectored_len(parts: &[&[u8]]) -> Result<usize> {
+    parts
+        .iter()
+        .try_fold(0usize, |total, p| total.checked_add(p.len()))
+        .ok_or_else(|| Error::InvalidArgument("vectored put longer than the address space".into()))
+}
+
 /// Checks `peer < world`.
 pub fn check_peer(peer: usize, world: usize) -> Result<()> {
     if peer < world {

@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::frame::{Frame, Kind, FLAG_SET, FLAG_SIGNAL, HDR};
 use crate::region::Region;
 use crate::signals::{Outcome, Signals};
+use smallvec::SmallVec;
 use std::collections::HashMap;
 use std::io::{IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -171,6 +172,11 @@ impl Shared {
     }
 
     fn send(&self, peer: usize, f: &Frame, payload: &[u8]) -> Result<()> {
+        self.send_parts(peer, f, &[payload])
+    }
+
+    /// Sends one frame whose payload is `parts`, end to end.
+    fn send_parts(&self, peer: usize, f: &Frame, parts: &[&[u8]]) -> Result<()> {
         if let Some(e) = self.interrupted() {
             return Err(e);
         }
@@ -179,7 +185,10 @@ impl Shared {
         let Some(s) = guard.as_mut() else {
             return Err(Error::Invalid(format!("no link to rank {peer}")));
         };
-        let r = write_all_vectored(s, &hdr, payload);
+        let r = match parts {
+            [payload] => write_all_vectored(s, &hdr, payload),
+            _ => write_all_parts(s, &hdr, parts),
+        };
         drop(guard);
         match r {
             Ok(()) => {
@@ -219,6 +228,57 @@ fn write_all_vectored(s: &mut TcpStream, hdr: &[u8], payload: &[u8]) -> std::io:
         done += n;
     }
     Ok(())
+}
+
+/// Writes the header and then every part, however the socket splits the writes.
+fn write_all_parts(s: &mut TcpStream, hdr: &[u8], parts: &[&[u8]]) -> std::io::Result<()> {
+    let mut slices: SmallVec<[IoSlice; 8]> = std::iter::once(hdr)
+        .chain(parts.iter().copied())
+        .filter(|p| !p.is_empty())
+        .map(IoSlice::new)
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = s.write_vectored(rest)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
+}
+
+/// Consecutive byte ranges of a list of parts, taken front to back.
+struct Pieces<'a> {
+    parts: &'a [&'a [u8]],
+    /// Bytes of `parts[0]` already taken.
+    at: usize,
+}
+
+impl<'a> Pieces<'a> {
+    fn new(parts: &'a [&'a [u8]]) -> Self {
+        Pieces { parts, at: 0 }
+    }
+
+    /// The next `len` bytes (fewer if the parts run out), as slices of the parts.
+    fn take(&mut self, mut len: usize) -> SmallVec<[&'a [u8]; 4]> {
+        let mut out = SmallVec::new();
+        while len > 0 {
+            let Some((first, rest)) = self.parts.split_first() else {
+                break;
+            };
+            let piece = &first[self.at..];
+            let n = piece.len().min(len);
+            out.push(&piece[..n]);
+            len -= n;
+            self.at += n;
+            if self.at == first.len() {
+                self.parts = rest;
+                self.at = 0;
+            }
+        }
+        out
+    }
 }
 
 /// A node whose listener is bound but whose links are not up yet.
@@ -1050,39 +1110,60 @@ impl Node {
         data: &[u8],
         signal: Option<(usize, SignalOp, u64)>,
     ) -> Result<()> {
+        self.write_parts(peer, id, offset, &[data], signal)
+    }
+
+    /// [`Node::write`] of `parts` laid end to end from `offset`: the pieces go out together,
+    /// in frames of at most `max_frame` bytes, without being copied into one buffer first.
+    pub fn write_parts(
+        &self,
+        peer: usize,
+        id: u64,
+        offset: u64,
+        parts: &[&[u8]],
+        signal: Option<(usize, SignalOp, u64)>,
+    ) -> Result<()> {
         self.check_peer(peer)?;
+        let total: u64 = parts.iter().map(|p| p.len() as u64).sum();
         if peer == self.rank() {
             let r = self.region(id)?;
-            r.check(offset, data.len() as u64)
+            r.check(offset, total)
                 .map_err(|e| Error::Invalid(e.to_string()))?;
-            // SAFETY: range checked; `data` may alias the region, so an overlap-safe copy.
-            unsafe { std::ptr::copy(data.as_ptr(), r.as_ptr().add(offset as usize), data.len()) };
+            let mut at = offset as usize;
+            for part in parts {
+                // SAFETY: the whole range was checked; `part` may alias the region, so an
+                // overlap-safe copy.
+                unsafe { std::ptr::copy(part.as_ptr(), r.as_ptr().add(at), part.len()) };
+                at += part.len();
+            }
             if let Some((i, op, v)) = signal {
                 self.signal(peer, i, op, v)?;
             }
             return Ok(());
         }
-        let cap = self.shared.cfg.max_frame.max(1) as usize;
-        let mut chunks: Vec<&[u8]> = data.chunks(cap).collect();
-        if chunks.is_empty() {
-            chunks.push(&[]);
-        }
-        let last = chunks.len() - 1;
-        for (k, c) in chunks.into_iter().enumerate() {
+        let cap = self.shared.cfg.max_frame.max(1);
+        let mut pieces = Pieces::new(parts);
+        let mut sent = 0u64;
+        loop {
+            let len = (total - sent).min(cap);
             let mut f = Frame::new(Kind::Write);
             f.region = id;
-            f.offset = offset + (k * cap) as u64;
-            f.len = c.len() as u64;
-            if k == last {
+            f.offset = offset + sent;
+            f.len = len;
+            sent += len;
+            if sent == total {
                 if let Some((i, op, v)) = signal {
                     f.flags = FLAG_SIGNAL | if op == SignalOp::Set { FLAG_SET } else { 0 };
                     f.a = i as u64;
                     f.b = v;
                 }
             }
-            self.shared.send(peer, &f, c)?;
+            self.shared
+                .send_parts(peer, &f, &pieces.take(len as usize))?;
+            if sent == total {
+                return Ok(());
+            }
         }
-        Ok(())
     }
 
     /// Updates signal word `index` of `peer`.
