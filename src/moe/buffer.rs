@@ -31,10 +31,10 @@ use smallvec::SmallVec;
 const LINE: usize = 64;
 /// Network backends: records for one rank leave in puts of about this size, and at most
 /// this many records at a time.
-const STAGE_CHUNK: usize = 512 << 10;
-const STAGE_RECORDS: usize = 64;
+pub(super) const STAGE_CHUNK: usize = 512 << 10;
+pub(super) const STAGE_RECORDS: usize = 64;
 /// Padding between a row and the next record.
-const ZEROS: [u8; LINE] = [0; LINE];
+pub(super) const ZEROS: [u8; LINE] = [0; LINE];
 /// Dispatches moving at least this much to one mapped peer use non-temporal stores.
 const STREAM_BYTES: usize = 1 << 20;
 /// Network backends: a combine returns rows to a home in puts of about this size, each
@@ -222,6 +222,7 @@ impl<'c> MoeBuffer<'c> {
         } else {
             let rb = self.cfg.row_bytes();
             let pad = &ZEROS[..self.rec - self.meta - rb];
+            // Three parts per record (metadata, row, padding), at most `STAGE_RECORDS` records.
             let mut parts: SmallVec<[&[u8]; 256]> = SmallVec::new();
             for (meta, &tok) in stage.chunks(self.meta).zip(toks.iter()) {
                 let tok = tok as usize;

@@ -16,6 +16,7 @@
 //! come in two epochs (even and odd calls): a home reads an expert's output of call e during
 //! its combine e, and its own next write there is its dispatch e+2, after that combine.
 
+use super::buffer::{STAGE_CHUNK, STAGE_RECORDS, ZEROS};
 use super::config::MoeConfig;
 use super::layout::dispatch_layout;
 use super::peer_rows::PeerRows;
@@ -30,8 +31,6 @@ const LINE: usize = 64;
 const META: usize = 8;
 /// Dispatches moving at least this much to one mapped peer use non-temporal stores.
 const STREAM_BYTES: usize = 1 << 20;
-/// Network backends: rows for one expert leave in puts of about this size.
-const STAGE_CHUNK: usize = 512 << 10;
 
 /// Low-latency dispatch/combine state of one rank.
 pub struct LowLatencyBuffer<'c> {
@@ -68,9 +67,6 @@ pub struct LowLatencyBuffer<'c> {
     /// Dispatch scratch: the metadata of each expert's rows, `max_tokens` records per
     /// expert, put as one block per expert.
     meta_stage: Vec<u8>,
-    /// Network backends: rows for one expert, laid out as in its slots, sent a chunk at a
-    /// time (a frame per row would cost a system call per row).
-    stage: Vec<u8>,
 }
 
 /// One (token, expert) row as the expert's rank receives it.
@@ -161,7 +157,6 @@ impl<'c> LowLatencyBuffer<'c> {
             next: vec![0; cfg.experts],
             per_rank: vec![0; n],
             meta_stage: vec![0; cfg.experts * cap * META],
-            stage: Vec::new(),
             cfg,
         })
     }
@@ -327,31 +322,24 @@ impl<'c> LowLatencyBuffer<'c> {
 
     /// Network backends: puts this rank's `count` rows for expert `e` (the tokens recorded in
     /// its metadata, in slot order) into their slots, in chunks of consecutive slots.
-    fn send_rows(&mut self, x: &[u8], e: usize, count: usize, epoch: u64) -> Result<()> {
+    fn send_rows(&self, x: &[u8], e: usize, count: usize, epoch: u64) -> Result<()> {
         let (me, rb) = (self.comm.rank(), self.cfg.row_bytes());
         let (dst, local) = (self.placement[e], self.local_index[e]);
-        let t = self.comm.transport();
-        let mut stage = std::mem::take(&mut self.stage);
-        stage.clear();
-        let mut first = 0;
-        for slot in 0..count {
-            let at = (e * self.cfg.max_tokens + slot) * META;
-            let tok =
-                u32::from_le_bytes(self.meta_stage[at..at + 4].try_into().expect("4")) as usize;
-            stage.extend_from_slice(&x[tok * rb..(tok + 1) * rb]);
-            stage.resize(stage.len() + self.row - rb, 0);
-            if stage.len() + self.row > STAGE_CHUNK || slot + 1 == count {
-                t.put(
-                    dst,
-                    &self.win,
-                    self.data_off(epoch, local, me, first),
-                    &stage,
-                )?;
-                stage.clear();
-                first = slot + 1;
+        let pad = &ZEROS[..self.row - rb];
+        let per = (STAGE_CHUNK / self.row).clamp(1, STAGE_RECORDS);
+        for first in (0..count).step_by(per) {
+            let mut parts: SmallVec<[&[u8]; 2 * STAGE_RECORDS]> = SmallVec::new();
+            for slot in first..(first + per).min(count) {
+                let at = (e * self.cfg.max_tokens + slot) * META;
+                let tok = u32::from_le_bytes(self.meta_stage[at..at + 4].try_into().expect("4"));
+                let tok = tok as usize;
+                parts.extend([&x[tok * rb..(tok + 1) * rb], pad]);
             }
+            let off = self.data_off(epoch, local, me, first);
+            self.comm
+                .transport()
+                .put_vectored(dst, &self.win, off, &parts)?;
         }
-        self.stage = stage;
         Ok(())
     }
 

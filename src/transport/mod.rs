@@ -42,7 +42,7 @@ pub mod shm;
 pub mod tcp;
 mod window;
 
-pub use window::{check_peer, check_range, check_signal, vectored_len, Window, WindowTable};
+pub use window::{check_peer, check_range, check_range_parts, check_signal, Window, WindowTable};
 
 use crate::error::Result;
 use std::time::Instant;
@@ -144,7 +144,7 @@ pub trait Transport: Send + Sync {
         parts: &[&[u8]],
     ) -> Result<()> {
         check_peer(peer, self.world_size())?;
-        check_range(win.len(), offset, vectored_len(parts)?)?;
+        check_range_parts(win.len(), offset, parts)?;
         let mut at = offset;
         for part in parts {
             self.put(peer, win, at, part)?;

@@ -3,8 +3,8 @@
 //! peer's progress thread, signals on the same stream (so per-pair ordering holds).
 
 use super::{
-    check_peer, check_range, check_signal, vectored_len, Caps, Cmp, SignalOp, Transport, Window,
-    WindowTable,
+    check_peer, check_range, check_range_parts, check_signal, Caps, Cmp, SignalOp, Transport,
+    Window, WindowTable,
 };
 use crate::error::{Error, Result};
 use std::net::SocketAddr;
@@ -222,7 +222,7 @@ impl Transport for TcpTransport {
         parts: &[&[u8]],
     ) -> Result<()> {
         check_peer(peer, self.world)?;
-        check_range(win.len(), offset, vectored_len(parts)?)?;
+        check_range_parts(win.len(), offset, parts)?;
         self.region(win)?;
         Ok(self
             .node

@@ -120,12 +120,16 @@ pub fn check_range(win_len: usize, offset: usize, len: usize) -> Result<()> {
     }
 }
 
-/// The total length of `parts`, or `InvalidArgument` if it overflows.
-pub fn vectored_len(parts: &[&[u8]]) -> Result<usize> {
-    parts
+/// Checks that `parts` laid end to end from `offset` fit a window of `win_len` bytes (their
+/// total computed without overflow).
+pub fn check_range_parts(win_len: usize, offset: usize, parts: &[&[u8]]) -> Result<()> {
+    let total = parts
         .iter()
         .try_fold(0usize, |total, p| total.checked_add(p.len()))
-        .ok_or_else(|| Error::InvalidArgument("vectored put longer than the address space".into()))
+        .ok_or_else(|| {
+            Error::InvalidArgument("vectored put longer than the address space".into())
+        })?;
+    check_range(win_len, offset, total)
 }
 
 /// Checks `peer < world`.
