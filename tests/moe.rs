@@ -8,7 +8,7 @@ mod common;
 use common::{assert_no_leaks, run_comms, Fabric, Job, SCENARIO, SERIAL};
 use proptest::prelude::*;
 use std::sync::Arc;
-use xccl::moe::{Dtype, MoeBuffer, MoeConfig};
+use xccl::moe::{quant, Dtype, MoeBuffer, MoeConfig};
 use xccl::{Communicator, Error};
 
 /// Entry point of the rank processes of the multi-process test (the binary re-enters itself).
@@ -116,6 +116,25 @@ fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
+/// A row that crossed as INT8: exactly the sender's row quantized and rebuilt (so it did
+/// travel quantized), and within the documented bound of the original.
+fn check_int8_row(dtype: Dtype, got: &[u8], sent: &[u8], hidden: usize) {
+    let scale = quant::row_scale(dtype, sent, hidden).expect("finite row");
+    let mut q = vec![0u8; hidden];
+    quant::quantize(dtype, sent, hidden, scale, &mut q);
+    let mut rebuilt = vec![0u8; sent.len()];
+    quant::dequantize(dtype, &q, scale, &mut rebuilt);
+    assert_eq!(got, &rebuilt[..], "INT8 row rebuilt differently");
+    let (got, want) = (decode(dtype, got), decode(dtype, sent));
+    let max = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (g, w) in got.iter().zip(&want) {
+        assert!(
+            (g - w).abs() <= max / 254.0 + g.abs() / 256.0 + 1e-6,
+            "int8 row: {g} vs {w}"
+        );
+    }
+}
+
 /// Runs dispatch + combine on every rank and checks both against the reference.
 fn check_case(fabric: Fabric, case: Case, dtype: Dtype, reruns: usize) {
     check_case_with(fabric, case, dtype, reruns, false)
@@ -177,14 +196,7 @@ fn check_on(comm: &Communicator, case: &Case, dtype: Dtype, reruns: usize, int8:
                 assert_eq!((row.src_rank, row.src_token), (*s, *t));
                 assert_eq!(&row.experts, local);
                 if int8 && *s != me {
-                    let (got, want) = (decode(dtype, row.data), decode(dtype, data));
-                    let max = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-                    for (g, w) in got.iter().zip(&want) {
-                        assert!(
-                            (g - w).abs() <= max / 254.0 + g.abs() / 256.0 + 1e-6,
-                            "int8 row from {s}: {g} vs {w}"
-                        );
-                    }
+                    check_int8_row(dtype, row.data, data, h);
                 } else {
                     assert_eq!(row.data, &data[..]);
                 }
@@ -468,6 +480,13 @@ fn bad_input_is_refused_before_anything_is_sent() {
 /// Low-latency mode: each (token, expert) row lands at its expert's slot, grouped by source
 /// in rank order; combine weights the experts' outputs at home.
 fn check_low_latency(fabric: Fabric, case: Case) {
+    check_low_latency_with(fabric, case, Dtype::F32, false)
+}
+
+/// As `check_low_latency`, in `dtype`: f32 exact, bf16/f16 within their rounding; with
+/// `int8`, rows from other ranks travel quantized and are checked against the INT8 bound.
+/// The reruns give the same bits.
+fn check_low_latency_with(fabric: Fabric, case: Case, dtype: Dtype, int8: bool) {
     let n = case.inputs.len();
     let case = Arc::new(case);
     run_comms(fabric, n, move |comm| {
@@ -480,11 +499,13 @@ fn check_low_latency(fabric: Fabric, case: Case) {
             .max()
             .unwrap_or(0)
             .max(1);
-        let mut cfg = MoeConfig::new(case.experts, h, k, max_tokens, Dtype::F32);
+        let mut cfg = MoeConfig::new(case.experts, h, k, max_tokens, dtype);
         cfg.placement = Some(case.placement.clone());
+        cfg.int8_dispatch = int8;
         let mut buf = xccl::moe::LowLatencyBuffer::new(comm, cfg).unwrap();
         let mine = &case.inputs[me];
-        let x = encode(Dtype::F32, &mine.x);
+        let x = encode(dtype, &mine.x);
+        let mut first_out: Option<Vec<u8>> = None;
         for rerun in 0..3 {
             // Every other rank (and rerun) has its experts write straight into the window.
             let in_window = (rerun + me) % 2 == 1;
@@ -501,7 +522,7 @@ fn check_low_latency(fabric: Fabric, case: Case) {
                                     s,
                                     t,
                                     inp.w[t * k + j],
-                                    encode(Dtype::F32, &inp.x[t * h..(t + 1) * h]),
+                                    encode(dtype, &inp.x[t * h..(t + 1) * h]),
                                 ));
                             }
                         }
@@ -511,16 +532,17 @@ fn check_low_latency(fabric: Fabric, case: Case) {
                 let mut ys = Vec::new();
                 for (r, (s, t, w, d)) in rows.iter().zip(&expect) {
                     assert_eq!((r.src_rank, r.src_token, r.weight), (*s, *t, *w));
-                    assert_eq!(r.data, &d[..]);
-                    let y: Vec<f32> = decode(Dtype::F32, r.data)
-                        .iter()
-                        .map(|v| c(e) * v)
-                        .collect();
-                    ys.push((r.index, encode(Dtype::F32, &y)));
+                    if int8 && *s != me {
+                        check_int8_row(dtype, r.data, d, h);
+                    } else {
+                        assert_eq!(r.data, &d[..]);
+                    }
+                    let y: Vec<f32> = decode(dtype, r.data).iter().map(|v| c(e) * v).collect();
+                    ys.push((r.index, encode(dtype, &y)));
                 }
                 if in_window {
                     let o = view.expert_output(l).unwrap();
-                    let rb = h * 4;
+                    let rb = h * dtype.size();
                     for (i, y) in ys {
                         o[i * rb..(i + 1) * rb].copy_from_slice(&y);
                     }
@@ -535,18 +557,40 @@ fn check_low_latency(fabric: Fabric, case: Case) {
             } else {
                 buf.combine(&outputs, &mut out).unwrap();
             }
-            let got = decode(Dtype::F32, &out);
+            let got = decode(dtype, &out);
             for t in 0..mine.idx.len() / k {
+                let chosen = || (0..k).filter(|&q| mine.idx[t * k + q] >= 0);
+                let gain: f32 = chosen()
+                    .map(|q| mine.w[t * k + q] * c(mine.idx[t * k + q] as usize))
+                    .sum();
+                let row_max = mine.x[t * h..(t + 1) * h]
+                    .iter()
+                    .fold(0f32, |m, v| m.max(v.abs()));
                 for j in 0..h {
-                    let want: f32 = (0..k)
-                        .filter(|&q| mine.idx[t * k + q] >= 0)
-                        .map(|q| {
-                            mine.w[t * k + q]
-                                * (c(mine.idx[t * k + q] as usize) * mine.x[t * h + j])
-                        })
+                    let v = mine.x[t * h + j];
+                    let want: f32 = chosen()
+                        .map(|q| mine.w[t * k + q] * (c(mine.idx[t * k + q] as usize) * v))
                         .sum();
-                    assert_eq!(got[t * h + j], want, "token {t} elem {j}");
+                    let g = got[t * h + j];
+                    match dtype {
+                        _ if int8 => assert!(
+                            (g - want).abs()
+                                <= gain * (row_max / 254.0 + v.abs() / 256.0)
+                                    + want.abs() / 64.0
+                                    + 0.02,
+                            "token {t} elem {j}: {g} vs {want}"
+                        ),
+                        Dtype::F32 => assert_eq!(g, want, "token {t} elem {j}"),
+                        _ => assert!(
+                            (g - want).abs() <= want.abs() * 0.02 + 0.02,
+                            "token {t} elem {j}: {g} vs {want}"
+                        ),
+                    }
                 }
+            }
+            match &first_out {
+                None => first_out = Some(out),
+                Some(f) => assert_eq!(f, &out, "rerun differs"),
             }
         }
     });
@@ -574,11 +618,59 @@ fn large_low_latency_is_exact() {
     check_low_latency(Fabric::Tcp, case);
 }
 
+/// Low-latency INT8 dispatch with rows large enough to cross in several chunks over tcp and
+/// with streaming stores into mapped windows: packed INT8 rows are spread out and rebuilt in
+/// their slots, three calls in a row (both epochs), every row within the INT8 bound.
+#[test]
+fn large_low_latency_int8_stays_within_its_bound() {
+    let (n, experts, hidden, topk, tokens) = (3, 6, 2048, 2, 90);
+    let inputs = (0..n)
+        .map(|r| RankInput {
+            x: (0..tokens * hidden)
+                .map(|i| ((i * 13 + r * 5) % 23) as f32 * 0.25 - 2.75)
+                .collect(),
+            idx: (0..tokens)
+                .flat_map(|t| [(t % experts) as i64, ((t + 2 + r) % experts) as i64])
+                .collect(),
+            w: (0..tokens * topk)
+                .map(|i| 0.5 + (i % 4) as f32 * 0.25)
+                .collect(),
+        })
+        .collect();
+    let case = Case::round_robin(experts, hidden, topk, inputs);
+    check_low_latency_with(Fabric::Shm, case.clone(), Dtype::Bf16, true);
+    check_low_latency_with(Fabric::Tcp, case, Dtype::F16, true);
+}
+
+/// INT8 dispatch is for bf16 and f16 rows: both modes refuse it for f32 when the buffer is
+/// made.
+#[test]
+fn int8_of_f32_rows_is_refused() {
+    run_comms(Fabric::Loopback, 2, |comm| {
+        let mut cfg = MoeConfig::new(4, 8, 2, 3, Dtype::F32);
+        cfg.int8_dispatch = true;
+        let bad = |r: xccl::Result<()>| assert!(matches!(r, Err(Error::InvalidArgument(_))));
+        bad(MoeBuffer::new(comm, cfg.clone()).map(|_| ()));
+        bad(xccl::moe::LowLatencyBuffer::new(comm, cfg).map(|_| ()));
+    });
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
 
     #[test]
     fn low_latency_matches_reference(case in case_strategy(), tcp in any::<bool>()) {
         check_low_latency(if tcp { Fabric::Tcp } else { Fabric::Shm }, case);
+    }
+
+    #[test]
+    fn low_latency_in_bf16_and_f16_stays_within_rounding(case in case_strategy(), f16 in any::<bool>()) {
+        check_low_latency_with(Fabric::Loopback, case, if f16 { Dtype::F16 } else { Dtype::Bf16 }, false);
+    }
+
+    #[test]
+    fn low_latency_int8_stays_within_its_bound(case in case_strategy(), f16 in any::<bool>(), tcp in any::<bool>()) {
+        let fabric = if tcp { Fabric::Tcp } else { Fabric::Shm };
+        check_low_latency_with(fabric, case, if f16 { Dtype::F16 } else { Dtype::Bf16 }, true);
     }
 }

@@ -99,13 +99,18 @@ fn pingpong_prints_a_checked_table_and_json() {
 #[test]
 fn moe_subcommands_run_checked() {
     let _g = common::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    for (op, ranks, routing) in [
-        ("moe", "2", "uniform"),
-        ("dispatch", "4", "zipf:1.5"),
-        ("combine", "2", "zipf:0.8"),
+    for (op, ranks, routing, mode, dtype) in [
+        ("moe", "2", "uniform", "normal", "bf16"),
+        ("dispatch", "4", "zipf:1.5", "normal", "int8"),
+        ("combine", "2", "zipf:0.8", "normal", "f16"),
+        ("moe", "2", "uniform", "low-latency", "int8"),
     ] {
         let args = [
             op,
+            "--mode",
+            mode,
+            "--dtype",
+            dtype,
             "--routing",
             routing,
             "-n",
@@ -133,7 +138,7 @@ fn moe_subcommands_run_checked() {
             ),
             (Some(32), Some(64), Some(2), Some(8))
         );
-        assert_eq!(r["mode"], "normal");
+        assert_eq!((&r["mode"], &r["dtype"]), (&mode.into(), &dtype.into()));
         assert_eq!(r["routing"], routing);
         assert_eq!(r["wrong"], 0);
         assert!(r["dispatch_us_p50"].as_f64().is_some_and(|v| v > 0.0));

@@ -125,11 +125,7 @@ impl<'c> MoeBuffer<'c> {
     pub fn new(comm: &'c Communicator, cfg: MoeConfig) -> Result<Self> {
         let n = comm.world_size();
         let placement = cfg.placement_for(n)?;
-        if cfg.int8_dispatch && cfg.dtype == super::config::Dtype::F32 {
-            return Err(Error::InvalidArgument(
-                "INT8 dispatch quantizes bf16 or f16 rows, not f32".into(),
-            ));
-        }
+        cfg.check_int8()?;
         // Metadata: source token, local expert count, (expert, weight) per top-k slot, scale.
         let meta = round_line(12 + 8 * cfg.topk);
         let rec = meta + round_line(cfg.row_bytes());
@@ -347,17 +343,7 @@ impl<'c> MoeBuffer<'c> {
         }
         if self.cfg.int8_dispatch {
             // Scales first: a non-finite value is refused before anything is sent.
-            self.scales.clear();
-            for tok in 0..tokens {
-                let row = &x[tok * self.cfg.row_bytes()..(tok + 1) * self.cfg.row_bytes()];
-                let s =
-                    quant::row_scale(self.cfg.dtype, row, self.cfg.hidden).ok_or_else(|| {
-                        Error::InvalidArgument(format!(
-                            "token {tok} has a value that is not finite (INT8 dispatch)"
-                        ))
-                    })?;
-                self.scales.push(s);
-            }
+            quant::row_scales(self.cfg.dtype, x, self.cfg.hidden, &mut self.scales)?;
         }
         self.disp_epoch += 1;
         let epoch = self.disp_epoch;

@@ -209,6 +209,16 @@ impl MoeConfig {
         }
     }
 
+    /// Refuses what INT8 dispatch cannot do (it quantizes bf16 or f16 rows, not f32).
+    pub(crate) fn check_int8(&self) -> Result<()> {
+        if self.int8_dispatch && self.dtype == Dtype::F32 {
+            return Err(Error::InvalidArgument(
+                "INT8 dispatch quantizes bf16 or f16 rows, not f32".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Bytes of one token row.
     pub fn row_bytes(&self) -> usize {
         self.hidden * self.dtype.size()

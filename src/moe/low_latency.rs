@@ -11,6 +11,12 @@
 //! it — and the home weights the rows with the gate weights and sums them in top-k order in
 //! f32.
 //!
+//! With [`MoeConfig::int8_dispatch`], a row for another rank travels as INT8 with its
+//! per-token scale in the metadata (quantized once per token, whatever its number of remote
+//! experts), packed `hidden` bytes (rounded to a cache line) apart in the slot region, and
+//! is rebuilt in its slot, in the dtype, before the dispatch returns: the view and the
+//! experts see dtype rows either way. A rank's own rows are read in place, unquantized.
+//!
 //! Signal values are `epoch << 32 | count`: monotonic across calls, so a waiter waits for
 //! `>= epoch << 32` and a stale value from an earlier call can never look current. Regions
 //! come in two epochs (even and odd calls): a home reads an expert's output of call e during
@@ -20,6 +26,7 @@ use super::buffer::{STAGE_CHUNK, STAGE_RECORDS, ZEROS};
 use super::config::MoeConfig;
 use super::layout::dispatch_layout;
 use super::peer_rows::PeerRows;
+use super::quant;
 use super::sum::sum_rows;
 use crate::error::{Error, Result};
 use crate::transport::{Cmp, SignalOp, Window};
@@ -27,8 +34,9 @@ use crate::Communicator;
 use smallvec::SmallVec;
 
 const LINE: usize = 64;
-/// Bytes of metadata per row: source token (u32) and gate weight (f32).
-const META: usize = 8;
+/// Bytes of metadata per row: source token (u32), gate weight (f32) and INT8 scale (f32; 0
+/// when the row travels in its dtype).
+const META: usize = 12;
 /// Dispatches moving at least this much to one mapped peer use non-temporal stores.
 const STREAM_BYTES: usize = 1 << 20;
 
@@ -43,6 +51,8 @@ pub struct LowLatencyBuffer<'c> {
     win: Window,
     /// Stride of dispatched rows (64-byte aligned).
     row: usize,
+    /// Stride of INT8 rows as they cross (`hidden` rounded up to a cache line).
+    qstride: usize,
     half: usize,
     meta_at: usize,
     data_at: usize,
@@ -67,6 +77,11 @@ pub struct LowLatencyBuffer<'c> {
     /// Dispatch scratch: the metadata of each expert's rows, `max_tokens` records per
     /// expert, put as one block per expert.
     meta_stage: Vec<u8>,
+    /// INT8 dispatch: per token of the call, its scale, and its quantized row (tokens with an
+    /// expert on another rank), `hidden` bytes each; one row of scratch for rebuilding.
+    scales: Vec<f32>,
+    qx: Vec<u8>,
+    qrow: Vec<u8>,
 }
 
 /// One (token, expert) row as the expert's rank receives it.
@@ -99,6 +114,7 @@ impl<'c> LowLatencyBuffer<'c> {
     pub fn new(comm: &'c Communicator, cfg: MoeConfig) -> Result<Self> {
         let n = comm.world_size();
         let placement = cfg.placement_for(n)?;
+        cfg.check_int8()?;
         let me = comm.rank();
         let local_experts: Vec<usize> = (0..cfg.experts).filter(|&e| placement[e] == me).collect();
         let nlocal = local_experts.len();
@@ -140,6 +156,7 @@ impl<'c> LowLatencyBuffer<'c> {
             local_experts,
             win,
             row,
+            qstride: cfg.hidden.div_ceil(LINE) * LINE,
             half,
             meta_at: 0,
             data_at: meta,
@@ -157,6 +174,16 @@ impl<'c> LowLatencyBuffer<'c> {
             next: vec![0; cfg.experts],
             per_rank: vec![0; n],
             meta_stage: vec![0; cfg.experts * cap * META],
+            scales: Vec::with_capacity(if cfg.int8_dispatch { cap } else { 0 }),
+            qx: vec![
+                0;
+                if cfg.int8_dispatch {
+                    cap * cfg.hidden
+                } else {
+                    0
+                }
+            ],
+            qrow: vec![0; if cfg.int8_dispatch { cfg.hidden } else { 0 }],
             cfg,
         })
     }
@@ -176,6 +203,26 @@ impl<'c> LowLatencyBuffer<'c> {
 
     fn data_off(&self, epoch: u64, local: usize, src: usize, slot: usize) -> usize {
         self.epoch_base(epoch) + self.data_at + self.slot_index(local, src, slot) * self.row
+    }
+
+    /// Where row `slot` from `src` for `local` crosses: its slot, or with INT8 dispatch
+    /// `qstride` apart from the start of the (local, src) block.
+    fn wire_off(&self, epoch: u64, local: usize, src: usize, slot: usize) -> usize {
+        if self.cfg.int8_dispatch {
+            self.data_off(epoch, local, src, 0) + slot * self.qstride
+        } else {
+            self.data_off(epoch, local, src, slot)
+        }
+    }
+
+    /// The bytes that carry token `tok` to another rank: its row, or its INT8 row.
+    fn wire_row<'x>(&'x self, x: &'x [u8], tok: usize) -> &'x [u8] {
+        if self.cfg.int8_dispatch {
+            &self.qx[tok * self.cfg.hidden..(tok + 1) * self.cfg.hidden]
+        } else {
+            let rb = self.cfg.row_bytes();
+            &x[tok * rb..(tok + 1) * rb]
+        }
     }
 
     fn out_off(&self, epoch: u64, local: usize, src: usize, slot: usize) -> usize {
@@ -223,6 +270,20 @@ impl<'c> LowLatencyBuffer<'c> {
                 topk_weights[i]
             )));
         }
+        if self.cfg.int8_dispatch {
+            // Scales first: a non-finite value is refused before anything is sent.
+            quant::row_scales(self.cfg.dtype, x, self.cfg.hidden, &mut self.scales)?;
+            let h = self.cfg.hidden;
+            for tok in 0..tokens {
+                let remote = topk_idx[tok * k..(tok + 1) * k]
+                    .iter()
+                    .any(|&e| e >= 0 && self.placement[e as usize] != me);
+                if remote {
+                    let q = &mut self.qx[tok * h..(tok + 1) * h];
+                    quant::quantize(self.cfg.dtype, &x[tok * rb..], h, self.scales[tok], q);
+                }
+            }
+        }
         self.epoch += 1;
         let epoch = self.epoch;
         let t = self.comm.transport();
@@ -255,22 +316,27 @@ impl<'c> LowLatencyBuffer<'c> {
             self.slots.push(Some(slot));
             let (dst, local) = (self.placement[e], self.local_index[e]);
             let at = (e * self.cfg.max_tokens + slot) * META;
+            let scale = match self.cfg.int8_dispatch && dst != me {
+                true => self.scales[tok],
+                false => 0.0,
+            };
             let meta = &mut self.meta_stage[at..at + META];
             meta[..4].copy_from_slice(&(tok as u32).to_le_bytes());
-            meta[4..].copy_from_slice(&topk_weights[i].to_le_bytes());
+            meta[4..8].copy_from_slice(&topk_weights[i].to_le_bytes());
+            meta[8..].copy_from_slice(&scale.to_le_bytes());
             if dst == me || !self.mapped {
                 // Own rows are read in place from `x` by the view; over a network the rows go
                 // per expert below.
                 continue;
             }
-            let row = &x[tok * rb..(tok + 1) * rb];
-            let off = self.data_off(epoch, local, me, slot);
+            let row = self.wire_row(x, tok);
+            let off = self.wire_off(epoch, local, me, slot);
             match stream[dst] {
-                Some(p) if off + rb <= self.win.len() => {
+                Some(p) if off + row.len() <= self.win.len() => {
                     // SAFETY: `p` maps `dst`'s copy of the window (`win.len()` bytes, bound
                     // checked above); this epoch's slot is written by this rank only, and
                     // `dst` reads it after the signal below, which the fence orders after.
-                    unsafe { crate::copy::copy_streaming(p.add(off), row.as_ptr(), rb) }
+                    unsafe { crate::copy::copy_streaming(p.add(off), row.as_ptr(), row.len()) }
                 }
                 _ => t.put(dst, &self.win, off, row)?,
             }
@@ -317,25 +383,68 @@ impl<'c> LowLatencyBuffer<'c> {
                 self.counts[l * n + src] = count;
             }
         }
+        if self.cfg.int8_dispatch {
+            self.dequantize_arrivals(epoch)?;
+        }
         Ok(LowLatencyView { buf: self, x })
+    }
+
+    /// Rebuilds every INT8 row received from another rank in its slot, in the dtype: last
+    /// row first, so spreading the packed rows out never overwrites one not yet read (row i
+    /// moves to a place at or after its own).
+    fn dequantize_arrivals(&mut self, epoch: u64) -> Result<()> {
+        let (me, n, h, rb) = (
+            self.comm.rank(),
+            self.comm.world_size(),
+            self.cfg.hidden,
+            self.cfg.row_bytes(),
+        );
+        let t = self.comm.transport();
+        let mut meta = [0u8; META];
+        for l in 0..self.local_experts.len() {
+            for src in (0..n).filter(|&s| s != me) {
+                for slot in (0..self.counts[l * n + src]).rev() {
+                    t.read_local(&self.win, self.meta_off(epoch, l, src, slot), &mut meta)?;
+                    let scale = f32::from_le_bytes(meta[8..].try_into().expect("4 bytes"));
+                    if !(scale.is_finite() && scale > 0.0) {
+                        return Err(Error::ProtocolViolation(format!(
+                            "row {slot} from rank {src} has INT8 scale {scale}"
+                        )));
+                    }
+                    let from = self.wire_off(epoch, l, src, slot);
+                    t.read_local(&self.win, from, &mut self.qrow[..h])?;
+                    // SAFETY: the row was announced by the signal the dispatch waited for; no
+                    // peer writes this epoch's region again before the next-but-one dispatch,
+                    // and no view of it exists yet (the view is created after this).
+                    let row = unsafe {
+                        t.local_slice_mut(&self.win, self.data_off(epoch, l, src, slot), rb)?
+                    };
+                    quant::dequantize(self.cfg.dtype, &self.qrow[..h], scale, row);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Network backends: puts this rank's `count` rows for expert `e` (the tokens recorded in
     /// its metadata, in slot order) into their slots, in chunks of consecutive slots.
     fn send_rows(&self, x: &[u8], e: usize, count: usize, epoch: u64) -> Result<()> {
-        let (me, rb) = (self.comm.rank(), self.cfg.row_bytes());
+        let me = self.comm.rank();
         let (dst, local) = (self.placement[e], self.local_index[e]);
-        let pad = &ZEROS[..self.row - rb];
-        let per = (STAGE_CHUNK / self.row).clamp(1, STAGE_RECORDS);
+        let (len, stride) = match self.cfg.int8_dispatch {
+            true => (self.cfg.hidden, self.qstride),
+            false => (self.cfg.row_bytes(), self.row),
+        };
+        let pad = &ZEROS[..stride - len];
+        let per = (STAGE_CHUNK / stride).clamp(1, STAGE_RECORDS);
         for first in (0..count).step_by(per) {
             let mut parts: SmallVec<[&[u8]; 2 * STAGE_RECORDS]> = SmallVec::new();
             for slot in first..(first + per).min(count) {
                 let at = (e * self.cfg.max_tokens + slot) * META;
                 let tok = u32::from_le_bytes(self.meta_stage[at..at + 4].try_into().expect("4"));
-                let tok = tok as usize;
-                parts.extend([&x[tok * rb..(tok + 1) * rb], pad]);
+                parts.extend([self.wire_row(x, tok as usize), pad]);
             }
-            let off = self.data_off(epoch, local, me, first);
+            let off = self.wire_off(epoch, local, me, first);
             self.comm
                 .transport()
                 .put_vectored(dst, &self.win, off, &parts)?;

@@ -1,5 +1,7 @@
-//! Mixture-of-Experts token dispatch and combine (normal mode): configuration, DeepEP-style
-//! dispatch layout, and a buffer that moves token rows with one copy per byte.
+//! Mixture-of-Experts token dispatch and combine: configuration, DeepEP-style dispatch
+//! layout, a normal-mode buffer that moves token rows with one copy per byte
+//! ([`MoeBuffer`]), and a low-latency one for decode batches ([`LowLatencyBuffer`]); either can
+//! dispatch bf16/f16 rows as INT8 ([`quant`]).
 //!
 //! ```no_run
 //! # fn main() -> xccl::Result<()> {

@@ -7,6 +7,7 @@
 //! row cross the wire.
 
 use super::config::Dtype;
+use crate::error::{Error, Result};
 
 /// The scale of `row` (`hidden` elements of `dtype`); `None` if a value is not finite.
 pub fn row_scale(dtype: Dtype, row: &[u8], hidden: usize) -> Option<f32> {
@@ -46,6 +47,21 @@ fn to_i8(v: f32) -> u8 {
     const MAGIC: f32 = 12_582_912.0;
     let c = v.clamp(-127.0, 127.0);
     (c + MAGIC).to_bits() as u8
+}
+
+/// The scale of every row of `x` (rows of `hidden` elements of `dtype`) into `scales`;
+/// `InvalidArgument` naming the first row with a value that is not finite.
+pub fn row_scales(dtype: Dtype, x: &[u8], hidden: usize, scales: &mut Vec<f32>) -> Result<()> {
+    scales.clear();
+    for (tok, row) in x.chunks_exact(hidden * dtype.size()).enumerate() {
+        let s = row_scale(dtype, row, hidden).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "token {tok} has a value that is not finite (INT8 dispatch)"
+            ))
+        })?;
+        scales.push(s);
+    }
+    Ok(())
 }
 
 /// Quantizes `row` with `scale` into `out` (`hidden` bytes of i8).

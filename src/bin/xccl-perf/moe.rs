@@ -95,11 +95,6 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
     let mut cfg = MoeConfig::new(a.experts, a.hidden, a.topk, a.tokens.max(1), dtype);
     cfg.int8_dispatch = a.dtype == "int8";
     let ll = a.mode == "low-latency";
-    if ll && cfg.int8_dispatch {
-        return Err(Error::InvalidArgument(
-            "--dtype int8 is for --mode normal".into(),
-        ));
-    }
     let mut buf = if ll {
         None
     } else {
@@ -318,6 +313,7 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
         bytes,
         count: t_count,
         dtype: match dtype {
+            _ if cfg.int8_dispatch => "int8",
             Dtype::F32 => "f32",
             Dtype::Bf16 => "bf16",
             Dtype::F16 => "f16",
