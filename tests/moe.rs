@@ -25,13 +25,20 @@ fn worker() {
         .build()
         .unwrap();
     let case = seeded_case(comm.world_size(), seed);
+    // Both modes through real processes' mapped windows; INT8 too on odd seeds.
     check_on(&comm, &case, Dtype::F32, 2, false);
+    check_low_latency_on(&comm, &case, Dtype::F32, false);
+    if seed % 2 == 1 {
+        check_on(&comm, &case, Dtype::Bf16, 2, true);
+        check_low_latency_on(&comm, &case, Dtype::Bf16, true);
+    }
     comm.barrier().unwrap();
     println!("DONE {seed}");
 }
 
 /// The property test's cases, drawn from seeds, run by real processes over shared memory
-/// (1 to 8 ranks), each job under a watchdog and followed by a leak check.
+/// (1 to 8 ranks) in both modes (INT8 too on odd seeds), each job under a watchdog and
+/// followed by a leak check.
 #[test]
 fn dispatch_and_combine_match_reference_multiprocess_shm() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -490,6 +497,13 @@ fn check_low_latency_with(fabric: Fabric, case: Case, dtype: Dtype, int8: bool) 
     let n = case.inputs.len();
     let case = Arc::new(case);
     run_comms(fabric, n, move |comm| {
+        check_low_latency_on(comm, &case, dtype, int8)
+    });
+}
+
+/// One rank's part of `check_low_latency_with` (threads or processes alike).
+fn check_low_latency_on(comm: &Communicator, case: &Case, dtype: Dtype, int8: bool) {
+    {
         let me = comm.rank();
         let (h, k) = (case.hidden, case.topk);
         let max_tokens = case
@@ -593,7 +607,7 @@ fn check_low_latency_with(fabric: Fabric, case: Case, dtype: Dtype, int8: bool) 
                 Some(f) => assert_eq!(f, &out, "rerun differs"),
             }
         }
-    });
+    }
 }
 
 /// Low-latency dispatch with rows large enough that one expert's rows from one rank leave
