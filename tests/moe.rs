@@ -18,6 +18,9 @@ fn worker() {
     let Ok(scenario) = std::env::var(SCENARIO) else {
         return;
     };
+    if scenario == "moe_peer_killed" {
+        return peer_killed_mid_dispatch();
+    }
     assert_eq!(scenario, "moe_case", "unknown scenario");
     let seed: u64 = std::env::var("XCCL_TEST_SEED").unwrap().parse().unwrap();
     let comm = Communicator::builder()
@@ -71,6 +74,85 @@ fn dispatch_and_combine_match_reference_multiprocess_shm() {
         );
         assert_no_leaks(&job.mark);
     }
+}
+
+/// Three ranks run one checked round of each mode, then rank 1 stops taking part (the test
+/// kills it) while rank 0 dispatches in normal mode and rank 2 in low-latency mode: both
+/// waits must end with `PeerFailed { rank: 1 }`, not hang.
+fn peer_killed_mid_dispatch() {
+    let comm = Communicator::builder()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let (experts, hidden, tokens) = (3, 8, 4);
+    let mut cfg = MoeConfig::new(experts, hidden, 1, tokens, Dtype::F32);
+    cfg.placement = Some(vec![0, 1, 2]);
+    let mut normal = MoeBuffer::new(&comm, cfg.clone()).unwrap();
+    let mut ll = xccl::moe::LowLatencyBuffer::new(&comm, cfg).unwrap();
+    let x = encode(
+        Dtype::F32,
+        &(0..tokens * hidden).map(|v| v as f32).collect::<Vec<_>>(),
+    );
+    let w = vec![1.0; tokens];
+    // A checked round: token t goes to expert t mod 3; identity experts, weight 1: out == x.
+    let spread: Vec<i64> = (0..tokens as i64).map(|t| t % 3).collect();
+    let view = normal.dispatch(&x, &spread, &w).unwrap();
+    let reduced: Vec<u8> = view
+        .rows()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.data.to_vec())
+        .collect();
+    let mut out = vec![0u8; x.len()];
+    normal.combine(&reduced, &mut out).unwrap();
+    assert_eq!(out, x, "normal round");
+    let view = ll.dispatch(&x, &spread, &w).unwrap();
+    let outputs: Vec<u8> = (0..view.local_experts().len())
+        .flat_map(|l| view.expert_rows(l).unwrap())
+        .flat_map(|r| r.data.to_vec())
+        .collect();
+    let mut out = vec![0u8; x.len()];
+    ll.combine(&outputs, &mut out).unwrap();
+    assert_eq!(out, x, "low-latency round");
+    comm.barrier().unwrap();
+    println!("READY");
+    // Every token to rank 1's expert; rank 1 does not come.
+    let to_1 = vec![1i64; tokens];
+    let r = match comm.rank() {
+        0 => normal.dispatch(&x, &to_1, &w).map(|_| ()),
+        2 => ll.dispatch(&x, &to_1, &w).map(|_| ()),
+        _ => {
+            let t = comm.transport();
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            let _ = t.wait(0, xccl::transport::Cmp::Ge, u64::MAX, until);
+            panic!("rank 1 was to be killed");
+        }
+    };
+    match r {
+        Err(Error::PeerFailed { rank }) => println!("PEERFAILED {rank}"),
+        other => panic!("expected PeerFailed, got {other:?}"),
+    }
+}
+
+/// A rank killed while the others dispatch (normal mode on one, low-latency on another)
+/// fails both dispatches with `PeerFailed` within 5 s; nothing is left behind.
+#[test]
+fn a_rank_killed_mid_dispatch_fails_the_others() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut job = Job::start(3, "moe_peer_killed", &[]);
+    job.expect_from(&[0, 1, 2], "READY", std::time::Duration::from_secs(60));
+    let killed_at = std::time::Instant::now();
+    job.kill(1);
+    job.expect_from(&[0, 2], "PEERFAILED 1", std::time::Duration::from_secs(5));
+    let took = killed_at.elapsed();
+    let st = job.wait_all(std::time::Duration::from_secs(30));
+    for r in [0, 2] {
+        assert!(st[r].success(), "rank {r}: {:?}", st[r]);
+    }
+    eprintln!("both dispatches failed with PeerFailed within {took:?} of SIGKILL");
+    let mark = job.mark.clone();
+    drop(job);
+    assert_no_leaks(&mark);
 }
 
 /// One rank's input: token rows (f32 values), expert choices and weights.
