@@ -566,6 +566,44 @@ fn bad_input_is_refused_before_anything_is_sent() {
     });
 }
 
+/// Low-latency mode refuses the same bad input up front (and, with INT8, a row that is not
+/// finite); the buffer still works afterwards, so nothing was sent.
+#[test]
+fn low_latency_bad_input_is_refused_before_anything_is_sent() {
+    run_comms(Fabric::Loopback, 2, |comm| {
+        let mut cfg = MoeConfig::new(4, 8, 2, 3, Dtype::Bf16);
+        cfg.int8_dispatch = true;
+        let mut buf = xccl::moe::LowLatencyBuffer::new(comm, cfg).unwrap();
+        let row = encode(Dtype::Bf16, &[1.0; 8]);
+        let bad =
+            |r: xccl::Result<()>| assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+        bad(buf.dispatch(&row, &[0, 4], &[1.0, 1.0]).map(|_| ()));
+        bad(buf.dispatch(&row, &[1, 1], &[1.0, 1.0]).map(|_| ()));
+        bad(buf
+            .dispatch(&row, &[0, 1], &[1.0, f32::INFINITY])
+            .map(|_| ()));
+        bad(buf.dispatch(&row[..8], &[0, 1], &[1.0, 1.0]).map(|_| ()));
+        bad(buf
+            .dispatch(&[0u8; 4 * 16], &[0, 1, 0, 1, 0, 1, 0, 1], &[1.0; 8])
+            .map(|_| ()));
+        bad(buf.dispatch(&row, &[0, 1], &[1.0]).map(|_| ()));
+        let nan = encode(Dtype::Bf16, &[1.0, 2.0, f32::NAN, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        bad(buf.dispatch(&nan, &[0, 3], &[1.0, 1.0]).map(|_| ()));
+        // Still usable: every rank sends its token to expert 1 (rank 0) and expert 3 (rank 1),
+        // the second of each rank's two experts.
+        let view = buf.dispatch(&row, &[1, 3], &[1.0, 0.5]).unwrap();
+        assert_eq!(view.counts(), vec![0, 2]);
+        let outputs: Vec<u8> = (0..2)
+            .flat_map(|l| view.expert_rows(l).unwrap())
+            .flat_map(|r| r.data.to_vec())
+            .collect();
+        let _ = view;
+        let mut out = vec![0u8; row.len()];
+        buf.combine(&outputs, &mut out).unwrap();
+        assert_eq!(decode(Dtype::Bf16, &out), vec![1.5; 8]);
+    });
+}
+
 /// Low-latency mode: each (token, expert) row lands at its expert's slot, grouped by source
 /// in rank order; combine weights the experts' outputs at home.
 fn check_low_latency(fabric: Fabric, case: Case) {
