@@ -4,11 +4,16 @@
 //!
 //! ```sh
 //! cargo build --release --example moe_layer
-//! target/release/xccl-run -n 2 -- target/release/examples/moe_layer [tokens] [hidden] [experts] [topk]
+//! target/release/xccl-run -n 2 -- target/release/examples/moe_layer [tokens] [hidden] [experts] [topk] [mode]
 //! ```
+//!
+//! `mode` is `normal` (default: one row per token and expert rank, each rank's experts reduce
+//! their outputs with the gate weights) or `low-latency` (one row per token and expert, laid
+//! out per expert as a `[rows, hidden]` batch the expert multiplies at once; the home weights
+//! the outputs).
 
 use std::time::{Duration, Instant};
-use xccl::moe::{Dtype, MoeBuffer, MoeConfig};
+use xccl::moe::{Dtype, LowLatencyBuffer, MoeBuffer, MoeConfig};
 use xccl::Communicator;
 
 /// Deterministic pseudo-random numbers in [-1, 1) from a seed (splitmix64).
@@ -99,7 +104,7 @@ impl Layer {
         (idx, w)
     }
 
-    /// Expert `e`'s FFN on one row: relu(x W1) W2.
+    /// Expert `e`'s FFN on rows of `x` (one or a batch): relu(x W1) W2.
     fn expert(&self, e: usize, x: &[f32]) -> Vec<f32> {
         let h: Vec<f32> = matmul(x, &self.w1[e], self.hidden, self.ffn)
             .into_iter()
@@ -117,6 +122,15 @@ fn main() -> xccl::Result<()> {
             .unwrap_or(d)
     };
     let (tokens, hidden, experts, topk) = (arg(1, 256), arg(2, 256), arg(3, 8), arg(4, 2));
+    let low_latency = match std::env::args().nth(5).as_deref() {
+        None | Some("normal") => false,
+        Some("low-latency") => true,
+        Some(other) => {
+            return Err(xccl::Error::InvalidArgument(format!(
+                "mode {other:?}: normal or low-latency"
+            )))
+        }
+    };
     let comm = Communicator::builder()
         .timeout(Duration::from_secs(120))
         .build()?;
@@ -125,7 +139,6 @@ fn main() -> xccl::Result<()> {
     let x = values(1000 + me as u64, tokens * hidden);
     let cfg = MoeConfig::new(experts, hidden, topk, tokens, Dtype::F32);
     let placement = cfg.placement_for(n)?;
-    let mut buf = MoeBuffer::new(&comm, cfg)?;
     let bytes = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
     let floats = |b: &[u8]| {
         b.chunks(4)
@@ -133,31 +146,65 @@ fn main() -> xccl::Result<()> {
             .collect::<Vec<f32>>()
     };
 
+    let mut normal = if low_latency {
+        None
+    } else {
+        Some(MoeBuffer::new(&comm, cfg.clone())?)
+    };
+    let mut ll = if low_latency {
+        Some(LowLatencyBuffer::new(&comm, cfg)?)
+    } else {
+        None
+    };
+
     comm.barrier()?;
     let start = Instant::now();
     let (idx, w) = layer.route(&x);
     let xb = bytes(&x);
-    let t0 = Instant::now();
-    let mut view = buf.dispatch(&xb, &idx, &w)?;
-    let t_dispatch = t0.elapsed();
-    // The experts write their weighted output straight into the buffer's window: on shared
-    // memory each token's home then reads it there (no copy between processes).
-    let rows = view.rows()?;
-    let output = view.expert_output()?;
-    for (row, dst) in rows.iter().zip(output.chunks_mut(hidden * 4)) {
-        let xin = floats(row.data);
-        let mut y = vec![0f32; hidden];
-        for (e, wt) in &row.experts {
-            for (a, b) in y.iter_mut().zip(layer.expert(*e, &xin)) {
-                *a += wt * b;
+    let mut out = vec![0u8; xb.len()];
+    let (t_dispatch, t_combine);
+    if let Some(buf) = normal.as_mut() {
+        let t0 = Instant::now();
+        let mut view = buf.dispatch(&xb, &idx, &w)?;
+        t_dispatch = t0.elapsed();
+        // The experts write their weighted output straight into the buffer's window: on
+        // shared memory each token's home then reads it there (no copy between processes).
+        let rows = view.rows()?;
+        let output = view.expert_output()?;
+        for (row, dst) in rows.iter().zip(output.chunks_mut(hidden * 4)) {
+            let xin = floats(row.data);
+            let mut y = vec![0f32; hidden];
+            for (e, wt) in &row.experts {
+                for (a, b) in y.iter_mut().zip(layer.expert(*e, &xin)) {
+                    *a += wt * b;
+                }
+            }
+            dst.copy_from_slice(&bytes(&y));
+        }
+        let t1 = Instant::now();
+        buf.combine_in_place(&mut out)?;
+        t_combine = t1.elapsed();
+    } else {
+        let buf = ll.as_mut().expect("one buffer");
+        let t0 = Instant::now();
+        let mut view = buf.dispatch(&xb, &idx, &w)?;
+        t_dispatch = t0.elapsed();
+        // Each local expert runs once on its batch of rows and writes its (unweighted) output
+        // into the window, row by row where the combine looks for it.
+        for (l, e) in view.local_experts().to_vec().into_iter().enumerate() {
+            let rows = view.expert_rows(l)?;
+            let batch: Vec<f32> = rows.iter().flat_map(|r| floats(r.data)).collect();
+            let y = layer.expert(e, &batch);
+            let index: Vec<usize> = rows.iter().map(|r| r.index).collect();
+            let output = view.expert_output(l)?;
+            for (i, yr) in index.into_iter().zip(y.chunks(hidden)) {
+                output[i * hidden * 4..(i + 1) * hidden * 4].copy_from_slice(&bytes(yr));
             }
         }
-        dst.copy_from_slice(&bytes(&y));
+        let t1 = Instant::now();
+        buf.combine_in_place(&mut out)?;
+        t_combine = t1.elapsed();
     }
-    let mut out = vec![0u8; xb.len()];
-    let t1 = Instant::now();
-    buf.combine_in_place(&mut out)?;
-    let t_combine = t1.elapsed();
     let total = start.elapsed();
 
     // The same layer in this one process, for this rank's tokens.
@@ -177,8 +224,9 @@ fn main() -> xccl::Result<()> {
     }
     let local = placement.iter().filter(|&&r| r == me).count();
     println!(
-        "rank {me}/{n}: {tokens} tokens, hidden {hidden}, {local} of {experts} experts, top-{topk}: layer {:.2} ms, \
-         dispatch {:.1}% , combine {:.1}%, max relative error vs one process {worst:.2e}",
+        "rank {me}/{n}: {} mode, {tokens} tokens, hidden {hidden}, {local} of {experts} experts, top-{topk}: \
+         layer {:.2} ms, dispatch {:.1}%, combine {:.1}%, max relative error vs one process {worst:.2e}",
+        if low_latency { "low-latency" } else { "normal" },
         total.as_secs_f64() * 1e3,
         100.0 * t_dispatch.as_secs_f64() / total.as_secs_f64(),
         100.0 * t_combine.as_secs_f64() / total.as_secs_f64(),
