@@ -168,7 +168,7 @@ fn sendrecv_and_alltoall_subcommands_run_checked() {
 }
 
 /// A corrupted result (one received value flipped before the check) makes every subcommand
-/// exit non-zero and say so.
+/// exit non-zero and say so; under `--no-check` each reports its rows as not checked.
 #[test]
 fn failed_check_fails_with_a_message() {
     let _g = common::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -217,6 +217,13 @@ fn failed_check_fails_with_a_message() {
         assert!(!out.status.success(), "{op} passed with a corrupted result");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("check failed"), "{op}: {err}");
+        // With `--no-check` the same corruption goes unseen, and the output says nothing was
+        // checked (N/A, JSON null) rather than "0 wrong".
+        let mut unchecked = args.clone();
+        unchecked.push("--no-check");
+        let (text, rows) = perf_json(&format!("{op}-unchecked"), &unchecked, "N/A");
+        assert!(!text.contains(" OK"), "{op}: {text}");
+        assert!(rows.iter().all(|r| r["wrong"].is_null()), "{op}: {rows:?}");
     }
 }
 

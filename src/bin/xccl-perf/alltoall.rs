@@ -131,7 +131,8 @@ pub fn run(c: &Common, v: bool) -> Result<()> {
         let (_, p99, min, max) = report::stats(&mut per_call);
         let p50 = mean;
         let bus = (n - 1) as f64 / n as f64;
-        let mut row = Row::bytes(op, &c.backend, n, size, (p50, p99, min, max), bus, wrong[0]);
+        let checked = (!c.no_check).then_some(wrong[0]);
+        let mut row = Row::bytes(op, &c.backend, n, size, (p50, p99, min, max), bus, checked);
         if let Some(m) = memcpy.as_mut() {
             let us = m.time_us(size, iters.min(100));
             row.baseline_us = Some(us);

@@ -19,7 +19,8 @@ pub struct Row {
     pub max_us: f64,
     pub algbw: f64,
     pub busbw: f64,
-    pub wrong: u64,
+    /// Wrong elements found by the check; `None` under `--no-check`.
+    pub wrong: Option<u64>,
     /// Baseline median time: one memcpy of the bytes (shm), or a plain TCP one-way trip (tcp).
     pub baseline_us: Option<f64>,
     /// Baseline bandwidth: memcpy (shm) or a plain TCP stream (tcp) of the same messages.
@@ -49,7 +50,7 @@ impl Row {
         bytes: usize,
         (p50, p99, min, max): (f64, f64, f64, f64),
         bus_factor: f64,
-        wrong: u64,
+        wrong: Option<u64>,
     ) -> Row {
         let algbw = gbps(bytes, p50);
         Row {
@@ -83,7 +84,7 @@ impl Row {
         times: &mut [f64],
         stream_us: f64,
         baseline: Option<(f64, f64)>,
-        wrong: u64,
+        wrong: Option<u64>,
     ) -> Row {
         Row {
             baseline_us: baseline.map(|b| b.0),
@@ -162,7 +163,13 @@ pub fn columns(stream: bool, baseline: bool) -> String {
 pub fn line(r: &Row) -> String {
     let mut s = format!(
         " {:>12} {:>12} {:>7} {:>10.2} {:>11.2} {:>11.2} {:>7}",
-        r.bytes, r.count, r.dtype, r.p50_us, r.algbw, r.busbw, r.wrong
+        r.bytes,
+        r.count,
+        r.dtype,
+        r.p50_us,
+        r.algbw,
+        r.busbw,
+        wrong_text(r.wrong)
     );
     if let Some(bw) = r.stream_gbps {
         let _ = write!(s, " {bw:>13.2}");
@@ -178,18 +185,26 @@ pub fn line(r: &Row) -> String {
     s
 }
 
+/// The `#wrong` of a row as printed: the count, or `N/A` when nothing was checked.
+pub fn wrong_text(wrong: Option<u64>) -> String {
+    wrong.map_or_else(|| "N/A".into(), |w| w.to_string())
+}
+
 /// The nccl-tests footer.
 pub fn footer(rows: &[Row]) -> String {
-    let wrong: u64 = rows.iter().map(|r| r.wrong).sum();
     let avg = if rows.is_empty() {
         0.0
     } else {
         rows.iter().map(|r| r.busbw).sum::<f64>() / rows.len() as f64
     };
-    format!(
-        "# Out of bounds values : {wrong} {}\n# Avg bus bandwidth    : {avg:.4}",
-        if wrong == 0 { "OK" } else { "FAILED" }
-    )
+    let checked = rows.iter().filter_map(|r| r.wrong).collect::<Vec<u64>>();
+    let verdict = if checked.is_empty() && !rows.is_empty() {
+        "N/A (--no-check)".to_string()
+    } else {
+        let wrong: u64 = checked.iter().sum();
+        format!("{wrong} {}", if wrong == 0 { "OK" } else { "FAILED" })
+    };
+    format!("# Out of bounds values : {verdict}\n# Avg bus bandwidth    : {avg:.4}")
 }
 
 fn json_escape(s: &str) -> String {
@@ -231,7 +246,7 @@ pub fn write_json(path: &std::path::Path, rows: &[Row]) -> std::io::Result<()> {
             num(r.max_us),
             num(r.algbw),
             num(r.busbw),
-            r.wrong
+            r.wrong.map_or_else(|| "null".into(), |w| w.to_string())
         );
         if let Some(b) = r.baseline_us {
             let _ = write!(out, ", \"baseline_us_p50\": {}", num(b));
