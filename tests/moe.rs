@@ -115,7 +115,7 @@ fn peer_killed_mid_dispatch() {
     ll.combine(&outputs, &mut out).unwrap();
     assert_eq!(out, x, "low-latency round");
     comm.barrier().unwrap();
-    println!("READY");
+    println!("READY {}", comm.transport().caps().backend);
     // Every token to rank 1's expert; rank 1 does not come.
     let to_1 = vec![1i64; tokens];
     let r = match comm.rank() {
@@ -135,24 +135,32 @@ fn peer_killed_mid_dispatch() {
 }
 
 /// A rank killed while the others dispatch (normal mode on one, low-latency on another)
-/// fails both dispatches with `PeerFailed` within 5 s; nothing is left behind.
+/// fails both dispatches with `PeerFailed` within 5 s, over shared memory and over tcp (2 s
+/// peer timeout); nothing is left behind.
 #[test]
 fn a_rank_killed_mid_dispatch_fails_the_others() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let mut job = Job::start(3, "moe_peer_killed", &[]);
-    job.expect_from(&[0, 1, 2], "READY", std::time::Duration::from_secs(60));
-    let killed_at = std::time::Instant::now();
-    job.kill(1);
-    job.expect_from(&[0, 2], "PEERFAILED 1", std::time::Duration::from_secs(5));
-    let took = killed_at.elapsed();
-    let st = job.wait_all(std::time::Duration::from_secs(30));
-    for r in [0, 2] {
-        assert!(st[r].success(), "rank {r}: {:?}", st[r]);
+    let tcp = [
+        ("XCCL_BACKEND", "tcp".to_string()),
+        ("XCCL_TCP_PEER_TIMEOUT_MS", "2000".to_string()),
+    ];
+    for (backend, env) in [("shm", &[][..]), ("tcp", &tcp[..])] {
+        let mut job = Job::start(3, "moe_peer_killed", env);
+        let ready = format!("READY {backend}");
+        job.expect_from(&[0, 1, 2], &ready, std::time::Duration::from_secs(60));
+        let killed_at = std::time::Instant::now();
+        job.kill(1);
+        job.expect_from(&[0, 2], "PEERFAILED 1", std::time::Duration::from_secs(5));
+        let took = killed_at.elapsed();
+        let st = job.wait_all(std::time::Duration::from_secs(30));
+        for r in [0, 2] {
+            assert!(st[r].success(), "rank {r}: {:?}", st[r]);
+        }
+        eprintln!("{backend}: both dispatches failed with PeerFailed within {took:?} of SIGKILL");
+        let mark = job.mark.clone();
+        drop(job);
+        assert_no_leaks(&mark);
     }
-    eprintln!("both dispatches failed with PeerFailed within {took:?} of SIGKILL");
-    let mark = job.mark.clone();
-    drop(job);
-    assert_no_leaks(&mark);
 }
 
 /// One rank's input: token rows (f32 values), expert choices and weights.
