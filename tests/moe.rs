@@ -232,6 +232,48 @@ fn check_int8_row(dtype: Dtype, got: &[u8], sent: &[u8], hidden: usize) {
     }
 }
 
+/// Checks a combine's output `got` for this rank's input: per token and element, the sum in
+/// top-k order of `term(w_j, c_j, x)` over the chosen experts — exact in f32, within rounding
+/// for bf16/f16, within the INT8 bound when rows crossed quantized.
+fn check_combined(
+    dtype: Dtype,
+    int8: bool,
+    mine: &RankInput,
+    k: usize,
+    h: usize,
+    got: &[f32],
+    term: impl Fn(f32, f32, f32) -> f32,
+) {
+    for t in 0..mine.idx.len() / k {
+        let chosen = || (0..k).filter(|&q| mine.idx[t * k + q] >= 0);
+        let gain: f32 = chosen()
+            .map(|q| mine.w[t * k + q] * c(mine.idx[t * k + q] as usize))
+            .sum();
+        let row_max = mine.x[t * h..(t + 1) * h]
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()));
+        for j in 0..h {
+            let v = mine.x[t * h + j];
+            let want: f32 = chosen()
+                .map(|q| term(mine.w[t * k + q], c(mine.idx[t * k + q] as usize), v))
+                .sum();
+            let g = got[t * h + j];
+            match dtype {
+                _ if int8 => assert!(
+                    (g - want).abs()
+                        <= gain * (row_max / 254.0 + v.abs() / 256.0) + want.abs() / 64.0 + 0.02,
+                    "token {t} elem {j}: {g} vs {want}"
+                ),
+                Dtype::F32 => assert_eq!(g, want, "token {t} elem {j}"),
+                _ => assert!(
+                    (g - want).abs() <= want.abs() * 0.02 + 0.02,
+                    "token {t} elem {j}: {g} vs {want}"
+                ),
+            }
+        }
+    }
+}
+
 /// Runs dispatch + combine on every rank and checks both against the reference.
 fn check_case(fabric: Fabric, case: Case, dtype: Dtype, reruns: usize) {
     check_case_with(fabric, case, dtype, reruns, false)
@@ -327,38 +369,9 @@ fn check_on(comm: &Communicator, case: &Case, dtype: Dtype, reruns: usize, int8:
             } else {
                 buf.combine(&reduced, &mut out).unwrap();
             }
+            // Experts reduce with the gate weights: (w · c_e) · x.
             let got = decode(dtype, &out);
-            for t in 0..mine.idx.len() / k {
-                for j in 0..h {
-                    let v = mine.x[t * h + j];
-                    let want: f32 = (0..k)
-                        .filter(|&q| mine.idx[t * k + q] >= 0)
-                        .map(|q| mine.w[t * k + q] * c(mine.idx[t * k + q] as usize) * v)
-                        .sum();
-                    let g = got[t * h + j];
-                    let row_max = mine.x[t * h..(t + 1) * h]
-                        .iter()
-                        .fold(0f32, |m, v| m.max(v.abs()));
-                    let gain: f32 = (0..k)
-                        .filter(|&q| mine.idx[t * k + q] >= 0)
-                        .map(|q| mine.w[t * k + q] * c(mine.idx[t * k + q] as usize))
-                        .sum();
-                    match dtype {
-                        _ if int8 => assert!(
-                            (g - want).abs()
-                                <= gain * (row_max / 254.0 + v.abs() / 256.0)
-                                    + want.abs() / 64.0
-                                    + 0.02,
-                            "token {t} elem {j}: {g} vs {want}"
-                        ),
-                        Dtype::F32 => assert_eq!(g, want, "token {t} elem {j}"),
-                        _ => assert!(
-                            (g - want).abs() <= want.abs() * 0.02 + 0.02,
-                            "token {t} elem {j}: {g} vs {want}"
-                        ),
-                    }
-                }
-            }
+            check_combined(dtype, int8, mine, k, h, &got, |w, ce, v| w * ce * v);
             match &first_out {
                 None => first_out = Some(out),
                 Some(f) => assert_eq!(f, &out, "rerun differs"),
@@ -699,37 +712,9 @@ fn check_low_latency_on(comm: &Communicator, case: &Case, dtype: Dtype, int8: bo
             } else {
                 buf.combine(&outputs, &mut out).unwrap();
             }
+            // Homes weight the experts' outputs: w · (c_e · x).
             let got = decode(dtype, &out);
-            for t in 0..mine.idx.len() / k {
-                let chosen = || (0..k).filter(|&q| mine.idx[t * k + q] >= 0);
-                let gain: f32 = chosen()
-                    .map(|q| mine.w[t * k + q] * c(mine.idx[t * k + q] as usize))
-                    .sum();
-                let row_max = mine.x[t * h..(t + 1) * h]
-                    .iter()
-                    .fold(0f32, |m, v| m.max(v.abs()));
-                for j in 0..h {
-                    let v = mine.x[t * h + j];
-                    let want: f32 = chosen()
-                        .map(|q| mine.w[t * k + q] * (c(mine.idx[t * k + q] as usize) * v))
-                        .sum();
-                    let g = got[t * h + j];
-                    match dtype {
-                        _ if int8 => assert!(
-                            (g - want).abs()
-                                <= gain * (row_max / 254.0 + v.abs() / 256.0)
-                                    + want.abs() / 64.0
-                                    + 0.02,
-                            "token {t} elem {j}: {g} vs {want}"
-                        ),
-                        Dtype::F32 => assert_eq!(g, want, "token {t} elem {j}"),
-                        _ => assert!(
-                            (g - want).abs() <= want.abs() * 0.02 + 0.02,
-                            "token {t} elem {j}: {g} vs {want}"
-                        ),
-                    }
-                }
-            }
+            check_combined(dtype, int8, mine, k, h, &got, |w, ce, v| w * (ce * v));
             match &first_out {
                 None => first_out = Some(out),
                 Some(f) => assert_eq!(f, &out, "rerun differs"),
