@@ -47,6 +47,12 @@ fn matmul(x: &[f32], w: &[f32], k: usize, n: usize) -> Vec<f32> {
     out
 }
 
+/// The dispatch/combine buffer of the chosen mode.
+enum Buffer<'c> {
+    Normal(MoeBuffer<'c>),
+    LowLatency(LowLatencyBuffer<'c>),
+}
+
 struct Layer {
     hidden: usize,
     ffn: usize,
@@ -146,15 +152,10 @@ fn main() -> xccl::Result<()> {
             .collect::<Vec<f32>>()
     };
 
-    let mut normal = if low_latency {
-        None
+    let mut buf = if low_latency {
+        Buffer::LowLatency(LowLatencyBuffer::new(&comm, cfg)?)
     } else {
-        Some(MoeBuffer::new(&comm, cfg.clone())?)
-    };
-    let mut ll = if low_latency {
-        Some(LowLatencyBuffer::new(&comm, cfg)?)
-    } else {
-        None
+        Buffer::Normal(MoeBuffer::new(&comm, cfg)?)
     };
 
     comm.barrier()?;
@@ -163,47 +164,49 @@ fn main() -> xccl::Result<()> {
     let xb = bytes(&x);
     let mut out = vec![0u8; xb.len()];
     let (t_dispatch, t_combine);
-    if let Some(buf) = normal.as_mut() {
-        let t0 = Instant::now();
-        let mut view = buf.dispatch(&xb, &idx, &w)?;
-        t_dispatch = t0.elapsed();
-        // The experts write their weighted output straight into the buffer's window: on
-        // shared memory each token's home then reads it there (no copy between processes).
-        let rows = view.rows()?;
-        let output = view.expert_output()?;
-        for (row, dst) in rows.iter().zip(output.chunks_mut(hidden * 4)) {
-            let xin = floats(row.data);
-            let mut y = vec![0f32; hidden];
-            for (e, wt) in &row.experts {
-                for (a, b) in y.iter_mut().zip(layer.expert(*e, &xin)) {
-                    *a += wt * b;
+    match &mut buf {
+        Buffer::Normal(buf) => {
+            let t0 = Instant::now();
+            let mut view = buf.dispatch(&xb, &idx, &w)?;
+            t_dispatch = t0.elapsed();
+            // The experts write their weighted output straight into the buffer's window: on
+            // shared memory each token's home then reads it there (no copy between processes).
+            let rows = view.rows()?;
+            let output = view.expert_output()?;
+            for (row, dst) in rows.iter().zip(output.chunks_mut(hidden * 4)) {
+                let xin = floats(row.data);
+                let mut y = vec![0f32; hidden];
+                for (e, wt) in &row.experts {
+                    for (a, b) in y.iter_mut().zip(layer.expert(*e, &xin)) {
+                        *a += wt * b;
+                    }
+                }
+                dst.copy_from_slice(&bytes(&y));
+            }
+            let t1 = Instant::now();
+            buf.combine_in_place(&mut out)?;
+            t_combine = t1.elapsed();
+        }
+        Buffer::LowLatency(buf) => {
+            let t0 = Instant::now();
+            let mut view = buf.dispatch(&xb, &idx, &w)?;
+            t_dispatch = t0.elapsed();
+            // Each local expert runs once on its batch of rows and writes its (unweighted) output
+            // into the window, row by row where the combine looks for it.
+            for (l, e) in view.local_experts().to_vec().into_iter().enumerate() {
+                let rows = view.expert_rows(l)?;
+                let batch: Vec<f32> = rows.iter().flat_map(|r| floats(r.data)).collect();
+                let y = layer.expert(e, &batch);
+                let index: Vec<usize> = rows.iter().map(|r| r.index).collect();
+                let output = view.expert_output(l)?;
+                for (i, yr) in index.into_iter().zip(y.chunks(hidden)) {
+                    output[i * hidden * 4..(i + 1) * hidden * 4].copy_from_slice(&bytes(yr));
                 }
             }
-            dst.copy_from_slice(&bytes(&y));
+            let t1 = Instant::now();
+            buf.combine_in_place(&mut out)?;
+            t_combine = t1.elapsed();
         }
-        let t1 = Instant::now();
-        buf.combine_in_place(&mut out)?;
-        t_combine = t1.elapsed();
-    } else {
-        let buf = ll.as_mut().expect("one buffer");
-        let t0 = Instant::now();
-        let mut view = buf.dispatch(&xb, &idx, &w)?;
-        t_dispatch = t0.elapsed();
-        // Each local expert runs once on its batch of rows and writes its (unweighted) output
-        // into the window, row by row where the combine looks for it.
-        for (l, e) in view.local_experts().to_vec().into_iter().enumerate() {
-            let rows = view.expert_rows(l)?;
-            let batch: Vec<f32> = rows.iter().flat_map(|r| floats(r.data)).collect();
-            let y = layer.expert(e, &batch);
-            let index: Vec<usize> = rows.iter().map(|r| r.index).collect();
-            let output = view.expert_output(l)?;
-            for (i, yr) in index.into_iter().zip(y.chunks(hidden)) {
-                output[i * hidden * 4..(i + 1) * hidden * 4].copy_from_slice(&bytes(yr));
-            }
-        }
-        let t1 = Instant::now();
-        buf.combine_in_place(&mut out)?;
-        t_combine = t1.elapsed();
     }
     let total = start.elapsed();
 

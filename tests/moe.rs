@@ -530,11 +530,9 @@ fn large_dispatch_is_exact() {
     check_case(Fabric::Tcp, case, Dtype::F32, 3);
 }
 
-/// INT8 dispatch over tcp, where records cross the network packed (half a full record each)
-/// and are spread out as they are dequantized: several staged chunks, three calls in a row,
-/// every row within the INT8 bound.
-#[test]
-fn int8_dispatch_over_tcp_stays_within_its_bound() {
+/// 3 ranks, 6 experts, hidden 2048, top-2, 90 tokens each of non-integer values: rows large
+/// enough that INT8 rows cross in several chunks in either mode.
+fn large_int8_case() -> Case {
     let (n, experts, hidden, topk, tokens) = (3, 6, 2048, 2, 90);
     let inputs = (0..n)
         .map(|r| RankInput {
@@ -549,7 +547,15 @@ fn int8_dispatch_over_tcp_stays_within_its_bound() {
                 .collect(),
         })
         .collect();
-    let case = Case::round_robin(experts, hidden, topk, inputs);
+    Case::round_robin(experts, hidden, topk, inputs)
+}
+
+/// INT8 dispatch over tcp, where records cross the network packed (half a full record each)
+/// and are spread out as they are dequantized: several staged chunks, three calls in a row,
+/// every row within the INT8 bound.
+#[test]
+fn int8_dispatch_over_tcp_stays_within_its_bound() {
+    let case = large_int8_case();
     check_case_with(Fabric::Tcp, case, Dtype::Bf16, 3, true);
 }
 
@@ -750,21 +756,7 @@ fn large_low_latency_is_exact() {
 /// their slots, three calls in a row (both epochs), every row within the INT8 bound.
 #[test]
 fn large_low_latency_int8_stays_within_its_bound() {
-    let (n, experts, hidden, topk, tokens) = (3, 6, 2048, 2, 90);
-    let inputs = (0..n)
-        .map(|r| RankInput {
-            x: (0..tokens * hidden)
-                .map(|i| ((i * 13 + r * 5) % 23) as f32 * 0.25 - 2.75)
-                .collect(),
-            idx: (0..tokens)
-                .flat_map(|t| [(t % experts) as i64, ((t + 2 + r) % experts) as i64])
-                .collect(),
-            w: (0..tokens * topk)
-                .map(|i| 0.5 + (i % 4) as f32 * 0.25)
-                .collect(),
-        })
-        .collect();
-    let case = Case::round_robin(experts, hidden, topk, inputs);
+    let case = large_int8_case();
     check_low_latency_with(Fabric::Shm, case.clone(), Dtype::Bf16, true);
     check_low_latency_with(Fabric::Tcp, case, Dtype::F16, true);
 }

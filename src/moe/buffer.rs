@@ -487,13 +487,7 @@ impl<'c> MoeBuffer<'c> {
                 t.read_local(&self.win, from, &mut self.meta_buf)?;
                 t.read_local(&self.win, from + self.meta, &mut self.qrow[..hidden])?;
                 let at = 8 + 8 * k;
-                let scale =
-                    f32::from_le_bytes(self.meta_buf[at..at + 4].try_into().expect("4 bytes"));
-                if !(scale.is_finite() && scale > 0.0) {
-                    return Err(Error::ProtocolViolation(format!(
-                        "row {i} from rank {src} has INT8 scale {scale}"
-                    )));
-                }
+                let scale = quant::landed_scale(&self.meta_buf[at..at + 4], src, i)?;
                 let to = self.disp_off(epoch, src, i);
                 if to != from {
                     t.write_local(&self.win, to, &self.meta_buf)?;

@@ -405,12 +405,7 @@ impl<'c> LowLatencyBuffer<'c> {
             for src in (0..n).filter(|&s| s != me) {
                 for slot in (0..self.counts[l * n + src]).rev() {
                     t.read_local(&self.win, self.meta_off(epoch, l, src, slot), &mut meta)?;
-                    let scale = f32::from_le_bytes(meta[8..].try_into().expect("4 bytes"));
-                    if !(scale.is_finite() && scale > 0.0) {
-                        return Err(Error::ProtocolViolation(format!(
-                            "row {slot} from rank {src} has INT8 scale {scale}"
-                        )));
-                    }
+                    let scale = quant::landed_scale(&meta[8..], src, slot)?;
                     let from = self.wire_off(epoch, l, src, slot);
                     t.read_local(&self.win, from, &mut self.qrow[..h])?;
                     // SAFETY: the row was announced by the signal the dispatch waited for; no

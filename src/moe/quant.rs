@@ -64,6 +64,20 @@ pub fn row_scales(dtype: Dtype, x: &[u8], hidden: usize, scales: &mut Vec<f32>) 
     Ok(())
 }
 
+/// The scale a peer sent with its row `row` (little-endian f32 bytes), checked: a scale that
+/// is not finite and positive cannot have come from [`row_scale`].
+pub fn landed_scale(bytes: &[u8], src: usize, row: usize) -> Result<f32> {
+    let scale = f32::from_le_bytes(bytes.try_into().map_err(|_| {
+        Error::ProtocolViolation(format!("row {row} from rank {src}: no INT8 scale"))
+    })?);
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(Error::ProtocolViolation(format!(
+            "row {row} from rank {src} has INT8 scale {scale}"
+        )));
+    }
+    Ok(scale)
+}
+
 /// Quantizes `row` with `scale` into `out` (`hidden` bytes of i8).
 pub fn quantize(dtype: Dtype, row: &[u8], hidden: usize, scale: f32, out: &mut [u8]) {
     let inv = 1.0 / scale;
