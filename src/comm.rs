@@ -4,7 +4,7 @@
 use crate::bootstrap::{self, store_barrier, RankInfo, Rendezvous, Settings, Store};
 use crate::error::{Error, Result};
 use crate::transport::{loopback::Loopback, Cmp, SignalOp, Transport, Window};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -277,6 +277,7 @@ pub struct Communicator {
     barrier_base: usize,
     barrier_epoch: AtomicU64,
     next_signal: AtomicUsize,
+    closed: AtomicBool,
 }
 
 impl Communicator {
@@ -317,6 +318,7 @@ impl Communicator {
             barrier_base,
             barrier_epoch: AtomicU64::new(0),
             next_signal: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -390,5 +392,34 @@ impl Communicator {
     /// `Aborted`.
     pub fn abort(&self) {
         self.transport.abort();
+    }
+
+    /// Collective orderly end, bounded by [`Communicator::deadline`]: this rank addresses
+    /// nothing more to any peer, keeps receiving what slower peers still send it, and returns
+    /// once every rank has closed. Ranks may reach it at different times; one that finishes
+    /// early never makes a slower peer's work fail. Fails with `PeerFailed` (a peer died or
+    /// left without closing), `Aborted` or `Timeout`; the communicator is closed either way
+    /// and later calls fail with `InvalidUsage`. Idempotent: a second call returns `Ok`.
+    /// Dropping a communicator closes it the same way (and logs a failure).
+    ///
+    /// ```no_run
+    /// let comm = xccl::Communicator::from_env()?;
+    /// // ... work ...
+    /// comm.close()?; // every rank reaches this; none leaves before the others are done
+    /// # Ok::<(), xccl::Error>(())
+    /// ```
+    pub fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.transport.close(self.deadline())
+    }
+}
+
+impl Drop for Communicator {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::warn!(rank = self.rank(), error = %e, "xccl: closing the communicator");
+        }
     }
 }

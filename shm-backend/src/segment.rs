@@ -124,10 +124,13 @@ impl Segment {
         );
         // SAFETY: plain fcntl query on a valid descriptor.
         let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-        if seals < 0 || seals & (libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) == 0 {
-            return Err(Error::Protocol(
-                "received segment is not a sealed memfd (it could shrink under us)".into(),
-            ));
+        // Both seals: a segment the sender could still shrink would turn our next access past
+        // its new end into SIGBUS.
+        let needed = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        if seals < 0 || seals & needed != needed {
+            return Err(Error::Protocol(format!(
+                "received segment is not a memfd sealed against shrinking and growing (seals {seals:#x})"
+            )));
         }
         let actual = file
             .metadata()
@@ -273,6 +276,29 @@ mod tests {
             msg.contains("cannot reserve") && msg.contains("memfd:xccl-huge"),
             "{msg}"
         );
+    }
+
+    /// A peer's memfd sealed against growing only (it could still shrink it under us and kill
+    /// this process with SIGBUS) is refused.
+    #[test]
+    fn open_rejects_a_memfd_that_can_still_shrink() {
+        for seals in [libc::F_SEAL_GROW, libc::F_SEAL_SHRINK, 0] {
+            let name = CString::new("xccl-test-seal").unwrap();
+            // SAFETY: valid NUL-terminated name, constant flags.
+            let fd = unsafe {
+                libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+            };
+            assert!(fd >= 0);
+            // SAFETY: `fd` is fresh and owned by nobody else.
+            let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+            file.set_len((HEADER_LEN + 4096) as u64).unwrap();
+            if seals != 0 {
+                // SAFETY: plain fcntl on a descriptor we own.
+                assert_eq!(unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) }, 0);
+            }
+            let err = Segment::open(file.as_fd(), 4096).err().expect("refused");
+            assert!(matches!(err, Error::Protocol(_)), "seals {seals:#x}: {err}");
+        }
     }
 
     #[test]

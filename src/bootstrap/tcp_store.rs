@@ -210,6 +210,10 @@ fn serve(mut s: TcpStream, table: &Table) {
     }
 }
 
+/// How long past a `get`'s deadline the client waits for the server's answer to arrive (the
+/// server answers "missing" at the deadline itself).
+const ANSWER_GRACE: Duration = Duration::from_millis(250);
+
 /// A client of a [`TcpStoreServer`]; one connection, requests serialized.
 pub struct TcpStore {
     conn: Mutex<TcpStream>,
@@ -226,7 +230,9 @@ impl TcpStore {
                 Ok(addrs) => {
                     let mut last = None;
                     for a in addrs {
-                        match TcpStream::connect_timeout(&a, Duration::from_secs(2)) {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        let limit = left.clamp(Duration::from_millis(1), Duration::from_secs(2));
+                        match TcpStream::connect_timeout(&a, limit) {
                             Ok(s) => {
                                 let _ = s.set_nodelay(true);
                                 return Ok(TcpStore {
@@ -265,8 +271,13 @@ impl TcpStore {
             )));
         }
         let mut s = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let io = |e: std::io::Error| {
-            Error::system(format!("TCP store {} request {key:?}", self.addr), e)
+        let start = Instant::now();
+        let io = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Error::Timeout {
+                op: format!("TCP store {} request {key:?}", self.addr),
+                waited: start.elapsed(),
+            },
+            _ => Error::system(format!("TCP store {} request {key:?}", self.addr), e),
         };
         let mut frame = Vec::with_capacity(9 + key.len() + val.len());
         frame.push(op);
@@ -274,15 +285,25 @@ impl TcpStore {
         frame.extend_from_slice(key.as_bytes());
         frame.extend_from_slice(&(val.len() as u32).to_le_bytes());
         frame.extend_from_slice(val);
-        s.set_read_timeout(Some(io_timeout.max(Duration::from_millis(1))))
-            .map_err(io)?;
-        s.write_all(&frame).map_err(io)?;
-        let mut st = [0u8; 1];
-        s.read_exact(&mut st).map_err(io)?;
-        let data = read_capped(&mut *s, MAX_VALUE)
-            .map_err(io)?
-            .ok_or_else(|| Error::ProtocolViolation("TCP store answer too long".into()))?;
-        Ok((st[0], data))
+        let timeout = Some(io_timeout.max(Duration::from_millis(1)));
+        let exchanged = s
+            .set_read_timeout(timeout)
+            .and_then(|()| s.set_write_timeout(timeout))
+            .and_then(|()| s.write_all(&frame))
+            .and_then(|()| {
+                let mut st = [0u8; 1];
+                s.read_exact(&mut st)?;
+                Ok((st[0], read_capped(&mut *s, MAX_VALUE)?))
+            });
+        if exchanged.is_err() {
+            // The answer may still come: the connection is unusable from now on (a later
+            // request must never read this one's answer).
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        let (st, data) = exchanged.map_err(io)?;
+        let data =
+            data.ok_or_else(|| Error::ProtocolViolation("TCP store answer too long".into()))?;
+        Ok((st, data))
     }
 }
 
@@ -300,12 +321,7 @@ impl Store for TcpStore {
         let start = Instant::now();
         let budget = deadline.saturating_duration_since(start);
         let ms = budget.as_millis() as u64;
-        match self.request(
-            OP_GET,
-            key,
-            &ms.to_le_bytes(),
-            budget + Duration::from_secs(10),
-        )? {
+        match self.request(OP_GET, key, &ms.to_le_bytes(), budget + ANSWER_GRACE)? {
             (ST_OK, v) => Ok(v),
             (ST_MISSING, _) => Err(Error::Timeout {
                 op: format!("store get {key:?}"),
@@ -360,5 +376,29 @@ mod tests {
             c.get("nope", Instant::now() + Duration::from_millis(30)),
             Err(Error::Timeout { .. })
         ));
+    }
+
+    /// A store server that accepts but never answers (its process stopped): a `get` fails with
+    /// `Timeout` at its deadline (plus the answer grace), and the connection is not reused.
+    #[test]
+    fn get_from_a_silent_server_times_out_at_its_deadline() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = silent.local_addr().unwrap().to_string();
+        let c = TcpStore::connect(&addr, Instant::now() + Duration::from_secs(5)).unwrap();
+        let budget = Duration::from_millis(300);
+        let start = Instant::now();
+        match c.get("k", start + budget) {
+            Err(Error::Timeout { .. }) => {}
+            other => panic!("expected Timeout, got {other:?}"),
+        }
+        let took = start.elapsed();
+        assert!(
+            took < budget + ANSWER_GRACE + Duration::from_millis(500),
+            "get took {took:?} with a {budget:?} deadline"
+        );
+        assert!(
+            c.set("k", b"v").is_err(),
+            "a timed-out connection is not reused"
+        );
     }
 }

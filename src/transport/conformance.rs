@@ -50,7 +50,14 @@ where
         std::thread::Builder::new()
             .name(format!("rank-{}", t.rank()))
             .spawn(move || {
-                let r = catch_unwind(AssertUnwindSafe(|| body(&*t)));
+                let r = catch_unwind(AssertUnwindSafe(|| {
+                    body(&*t);
+                    // The orderly end, on every backend: ranks finish at different times.
+                    match t.close(deadline()) {
+                        Ok(()) | Err(crate::Error::Aborted) => {}
+                        Err(e) => panic!("close: {e}"),
+                    }
+                }));
                 let _ = tx.send((t.rank(), r.map_err(|p| panic_message(&*p))));
             })
             .expect("spawning a rank thread");

@@ -75,6 +75,9 @@ struct Fabric {
     regs: Mutex<HashMap<u64, Registration>>,
     regs_cv: Condvar,
     setup_timeout: Duration,
+    /// Ranks that have begun `close`; `close_cv` tells of every change.
+    closed: Mutex<usize>,
+    close_cv: Condvar,
 }
 
 impl Fabric {
@@ -97,6 +100,7 @@ pub struct Loopback {
     rank: usize,
     next_reg: AtomicU64,
     windows: WindowTable<Arc<[Arc<Buf>]>>,
+    closing: AtomicBool,
 }
 
 impl Loopback {
@@ -133,6 +137,8 @@ impl Loopback {
             regs: Mutex::new(HashMap::new()),
             regs_cv: Condvar::new(),
             setup_timeout,
+            closed: Mutex::new(0),
+            close_cv: Condvar::new(),
         });
         Ok((0..world)
             .map(|rank| Loopback {
@@ -140,6 +146,7 @@ impl Loopback {
                 rank,
                 next_reg: AtomicU64::new(1),
                 windows: WindowTable::new(),
+                closing: AtomicBool::new(false),
             })
             .collect())
     }
@@ -151,6 +158,11 @@ impl Loopback {
     fn check_live(&self) -> Result<()> {
         if self.fabric.aborted.load(Ordering::SeqCst) {
             Err(Error::Aborted)
+        } else if self.closing.load(Ordering::SeqCst) {
+            Err(Error::InvalidUsage(format!(
+                "loopback rank {} is closed",
+                self.rank
+            )))
         } else {
             Ok(())
         }
@@ -338,6 +350,35 @@ impl Transport for Loopback {
             self.fabric.wake(r);
         }
         self.fabric.regs_cv.notify_all();
+        let _g = self.fabric.closed.lock().unwrap_or_else(|p| p.into_inner());
+        self.fabric.close_cv.notify_all();
+    }
+
+    fn close(&self, deadline: Instant) -> Result<()> {
+        let f = &*self.fabric;
+        let mut closed = f.closed.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.closing.swap(true, Ordering::SeqCst) {
+            *closed += 1;
+            f.close_cv.notify_all();
+        }
+        while *closed < f.world {
+            if f.aborted.load(Ordering::SeqCst) {
+                return Err(Error::Aborted);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout {
+                    op: format!("closing: {} of {} ranks have closed", *closed, f.world),
+                    waited: Duration::ZERO,
+                });
+            }
+            closed = f
+                .close_cv
+                .wait_timeout(closed, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(())
     }
 
     fn peer_ptr(&self, peer: usize, win: &Window) -> Result<Option<*mut u8>> {

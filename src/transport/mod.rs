@@ -191,6 +191,16 @@ pub trait Transport: Send + Sync {
     /// `Err(Aborted)`. Idempotent.
     fn abort(&self);
 
+    /// Collective orderly end. This rank addresses nothing more to any peer; peers may still
+    /// put into and signal this rank until they close too, and what they send is applied.
+    /// Returns once every peer has closed, so a rank that finishes early never makes a slower
+    /// peer's legal work fail. Fails with `PeerFailed` when a peer died or left without
+    /// closing, `Aborted` after an abort, `Timeout` at `deadline`; the transport is closed on
+    /// this rank either way, and every later operation fails with `InvalidUsage`.
+    /// Idempotent. Dropping a transport without closing it is leaving: peers that still
+    /// address it, or wait for it, get `PeerFailed`.
+    fn close(&self, deadline: Instant) -> Result<()>;
+
     /// Start of this rank's own copy of `win` (page-aligned where the backend can).
     /// Backends implement this; users go through the checked accessors below.
     fn local_base(&self, win: &Window) -> Result<*mut u8>;

@@ -66,9 +66,12 @@ pub struct ShmTransport {
     signal_segs: Vec<Arc<Segment>>,
     signals: Vec<SignalArray>,
     liveness: Arc<Liveness>,
+    /// `close` began here: no new operation starts.
+    closing: AtomicBool,
     next_reg: AtomicU64,
     windows: WindowTable<Arc<[Segment]>>,
-    /// Dropped last (declared last): peers see our state `Closed` before our links close.
+    /// Dropped last (declared last): after a completed `close`, peers see our state `Closed`
+    /// before our links close; without it they see a rank that left, a failure.
     mesh: Mesh,
 }
 
@@ -93,7 +96,8 @@ impl ShmTransport {
         })
         .map_err(|e| barrier_err.take().unwrap_or_else(|| e.into()))?;
 
-        let sig_bytes = SignalArray::bytes_for(opts.num_signals);
+        // One line past the caller's words counts the peers that have begun closing.
+        let sig_bytes = SignalArray::bytes_for(opts.num_signals + 1);
         let own = Segment::create(&format!("sig-r{}", opts.rank), sig_bytes)?;
         let received = mesh.exchange(
             SIGNAL_TAG,
@@ -110,7 +114,7 @@ impl ShmTransport {
                     if len != sig_bytes as u64 {
                         return Err(Error::ConfigMismatch(format!(
                             "rank {peer} has {} signal words, rank {} has {}",
-                            len as usize / xccl_shm::SIGNAL_LINE,
+                            (len as usize / xccl_shm::SIGNAL_LINE).saturating_sub(1),
                             opts.rank,
                             opts.num_signals
                         )));
@@ -121,10 +125,10 @@ impl ShmTransport {
         }
         let signals: Vec<SignalArray> = signal_segs
             .iter()
-            // SAFETY: each data area is page-aligned, `bytes_for(num_signals)` long (checked
+            // SAFETY: each data area is page-aligned, `bytes_for(num_signals + 1)` long (checked
             // by `Segment::open`), lives as long as `signal_segs` which outlives every use of
             // these views, and every process touches it only through the atomics of the lines.
-            .map(|s| unsafe { SignalArray::from_raw(s.data_ptr(), opts.num_signals) })
+            .map(|s| unsafe { SignalArray::from_raw(s.data_ptr(), opts.num_signals + 1) })
             .collect();
 
         let liveness = Arc::new(Liveness {
@@ -168,6 +172,7 @@ impl ShmTransport {
             signal_segs,
             signals,
             liveness,
+            closing: AtomicBool::new(false),
             next_reg: AtomicU64::new(1),
             windows: WindowTable::new(),
             mesh,
@@ -190,18 +195,29 @@ impl ShmTransport {
         }
     }
 
-    fn check_live(&self, peer: Option<usize>) -> Result<()> {
+    /// Why every operation must stop, if it must (abort, a failed peer).
+    fn interruption(&self) -> Option<Error> {
         if self.aborted() {
-            return Err(Error::Aborted);
+            return Some(Error::Aborted);
         }
-        if let Some(rank) = self.failed_peer() {
-            return Err(Error::PeerFailed { rank });
+        self.failed_peer().map(|rank| Error::PeerFailed { rank })
+    }
+
+    fn check_live(&self, peer: Option<usize>) -> Result<()> {
+        if let Some(e) = self.interruption() {
+            return Err(e);
+        }
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(Error::InvalidUsage(format!(
+                "shm rank {} is closed",
+                self.rank
+            )));
         }
         if let Some(p) = peer {
+            // A peer finishes closing only after this rank began to: reaching one that did
+            // means it is gone.
             if p != self.rank && self.liveness.departed[p].load(Ordering::Relaxed) {
-                return Err(Error::InvalidUsage(format!(
-                    "peer rank {p} has closed its transport"
-                )));
+                return Err(Error::PeerFailed { rank: p });
             }
         }
         Ok(())
@@ -378,6 +394,44 @@ impl Transport for ShmTransport {
         tracing::warn!(rank = self.rank, "shm transport aborted");
     }
 
+    fn close(&self, deadline: Instant) -> Result<()> {
+        let word = self.num_signals;
+        if !self.closing.swap(true, Ordering::SeqCst) {
+            for peer in (0..self.world).filter(|&p| p != self.rank) {
+                // SeqCst add: ordered after every earlier put to the peer (partner: the
+                // Acquire loads of the peer's wait below).
+                self.signals[peer].add(word, 1);
+            }
+        }
+        let start = Instant::now();
+        let need = self.world as u64 - 1;
+        match self.signals[self.rank].wait_until(
+            word,
+            |v| v >= need,
+            deadline,
+            &self.policy,
+            || self.interruption(),
+        ) {
+            WaitOutcome::Ready(_) => {
+                // Every peer has begun closing: none addresses this rank any more, so leaving
+                // is orderly (peers that see our links close read `Closed`, not a death).
+                self.signal_segs[self.rank].set_state(SegmentState::Closed);
+                Ok(())
+            }
+            WaitOutcome::Interrupted(e) => {
+                // The job already failed (a death or an abort every rank sees for itself):
+                // leaving now must not be taken for one more failure naming this rank.
+                self.signal_segs[self.rank].set_state(SegmentState::Closed);
+                Err(e)
+            }
+            // Peers that are alive have not closed: leaving is a failure they must see.
+            WaitOutcome::TimedOut(v) => Err(Error::Timeout {
+                op: format!("closing: {v} of {need} peers have closed"),
+                waited: start.elapsed(),
+            }),
+        }
+    }
+
     fn peer_ptr(&self, peer: usize, win: &Window) -> Result<Option<*mut u8>> {
         check_peer(peer, self.world)?;
         Ok(Some(self.segments(win)?[peer].data_ptr()))
@@ -385,13 +439,5 @@ impl Transport for ShmTransport {
 
     fn local_base(&self, win: &Window) -> Result<*mut u8> {
         Ok(self.segments(win)?[self.rank].data_ptr())
-    }
-}
-
-impl Drop for ShmTransport {
-    fn drop(&mut self) {
-        // Before the mesh links close (the mesh field drops after this body), so peers that
-        // see the links close know this was an orderly exit, not a death.
-        self.signal_segs[self.rank].set_state(SegmentState::Closed);
     }
 }

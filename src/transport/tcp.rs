@@ -73,6 +73,7 @@ impl From<xccl_tcp::Error> for Error {
             xccl_tcp::Error::Protocol(m) => Error::ProtocolViolation(m),
             xccl_tcp::Error::Invalid(m) => Error::InvalidArgument(m),
             xccl_tcp::Error::Mismatch(m) => Error::ConfigMismatch(m),
+            xccl_tcp::Error::Closed(m) => Error::InvalidUsage(m),
         }
     }
 }
@@ -300,6 +301,10 @@ impl Transport for TcpTransport {
 
     fn abort(&self) {
         self.node.abort();
+    }
+
+    fn close(&self, deadline: Instant) -> Result<()> {
+        timed(Instant::now(), self.node.close(deadline).map(|()| 0)).map(|_| ())
     }
 
     fn local_base(&self, win: &Window) -> Result<*mut u8> {

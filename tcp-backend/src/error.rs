@@ -37,6 +37,9 @@ pub enum Error {
     /// Ranks disagree (region sizes, world size).
     #[error("configuration mismatch: {0}")]
     Mismatch(String),
+    /// A call after this node closed (or began closing) its links.
+    #[error("closed: {0}")]
+    Closed(String),
 }
 
 /// Result alias of this crate.

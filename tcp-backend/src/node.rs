@@ -1,6 +1,15 @@
 //! A rank's node: the authenticated mesh of TCP links, one progress thread per peer that
 //! applies frames straight into registered regions, a heartbeat thread, and the one-sided
-//! operations (write, read, signal, flush, wait, abort).
+//! operations (write, read, signal, flush, wait, abort, close).
+//!
+//! # Orderly end
+//! `Bye` is a half-close: "I will ask nothing more of you" (no write, signal, read, flush or
+//! heartbeat follows it; answers to the peer's own earlier reads and flushes still may). A
+//! link's writer shuts down once both sides have said goodbye, so each side reads the other's
+//! stream to its end and no byte is left unread when the sockets close. [`Node::close`] says
+//! goodbye to every peer and returns once every peer's stream has ended after its goodbye,
+//! so a rank that closes first keeps applying what slower peers still send it. A stream that
+//! ends without a goodbye is a failed peer.
 
 use crate::auth;
 use crate::error::{Error, Result};
@@ -105,7 +114,16 @@ struct Shared {
     last_sent: Vec<AtomicU64>,
     last_recv: Vec<AtomicU64>,
     first_failed: AtomicUsize,
+    /// The peer said goodbye: it asks nothing more of this rank.
     departed: Vec<AtomicBool>,
+    /// Descriptor of each link's receiving socket (-1 before setup), for the liveness check.
+    rx_fd: Vec<std::sync::atomic::AtomicI32>,
+    /// `close` (or drop) began: no new operation starts.
+    closing: AtomicBool,
+    /// This rank said goodbye to the peer: it asks nothing more of it.
+    bye_sent: Vec<AtomicBool>,
+    /// The peer's stream ended after its goodbye: the link is finished.
+    finished: Vec<AtomicBool>,
     aborted: AtomicU64,
     stop: AtomicBool,
     regs: Mutex<HashMap<(usize, u64), u64>>,
@@ -182,6 +200,16 @@ impl Shared {
         }
         let hdr = f.encode();
         let mut guard = self.writers[peer].lock().unwrap_or_else(|p| p.into_inner());
+        // Checked under the writer lock, which `say_bye` holds while it sends the goodbye:
+        // no request can slip in behind it.
+        if !matches!(f.kind, Kind::ReadResp | Kind::FlushAck)
+            && self.bye_sent[peer].load(Ordering::SeqCst)
+        {
+            return Err(Error::Closed(format!(
+                "rank {} has said goodbye to rank {peer}",
+                self.cfg.rank
+            )));
+        }
         let Some(s) = guard.as_mut() else {
             return Err(Error::Invalid(format!("no link to rank {peer}")));
         };
@@ -203,6 +231,45 @@ impl Shared {
                 })
             }
         }
+    }
+}
+
+impl Shared {
+    /// Tells `peer` that this rank asks nothing more of it; shuts the writer down if the peer
+    /// said the same already. Idempotent.
+    fn say_bye(&self, peer: usize) {
+        let mut guard = self.writers[peer].lock().unwrap_or_else(|p| p.into_inner());
+        if self.bye_sent[peer].swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Some(s) = guard.as_mut() {
+            let _ = s.write_all(&Frame::new(Kind::Bye).encode());
+            // SeqCst pair with `peer_said_bye`: the goodbye flag is stored there before the
+            // writer lock is taken, so one of the two sees both goodbyes and shuts down.
+            if self.departed[peer].load(Ordering::SeqCst) {
+                let _ = s.shutdown(Shutdown::Write);
+            }
+        }
+    }
+
+    /// The peer's goodbye arrived: it asks nothing more of this rank.
+    fn peer_said_bye(&self, peer: usize) {
+        self.departed[peer].store(true, Ordering::SeqCst);
+        let guard = self.writers[peer].lock().unwrap_or_else(|p| p.into_inner());
+        if self.bye_sent[peer].load(Ordering::SeqCst) {
+            if let Some(s) = guard.as_ref() {
+                let _ = s.shutdown(Shutdown::Write);
+            }
+        }
+        drop(guard);
+        self.notify();
+    }
+
+    /// The peer's stream ended after its goodbye: nothing more will come from it.
+    fn link_finished(&self, peer: usize) {
+        self.finished[peer].store(true, Ordering::SeqCst);
+        self.closed[peer].store(true, Ordering::SeqCst);
+        self.notify();
     }
 }
 
@@ -339,6 +406,12 @@ impl Listening {
             last_recv: (0..n).map(|_| AtomicU64::new(0)).collect(),
             first_failed: AtomicUsize::new(0),
             departed: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            rx_fd: (0..n)
+                .map(|_| std::sync::atomic::AtomicI32::new(-1))
+                .collect(),
+            closing: AtomicBool::new(false),
+            bye_sent: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            finished: (0..n).map(|_| AtomicBool::new(false)).collect(),
             aborted: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             regs: Mutex::new(HashMap::new()),
@@ -393,6 +466,7 @@ impl Listening {
             *shared.writers[peer]
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()) = Some(s);
+            shared.rx_fd[peer].store(reader.as_raw_fd(), Ordering::Relaxed);
             *shared.rx[peer].lock().unwrap_or_else(|p| p.into_inner()) = Some(RxLink::new(reader));
             shared.last_recv[peer].store(shared.now_us(), Ordering::Relaxed);
             let sh = shared.clone();
@@ -641,6 +715,15 @@ fn drain(sh: &Shared, peer: usize, link: &mut RxLink) -> bool {
         sh.closed[peer].store(true, Ordering::SeqCst);
         false
     };
+    // The end of a stream after the peer's goodbye is the orderly end of the link.
+    let ended = |why: String| {
+        if sh.departed[peer].load(Ordering::SeqCst) {
+            sh.link_finished(peer);
+            false
+        } else {
+            fail(why)
+        }
+    };
     loop {
         if link.end - link.start < HDR {
             match link.fill_nonblocking() {
@@ -656,8 +739,8 @@ fn drain(sh: &Shared, peer: usize, link: &mut RxLink) -> bool {
                     link.start = 0;
                     link.end = HDR;
                 }
-                Err(ReadEnd::Eof) => return fail("connection closed".into()),
-                Err(ReadEnd::Err(e)) => return fail(format!("connection error: {e}")),
+                Err(ReadEnd::Eof) => return ended("connection closed".into()),
+                Err(ReadEnd::Err(e)) => return ended(format!("connection error: {e}")),
                 Err(ReadEnd::Silent) => return fail("silent".into()),
             }
         }
@@ -668,12 +751,8 @@ fn drain(sh: &Shared, peer: usize, link: &mut RxLink) -> bool {
         match Frame::decode(&hdr, sh.cfg.max_frame).and_then(|f| apply(sh, peer, link, &f)) {
             // Staging empty: return rather than spend another system call to learn that
             // nothing more is there (the caller polls again anyway).
-            Ok(true) if link.start == link.end => return true,
-            Ok(true) => {}
-            Ok(false) => {
-                sh.closed[peer].store(true, Ordering::SeqCst);
-                return false;
-            }
+            Ok(()) if link.start == link.end => return true,
+            Ok(()) => {}
             Err(e) => return fail(e.to_string()),
         }
     }
@@ -753,16 +832,16 @@ fn try_progress_all(sh: &Shared) {
         }
         if let Ok(mut g) = sh.rx[peer].try_lock() {
             if let Some(link) = g.as_mut() {
-                if !drain(sh, peer, link) {
-                    *g = None;
-                }
+                // A finished link stays in place (marked closed) so that its descriptor
+                // lives as long as the node: the liveness check may still look at it.
+                drain(sh, peer, link);
             }
         }
     }
 }
 
-/// The progress thread of one link: sleeps in `poll` until frames arrive, applies them (unless
-/// a waiting caller already did), and declares the peer failed after `peer_timeout` of silence.
+/// The progress thread of one link: sleeps in `poll` until frames arrive and applies them
+/// (unless a waiting caller already did), until the link ends.
 fn progress(sh: Arc<Shared>, peer: usize) {
     let fd = match sh.rx[peer]
         .lock()
@@ -808,9 +887,8 @@ fn progress(sh: Arc<Shared>, peer: usize) {
                 revents: 0,
             },
         ];
-        // SAFETY: two valid pollfds; the link's descriptor stays open while this thread runs
-        // (the link is dropped only by this thread or after it was joined), the eventfd for
-        // the node's life.
+        // SAFETY: two valid pollfds; the link's descriptor and the eventfd stay open for the
+        // node's life (links are never dropped before the node).
         let rc = unsafe { libc::poll(p.as_mut_ptr(), 2, slice) };
         sh.in_poll.fetch_sub(1, Ordering::SeqCst);
         // When kicked (a caller polls now), the link is left to the caller.
@@ -818,24 +896,15 @@ fn progress(sh: Arc<Shared>, peer: usize) {
             let mut g = sh.rx[peer].lock().unwrap_or_else(|p| p.into_inner());
             if let Some(link) = g.as_mut() {
                 if !drain(&sh, peer, link) {
-                    *g = None;
                     return;
                 }
             }
         }
-        let silent = sh
-            .now_us()
-            .saturating_sub(sh.last_recv[peer].load(Ordering::Relaxed));
-        if Duration::from_micros(silent) > sh.cfg.peer_timeout {
-            sh.fail(peer, &format!("silent for {} ms", silent / 1000));
-            sh.closed[peer].store(true, Ordering::SeqCst);
-            return;
-        }
     }
 }
 
-/// Applies one frame; `Ok(false)` after the peer's goodbye.
-fn apply(sh: &Shared, peer: usize, link: &mut RxLink, f: &Frame) -> Result<bool> {
+/// Applies one frame (a goodbye too: the link is read on to the end of its stream).
+fn apply(sh: &Shared, peer: usize, link: &mut RxLink, f: &Frame) -> Result<()> {
     let signal = |idx: u64, set: bool, v: u64| -> Result<()> {
         if idx >= sh.signals.len() as u64 {
             return Err(Error::Protocol(format!(
@@ -946,33 +1015,74 @@ fn apply(sh: &Shared, peer: usize, link: &mut RxLink, f: &Frame) -> Result<bool>
                 .insert((peer, f.region), f.len);
             sh.notify();
         }
-        Kind::Bye => {
-            sh.departed[peer].store(true, Ordering::SeqCst);
-            sh.notify();
-            return Ok(false);
-        }
+        Kind::Bye => sh.peer_said_bye(peer),
     }
-    Ok(true)
+    Ok(())
 }
 
+/// Sends heartbeats on links idle for `heartbeat` and declares silent peers failed. Silence is
+/// counted only while this rank itself runs and only when nothing from the peer waits unread:
+/// a live peer is never declared dead because this rank was starved of the CPU.
 fn heartbeat(sh: Arc<Shared>) {
     let every = sh.cfg.heartbeat;
+    let tick = every / 2;
+    let mut last_tick = sh.now_us();
     while !sh.stop.load(Ordering::SeqCst) {
-        std::thread::sleep(every / 2); // the heartbeat's own pace
+        std::thread::sleep(tick); // the heartbeat's own pace
         let now = sh.now_us();
-        for peer in 0..sh.cfg.world {
-            if peer == sh.cfg.rank || sh.departed[peer].load(Ordering::SeqCst) {
-                continue;
+        if Duration::from_micros(now.saturating_sub(last_tick)) > sh.cfg.peer_timeout / 2 {
+            // This thread did not run for a long while: the machine is overloaded, and what
+            // the peers sent meanwhile may not have been read yet. Start counting again.
+            for t in &sh.last_recv {
+                t.fetch_max(now, Ordering::Relaxed);
             }
-            if Duration::from_micros(now.saturating_sub(sh.last_sent[peer].load(Ordering::Relaxed)))
-                >= every
+        }
+        last_tick = now;
+        for peer in (0..sh.cfg.world).filter(|&p| p != sh.cfg.rank) {
+            if !sh.bye_sent[peer].load(Ordering::SeqCst)
+                && Duration::from_micros(
+                    now.saturating_sub(sh.last_sent[peer].load(Ordering::Relaxed)),
+                ) >= every
             {
                 let _ = sh.send(peer, &Frame::new(Kind::Heartbeat), &[]);
             }
-            let silent = now.saturating_sub(sh.last_recv[peer].load(Ordering::Relaxed));
-            if Duration::from_micros(silent) > sh.cfg.peer_timeout {
-                sh.fail(peer, &format!("silent for {} ms", silent / 1000));
-            }
+            sh.check_silence(peer, now);
+        }
+    }
+}
+
+impl Shared {
+    /// Declares `peer` failed if it has been silent past the peer timeout (a peer that said
+    /// goodbye sends nothing more and is not watched).
+    fn check_silence(&self, peer: usize, now: u64) {
+        if self.departed[peer].load(Ordering::SeqCst) || self.closed[peer].load(Ordering::SeqCst) {
+            return;
+        }
+        let silent = now.saturating_sub(self.last_recv[peer].load(Ordering::Relaxed));
+        if Duration::from_micros(silent) <= self.cfg.peer_timeout {
+            return;
+        }
+        if self.unread_bytes(peer) > 0 {
+            // The peer did send; this rank has not read it yet.
+            self.last_recv[peer].fetch_max(now, Ordering::Relaxed);
+            return;
+        }
+        self.fail(peer, &format!("silent for {} ms", silent / 1000));
+    }
+
+    /// Bytes from `peer` waiting in the socket, unread.
+    fn unread_bytes(&self, peer: usize) -> usize {
+        let fd = self.rx_fd[peer].load(Ordering::Relaxed);
+        if fd < 0 {
+            return 0;
+        }
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int; `fd` is the link's socket, open for the node's life.
+        let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+        if rc == 0 {
+            n.max(0) as usize
+        } else {
+            0
         }
     }
 }
@@ -1019,10 +1129,19 @@ impl Node {
         if let Some(e) = self.shared.interrupted() {
             return Err(e);
         }
-        if peer != self.rank() && self.shared.departed[peer].load(Ordering::SeqCst) {
-            return Err(Error::Invalid(format!(
-                "peer rank {peer} has closed its node"
+        if self.shared.closing.load(Ordering::SeqCst) {
+            return Err(Error::Closed(format!(
+                "rank {} has closed its node",
+                self.rank()
             )));
+        }
+        // A peer that said goodbye still applies what this rank sends until this rank says
+        // goodbye too; one whose stream has ended is gone.
+        if peer != self.rank() && self.shared.finished[peer].load(Ordering::SeqCst) {
+            return Err(Error::PeerFailed {
+                rank: peer,
+                detail: "it left the job".into(),
+            });
         }
         Ok(())
     }
@@ -1400,17 +1519,54 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Collective orderly end: says goodbye to every peer (this rank asks nothing more of
+    /// anyone), keeps applying what peers still send, and returns once every peer has said
+    /// goodbye and its stream has ended. Fails with `PeerFailed` if a peer died first,
+    /// `Aborted` after an abort, `Timeout` at `deadline`. Later operations fail with
+    /// [`Error::Closed`]. Idempotent.
+    pub fn close(&self, deadline: Instant) -> Result<()> {
+        let sh = &self.shared;
+        sh.closing.store(true, Ordering::SeqCst);
+        let others = || (0..self.world()).filter(|&p| p != self.rank());
+        for peer in others() {
+            sh.say_bye(peer);
+        }
+        let mut g = sh.pending.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let waiting: Vec<usize> = others()
+                .filter(|&p| !sh.finished[p].load(Ordering::SeqCst))
+                .collect();
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            if let Some(e) = sh.interrupted() {
+                return Err(e);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout(format!(
+                    "closing: ranks {waiting:?} have not closed"
+                )));
+            }
+            // `link_finished` and `fail` notify under this lock.
+            g = sh
+                .changed
+                .wait_timeout(g, (deadline - now).min(Duration::from_millis(50)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
 impl Drop for Node {
+    /// Without [`Node::close`], says goodbye and leaves at once: peers still sending to this
+    /// rank then see it as gone.
     fn drop(&mut self) {
         let sh = &self.shared;
+        sh.closing.store(true, Ordering::SeqCst);
         for peer in (0..sh.cfg.world).filter(|&p| p != sh.cfg.rank) {
-            if let Some(s) = sh.writers[peer]
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_mut()
-            {
-                let _ = s.write_all(&Frame::new(Kind::Bye).encode());
-            }
+            sh.say_bye(peer);
         }
         sh.stop.store(true, Ordering::SeqCst);
         {

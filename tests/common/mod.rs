@@ -284,7 +284,12 @@ where
     for c in &comms {
         let (c, body, tx) = (c.clone(), body.clone(), tx.clone());
         std::thread::spawn(move || {
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&c)));
+            // Every rank closes when its body is done, as a program would: the collective
+            // close must let ranks that finish at different times all complete.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                body(&c);
+                c.close().expect("closing the communicator");
+            }));
             let msg = r.err().map(|p| {
                 p.downcast_ref::<String>()
                     .cloned()

@@ -141,5 +141,6 @@ pub fn run(c: &Common, v: bool) -> Result<()> {
         report::emit(me, &mut rows, row);
     }
     comm.barrier()?;
-    report::finish(me, c, &rows, total_wrong)
+    report::finish(me, c, &rows, total_wrong)?;
+    comm.close()
 }

@@ -356,7 +356,7 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
             wrong[0]
         )));
     }
-    Ok(())
+    comm.close()
 }
 
 #[cfg(test)]

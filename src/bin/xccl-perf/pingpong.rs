@@ -339,5 +339,6 @@ pub fn run(args: &PingpongArgs) -> Result<()> {
         }
     }
     comm.barrier()?;
-    report::finish(me, c, &rows, total_wrong)
+    report::finish(me, c, &rows, total_wrong)?;
+    comm.close()
 }

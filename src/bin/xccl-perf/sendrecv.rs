@@ -154,5 +154,6 @@ pub fn run(c: &Common) -> Result<()> {
         }
     }
     comm.barrier()?;
-    report::finish(me, c, &rows, total_wrong)
+    report::finish(me, c, &rows, total_wrong)?;
+    comm.close()
 }
