@@ -292,6 +292,13 @@ mod tests {
             // SAFETY: `fd` is fresh and owned by nobody else.
             let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
             file.set_len((HEADER_LEN + 4096) as u64).unwrap();
+            // A valid header, so that the seals are all that is wrong with it.
+            let genuine = Segment::create("test-seal-header", 4096).unwrap();
+            // SAFETY: the mapping is at least HEADER_LEN bytes long and lives while read.
+            let header = unsafe { std::slice::from_raw_parts(genuine.map.as_ptr(), HEADER_LEN) };
+            std::os::unix::fs::FileExt::write_all_at(&file, header, 0).unwrap();
+            let ok = Segment::open(genuine.fd().unwrap(), 4096);
+            assert!(ok.is_ok(), "the genuine segment opens");
             if seals != 0 {
                 // SAFETY: plain fcntl on a descriptor we own.
                 assert_eq!(unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) }, 0);
