@@ -28,6 +28,7 @@ mod id_map;
 pub mod launch;
 pub mod moe;
 pub mod p2p;
+mod size;
 pub mod transport;
 
 pub use comm::{Backend, CommBuilder, Communicator};

@@ -23,6 +23,7 @@
 mod error;
 mod fdpass;
 mod futex;
+pub mod headroom;
 mod mesh;
 mod segment;
 mod signal;

@@ -12,6 +12,7 @@ use std::time::Instant;
 
 const KIND_HELLO: u32 = 1;
 const KIND_SEGMENT: u32 = 2;
+const KIND_VERDICT: u32 = 3;
 const PROTOCOL_VERSION: u64 = 1;
 
 /// Called from the watcher thread with the rank of a peer whose link closed.
@@ -239,6 +240,45 @@ impl Mesh {
                 ))
             })?;
             out.push(Some((pfd, m.b)));
+        }
+        Ok(out)
+    }
+
+    /// Collective: tells every peer whether this rank succeeded at step `tag` and learns
+    /// theirs. Entry `r` of the result is rank `r`'s answer (this rank's own included), so
+    /// every rank reaches the same all-or-none decision.
+    pub fn agree(&self, tag: u64, ok: bool, deadline: Instant) -> Result<Vec<bool>> {
+        for link in self.links.iter().flatten() {
+            fdpass::send(
+                link,
+                &Msg {
+                    kind: KIND_VERDICT,
+                    a: tag,
+                    b: ok as u64,
+                    c: 0,
+                },
+                None,
+            )?;
+        }
+        let mut out = Vec::with_capacity(self.world);
+        for (peer, link) in self.links.iter().enumerate() {
+            let Some(link) = link else {
+                out.push(ok);
+                continue;
+            };
+            let what = format!("waiting for rank {peer}'s verdict on step #{tag}");
+            let (m, pfd) = fdpass::recv(link, deadline, &what)?.ok_or_else(|| Error::PeerGone {
+                rank: peer,
+                detail: "link closed while agreeing".into(),
+            })?;
+            if m.kind != KIND_VERDICT || m.a != tag || m.b > 1 || pfd.is_some() {
+                return Err(Error::Protocol(format!(
+                    "rank {peer} sent message kind {} #{} ({}) while the verdict on #{tag} was \
+                     expected (collective calls made in different orders?)",
+                    m.kind, m.a, m.b
+                )));
+            }
+            out.push(m.b == 1);
         }
         Ok(out)
     }

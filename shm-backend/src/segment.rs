@@ -214,22 +214,17 @@ impl Segment {
     }
 }
 
-/// Refuses a segment larger than the memory the kernel reports available: reserving it would
-/// only push the machine into the OOM killer instead of failing with a clear message.
+/// Refuses a segment larger than the memory this process may still take (the machine's and
+/// its memory cgroups' limits): reserving it would only summon the OOM killer instead of
+/// failing with a clear message.
 fn check_available(name: &str, total: usize) -> Result<()> {
-    let avail_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        m.lines()
-            .find(|l| l.starts_with("MemAvailable:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-    });
-    match avail_kib {
-        Some(kib) if (total as u64) > kib.saturating_mul(1024) => Err(Error::io(
+    match crate::headroom::available() {
+        Some((bytes, why)) if total as u64 > bytes => Err(Error::io(
             format!(
                 "cannot reserve {total} bytes ({:.1} MiB) of shared memory for memfd:xccl-{name}: \
-                 only {:.1} MiB available",
+                 only {:.1} MiB {why}",
                 total as f64 / (1 << 20) as f64,
-                kib as f64 / 1024.0
+                bytes as f64 / (1 << 20) as f64
             ),
             std::io::Error::from_raw_os_error(libc::ENOMEM),
         )),

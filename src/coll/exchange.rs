@@ -25,6 +25,7 @@
 //! ```
 
 use crate::error::{Error, Result};
+use crate::size::Sizer;
 use crate::transport::{Cmp, SignalOp, Window};
 use crate::Communicator;
 
@@ -58,15 +59,12 @@ impl<'c> Exchange<'c> {
     /// rank (two epochs: `2 × world × max_block` bytes, page-aligned regions).
     pub fn new(comm: &'c Communicator, max_block: usize) -> Result<Self> {
         let n = comm.world_size();
-        let region = max_block.div_ceil(PAGE).max(1) * PAGE;
-        let data = region
-            .checked_mul(n)
-            .and_then(|x| x.checked_mul(2))
-            .ok_or_else(|| {
-                Error::InvalidArgument(format!("exchange of {n} x {max_block} bytes overflows"))
-            })?;
-        let counts = (2 * n * COUNT_SLOT).div_ceil(PAGE) * PAGE;
-        let win = comm.register(data + counts)?;
+        let what = format!("an exchange of {n} x {max_block} bytes");
+        let size = Sizer::new(&what);
+        let region = size.round_up(max_block, PAGE)?.max(PAGE);
+        let data = size.mul(&[region, n, 2])?;
+        let counts = size.round_up(size.mul(&[2, n, COUNT_SLOT])?, PAGE)?;
+        let win = comm.register(size.add(&[data, counts])?)?;
         let sig_base = comm.alloc_signals(n)?;
         Ok(Exchange {
             comm,

@@ -24,6 +24,7 @@ use super::peer_rows::PeerRows;
 use super::quant;
 use super::sum::sum_rows;
 use crate::error::{Error, Result};
+use crate::size::Sizer;
 use crate::transport::{Cmp, SignalOp, Window};
 use crate::Communicator;
 use smallvec::SmallVec;
@@ -127,20 +128,18 @@ impl<'c> MoeBuffer<'c> {
         let placement = cfg.placement_for(n)?;
         cfg.check_int8()?;
         // Metadata: source token, local expert count, (expert, weight) per top-k slot, scale.
+        let what = format!("an MoE buffer of {n} ranks for {cfg:?}");
+        let size = Sizer::new(&what);
         let meta = round_line(12 + 8 * cfg.topk);
-        let rec = meta + round_line(cfg.row_bytes());
+        let rec = size.add(&[meta, size.round_up(cfg.row_bytes(), LINE)?])?;
         let mapped = comm.transport().caps().load_store;
-        let bytes = |per: usize| {
-            n.checked_mul(cfg.max_tokens.max(1))
-                .and_then(|x| x.checked_mul(per))
-                .ok_or_else(|| Error::InvalidArgument(format!("MoE buffer for {cfg:?} overflows")))
-        };
-        let disp = bytes(rec)?;
-        let outs = round_line(bytes(cfg.row_bytes())?);
+        let rows = size.mul(&[n, cfg.max_tokens.max(1)])?;
+        let disp = size.mul(&[rows, rec])?;
+        let outs = size.round_up(size.mul(&[rows, cfg.row_bytes()])?, LINE)?;
         let comb = if mapped { 0 } else { outs };
         let counts = 2 * n * LINE;
-        let half = disp + outs + comb + counts;
-        let win = comm.register(2 * half)?;
+        let half = size.add(&[disp, outs, comb, counts])?;
+        let win = comm.register(size.mul(&[2, half])?)?;
         let sig_disp = comm.alloc_signals(3 * n)?;
         Ok(MoeBuffer {
             comm,
@@ -457,7 +456,16 @@ impl<'c> MoeBuffer<'c> {
         self.stage = stage;
         self.stage_toks = stage_toks;
         for src in 0..n {
-            self.recv_counts[src] = self.collect(src, 0, epoch)?.0;
+            let count = self.collect(src, 0, epoch)?.0;
+            // This rank's own slot lies in its window, where any peer can write: it must say
+            // what this rank sent itself (its rows are read from `x` through `sent[me]`).
+            if src == me && count != self.sent[me].len() {
+                return Err(Error::ProtocolViolation(format!(
+                    "rank {me}'s own announcement says {count} rows, it sent itself {}",
+                    self.sent[me].len()
+                )));
+            }
+            self.recv_counts[src] = count;
         }
         if self.cfg.int8_dispatch {
             self.dequantize_arrivals(epoch)?;
@@ -872,5 +880,130 @@ impl<'a> DispatchView<'a> {
             }
         }
         Ok(counts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::moe::{Dtype, MoeConfig};
+    use crate::transport::{loopback::Loopback, Caps, LocalMem, Transport, Window};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    /// A loopback rank whose reads of one window offset see what a hostile peer wrote there
+    /// (a count of `forged` rows) instead of what this rank stored.
+    struct Tampered {
+        inner: Loopback,
+        at: Arc<AtomicUsize>,
+        forged: u64,
+    }
+
+    impl Transport for Tampered {
+        fn rank(&self) -> usize {
+            self.inner.rank()
+        }
+        fn world_size(&self) -> usize {
+            self.inner.world_size()
+        }
+        fn caps(&self) -> Caps {
+            self.inner.caps()
+        }
+        fn register(&self, len: usize) -> Result<Window> {
+            self.inner.register(len)
+        }
+        fn deregister(&self, win: Window) -> Result<()> {
+            self.inner.deregister(win)
+        }
+        fn put(&self, peer: usize, win: &Window, offset: usize, data: &[u8]) -> Result<()> {
+            self.inner.put(peer, win, offset, data)
+        }
+        fn get(&self, peer: usize, win: &Window, offset: usize, out: &mut [u8]) -> Result<()> {
+            self.inner.get(peer, win, offset, out)
+        }
+        fn signal(&self, peer: usize, index: usize, op: SignalOp, value: u64) -> Result<()> {
+            self.inner.signal(peer, index, op, value)
+        }
+        fn wait(&self, index: usize, cmp: Cmp, value: u64, deadline: Instant) -> Result<u64> {
+            self.inner.wait(index, cmp, value, deadline)
+        }
+        fn signal_value(&self, index: usize) -> Result<u64> {
+            self.inner.signal_value(index)
+        }
+        fn flush(&self, peer: usize) -> Result<()> {
+            self.inner.flush(peer)
+        }
+        fn abort(&self) {
+            self.inner.abort()
+        }
+        fn close(&self, deadline: Instant) -> Result<()> {
+            self.inner.close(deadline)
+        }
+        fn local_mem(&self, win: &Window) -> Result<LocalMem> {
+            self.inner.local_mem(win)
+        }
+        fn peer_ptr(&self, peer: usize, win: &Window) -> Result<Option<*mut u8>> {
+            self.inner.peer_ptr(peer, win)
+        }
+        fn read_local(&self, win: &Window, offset: usize, out: &mut [u8]) -> Result<()> {
+            self.inner.read_local(win, offset, out)?;
+            if offset == self.at.load(Ordering::SeqCst) && out.len() >= 8 {
+                out[..8].copy_from_slice(&self.forged.to_le_bytes());
+            }
+            Ok(())
+        }
+    }
+
+    /// A peer that writes a larger row count into a rank's own announcement slot makes that
+    /// rank's dispatch fail with a protocol error (it used to index past the rows it sent).
+    #[test]
+    fn a_forged_count_in_the_own_slot_is_a_protocol_error() {
+        let at = Arc::new(AtomicUsize::new(usize::MAX));
+        let ranks: Vec<Box<dyn Transport>> = Loopback::create(2)
+            .unwrap()
+            .into_iter()
+            .map(|inner| {
+                let forged = if inner.rank() == 0 { 8 } else { 0 };
+                Box::new(Tampered {
+                    inner,
+                    at: at.clone(),
+                    forged,
+                }) as Box<dyn Transport>
+            })
+            .collect();
+        let results: Vec<Result<usize>> = std::thread::scope(|s| {
+            let handles: Vec<_> = ranks
+                .into_iter()
+                .map(|t| {
+                    let at = at.clone();
+                    s.spawn(move || -> Result<usize> {
+                        let comm = Communicator::from_transport(t, Duration::from_secs(20))?;
+                        let me = comm.rank();
+                        let cfg = MoeConfig::new(4, 16, 1, 8, Dtype::F32);
+                        let mut buf = MoeBuffer::new(&comm, cfg)?;
+                        if me == 0 {
+                            // Epoch 1, dispatch counts, this rank's own slot.
+                            at.store(buf.count_off(1, 0, 0), Ordering::SeqCst);
+                        }
+                        comm.barrier()?;
+                        // Two tokens, both to this rank's own experts.
+                        let x = vec![0u8; 2 * 16 * 4];
+                        let experts = [2 * me as i64, 2 * me as i64 + 1];
+                        let r = buf.dispatch(&x, &experts, &[1.0, 1.0]);
+                        let rows = r.and_then(|view| view.rows().map(|rows| rows.len()));
+                        if me == 0 {
+                            comm.abort(); // the peer must not wait for a combine
+                        }
+                        rows
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        match &results[0] {
+            Err(Error::ProtocolViolation(m)) => assert!(m.contains("own announcement"), "{m}"),
+            other => panic!("rank 0: {other:?}"),
+        }
     }
 }

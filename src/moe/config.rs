@@ -132,6 +132,10 @@ impl Dtype {
     }
 }
 
+/// Most experts a configuration may name (a million: far past any model, and small enough
+/// that per-expert tables are cheap).
+pub const MAX_EXPERTS: usize = 1 << 20;
+
 /// What a MoE layer looks like to the communication: set once, sizes every buffer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MoeConfig {
@@ -172,12 +176,29 @@ impl MoeConfig {
         }
     }
 
-    /// The rank of every expert for a world of `ranks`, checked.
+    /// The rank of every expert for a world of `ranks`, checked (with the sizes: at most
+    /// [`MAX_EXPERTS`] experts, rows that fit the address space).
     pub fn placement_for(&self, ranks: usize) -> Result<Vec<usize>> {
         if self.experts == 0 || self.hidden == 0 || self.topk == 0 || self.topk > self.experts {
             return Err(Error::InvalidArgument(format!(
                 "MoE config: experts {}, hidden {}, top-k {} (need 1 <= top-k <= experts, hidden >= 1)",
                 self.experts, self.hidden, self.topk
+            )));
+        }
+        if self.experts > MAX_EXPERTS {
+            return Err(Error::InvalidArgument(format!(
+                "MoE config: {} experts (at most {MAX_EXPERTS})",
+                self.experts
+            )));
+        }
+        if self
+            .hidden
+            .checked_mul(Dtype::F32.size())
+            .is_none_or(|b| b > isize::MAX as usize / 2)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "MoE config: hidden size {} is larger than the address space",
+                self.hidden
             )));
         }
         match &self.placement {

@@ -29,6 +29,7 @@ use super::peer_rows::PeerRows;
 use super::quant;
 use super::sum::sum_rows;
 use crate::error::{Error, Result};
+use crate::size::Sizer;
 use crate::transport::{Cmp, SignalOp, Window};
 use crate::Communicator;
 use smallvec::SmallVec;
@@ -130,24 +131,21 @@ impl<'c> LowLatencyBuffer<'c> {
             .unwrap_or(0);
         let mapped = comm.transport().caps().load_store;
         let rb = cfg.row_bytes();
-        let row = rb.div_ceil(LINE) * LINE;
+        let what = format!("a low-latency buffer of {n} ranks for {cfg:?}");
+        let size = Sizer::new(&what);
+        let row = size.round_up(rb, LINE)?;
         let cap = cfg.max_tokens.max(1);
-        let overflow =
-            || Error::InvalidArgument(format!("low-latency buffer for {cfg:?} overflows"));
-        let slots = max_local
-            .checked_mul(n)
-            .and_then(|v| v.checked_mul(cap))
-            .ok_or_else(overflow)?;
-        let meta = (slots * META).div_ceil(LINE) * LINE;
-        let data = slots.checked_mul(row).ok_or_else(overflow)?;
-        let outs = (slots.checked_mul(rb).ok_or_else(overflow)?).div_ceil(LINE) * LINE;
+        let slots = size.mul(&[max_local, n, cap])?;
+        let meta = size.round_up(size.mul(&[slots, META])?, LINE)?;
+        let data = size.mul(&[slots, row])?;
+        let outs = size.round_up(size.mul(&[slots, rb])?, LINE)?;
         let comb = if mapped {
             0
         } else {
-            cfg.experts.checked_mul(cap * rb).ok_or_else(overflow)?
+            size.mul(&[cfg.experts, cap, rb])?
         };
-        let half = meta + data + outs + comb;
-        let win = comm.register(half.checked_mul(2).ok_or_else(overflow)?)?;
+        let half = size.add(&[meta, data, outs, comb])?;
+        let win = comm.register(size.mul(&[half, 2])?)?;
         let sig_disp = comm.alloc_signals(max_local * n + n)?;
         Ok(LowLatencyBuffer {
             comm,

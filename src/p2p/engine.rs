@@ -9,6 +9,7 @@
 
 use super::wire::{ChunkHeader, HEADER_LEN, INLINE_MAX, MARKER_LEN};
 use crate::error::{Error, Result};
+use crate::size::Sizer;
 use crate::transport::{Cmp, SignalOp, Transport, Window};
 use crate::Communicator;
 use smallvec::SmallVec;
@@ -288,14 +289,13 @@ impl<'c> Engine<'c> {
             )));
         }
         let n = comm.world_size();
-        let slot_bytes = cfg.slot_bytes.div_ceil(PAGE) * PAGE;
-        let ring_bytes = n
-            .checked_mul(cfg.slots)
-            .and_then(|x| x.checked_mul(slot_bytes))
-            .ok_or_else(|| Error::InvalidArgument(format!("p2p rings of {cfg:?} overflow")))?;
-        let hdr_bytes = (n * cfg.slots * HEADER_LEN).div_ceil(PAGE) * PAGE;
+        let what = format!("p2p rings of {cfg:?} for {n} ranks");
+        let size = Sizer::new(&what);
+        let slot_bytes = size.round_up(cfg.slot_bytes, PAGE)?;
+        let ring_bytes = size.mul(&[n, cfg.slots, slot_bytes])?;
+        let hdr_bytes = size.round_up(size.mul(&[n, cfg.slots, HEADER_LEN])?, PAGE)?;
         // One page more for this rank's count of armed waiters (see `ring_doorbell`).
-        let win = comm.register(ring_bytes + hdr_bytes + PAGE)?;
+        let win = comm.register(size.add(&[ring_bytes, hdr_bytes, PAGE])?)?;
         let head_base = comm.alloc_signals(2 * n + 1)?;
         let direct = (0..n)
             .map(|r| comm.transport().peer_ptr(r, &win))

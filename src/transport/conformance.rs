@@ -496,6 +496,56 @@ pub fn register_mismatch(world: usize, f: Factory) {
     });
 }
 
+/// A window deregistered while another thread of the same rank still copies into it (writes,
+/// reads, puts to itself): the copies in flight finish on live memory, later ones fail with
+/// `InvalidUsage`, and nothing crashes.
+pub fn deregister_races_with_access(world: usize, f: Factory) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const LEN: usize = 4 << 20;
+    run_ranks(f(world), WATCHDOG, |t| {
+        let me = t.rank();
+        for round in 0..3 {
+            let win = t.register(LEN).unwrap();
+            let copies = AtomicUsize::new(0);
+            std::thread::scope(|s| {
+                let copier = s.spawn(|| {
+                    let data = vec![round as u8; LEN];
+                    let mut back = vec![0u8; LEN];
+                    for i in 0.. {
+                        let r = match i % 3 {
+                            0 => t.write_local(&win, 0, &data),
+                            1 => t.read_local(&win, 0, &mut back),
+                            _ => t.put(me, &win, 0, &data),
+                        };
+                        match r {
+                            Ok(()) => copies.fetch_add(1, Ordering::SeqCst),
+                            Err(Error::InvalidUsage(_)) => return i,
+                            Err(e) => panic!("copy {i} after deregistration: {e}"),
+                        };
+                    }
+                    unreachable!()
+                });
+                // Deregister while copies run (at least a few have completed by then).
+                while copies.load(Ordering::SeqCst) < 2 + round {
+                    std::hint::spin_loop();
+                }
+                t.deregister(win).unwrap();
+                assert!(copier.join().unwrap() >= 2);
+            });
+        }
+        // The handle is refused from now on, on every path.
+        let w = t.register(64).unwrap();
+        t.deregister(w).unwrap();
+        let mut b = [0u8; 1];
+        assert!(matches!(
+            t.read_local(&w, 0, &mut b),
+            Err(Error::InvalidUsage(_))
+        ));
+        assert!(matches!(t.put(me, &w, 0, &b), Err(Error::InvalidUsage(_))));
+        assert!(matches!(t.deregister(w), Err(Error::InvalidUsage(_))));
+    });
+}
+
 /// Instantiates the whole suite for a backend factory (a function in the calling module),
 /// once per world size 1, 2, 3 and 8, as `#[test]`s grouped in one module per check.
 #[macro_export]
@@ -506,7 +556,7 @@ macro_rules! transport_conformance {
             flush_completes_puts,
             signals_are_counters, deadline_gives_timeout, abort_wakes_every_waiter,
             bad_arguments_are_rejected, window_sizes, large_window, many_windows,
-            register_mismatch);
+            register_mismatch, deregister_races_with_access);
     };
     (@checks $factory:ident; $($check:ident),* $(,)?) => {
         $(

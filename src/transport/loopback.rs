@@ -2,7 +2,8 @@
 //! reference every other backend is compared with, so it favours obviousness over speed.
 
 use super::{
-    check_peer, check_range, check_signal, Caps, Cmp, SignalOp, Transport, Window, WindowTable,
+    check_peer, check_range, check_signal, Caps, Cmp, LocalMem, SignalOp, Transport, Window,
+    WindowTable,
 };
 use crate::error::{Error, Result};
 use crossbeam_utils::CachePadded;
@@ -168,14 +169,22 @@ impl Loopback {
         }
     }
 
-    fn remote(&self, peer: usize, win: &Window, offset: usize, len: usize) -> Result<*mut u8> {
+    /// The peer's buffer (kept alive while the caller holds it) and the checked address.
+    fn remote(
+        &self,
+        peer: usize,
+        win: &Window,
+        offset: usize,
+        len: usize,
+    ) -> Result<(Arc<Buf>, *mut u8)> {
         check_peer(peer, self.fabric.world)?;
         check_range(win.len(), offset, len)?;
-        let bufs = self.bufs(win)?;
+        let buf = self.bufs(win)?[peer].clone();
         self.check_live()?;
         // SAFETY: the range was checked against the window length, which every rank's buffer
-        // has; the Arc in the registration table keeps the buffer alive beyond this call's use.
-        Ok(unsafe { bufs[peer].ptr.add(offset) })
+        // has; the returned Arc keeps the buffer alive while the caller uses the address.
+        let at = unsafe { buf.ptr.add(offset) };
+        Ok((buf, at))
     }
 }
 
@@ -260,7 +269,7 @@ impl Transport for Loopback {
     }
 
     fn put(&self, peer: usize, win: &Window, offset: usize, data: &[u8]) -> Result<()> {
-        let dst = self.remote(peer, win, offset, data.len())?;
+        let (_keep, dst) = self.remote(peer, win, offset, data.len())?;
         // SAFETY: `dst` is valid for `data.len()` bytes (checked in `remote`); `data` is a
         // caller slice, possibly of window memory, so the overlap-safe copy is used.
         unsafe { crate::copy::copy_any(dst, data.as_ptr(), data.len()) };
@@ -268,7 +277,7 @@ impl Transport for Loopback {
     }
 
     fn get(&self, peer: usize, win: &Window, offset: usize, out: &mut [u8]) -> Result<()> {
-        let src = self.remote(peer, win, offset, out.len())?;
+        let (_keep, src) = self.remote(peer, win, offset, out.len())?;
         // SAFETY: as in `put`, with the direction reversed.
         unsafe { crate::copy::copy_any(out.as_mut_ptr(), src, out.len()) };
         Ok(())
@@ -386,7 +395,9 @@ impl Transport for Loopback {
         Ok(Some(self.bufs(win)?[peer].ptr))
     }
 
-    fn local_base(&self, win: &Window) -> Result<*mut u8> {
-        Ok(self.bufs(win)?[self.rank].ptr)
+    fn local_mem(&self, win: &Window) -> Result<LocalMem> {
+        let own = self.bufs(win)?[self.rank].clone();
+        // SAFETY: the buffer is `win.len()` bytes (at least) and lives while `own` does.
+        Ok(unsafe { LocalMem::new(own.ptr, own) })
     }
 }

@@ -42,7 +42,9 @@ pub mod shm;
 pub mod tcp;
 mod window;
 
-pub use window::{check_peer, check_range, check_range_parts, check_signal, Window, WindowTable};
+pub use window::{
+    check_peer, check_range, check_range_parts, check_signal, LocalMem, Window, WindowTable,
+};
 
 use crate::error::Result;
 use std::time::Instant;
@@ -201,9 +203,9 @@ pub trait Transport: Send + Sync {
     /// address it, or wait for it, get `PeerFailed`.
     fn close(&self, deadline: Instant) -> Result<()>;
 
-    /// Start of this rank's own copy of `win` (page-aligned where the backend can).
+    /// This rank's own copy of `win`, kept in memory while the returned value lives.
     /// Backends implement this; users go through the checked accessors below.
-    fn local_base(&self, win: &Window) -> Result<*mut u8>;
+    fn local_mem(&self, win: &Window) -> Result<LocalMem>;
 
     /// Start of `peer`'s copy of `win` when this process can load and store it directly
     /// (shared memory, threads), like `nvshmem_ptr`; `None` for backends that move bytes over
@@ -236,21 +238,21 @@ pub trait Transport: Send + Sync {
     /// Copies bytes out of this rank's own copy of `win`.
     fn read_local(&self, win: &Window, offset: usize, out: &mut [u8]) -> Result<()> {
         check_range(win.len(), offset, out.len())?;
-        let base = self.local_base(win)?;
-        // SAFETY: the range was checked against the window, which is live while registered;
-        // a raw copy tolerates concurrent remote writers (the value is then unspecified, which
-        // the contract allows: data is defined only after the matching signal).
-        unsafe { crate::copy::copy_any(out.as_mut_ptr(), base.add(offset), out.len()) };
+        let mem = self.local_mem(win)?;
+        // SAFETY: the range was checked against the window, whose memory `mem` keeps alive
+        // until the copy is done; a raw copy tolerates concurrent remote writers (the value is
+        // then unspecified, which the contract allows: data is defined only after the signal).
+        unsafe { crate::copy::copy_any(out.as_mut_ptr(), mem.base().add(offset), out.len()) };
         Ok(())
     }
 
     /// Copies bytes into this rank's own copy of `win`.
     fn write_local(&self, win: &Window, offset: usize, data: &[u8]) -> Result<()> {
         check_range(win.len(), offset, data.len())?;
-        let base = self.local_base(win)?;
-        // SAFETY: range checked as in `read_local`; `data` may be a slice of this very window,
-        // so the overlap-safe copy is used.
-        unsafe { crate::copy::copy_any(base.add(offset), data.as_ptr(), data.len()) };
+        let mem = self.local_mem(win)?;
+        // SAFETY: range checked and memory kept alive as in `read_local`; `data` may be a
+        // slice of this very window, so the overlap-safe copy is used.
+        unsafe { crate::copy::copy_any(mem.base().add(offset), data.as_ptr(), data.len()) };
         Ok(())
     }
 
@@ -262,8 +264,9 @@ pub trait Transport: Send + Sync {
     /// may be reused. The window must not be deregistered while the slice lives.
     unsafe fn local_slice(&self, win: &Window, offset: usize, len: usize) -> Result<&[u8]> {
         check_range(win.len(), offset, len)?;
-        let base = self.local_base(win)?;
-        // SAFETY: range checked; the caller upholds the no-concurrent-writer rule above.
+        let base = self.local_mem(win)?.base();
+        // SAFETY: range checked; the caller upholds the no-concurrent-writer rule above and
+        // keeps the window registered while the slice lives.
         Ok(unsafe { std::slice::from_raw_parts(base.add(offset), len) })
     }
 
@@ -274,8 +277,8 @@ pub trait Transport: Send + Sync {
     #[allow(clippy::mut_from_ref)]
     unsafe fn local_slice_mut(&self, win: &Window, offset: usize, len: usize) -> Result<&mut [u8]> {
         check_range(win.len(), offset, len)?;
-        let base = self.local_base(win)?;
-        // SAFETY: range checked; exclusivity is the caller's promise.
+        let base = self.local_mem(win)?.base();
+        // SAFETY: range checked; exclusivity and registration are the caller's promise.
         Ok(unsafe { std::slice::from_raw_parts_mut(base.add(offset), len) })
     }
 }

@@ -3,7 +3,8 @@
 //! on the peer's signal page with a shared-futex wake.
 
 use super::{
-    check_peer, check_range, check_signal, Caps, Cmp, SignalOp, Transport, Window, WindowTable,
+    check_peer, check_range, check_signal, Caps, Cmp, LocalMem, SignalOp, Transport, Window,
+    WindowTable,
 };
 use crate::error::{Error, Result};
 use std::os::fd::AsFd;
@@ -14,6 +15,9 @@ use xccl_shm::{Mesh, Segment, SegmentState, SignalArray, WaitOutcome, WaitPolicy
 
 /// Default number of signal words per rank.
 pub const DEFAULT_SIGNALS: usize = 4096;
+/// Every rank's mapping of one window (index = rank).
+type Segments = Arc<Vec<Segment>>;
+
 /// Registration number of the signal segment; windows count up from 1.
 const SIGNAL_TAG: u64 = 0;
 
@@ -69,7 +73,7 @@ pub struct ShmTransport {
     /// `close` began here: no new operation starts.
     closing: AtomicBool,
     next_reg: AtomicU64,
-    windows: WindowTable<Arc<[Segment]>>,
+    windows: WindowTable<Segments>,
     /// Dropped last (declared last): after a completed `close`, peers see our state `Closed`
     /// before our links close; without it they see a rank that left, a failure.
     mesh: Mesh,
@@ -223,18 +227,40 @@ impl ShmTransport {
         Ok(())
     }
 
-    fn segments(&self, win: &Window) -> Result<Arc<[Segment]>> {
+    fn segments(&self, win: &Window) -> Result<Segments> {
         self.windows.get(win)
     }
 
-    fn remote(&self, peer: usize, win: &Window, offset: usize, len: usize) -> Result<*mut u8> {
+    /// The window's mappings (kept mapped while the caller holds them) and the checked
+    /// address in `peer`'s.
+    fn remote(
+        &self,
+        peer: usize,
+        win: &Window,
+        offset: usize,
+        len: usize,
+    ) -> Result<(Segments, *mut u8)> {
         check_peer(peer, self.world)?;
         check_range(win.len(), offset, len)?;
         let segs = self.segments(win)?;
         self.check_live(Some(peer))?;
         // SAFETY: the range lies inside the data area (checked against the window length that
-        // `Segment::open` verified); the segment stays mapped while registered.
-        Ok(unsafe { segs[peer].data_ptr().add(offset) })
+        // `Segment::open` verified); the returned Arc keeps the mapping alive while used.
+        let at = unsafe { segs[peer].data_ptr().add(offset) };
+        Ok((segs, at))
+    }
+}
+
+/// This rank's outcome of a registration step, failed if the step failed on any rank
+/// (`verdict[r]` is rank r's outcome).
+fn all_or_none<T>(id: u64, step: &str, mine: Result<T>, verdict: &[bool]) -> Result<T> {
+    let value = mine?;
+    match verdict.iter().position(|&ok| !ok) {
+        None => Ok(value),
+        Some(rank) => Err(Error::System {
+            context: format!("register #{id}: rank {rank} could not {step}"),
+            source: std::io::Error::other("the window exists on no rank"),
+        }),
     }
 }
 
@@ -287,8 +313,13 @@ impl Transport for ShmTransport {
     fn register(&self, len: usize) -> Result<Window> {
         self.check_live(None)?;
         let id = self.next_reg.fetch_add(1, Ordering::Relaxed);
-        let own = Segment::create(&format!("w{id}-r{}", self.rank), len)?;
         let deadline = Instant::now() + self.setup_timeout;
+        // Each step goes on only if it worked on every rank: a rank that cannot reserve or map
+        // its part fails `register` everywhere, never leaving the others with a window it
+        // does not have.
+        let created = Segment::create(&format!("w{id}-r{}", self.rank), len).map_err(Error::from);
+        let verdict = self.mesh.agree(id << 1, created.is_ok(), deadline)?;
+        let own = all_or_none(id, "reserve its segment", created, &verdict)?;
         let received =
             self.mesh
                 .exchange(id, own.fd().expect("created here"), len as u64, deadline)?;
@@ -302,14 +333,16 @@ impl Transport for ShmTransport {
             )));
         }
         let mut own = Some(own);
-        let mut segs = Vec::with_capacity(self.world);
-        for entry in received {
-            match entry {
-                None => segs.push(own.take().expect("own rank appears once")),
-                Some((fd, _)) => segs.push(Segment::open(fd.as_fd(), len)?),
-            }
-        }
-        Ok(self.windows.insert(id, len, segs.into()))
+        let opened: Result<Vec<Segment>> = received
+            .into_iter()
+            .map(|entry| match entry {
+                None => Ok(own.take().expect("own rank appears once")),
+                Some((fd, _)) => Ok(Segment::open(fd.as_fd(), len)?),
+            })
+            .collect();
+        let verdict = self.mesh.agree(id << 1 | 1, opened.is_ok(), deadline)?;
+        let segs = all_or_none(id, "map its peers' segments", opened, &verdict)?;
+        Ok(self.windows.insert(id, len, Arc::new(segs)))
     }
 
     fn deregister(&self, win: Window) -> Result<()> {
@@ -317,7 +350,7 @@ impl Transport for ShmTransport {
     }
 
     fn put(&self, peer: usize, win: &Window, offset: usize, data: &[u8]) -> Result<()> {
-        let dst = self.remote(peer, win, offset, data.len())?;
+        let (_keep, dst) = self.remote(peer, win, offset, data.len())?;
         // SAFETY: `dst` is valid for `data.len()` bytes (`remote`); `data` is caller memory
         // that may itself be a local window slice overlapping the destination when
         // peer == self, which `copy_any` handles.
@@ -326,7 +359,7 @@ impl Transport for ShmTransport {
     }
 
     fn get(&self, peer: usize, win: &Window, offset: usize, out: &mut [u8]) -> Result<()> {
-        let src = self.remote(peer, win, offset, out.len())?;
+        let (_keep, src) = self.remote(peer, win, offset, out.len())?;
         // SAFETY: as in `put`, direction reversed.
         unsafe { crate::copy::copy_any(out.as_mut_ptr(), src, out.len()) };
         Ok(())
@@ -437,7 +470,10 @@ impl Transport for ShmTransport {
         Ok(Some(self.segments(win)?[peer].data_ptr()))
     }
 
-    fn local_base(&self, win: &Window) -> Result<*mut u8> {
-        Ok(self.segments(win)?[self.rank].data_ptr())
+    fn local_mem(&self, win: &Window) -> Result<LocalMem> {
+        let segs = self.segments(win)?;
+        let base = segs[self.rank].data_ptr();
+        // SAFETY: the data area is `win.len()` bytes and stays mapped while `segs` lives.
+        Ok(unsafe { LocalMem::new(base, segs) })
     }
 }

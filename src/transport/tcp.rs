@@ -3,8 +3,8 @@
 //! peer's progress thread, signals on the same stream (so per-pair ordering holds).
 
 use super::{
-    check_peer, check_range, check_range_parts, check_signal, Caps, Cmp, SignalOp, Transport,
-    Window, WindowTable,
+    check_peer, check_range, check_range_parts, check_signal, Caps, Cmp, LocalMem, SignalOp,
+    Transport, Window, WindowTable,
 };
 use crate::error::{Error, Result};
 use std::net::SocketAddr;
@@ -189,10 +189,18 @@ impl Transport for TcpTransport {
             return Err(Error::Aborted);
         }
         let id = self.next_reg.fetch_add(1, Ordering::Relaxed);
+        // On failure the node has told the peers (they fail too); nothing to wait for.
         let region = self.node.register(id, len)?;
         let lens = self
             .node
             .peers_registered(id, len, Instant::now() + self.setup_timeout)?;
+        if let Some(rank) = lens.iter().position(|&l| l == xccl_tcp::REG_FAILED) {
+            self.node.deregister(id);
+            return Err(Error::System {
+                context: format!("register #{id}: rank {rank} could not allocate its region"),
+                source: std::io::Error::other("the window exists on no rank"),
+            });
+        }
         if lens.iter().any(|&l| l != len as u64) {
             self.node.deregister(id);
             return Err(Error::ConfigMismatch(format!(
@@ -307,7 +315,9 @@ impl Transport for TcpTransport {
         timed(Instant::now(), self.node.close(deadline).map(|()| 0)).map(|_| ())
     }
 
-    fn local_base(&self, win: &Window) -> Result<*mut u8> {
-        Ok(self.region(win)?.as_ptr())
+    fn local_mem(&self, win: &Window) -> Result<LocalMem> {
+        let region = self.region(win)?;
+        // SAFETY: the region is `win.len()` bytes and lives while the Arc does.
+        Ok(unsafe { LocalMem::new(region.as_ptr(), region) })
     }
 }

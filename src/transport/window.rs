@@ -1,14 +1,21 @@
-//! Window handles and the overflow-safe argument checks every backend shares.
+//! Window handles, the table that checks them against their registration, the keep-alive view
+//! of a rank's own window memory, and the overflow-safe argument checks every backend shares.
 
 use crate::error::{Error, Result};
 use crate::id_map::IdMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 /// A registered window: the same size on every rank, addressed by (rank, offset).
 ///
-/// A handle belongs to the transport that registered it; using it with another transport is
-/// [`Error::InvalidUsage`].
+/// A handle belongs to the transport that registered it; using it with another transport, or
+/// after it was deregistered, is [`Error::InvalidUsage`]. Handles are made only by
+/// registration ([`WindowTable::insert`]), and every use is checked against the registration.
+///
+/// ```compile_fail
+/// // No handle can be made by hand (it could claim any length).
+/// let forged = xccl::transport::Window::new(1, 1, 1 << 40);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Window {
     owner: u64,
@@ -19,14 +26,9 @@ pub struct Window {
 static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
 
 impl Window {
-    /// For backends: a fresh owner tag to stamp on the windows one transport registers.
-    pub fn new_owner_tag() -> u64 {
+    /// A fresh owner tag to stamp on the windows one transport registers.
+    fn new_owner_tag() -> u64 {
         NEXT_OWNER.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// For backends: the handle of window `id` (registration number) of `len` bytes.
-    pub fn new(owner: u64, id: u64, len: usize) -> Window {
-        Window { owner, id, len }
     }
 
     /// Size in bytes (the same on every rank).
@@ -57,11 +59,11 @@ impl Window {
     }
 }
 
-/// For backends: the windows one transport has registered, by registration number, with the
-/// per-window state `V` the backend needs (its memory, its peers' mappings).
+/// For backends: the windows one transport has registered, by registration number, with their
+/// length and the per-window state `V` the backend needs (its memory, its peers' mappings).
 pub struct WindowTable<V> {
     owner: u64,
-    map: RwLock<IdMap<V>>,
+    map: RwLock<IdMap<(usize, V)>>,
 }
 
 impl<V: Clone> Default for WindowTable<V> {
@@ -84,29 +86,70 @@ impl<V: Clone> WindowTable<V> {
         self.map
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, state);
-        Window::new(self.owner, id, len)
+            .insert(id, (len, state));
+        Window {
+            owner: self.owner,
+            id,
+            len,
+        }
     }
 
-    /// The state of a live window of this table.
+    /// The state of a live window of this table, once the handle is checked against the
+    /// registration (owner, number and length): a handle that does not match is refused.
     pub fn get(&self, win: &Window) -> Result<V> {
         win.check_owner(self.owner)?;
-        self.map
+        match self
+            .map
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&win.id())
-            .cloned()
-            .ok_or_else(|| Error::InvalidUsage(format!("window #{} is deregistered", win.id())))
+        {
+            Some((len, state)) if *len == win.len() => Ok(state.clone()),
+            Some((len, _)) => Err(Error::InvalidUsage(format!(
+                "window #{} handle says {} bytes, its registration {len}",
+                win.id(),
+                win.len()
+            ))),
+            None => Err(Error::InvalidUsage(format!(
+                "window #{} is deregistered",
+                win.id()
+            ))),
+        }
     }
 
-    /// Forgets a window, returning its state.
+    /// Forgets a window, returning its state (operations already holding the state keep the
+    /// memory alive until they finish).
     pub fn remove(&self, win: Window) -> Result<V> {
-        win.check_owner(self.owner)?;
+        self.get(&win)?;
         self.map
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&win.id())
+            .map(|(_, state)| state)
             .ok_or_else(|| Error::InvalidUsage(format!("window #{} is not registered", win.id())))
+    }
+}
+
+/// This rank's own copy of a window, kept in memory for as long as the value lives: a
+/// deregistration that races with an access frees the memory only after the access.
+pub struct LocalMem {
+    base: *mut u8,
+    _keep: Arc<dyn Send + Sync>,
+}
+
+impl LocalMem {
+    /// For backends: the window memory at `base`, which stays valid while `keep` lives.
+    ///
+    /// # Safety
+    /// `base` must be valid for reads and writes of the window's length for as long as `keep`
+    /// (and every clone of it) is alive.
+    pub unsafe fn new(base: *mut u8, keep: Arc<dyn Send + Sync>) -> Self {
+        LocalMem { base, _keep: keep }
+    }
+
+    /// Start of the window's memory (page-aligned where the backend can).
+    pub fn base(&self) -> *mut u8 {
+        self.base
     }
 }
 
@@ -157,6 +200,25 @@ pub fn check_signal(index: usize, count: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A handle whose length differs from its registration (rebuilt by hand, 2^40 bytes) is
+    /// refused instead of opening the memory past the window's end.
+    #[test]
+    fn handles_are_checked_against_their_registration() {
+        let table = WindowTable::new();
+        let win = table.insert(1, 4096, 7u32);
+        assert_eq!(table.get(&win).unwrap(), 7);
+        let forged = Window {
+            len: 1 << 40,
+            ..win
+        };
+        assert!(matches!(table.get(&forged), Err(Error::InvalidUsage(_))));
+        assert!(matches!(table.remove(forged), Err(Error::InvalidUsage(_))));
+        let other = WindowTable::<u32>::new();
+        assert!(matches!(other.get(&win), Err(Error::InvalidUsage(_))));
+        assert_eq!(table.remove(win).unwrap(), 7);
+        assert!(matches!(table.get(&win), Err(Error::InvalidUsage(_))));
+    }
 
     #[test]
     fn range_checks_are_overflow_safe() {

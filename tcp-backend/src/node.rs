@@ -27,6 +27,9 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// The length a rank announces for a region it could not allocate.
+pub const REG_FAILED: u64 = u64::MAX;
+
 /// How a signal updates its word.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SignalOp {
@@ -1152,21 +1155,29 @@ impl Node {
             .ok_or_else(|| Error::Invalid(format!("region {id} is not registered")))
     }
 
-    /// Registers region `id` of `len` bytes here and announces it to every peer.
+    /// Registers region `id` of `len` bytes here and announces it to every peer. When the
+    /// memory cannot be had, the peers are told so ([`REG_FAILED`] as the length) before the
+    /// error returns, so that they fail too instead of waiting.
     pub fn register(&self, id: u64, len: usize) -> Result<Arc<Region>> {
-        let r = Arc::new(Region::new(len)?);
-        self.shared
-            .regions
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, r.clone());
+        let region = Region::new(len).map(Arc::new);
         let mut f = Frame::new(Kind::Reg);
         f.region = id;
-        f.len = len as u64;
+        f.len = if region.is_ok() {
+            len as u64
+        } else {
+            REG_FAILED
+        };
+        if let Ok(r) = &region {
+            self.shared
+                .regions
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, r.clone());
+        }
         for peer in (0..self.world()).filter(|&p| p != self.rank()) {
             self.shared.send(peer, &f, &[])?;
         }
-        Ok(r)
+        region
     }
 
     /// Waits until every peer has announced region `id`; returns each rank's length.
