@@ -261,11 +261,12 @@ fn baselines_are_measured_beside_each_row() {
         );
         assert_eq!(rows.len(), 3, "{op} over {backend}");
         for r in &rows {
-            assert!(
-                r["baseline_us_p50"].as_f64().is_some_and(|v| v > 0.0),
-                "{r}"
-            );
-            assert!(r["baseline_gbps"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+            let us = r["baseline_us_p50"].as_f64().unwrap_or(0.0);
+            assert!(us > 0.0, "{r}");
+            // JSON keeps 4 decimals: a slow baseline of a few bytes on a loaded machine
+            // rounds to 0 GB/s, so only its presence is certain.
+            let gbps = r["baseline_gbps"].as_f64().expect("baseline_gbps");
+            assert!(gbps.is_finite() && gbps >= 0.0, "{r}");
         }
     }
 }

@@ -115,6 +115,20 @@ impl TcpTransport {
     fn region(&self, win: &Window) -> Result<Arc<Region>> {
         self.windows.get(win)
     }
+
+    /// A put to this rank itself: `parts` end to end into `region` from `offset` (checked
+    /// by the caller), while the caller's Arc keeps the region alive.
+    fn copy_in(&self, region: &Region, offset: usize, parts: &[&[u8]]) -> Result<()> {
+        self.node.check_open()?;
+        let mut at = offset;
+        for part in parts {
+            // SAFETY: the whole range lies in the region (checked against the window); a part
+            // may be a slice of this very window, so the overlap-safe copy.
+            unsafe { crate::copy::copy_any(region.as_ptr().add(at), part.as_ptr(), part.len()) };
+            at += part.len();
+        }
+        Ok(())
+    }
 }
 
 /// A node's result, its timeout told as the time waited since `start`.
@@ -219,7 +233,10 @@ impl Transport for TcpTransport {
     fn put(&self, peer: usize, win: &Window, offset: usize, data: &[u8]) -> Result<()> {
         check_peer(peer, self.world)?;
         check_range(win.len(), offset, data.len())?;
-        self.region(win)?;
+        let region = self.region(win)?;
+        if peer == self.rank {
+            return self.copy_in(&region, offset, &[data]);
+        }
         Ok(self.node.write(peer, win.id(), offset as u64, data, None)?)
     }
 
@@ -232,7 +249,10 @@ impl Transport for TcpTransport {
     ) -> Result<()> {
         check_peer(peer, self.world)?;
         check_range_parts(win.len(), offset, parts)?;
-        self.region(win)?;
+        let region = self.region(win)?;
+        if peer == self.rank {
+            return self.copy_in(&region, offset, parts);
+        }
         Ok(self
             .node
             .write_parts(peer, win.id(), offset as u64, parts, None)?)
@@ -251,7 +271,11 @@ impl Transport for TcpTransport {
         check_peer(peer, self.world)?;
         check_range(win.len(), offset, data.len())?;
         check_signal(index, self.node.num_signals())?;
-        self.region(win)?;
+        let region = self.region(win)?;
+        if peer == self.rank {
+            self.copy_in(&region, offset, &[data])?;
+            return self.signal(peer, index, op, value);
+        }
         Ok(self.node.write(
             peer,
             win.id(),
@@ -264,7 +288,15 @@ impl Transport for TcpTransport {
     fn get(&self, peer: usize, win: &Window, offset: usize, out: &mut [u8]) -> Result<()> {
         check_peer(peer, self.world)?;
         check_range(win.len(), offset, out.len())?;
-        self.region(win)?;
+        let region = self.region(win)?;
+        if peer == self.rank {
+            // SAFETY: the range was checked against the window, whose region `region` keeps
+            // alive; `out` may be a slice of this very window, so the overlap-safe copy.
+            unsafe {
+                crate::copy::copy_any(out.as_mut_ptr(), region.as_ptr().add(offset), out.len())
+            };
+            return Ok(());
+        }
         Ok(self.node.read(
             peer,
             win.id(),

@@ -123,6 +123,8 @@ struct Shared {
     rx_fd: Vec<std::sync::atomic::AtomicI32>,
     /// `close` (or drop) began: no new operation starts.
     closing: AtomicBool,
+    /// This rank's abort was sent to the peer (or the link was shut trying).
+    abort_sent: Vec<AtomicBool>,
     /// This rank said goodbye to the peer: it asks nothing more of it.
     bye_sent: Vec<AtomicBool>,
     /// The peer's stream ended after its goodbye: the link is finished.
@@ -167,14 +169,50 @@ impl Shared {
         {
             tracing::warn!(rank = self.cfg.rank, peer, detail, "xccl-tcp: peer failed");
         }
-        if let Some(s) = self.writers[peer]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            let _ = s.shutdown(Shutdown::Both);
-        }
+        self.shutdown_link(peer);
         self.notify();
+    }
+
+    /// A writer stalled on a full socket gives up: the node is interrupted or stopping.
+    fn must_stop_writing(&self) -> bool {
+        self.stop.load(Ordering::SeqCst) || self.interrupted().is_some()
+    }
+
+    /// Sends a heartbeat on `peer`'s link unless another writer has it (then traffic is
+    /// flowing, or that writer is the one stalled). A heartbeat the peer does not take in
+    /// within the peer timeout means the peer has stopped reading: it has failed.
+    fn beat(&self, peer: usize) {
+        let Ok(mut guard) = self.writers[peer].try_lock() else {
+            return;
+        };
+        if self.bye_sent[peer].load(Ordering::SeqCst) {
+            return;
+        }
+        let Some(s) = guard.as_mut() else { return };
+        let start = Instant::now();
+        let stopped = || self.must_stop_writing() || start.elapsed() > self.cfg.peer_timeout;
+        match write_all_parts(s, &Frame::new(Kind::Heartbeat).encode(), &[], &stopped) {
+            Ok(()) => self.last_sent[peer].store(self.now_us(), Ordering::Relaxed),
+            Err(WriteEnd::Stopped) if !self.must_stop_writing() => {
+                drop(guard);
+                self.fail(peer, "it takes in nothing (its socket stayed full)");
+            }
+            Err(WriteEnd::Stopped) => self.shutdown_link(peer),
+            Err(WriteEnd::Io(e)) => {
+                drop(guard);
+                self.fail(peer, &format!("heartbeat failed: {e}"));
+            }
+        }
+    }
+
+    /// Shuts `peer`'s link down in both directions without taking its writer lock, so that a
+    /// write blocked on a stopped peer returns at once.
+    fn shutdown_link(&self, peer: usize) {
+        let fd = self.rx_fd[peer].load(Ordering::Relaxed);
+        if fd >= 0 {
+            // SAFETY: plain syscall on the link's socket, open for the node's life.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
     }
 
     /// Why operations must stop, if they must.
@@ -216,23 +254,89 @@ impl Shared {
         let Some(s) = guard.as_mut() else {
             return Err(Error::Invalid(format!("no link to rank {peer}")));
         };
+        let stopped = || self.must_stop_writing();
         let r = match parts {
-            [payload] => write_all_vectored(s, &hdr, payload),
-            _ => write_all_parts(s, &hdr, parts),
+            [payload] => write_all_vectored(s, &hdr, payload, &stopped),
+            _ => write_all_parts(s, &hdr, parts, &stopped),
         };
+        if r.is_ok() && self.aborted.load(Ordering::SeqCst) != 0 {
+            // `abort` found this link busy: the peer still has to hear of it.
+            self.send_abort(peer, s);
+        }
         drop(guard);
         match r {
             Ok(()) => {
                 self.last_sent[peer].store(self.now_us(), Ordering::Relaxed);
                 Ok(())
             }
-            Err(e) => {
+            Err(WriteEnd::Stopped) => {
+                // Part of a frame may have gone out: nothing can follow it on this stream.
+                self.shutdown_link(peer);
+                Err(self.interrupted().unwrap_or(Error::Aborted))
+            }
+            Err(WriteEnd::Io(e)) => {
                 self.fail(peer, &format!("send failed: {e}"));
                 Err(Error::PeerFailed {
                     rank: peer,
                     detail: e.to_string(),
                 })
             }
+        }
+    }
+
+    /// Tells `peer` of the abort, once, on its (locked) writer; gives up at the first stall
+    /// (the link is then shut, which the peer sees as well).
+    fn send_abort(&self, peer: usize, s: &mut TcpStream) {
+        if self.abort_sent[peer].swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let hdr = Frame::new(Kind::Abort).encode();
+        if write_all_parts(s, &hdr, &[], &|| true).is_err() {
+            self.shutdown_link(peer);
+        }
+    }
+}
+
+/// Why a frame could not be written whole.
+enum WriteEnd {
+    /// The socket failed.
+    Io(std::io::Error),
+    /// The node was interrupted (abort, a failed peer) while the socket was full.
+    Stopped,
+}
+
+impl From<std::io::Error> for WriteEnd {
+    fn from(e: std::io::Error) -> Self {
+        WriteEnd::Io(e)
+    }
+}
+
+/// How long one blocking write may wait on a full socket before the writer looks at whether
+/// it was interrupted (the send timeout of every link).
+const WRITE_SLICE: Duration = Duration::from_millis(50);
+
+/// Runs one write; a write the send timeout cut short is tried again unless `stopped()`.
+fn retrying(
+    mut write: impl FnMut() -> std::io::Result<usize>,
+    stopped: &dyn Fn() -> bool,
+) -> std::result::Result<usize, WriteEnd> {
+    loop {
+        match write() {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                if stopped() {
+                    return Err(WriteEnd::Stopped);
+                }
+            }
+            Err(e) => return Err(WriteEnd::Io(e)),
+            Ok(0) => return Err(WriteEnd::Io(std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => return Ok(n),
         }
     }
 }
@@ -246,7 +350,11 @@ impl Shared {
             return;
         }
         if let Some(s) = guard.as_mut() {
-            let _ = s.write_all(&Frame::new(Kind::Bye).encode());
+            let hdr = Frame::new(Kind::Bye).encode();
+            let stopped = || self.must_stop_writing();
+            if write_all_parts(s, &hdr, &[], &stopped).is_err() {
+                self.shutdown_link(peer);
+            }
             // SeqCst pair with `peer_said_bye`: the goodbye flag is stored there before the
             // writer lock is taken, so one of the two sees both goodbyes and shuts down.
             if self.departed[peer].load(Ordering::SeqCst) {
@@ -276,32 +384,43 @@ impl Shared {
     }
 }
 
-fn write_all_vectored(s: &mut TcpStream, hdr: &[u8], payload: &[u8]) -> std::io::Result<()> {
+/// Writes a header and its payload (`stopped` as in [`retrying`]).
+fn write_all_vectored(
+    s: &mut TcpStream,
+    hdr: &[u8],
+    payload: &[u8],
+    stopped: &dyn Fn() -> bool,
+) -> std::result::Result<(), WriteEnd> {
     if payload.len() <= 256 {
         // A small frame goes out in one plain write (cheaper than a two-part writev).
         let mut one = [0u8; HDR + 256];
         one[..hdr.len()].copy_from_slice(hdr);
         one[hdr.len()..hdr.len() + payload.len()].copy_from_slice(payload);
-        return s.write_all(&one[..hdr.len() + payload.len()]);
+        return write_all_parts(s, &one[..hdr.len() + payload.len()], &[], stopped);
     }
     let total = hdr.len() + payload.len();
     let mut done = 0;
     while done < total {
-        let n = if done < hdr.len() {
-            s.write_vectored(&[IoSlice::new(&hdr[done..]), IoSlice::new(payload)])?
+        done += if done < hdr.len() {
+            retrying(
+                || s.write_vectored(&[IoSlice::new(&hdr[done..]), IoSlice::new(payload)]),
+                stopped,
+            )?
         } else {
-            s.write(&payload[done - hdr.len()..])?
+            retrying(|| s.write(&payload[done - hdr.len()..]), stopped)?
         };
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        done += n;
     }
     Ok(())
 }
 
-/// Writes the header and then every part, however the socket splits the writes.
-fn write_all_parts(s: &mut TcpStream, hdr: &[u8], parts: &[&[u8]]) -> std::io::Result<()> {
+/// Writes the header and then every part, however the socket splits the writes
+/// (`stopped` as in [`retrying`]).
+fn write_all_parts(
+    s: &mut TcpStream,
+    hdr: &[u8],
+    parts: &[&[u8]],
+    stopped: &dyn Fn() -> bool,
+) -> std::result::Result<(), WriteEnd> {
     let mut slices: SmallVec<[IoSlice; 8]> = std::iter::once(hdr)
         .chain(parts.iter().copied())
         .filter(|p| !p.is_empty())
@@ -309,10 +428,7 @@ fn write_all_parts(s: &mut TcpStream, hdr: &[u8], parts: &[&[u8]]) -> std::io::R
         .collect();
     let mut rest = &mut slices[..];
     while !rest.is_empty() {
-        let n = s.write_vectored(rest)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
+        let n = retrying(|| s.write_vectored(rest), stopped)?;
         IoSlice::advance_slices(&mut rest, n);
     }
     Ok(())
@@ -413,6 +529,7 @@ impl Listening {
                 .map(|_| std::sync::atomic::AtomicI32::new(-1))
                 .collect(),
             closing: AtomicBool::new(false),
+            abort_sent: (0..n).map(|_| AtomicBool::new(false)).collect(),
             bye_sent: (0..n).map(|_| AtomicBool::new(false)).collect(),
             finished: (0..n).map(|_| AtomicBool::new(false)).collect(),
             aborted: AtomicU64::new(0),
@@ -466,6 +583,9 @@ impl Listening {
             let _ = s.set_nodelay(true);
             let reader = s.try_clone().map_err(|e| Error::io("cloning a link", e))?;
             let _ = reader.set_read_timeout(Some(shared.cfg.heartbeat));
+            // Blocked writes wake this often to see whether they were interrupted.
+            s.set_write_timeout(Some(WRITE_SLICE))
+                .map_err(|e| Error::io("send timeout of a link", e))?;
             *shared.writers[peer]
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()) = Some(s);
@@ -556,23 +676,21 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sender<(usi
 
 enum ReadEnd {
     Eof,
-    Silent,
     Err(std::io::Error),
 }
 
-/// Reads exactly `buf.len()` bytes. With `quiet_ok`, a timeout before the first byte is
-/// reported as `Silent` (the caller checks the peer's liveness and comes back).
+/// Reads exactly `buf.len()` bytes. Bytes do not count as liveness (whole frames do, in `drain`), but a read that gets no byte for the peer
+/// timeout, or whose peer was declared failed meanwhile, gives up.
 fn read_exact_timed(
     s: &mut TcpStream,
     buf: &mut [u8],
-    quiet_ok: bool,
     sh: &Shared,
-    peer: usize,
 ) -> std::result::Result<(), ReadEnd> {
     let mut got = 0;
     // Poll without blocking first (bytes of a frame in flight arrive within microseconds;
     // sleeping in `read` and being woken costs far more on a virtual machine), then block.
     let mut spin_since: Option<Instant> = None;
+    let mut last_byte = Instant::now();
     while got < buf.len() {
         let rest = &mut buf[got..];
         // SAFETY: reads at most `rest.len()` bytes into the live buffer.
@@ -587,7 +705,7 @@ fn read_exact_timed(
         if n > 0 {
             got += n as usize;
             spin_since = None;
-            sh.last_recv[peer].store(sh.now_us(), Ordering::Relaxed);
+            last_byte = Instant::now();
             continue;
         }
         if n == 0 {
@@ -600,30 +718,22 @@ fn read_exact_timed(
         }
         match s.read(&mut buf[got..]) {
             Ok(0) => return Err(ReadEnd::Eof),
-            Ok(k) => got += k,
+            Ok(k) => {
+                got += k;
+                last_byte = Instant::now();
+            }
             Err(e)
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                if got == 0 && quiet_ok {
-                    return Err(ReadEnd::Silent);
-                }
-                let silent = sh
-                    .now_us()
-                    .saturating_sub(sh.last_recv[peer].load(Ordering::Relaxed));
-                if Duration::from_micros(silent) > sh.cfg.peer_timeout
-                    || sh.stop.load(Ordering::SeqCst)
-                {
+                if last_byte.elapsed() > sh.cfg.peer_timeout || sh.stop.load(Ordering::SeqCst) {
                     return Err(ReadEnd::Err(e));
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(ReadEnd::Err(e)),
-        }
-        if got > 0 {
-            sh.last_recv[peer].store(sh.now_us(), Ordering::Relaxed);
         }
     }
     Ok(())
@@ -693,26 +803,43 @@ impl RxLink {
         }
     }
 
+    /// Whether `f` (its header at the front of the staging buffer) has arrived whole: its
+    /// payload is staged or waiting in the socket.
+    fn whole(&self, f: &Frame) -> bool {
+        let payload = match f.kind {
+            Kind::Write | Kind::ReadResp => f.len as usize,
+            _ => 0,
+        };
+        let staged = self.end - self.start - HDR;
+        if staged >= payload {
+            return true;
+        }
+        let mut waiting: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int; the socket is open while the link lives.
+        let rc = unsafe { libc::ioctl(self.s.as_raw_fd(), libc::FIONREAD, &mut waiting) };
+        rc == 0 && staged + waiting.max(0) as usize >= payload
+    }
+
     /// Fills `dst` from the staging buffer, then (blocking) from the socket.
-    fn read_into(&mut self, dst: &mut [u8], sh: &Shared, peer: usize) -> Result<()> {
+    fn read_into(&mut self, dst: &mut [u8], sh: &Shared) -> Result<()> {
         let have = (self.end - self.start).min(dst.len());
         dst[..have].copy_from_slice(&self.buf[self.start..self.start + have]);
         self.start += have;
         if have < dst.len() {
-            read_exact_timed(&mut self.s, &mut dst[have..], false, sh, peer).map_err(
-                |e| match e {
-                    ReadEnd::Err(e) => Error::io("reading a payload", e),
-                    _ => Error::Protocol("link closed inside a frame".into()),
-                },
-            )?;
+            read_exact_timed(&mut self.s, &mut dst[have..], sh).map_err(|e| match e {
+                ReadEnd::Err(e) => Error::io("reading a payload", e),
+                _ => Error::Protocol("link closed inside a frame".into()),
+            })?;
         }
         Ok(())
     }
 }
 
 /// Reads and applies every frame already waiting on `peer`'s link. `false` once the link is
-/// finished (goodbye, failure): the caller then drops it.
-fn drain(sh: &Shared, peer: usize, link: &mut RxLink) -> bool {
+/// finished (its stream ended, or it failed). With `may_block` false (a caller that polls the
+/// links while it waits), a frame not yet whole is left for the progress thread: a caller
+/// never blocks inside a frame past its own deadline.
+fn drain(sh: &Shared, peer: usize, link: &mut RxLink, may_block: bool) -> bool {
     let fail = |why: String| {
         sh.fail(peer, &why);
         sh.closed[peer].store(true, Ordering::SeqCst);
@@ -731,11 +858,11 @@ fn drain(sh: &Shared, peer: usize, link: &mut RxLink) -> bool {
         if link.end - link.start < HDR {
             match link.fill_nonblocking() {
                 Ok(true) => continue,
-                Ok(false) if link.end == link.start => return true,
+                Ok(false) if link.end == link.start || !may_block => return true,
                 Ok(false) => {
                     // Part of a header is here: the rest is on its way; wait for it.
                     let mut hdr = [0u8; HDR];
-                    if let Err(e) = link.read_into(&mut hdr, sh, peer) {
+                    if let Err(e) = link.read_into(&mut hdr, sh) {
                         return fail(e.to_string());
                     }
                     link.buf[..HDR].copy_from_slice(&hdr);
@@ -744,18 +871,28 @@ fn drain(sh: &Shared, peer: usize, link: &mut RxLink) -> bool {
                 }
                 Err(ReadEnd::Eof) => return ended("connection closed".into()),
                 Err(ReadEnd::Err(e)) => return ended(format!("connection error: {e}")),
-                Err(ReadEnd::Silent) => return fail("silent".into()),
             }
         }
-        sh.last_recv[peer].store(sh.now_us(), Ordering::Relaxed);
         let mut hdr = [0u8; HDR];
         hdr.copy_from_slice(&link.buf[link.start..link.start + HDR]);
+        let frame = match Frame::decode(&hdr, sh.cfg.max_frame) {
+            Ok(f) => f,
+            Err(e) => return fail(e.to_string()),
+        };
+        if !may_block && !link.whole(&frame) {
+            return true;
+        }
         link.start += HDR;
-        match Frame::decode(&hdr, sh.cfg.max_frame).and_then(|f| apply(sh, peer, link, &f)) {
-            // Staging empty: return rather than spend another system call to learn that
-            // nothing more is there (the caller polls again anyway).
-            Ok(()) if link.start == link.end => return true,
-            Ok(()) => {}
+        match apply(sh, peer, link, &frame) {
+            Ok(()) => {
+                // A whole frame: the peer is alive.
+                sh.last_recv[peer].store(sh.now_us(), Ordering::Relaxed);
+                // Staging empty: return rather than spend another system call to learn that
+                // nothing more is there (the caller polls again anyway).
+                if link.start == link.end {
+                    return true;
+                }
+            }
             Err(e) => return fail(e.to_string()),
         }
     }
@@ -837,7 +974,7 @@ fn try_progress_all(sh: &Shared) {
             if let Some(link) = g.as_mut() {
                 // A finished link stays in place (marked closed) so that its descriptor
                 // lives as long as the node: the liveness check may still look at it.
-                drain(sh, peer, link);
+                drain(sh, peer, link, false);
             }
         }
     }
@@ -898,7 +1035,7 @@ fn progress(sh: Arc<Shared>, peer: usize) {
         if rc > 0 && p[0].revents != 0 && sh.pollers.load(Ordering::SeqCst) == 0 {
             let mut g = sh.rx[peer].lock().unwrap_or_else(|p| p.into_inner());
             if let Some(link) = g.as_mut() {
-                if !drain(&sh, peer, link) {
+                if !drain(&sh, peer, link, true) {
                     return;
                 }
             }
@@ -932,13 +1069,13 @@ fn apply(sh: &Shared, peer: usize, link: &mut RxLink, f: &Frame) -> Result<()> {
                             f.len as usize,
                         )
                     };
-                    link.read_into(dst, sh, peer)?;
+                    link.read_into(dst, sh)?;
                 }
                 None => {
                     // A region this rank has deregistered: drain the bytes, keep the link.
                     let mut scratch = std::mem::take(&mut link.scratch);
                     scratch.resize(f.len as usize, 0);
-                    let r = link.read_into(&mut scratch, sh, peer);
+                    let r = link.read_into(&mut scratch, sh);
                     link.scratch = scratch;
                     r?;
                 }
@@ -975,7 +1112,7 @@ fn apply(sh: &Shared, peer: usize, link: &mut RxLink, f: &Frame) -> Result<()> {
                     // SAFETY: the reader waits until `done` (or removes the entry, which it
                     // cannot while we hold the lock), so the buffer is live and exclusive.
                     let dst = unsafe { std::slice::from_raw_parts_mut(p.ptr, p.len) };
-                    link.read_into(dst, sh, peer)?;
+                    link.read_into(dst, sh)?;
                     p.done = true;
                     sh.changed.notify_all();
                 }
@@ -989,7 +1126,7 @@ fn apply(sh: &Shared, peer: usize, link: &mut RxLink, f: &Frame) -> Result<()> {
                     drop(pending);
                     let mut scratch = std::mem::take(&mut link.scratch);
                     scratch.resize(f.len as usize, 0);
-                    let r = link.read_into(&mut scratch, sh, peer);
+                    let r = link.read_into(&mut scratch, sh);
                     link.scratch = scratch;
                     r?;
                 }
@@ -1040,17 +1177,14 @@ fn heartbeat(sh: Arc<Shared>) {
                 t.fetch_max(now, Ordering::Relaxed);
             }
         }
-        last_tick = now;
         for peer in (0..sh.cfg.world).filter(|&p| p != sh.cfg.rank) {
-            if !sh.bye_sent[peer].load(Ordering::SeqCst)
-                && Duration::from_micros(
-                    now.saturating_sub(sh.last_sent[peer].load(Ordering::Relaxed)),
-                ) >= every
-            {
-                let _ = sh.send(peer, &Frame::new(Kind::Heartbeat), &[]);
-            }
             sh.check_silence(peer, now);
+            let idle = now.saturating_sub(sh.last_sent[peer].load(Ordering::Relaxed));
+            if Duration::from_micros(idle) >= every {
+                sh.beat(peer);
+            }
         }
+        last_tick = sh.now_us();
     }
 }
 
@@ -1122,13 +1256,9 @@ impl Node {
         Ok(())
     }
 
-    fn check_peer(&self, peer: usize) -> Result<()> {
-        if peer >= self.world() {
-            return Err(Error::Invalid(format!(
-                "peer rank {peer} >= world size {}",
-                self.world()
-            )));
-        }
+    /// Fails once the node is interrupted (abort, failed peer) or closed: what every operation
+    /// checks first, also those that stay inside this rank.
+    pub fn check_open(&self) -> Result<()> {
         if let Some(e) = self.shared.interrupted() {
             return Err(e);
         }
@@ -1138,6 +1268,17 @@ impl Node {
                 self.rank()
             )));
         }
+        Ok(())
+    }
+
+    fn check_peer(&self, peer: usize) -> Result<()> {
+        if peer >= self.world() {
+            return Err(Error::Invalid(format!(
+                "peer rank {peer} >= world size {}",
+                self.world()
+            )));
+        }
+        self.check_open()?;
         // A peer that said goodbye still applies what this rank sends until this rank says
         // goodbye too; one whose stream has ended is gone.
         if peer != self.rank() && self.shared.finished[peer].load(Ordering::SeqCst) {
@@ -1511,14 +1652,14 @@ impl Node {
             Ordering::SeqCst,
             Ordering::SeqCst,
         );
+        // Waiters here learn of it at once; then each peer, on links nobody is writing to
+        // (a busy writer sends it after its frame, or gives up if its peer does not read).
+        self.shared.notify();
         for peer in (0..self.world()).filter(|&p| p != self.rank()) {
-            let hdr = Frame::new(Kind::Abort).encode();
-            if let Some(s) = self.shared.writers[peer]
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_mut()
-            {
-                let _ = s.write_all(&hdr);
+            if let Ok(mut g) = self.shared.writers[peer].try_lock() {
+                if let Some(s) = g.as_mut() {
+                    self.shared.send_abort(peer, s);
+                }
             }
         }
         self.shared.notify();
@@ -1592,5 +1733,160 @@ impl Drop for Node {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `body` on its own thread and fails the test if it has not finished in 30 s (the
+    /// hangs these tests look for must fail them, not stall the suite).
+    fn watchdog(body: impl FnOnce() + Send + 'static) {
+        let (tx, rx) = mpsc::channel();
+        let h = std::thread::spawn(move || {
+            body();
+            let _ = tx.send(());
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(()) => h.join().unwrap(),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                if let Err(p) = h.join() {
+                    std::panic::resume_unwind(p)
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("hung for 30 s"),
+        }
+    }
+
+    /// Rank 0 as a real node; rank 1 played by hand over an authenticated socket.
+    fn node_and_raw_peer(peer_timeout: Duration) -> (Node, TcpStream) {
+        let secret = b"stalled peer test secret".to_vec();
+        let mut cfg = Config::new(0, 2, secret.clone());
+        cfg.peer_timeout = peer_timeout;
+        cfg.heartbeat = Duration::from_millis(100);
+        let listening = Listening::bind(cfg).unwrap();
+        let addr = listening.local_addr().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let peer = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            auth::connect(&mut s, &secret, 1, 2, 0).unwrap();
+            s
+        });
+        let node = listening.connect(&[addr, addr], deadline).unwrap();
+        (node, peer.join().unwrap())
+    }
+
+    /// A peer that stops in the middle of a frame: a caller's wait still ends at its own
+    /// deadline (it must not block inside the frame), and the peer is declared failed within
+    /// the peer timeout (bytes of a frame that never completes are not liveness).
+    #[test]
+    fn a_sender_stopped_mid_frame_neither_stalls_waits_nor_stays_alive() {
+        watchdog(|| {
+            let peer_timeout = Duration::from_millis(1500);
+            let (node, mut raw) = node_and_raw_peer(peer_timeout);
+            node.register(1, 1 << 20).unwrap();
+            let mut f = Frame::new(Kind::Write);
+            f.region = 1;
+            f.len = 1 << 20;
+            f.flags = FLAG_SIGNAL;
+            f.a = 0;
+            f.b = 1;
+            raw.write_all(&f.encode()).unwrap();
+            raw.write_all(&[7u8; 1000]).unwrap(); // and nothing more: stopped mid-frame
+            let stopped_at = Instant::now();
+            let wait = Duration::from_millis(300);
+            let r = node.wait(0, |v| v >= 1, Instant::now() + wait);
+            let took = stopped_at.elapsed();
+            assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");
+            assert!(
+                took < wait + Duration::from_millis(500),
+                "a {wait:?} wait took {took:?}"
+            );
+            // Then the peer is failed, within the peer timeout (plus a heartbeat's slack).
+            let r = node.wait(0, |v| v >= 1, Instant::now() + Duration::from_secs(20));
+            let took = stopped_at.elapsed();
+            assert!(matches!(r, Err(Error::PeerFailed { rank: 1, .. })), "{r:?}");
+            assert!(
+                took < peer_timeout + Duration::from_secs(1),
+                "failed after {took:?} with a {peer_timeout:?} peer timeout"
+            );
+            drop(raw);
+        });
+    }
+
+    /// A peer that stops reading: a write streaming to it ends with `PeerFailed` once the peer
+    /// has been silent for the peer timeout, and `abort` from another thread returns at once
+    /// while that write is blocked.
+    #[test]
+    fn a_write_blocked_on_a_peer_that_stopped_reading_ends() {
+        watchdog(|| {
+            let peer_timeout = Duration::from_millis(1500);
+            let (node, raw) = node_and_raw_peer(peer_timeout);
+            let data = vec![1u8; 1 << 20];
+            let start = Instant::now();
+            let r = loop {
+                // The raw peer reads nothing: the socket fills, then the write blocks.
+                if let Err(e) = node.write(1, 1, 0, &data, None) {
+                    break e;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "writes never blocked"
+                );
+            };
+            let took = start.elapsed();
+            assert!(matches!(r, Error::PeerFailed { rank: 1, .. }), "{r:?}");
+            assert!(
+                took < peer_timeout + Duration::from_secs(2),
+                "ended after {took:?}"
+            );
+            drop(raw);
+        });
+    }
+
+    #[test]
+    fn abort_returns_while_a_write_is_blocked() {
+        watchdog(|| {
+            let (node, raw) = node_and_raw_peer(Duration::from_secs(60));
+            let node = Arc::new(node);
+            let writer = {
+                let node = node.clone();
+                std::thread::spawn(move || {
+                    let data = vec![1u8; 1 << 20];
+                    loop {
+                        if let Err(e) = node.write(1, 1, 0, &data, None) {
+                            return (e, Instant::now());
+                        }
+                    }
+                })
+            };
+            // Wait until the writer is stuck: the node's last successful send stops moving.
+            let mut last = node.shared.last_sent[1].load(Ordering::Relaxed);
+            let mut still = Instant::now();
+            while still.elapsed() < Duration::from_millis(500) {
+                std::thread::sleep(Duration::from_millis(20)); // sampling a counter, not syncing
+                let now = node.shared.last_sent[1].load(Ordering::Relaxed);
+                if now != last {
+                    last = now;
+                    still = Instant::now();
+                }
+            }
+            let before = Instant::now();
+            node.abort();
+            let abort_took = before.elapsed();
+            let (e, ended) = writer.join().unwrap();
+            assert!(
+                abort_took < Duration::from_millis(500),
+                "abort took {abort_took:?}"
+            );
+            assert!(matches!(e, Error::Aborted), "{e:?}");
+            let write_took = ended.duration_since(before);
+            assert!(
+                write_took < Duration::from_secs(1),
+                "the write ended {write_took:?} after abort"
+            );
+            drop(raw);
+        });
     }
 }
