@@ -1,18 +1,53 @@
 //! Peer authentication: HMAC-SHA256 challenge–response over the job secret, run before the
 //! acceptor allocates anything for a connection. Fresh nonces on both sides make a recorded
-//! exchange useless (no replay).
+//! exchange useless (no replay). The whole handshake has one deadline, however slowly a
+//! client drips its bytes.
 
 use crate::error::{Error, Result};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const HELLO_MAGIC: u32 = 0x5843_5448; // "XCTH"
 const VERSION: u32 = 1;
-/// How long an unauthenticated peer may take for each step.
-pub(crate) const STEP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a whole handshake may take.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Reads exactly `buf.len()` bytes by `deadline` (each read waits only for what is left).
+fn read_by(s: &mut TcpStream, buf: &mut [u8], deadline: Instant, what: &str) -> Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::Protocol(format!("handshake too slow while {what}")));
+        }
+        s.set_read_timeout(Some(left))
+            .map_err(io("socket timeout"))?;
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Err(Error::Protocol(format!("connection closed while {what}"))),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io(what.to_string(), e)),
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `data` by `deadline`.
+fn write_by(s: &mut TcpStream, data: &[u8], deadline: Instant, what: &str) -> Result<()> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    s.set_write_timeout(Some(left.max(Duration::from_millis(1))))
+        .map_err(io("socket timeout"))?;
+    s.write_all(data).map_err(io(what))
+}
+
+/// Leaves the socket as the handshake found it (no timeouts).
+fn done(s: &mut TcpStream) -> Result<()> {
+    s.set_read_timeout(None).map_err(io("socket timeout"))?;
+    s.set_write_timeout(None).map_err(io("socket timeout"))
+}
 
 fn mac(secret: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
@@ -58,8 +93,7 @@ pub(crate) fn connect(
     world: u32,
     expect: u32,
 ) -> Result<()> {
-    s.set_read_timeout(Some(STEP_TIMEOUT))
-        .map_err(io("socket timeout"))?;
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let nc = nonce();
     let mut hello = Vec::with_capacity(32);
     hello.extend_from_slice(&HELLO_MAGIC.to_le_bytes());
@@ -67,9 +101,9 @@ pub(crate) fn connect(
     hello.extend_from_slice(&rank.to_le_bytes());
     hello.extend_from_slice(&world.to_le_bytes());
     hello.extend_from_slice(&nc);
-    s.write_all(&hello).map_err(io("sending hello"))?;
+    write_by(s, &hello, deadline, "sending hello")?;
     let mut ch = [0u8; 16 + 4 + 32];
-    s.read_exact(&mut ch).map_err(io("reading the challenge"))?;
+    read_by(s, &mut ch, deadline, "reading the challenge")?;
     let na = &ch[..16];
     let ra = u32::from_le_bytes(ch[16..20].try_into().expect("4 bytes"));
     if ra != expect {
@@ -96,24 +130,21 @@ pub(crate) fn connect(
             &ra.to_le_bytes(),
         ],
     );
-    s.write_all(&proof).map_err(io("sending the proof"))?;
+    write_by(s, &proof, deadline, "sending the proof")?;
     let mut ack = [0u8; 1];
-    s.read_exact(&mut ack)
-        .map_err(io("reading the acceptance"))?;
+    read_by(s, &mut ack, deadline, "reading the acceptance")?;
     if ack[0] != 1 {
         return Err(Error::Protocol(format!("rank {ra} refused the connection")));
     }
-    s.set_read_timeout(None).map_err(io("socket timeout"))?;
-    Ok(())
+    done(s)
 }
 
 /// Acceptor side: returns the authenticated peer's rank. Reads only fixed, small messages
-/// under a timeout, so garbage, slow or unauthenticated clients cost nothing.
+/// under one deadline, so garbage, slow or unauthenticated clients cost nothing.
 pub(crate) fn accept(s: &mut TcpStream, secret: &[u8], rank: u32, world: u32) -> Result<u32> {
-    s.set_read_timeout(Some(STEP_TIMEOUT))
-        .map_err(io("socket timeout"))?;
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let mut hello = [0u8; 32];
-    s.read_exact(&mut hello).map_err(io("reading hello"))?;
+    read_by(s, &mut hello, deadline, "reading hello")?;
     let word = |i: usize| u32::from_le_bytes(hello[4 * i..4 * i + 4].try_into().expect("4 bytes"));
     if word(0) != HELLO_MAGIC || word(1) != VERSION {
         return Err(Error::Protocol("not an xccl-tcp hello".into()));
@@ -134,9 +165,9 @@ pub(crate) fn accept(s: &mut TcpStream, secret: &[u8], rank: u32, world: u32) ->
     ch.extend_from_slice(&na);
     ch.extend_from_slice(&rank.to_le_bytes());
     ch.extend_from_slice(&m);
-    s.write_all(&ch).map_err(io("sending the challenge"))?;
+    write_by(s, &ch, deadline, "sending the challenge")?;
     let mut proof = [0u8; 32];
-    s.read_exact(&mut proof).map_err(io("reading the proof"))?;
+    read_by(s, &mut proof, deadline, "reading the proof")?;
     let want = mac(
         secret,
         &[
@@ -148,12 +179,12 @@ pub(crate) fn accept(s: &mut TcpStream, secret: &[u8], rank: u32, world: u32) ->
         ],
     );
     if !same(&want, &proof) {
-        let _ = s.write_all(&[0]);
+        let _ = write_by(s, &[0], deadline, "refusing");
         return Err(Error::Protocol(format!(
             "a client claiming rank {rc} does not know the job secret"
         )));
     }
-    s.write_all(&[1]).map_err(io("accepting"))?;
-    s.set_read_timeout(None).map_err(io("socket timeout"))?;
+    write_by(s, &[1], deadline, "accepting")?;
+    done(s)?;
     Ok(rc)
 }

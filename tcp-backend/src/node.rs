@@ -639,16 +639,32 @@ fn connect_to(cfg: &Config, peer: usize, addr: SocketAddr, deadline: Instant) ->
     }
 }
 
+/// Handshakes in progress at once beyond which new connections are closed unread.
+fn handshake_limit(world: usize) -> usize {
+    (2 * world).max(16)
+}
+
 fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sender<(usize, TcpStream)>) {
+    let handshakes = Arc::new(AtomicUsize::new(0));
+    let limit = handshake_limit(shared.cfg.world);
+    let mut backoff = Duration::from_millis(5);
     while !shared.stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((s, from)) => {
-                let (sh, tx) = (shared.clone(), tx.clone());
-                let _ = std::thread::Builder::new().name("xccl-tcp-auth".into()).spawn(move || {
+                backoff = Duration::from_millis(5);
+                if handshakes.fetch_add(1, Ordering::SeqCst) >= limit {
+                    handshakes.fetch_sub(1, Ordering::SeqCst);
+                    tracing::warn!(rank = shared.cfg.rank, %from, "xccl-tcp: too many handshakes at once; connection closed");
+                    continue; // dropping `s` closes it
+                }
+                let (sh, tx, busy) = (shared.clone(), tx.clone(), handshakes.clone());
+                let spawned = std::thread::Builder::new().name("xccl-tcp-auth".into()).spawn(move || {
                     let mut s = s;
                     let _ = s.set_nonblocking(false);
                     let cfg = &sh.cfg;
-                    match auth::accept(&mut s, &cfg.secret, cfg.rank as u32, cfg.world as u32) {
+                    let r = auth::accept(&mut s, &cfg.secret, cfg.rank as u32, cfg.world as u32);
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                    match r {
                         Ok(peer) => {
                             if tx.send((peer as usize, s)).is_err() {
                                 tracing::warn!(rank = cfg.rank, %from, peer, "xccl-tcp: refused a late connection");
@@ -659,6 +675,9 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sender<(usi
                         }
                     }
                 });
+                if spawned.is_err() {
+                    handshakes.fetch_sub(1, Ordering::SeqCst);
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 let mut p = libc::pollfd {
@@ -669,7 +688,13 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sender<(usi
                 // SAFETY: one valid pollfd; a 50 ms timeout bounds how late `stop` is seen.
                 unsafe { libc::poll(&mut p, 1, 50) };
             }
-            Err(_) => {}
+            Err(e) => {
+                // Out of descriptors or memory: the connection stays queued, so retrying at
+                // once would spin. Back off, and say so.
+                tracing::warn!(rank = shared.cfg.rank, error = %e, "xccl-tcp: accept failed; backing off");
+                std::thread::sleep(backoff); // pacing of retries after an error
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
         }
     }
 }
@@ -1761,6 +1786,12 @@ mod tests {
 
     /// Rank 0 as a real node; rank 1 played by hand over an authenticated socket.
     fn node_and_raw_peer(peer_timeout: Duration) -> (Node, TcpStream) {
+        let (node, raw, _) = node_raw_peer_and_addr(peer_timeout);
+        (node, raw)
+    }
+
+    /// As `node_and_raw_peer`, with the node's listening address.
+    fn node_raw_peer_and_addr(peer_timeout: Duration) -> (Node, TcpStream, SocketAddr) {
         let secret = b"stalled peer test secret".to_vec();
         let mut cfg = Config::new(0, 2, secret.clone());
         cfg.peer_timeout = peer_timeout;
@@ -1774,7 +1805,72 @@ mod tests {
             s
         });
         let node = listening.connect(&[addr, addr], deadline).unwrap();
-        (node, peer.join().unwrap())
+        (node, peer.join().unwrap(), addr)
+    }
+
+    /// Threads of this process whose name starts with `prefix`.
+    fn threads_named(prefix: &str) -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|name| name.starts_with(prefix))
+            .count()
+    }
+
+    /// A client that drips its hello a byte at a time is cut off once the whole handshake's
+    /// deadline passes, however short each gap; many silent clients at once hold at most a
+    /// bounded number of handshake threads; the job's own link keeps working throughout.
+    #[test]
+    fn slow_and_many_unauthenticated_clients_are_bounded() {
+        watchdog(|| {
+            let (node, mut raw, addr) = node_raw_peer_and_addr(Duration::from_secs(60));
+            let mut drip = TcpStream::connect(addr).unwrap();
+            let start = Instant::now();
+            let cut = loop {
+                if drip.write_all(&[0x48]).is_err() {
+                    break start.elapsed();
+                }
+                let mut b = [0u8; 1];
+                drip.set_read_timeout(Some(Duration::from_millis(500)))
+                    .unwrap();
+                match drip.read(&mut b) {
+                    Ok(0) => break start.elapsed(),
+                    Ok(_) => panic!("the server answered a partial hello"),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break start.elapsed(),
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "a drip of bytes kept the handshake open"
+                );
+            };
+            assert!(
+                cut < auth::HANDSHAKE_TIMEOUT + Duration::from_secs(1),
+                "cut after {cut:?}"
+            );
+            let before = threads_named("xccl-tcp-auth");
+            let silent: Vec<TcpStream> = (0..100)
+                .map(|_| TcpStream::connect(addr).unwrap())
+                .collect();
+            let mut most = 0;
+            let until = Instant::now() + Duration::from_millis(500);
+            while Instant::now() < until {
+                most = most.max(threads_named("xccl-tcp-auth"));
+                std::thread::sleep(Duration::from_millis(10)); // sampling, not syncing
+            }
+            assert!(
+                most <= before + handshake_limit(2),
+                "{most} handshake threads for 100 silent clients"
+            );
+            drop(silent);
+            // The job's link still works: a signal from the raw peer lands.
+            let mut f = Frame::new(Kind::Signal);
+            f.a = 3;
+            f.b = 1;
+            raw.write_all(&f.encode()).unwrap();
+            node.wait(3, |v| v == 1, Instant::now() + Duration::from_secs(5))
+                .unwrap();
+        });
     }
 
     /// A peer that stops in the middle of a frame: a caller's wait still ends at its own
