@@ -182,9 +182,11 @@ impl CommBuilder {
     }
 }
 
-/// Builds the TCP transport: the secret from `XCCL_JOB_SECRET` or made by rank 0 and shared
-/// through the store, a listener on `XCCL_SOCKET_IFNAME`'s address or loopback, every
-/// rank's address exchanged through the store.
+/// Builds the TCP transport: the secret from `XCCL_JOB_SECRET` (what `xccl-run` gives its
+/// ranks), else, when every rank is on this host, one rank 0 hands over outside the store
+/// ([`bootstrap::local_secret`]); a job across hosts without a secret is refused. A listener
+/// on `XCCL_SOCKET_IFNAME`'s address or loopback; every rank's address exchanged through the
+/// store (addresses are not secret: links authenticate with the secret).
 #[cfg(feature = "tcp")]
 fn tcp_from_env(
     store: &dyn Store,
@@ -195,13 +197,18 @@ fn tcp_from_env(
     deadline: Instant,
 ) -> Result<crate::transport::tcp::TcpTransport> {
     use crate::transport::tcp::{TcpOptions, TcpTransport};
-    let secret = match &settings.job_secret {
-        Some(s) => s.as_bytes().to_vec(),
+    let (secret, _held) = match settings.secret() {
+        Some(s) => (s.to_vec(), None),
+        None if info.local_size == info.world_size => {
+            bootstrap::local_secret::share(store, info.rank, deadline)?
+        }
         None => {
-            if info.rank == 0 {
-                store.set("xccl/tcp/secret", bootstrap::random_job_id().as_bytes())?;
-            }
-            store.get("xccl/tcp/secret", deadline)?
+            return Err(Error::InvalidUsage(format!(
+                "a TCP job across hosts ({} of {} ranks on this one) needs XCCL_JOB_SECRET, \
+                 the same unguessable value on every rank (xccl-run sets it; with mpirun pass \
+                 -x XCCL_JOB_SECRET)",
+                info.local_size, info.world_size
+            )))
         }
     };
     let mut opts = TcpOptions::new(info.rank, info.world_size, secret);

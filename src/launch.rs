@@ -154,7 +154,18 @@ pub fn launch(spec: &LaunchSpec) -> Result<LaunchOutcome> {
     if spec.ranks == 0 {
         return Err(Error::InvalidArgument("need at least one rank".into()));
     }
-    let store = TcpStoreServer::bind("127.0.0.1:0")?;
+    // The job secret: the caller's, else a fresh one. It reaches the ranks only through
+    // their environment (readable by this user alone), never through the store, which
+    // demands it from every client.
+    let secret = spec
+        .env
+        .iter()
+        .find(|(k, _)| k == "XCCL_JOB_SECRET")
+        .map(|(_, v)| v.to_string_lossy().into_owned())
+        .or_else(|| std::env::var("XCCL_JOB_SECRET").ok())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(crate::bootstrap::random_job_id);
+    let store = TcpStoreServer::bind("127.0.0.1:0", Some(secret.as_bytes()))?;
     let store_url = format!("tcp://{}", store.addr());
     let (tx, rx) = mpsc::channel::<(usize, std::io::Result<ExitStatus>)>();
     let mut pids = Vec::with_capacity(spec.ranks);
@@ -175,6 +186,7 @@ pub fn launch(spec: &LaunchSpec) -> Result<LaunchOutcome> {
             .env("XCCL_LOCAL_SIZE", spec.ranks.to_string())
             .env("XCCL_STORE", &store_url)
             .env("XCCL_STORE_SERVER", "external")
+            .env("XCCL_JOB_SECRET", &secret)
             .stdin(Stdio::null());
         if let Some(b) = &spec.backend {
             cmd.env("XCCL_BACKEND", b);

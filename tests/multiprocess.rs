@@ -1,6 +1,7 @@
 //! Multi-process tests over the shared-memory backend: real processes, a watchdog on each
 //! job, and a leak check (no stray process, no segment left) at the end of each.
 
+#[macro_use]
 mod common;
 
 use common::{assert_no_leaks, Job, SCENARIO, SERIAL};
@@ -8,21 +9,13 @@ use std::time::{Duration, Instant};
 use xccl::transport::{Cmp, SignalOp};
 use xccl::{Communicator, Error};
 
-/// Entry point of the rank processes (the test binary re-enters itself here).
-#[test]
-#[ignore = "entry point of the rank processes that the other tests start"]
-fn worker() {
-    let Ok(scenario) = std::env::var(SCENARIO) else {
-        return;
-    };
-    match scenario.as_str() {
-        "wait_forever" => wait_forever(),
-        "round_trips" => round_trips(10_000),
-        "mismatch" => mismatch(),
-        "fail_rank1" => fail_rank1(),
-        "ompi_ring" => ompi_ring(),
-        other => panic!("unknown scenario {other}"),
-    }
+// Entry point of the rank processes (the test binary re-enters itself here).
+scenarios! {
+    "wait_forever" => wait_forever,
+    "round_trips" => || round_trips(10_000),
+    "mismatch" => mismatch,
+    "fail_rank1" => fail_rank1,
+    "ompi_ring" => ompi_ring,
 }
 
 /// Every rank announces READY, then waits for a signal nobody sends: it must end with

@@ -2,34 +2,20 @@
 //! finish at different times all complete (what a slow rank still sends to one that closed
 //! early is applied), and a rank that leaves without closing is `PeerFailed` on the others.
 
+#[macro_use]
 mod common;
 
-use common::{assert_no_leaks, Job, SCENARIO, SERIAL};
+use common::{assert_no_leaks, rank_comm, Job, SERIAL};
 use std::time::{Duration, Instant};
 use xccl::transport::{Cmp, SignalOp};
-use xccl::{Communicator, Error};
+use xccl::Error;
 
 /// Bytes the late rank puts into every other rank's window as its last call.
 const LATE_BYTES: usize = 1 << 20;
 
-#[test]
-#[ignore = "entry point of the rank processes that the other tests start"]
-fn worker() {
-    let Ok(scenario) = std::env::var(SCENARIO) else {
-        return;
-    };
-    match scenario.as_str() {
-        "late_last_put" => late_last_put(),
-        "leave_without_close" => leave_without_close(),
-        other => panic!("unknown scenario {other}"),
-    }
-}
-
-fn comm() -> Communicator {
-    Communicator::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
+scenarios! {
+    "late_last_put" => late_last_put,
+    "leave_without_close" => leave_without_close,
 }
 
 fn late_pattern(from: usize, to: usize) -> Vec<u8> {
@@ -42,7 +28,7 @@ fn late_pattern(from: usize, to: usize) -> Vec<u8> {
 /// closed long before and never waits for it; then it closes. Every rank must complete, and
 /// the early ranks must have applied the late data by the time their `close` returns.
 fn late_last_put() {
-    let comm = comm();
+    let comm = rank_comm(Duration::from_secs(30));
     let (me, n) = (comm.rank(), comm.world_size());
     let t = comm.transport();
     let win = comm.register(LATE_BYTES).unwrap();
@@ -74,7 +60,7 @@ fn late_last_put() {
 /// Rank 1 exits without closing while rank 0 waits for a signal from it: rank 0 must get
 /// `PeerFailed` naming rank 1.
 fn leave_without_close() {
-    let comm = comm();
+    let comm = rank_comm(Duration::from_secs(30));
     let _win = comm.register(4096).unwrap();
     comm.barrier().unwrap();
     if comm.rank() == 1 {

@@ -2,12 +2,13 @@
 //! rank's memory cgroup is refused with a clear error (not an OOM kill), and a rank that cannot
 //! map or allocate its part of a window makes `register` fail on every rank.
 
+#[macro_use]
 mod common;
 
-use common::{assert_no_leaks, skips_forbidden, Job, SCENARIO, SERIAL};
+use common::{assert_no_leaks, rank_comm, skips_forbidden, Job, SERIAL};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use xccl::{Communicator, Error};
+use xccl::Error;
 
 const MIB: usize = 1 << 20;
 /// Names the per-rank cgroup directory prefix a `cgroup_register` rank moves itself into.
@@ -15,24 +16,9 @@ const CGROUP_VAR: &str = "XCCL_TEST_CGROUP";
 /// Address space (MiB past what it already uses) rank 1 of `address_limit` keeps.
 const HEADROOM_VAR: &str = "XCCL_TEST_AS_HEADROOM_MIB";
 
-#[test]
-#[ignore = "entry point of the rank processes that the other tests start"]
-fn worker() {
-    let Ok(scenario) = std::env::var(SCENARIO) else {
-        return;
-    };
-    match scenario.as_str() {
-        "cgroup_register" => cgroup_register(),
-        "address_limit" => address_limit(),
-        other => panic!("unknown scenario {other}"),
-    }
-}
-
-fn comm() -> Communicator {
-    Communicator::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
+scenarios! {
+    "cgroup_register" => cgroup_register,
+    "address_limit" => address_limit,
 }
 
 fn expect_refused(r: xccl::Result<xccl::transport::Window>, rank: usize) {
@@ -49,7 +35,7 @@ fn cgroup_register() {
     let rank: usize = std::env::var("XCCL_RANK").unwrap().parse().unwrap();
     let procs = format!("{prefix}-r{rank}/cgroup.procs");
     std::fs::write(&procs, std::process::id().to_string()).unwrap();
-    let comm = comm();
+    let comm = rank_comm(Duration::from_secs(30));
     let first = comm.register(200 * MIB).expect("the first window fits");
     expect_refused(comm.register(200 * MIB), comm.rank());
     comm.register(MIB)
@@ -72,7 +58,7 @@ fn vm_size() -> usize {
 /// Rank 1 limits its address space; both register a 200 MiB window, which rank 1 cannot
 /// hold: every rank must get the error, none a window the other lacks.
 fn address_limit() {
-    let comm = comm();
+    let comm = rank_comm(Duration::from_secs(30));
     let headroom: usize = std::env::var(HEADROOM_VAR).unwrap().parse().unwrap();
     comm.barrier().unwrap();
     if comm.rank() == 1 {

@@ -4,14 +4,14 @@
 //! (add busy loops on every core with `XCCL_SOAK_LOAD=1`). It reports operations, bytes
 //! checked and failures.
 
+#[macro_use]
 mod common;
 
-use common::{assert_no_leaks, BusyLoops, Job, SCENARIO, SERIAL};
+use common::{assert_no_leaks, rank_comm, BusyLoops, Job, SERIAL};
 use std::time::{Duration, Instant};
 use xccl::coll::{Coll, ReduceOp};
 use xccl::moe::{Dtype, LowLatencyBuffer, MoeBuffer, MoeConfig};
 use xccl::p2p::{P2p, P2pConfig};
-use xccl::Communicator;
 
 const SECONDS_VAR: &str = "XCCL_TEST_SOAK_SECONDS";
 const EXPERTS: usize = 12;
@@ -19,16 +19,8 @@ const HIDDEN: usize = 64;
 const TOPK: usize = 3;
 const MAX_TOKENS: usize = 48;
 
-#[test]
-#[ignore = "entry point of the rank processes that the other tests start"]
-fn worker() {
-    let Ok(scenario) = std::env::var(SCENARIO) else {
-        return;
-    };
-    match scenario.as_str() {
-        "soak" => soak(),
-        other => panic!("unknown scenario {other}"),
-    }
+scenarios! {
+    "soak" => soak,
 }
 
 /// splitmix64: the same numbers on every rank for the same seed.
@@ -204,10 +196,7 @@ fn low_latency_moe(it: u64, buf: &mut LowLatencyBuffer, me: usize) -> u64 {
 
 fn soak() {
     let seconds: f64 = std::env::var(SECONDS_VAR).unwrap().parse().unwrap();
-    let comm = Communicator::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap();
+    let comm = rank_comm(Duration::from_secs(60));
     let (me, n) = (comm.rank(), comm.world_size());
     let p2p = P2p::new(&comm, P2pConfig::default()).unwrap();
     let coll = Coll::new(&comm).unwrap();

@@ -1,6 +1,7 @@
 //! The TCP backend across real processes: a rank killed mid-transfer, hostile clients on a
 //! live job's listener, and ranks in separate network namespaces whose link is cut.
 
+#[macro_use]
 mod common;
 
 use common::{assert_no_leaks, Job, SCENARIO, SERIAL};
@@ -12,18 +13,10 @@ use xccl::bootstrap::{store_barrier, Store, TcpStore};
 use xccl::transport::{Cmp, SignalOp};
 use xccl::{Communicator, Error};
 
-#[test]
-#[ignore = "entry point of the rank processes that the other tests start"]
-fn worker() {
-    let Ok(scenario) = std::env::var(SCENARIO) else {
-        return;
-    };
-    match scenario.as_str() {
-        "stream_until_killed" => stream_until_killed(),
-        "round_trips_for_3s" => round_trips_for_3s(),
-        "netns" => netns_worker(),
-        other => panic!("unknown scenario {other}"),
-    }
+scenarios! {
+    "stream_until_killed" => stream_until_killed,
+    "round_trips_for_3s" => round_trips_for_3s,
+    "netns" => netns_worker,
 }
 
 /// Every rank streams 1 MiB puts around a ring until a peer dies, then reports it.
@@ -61,7 +54,13 @@ fn stream_until_killed() {
             // next put fail for that reason before it noticed the killed rank.
             let addr = std::env::var("XCCL_STORE").unwrap();
             let deadline = Instant::now() + Duration::from_secs(30);
-            let store = TcpStore::connect(addr.trim_start_matches("tcp://"), deadline).unwrap();
+            let secret = std::env::var("XCCL_JOB_SECRET").unwrap();
+            let store = TcpStore::connect(
+                addr.trim_start_matches("tcp://"),
+                Some(secret.as_bytes()),
+                deadline,
+            )
+            .unwrap();
             store_barrier(&store, "survivors", n - 1, deadline).unwrap();
         }
         other => panic!("expected PeerFailed, got {other}"),
@@ -180,8 +179,7 @@ fn hostile_clients_are_refused_while_the_job_completes() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut job = Job::start(2, "round_trips_for_3s", &tcp_env());
     job.expect_from(&[0, 1], "READY", Duration::from_secs(60));
-    let store =
-        TcpStore::connect(&job.store_addr(), Instant::now() + Duration::from_secs(10)).unwrap();
+    let store = job.store();
     let addr = String::from_utf8(
         store
             .get("xccl/tcp/addr/0", Instant::now() + Duration::from_secs(10))
@@ -227,6 +225,45 @@ fn hostile_clients_are_refused_while_the_job_completes() {
     let mark = job.mark.clone();
     drop(job);
     assert_no_leaks(&mark);
+}
+
+/// The job secret never reaches the store: with a launcher's secret the store serves no
+/// stranger at all; without one (ranks on one host) rank 0 hands it over outside the store,
+/// which then holds only where it is. Either way the job completes.
+#[test]
+fn the_job_secret_never_reaches_the_store() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let soon = || Instant::now() + Duration::from_millis(300);
+    for secret in [Some(xccl::bootstrap::random_job_id()), None] {
+        let launcher_secret = secret.is_some();
+        let mut job = Job::start_with(2, "round_trips_for_3s", &tcp_env(), secret);
+        job.expect_from(&[0, 1], "READY", Duration::from_secs(60));
+        let stranger = TcpStore::connect(&job.store_addr(), None, soon());
+        if launcher_secret {
+            assert!(
+                stranger.is_err(),
+                "a stranger was served by a secured store"
+            );
+        } else {
+            let stranger = stranger.expect("an open store");
+            assert!(stranger.get("xccl/tcp/secret", soon()).is_err());
+            let at = stranger.get("xccl/tcp/secret-at", soon()).unwrap();
+            let at = String::from_utf8(at).unwrap();
+            assert!(
+                at.split('/').all(|p| p.parse::<u32>().is_ok()),
+                "the store holds {at:?}, not where the secret is"
+            );
+        }
+        assert!(job.store().get("xccl/tcp/secret", soon()).is_err());
+        let st = job.wait_all(Duration::from_secs(60));
+        assert!(
+            st.iter().all(|s| s.success()),
+            "secret {launcher_secret}: {st:?}"
+        );
+        let mark = job.mark.clone();
+        drop(job);
+        assert_no_leaks(&mark);
+    }
 }
 
 /// Runs `ip` with `args`; true on success.

@@ -3,8 +3,10 @@
 
 mod env;
 mod file_store;
+pub mod local_secret;
 mod settings;
 mod store;
+mod store_auth;
 mod tcp_store;
 
 pub use env::{detect, detect_with, RankInfo};
@@ -104,7 +106,8 @@ impl Rendezvous {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         if let Some(url) = &settings.store {
             if let Some(addr) = url.strip_prefix("tcp://") {
-                return Self::tcp(addr, info.rank == 0 && !settings.store_external, deadline);
+                let serve = info.rank == 0 && !settings.store_external;
+                return Self::tcp(addr, serve, settings.secret(), deadline);
             }
             if let Some(dir) = url.strip_prefix("file://") {
                 return Ok(Rendezvous {
@@ -118,7 +121,8 @@ impl Rendezvous {
             )));
         }
         if let (Some(host), Some(port)) = (env("MASTER_ADDR"), env("MASTER_PORT")) {
-            return Self::tcp(&format!("{host}:{port}"), info.rank == 0, deadline);
+            let addr = format!("{host}:{port}");
+            return Self::tcp(&addr, info.rank == 0, settings.secret(), deadline);
         }
         if info.world_size == 1 {
             return Ok(Self::from_store(Arc::new(MemStore::new())));
@@ -156,15 +160,15 @@ impl Rendezvous {
         })
     }
 
-    fn tcp(addr: &str, serve: bool, deadline: Instant) -> Result<Self> {
+    fn tcp(addr: &str, serve: bool, secret: Option<&[u8]>, deadline: Instant) -> Result<Self> {
         let server = if serve {
-            Some(TcpStoreServer::bind(addr).map_err(|e| {
+            Some(TcpStoreServer::bind(addr, secret).map_err(|e| {
                 Error::InvalidUsage(format!("rank 0 cannot serve the TCP store at {addr}: {e}"))
             })?)
         } else {
             None
         };
-        let store = Arc::new(TcpStore::connect(addr, deadline)?);
+        let store = Arc::new(TcpStore::connect(addr, secret, deadline)?);
         Ok(Rendezvous {
             store,
             server,

@@ -20,7 +20,8 @@ pub struct Settings {
     pub shm_disable: bool,
     /// `XCCL_DEBUG`: a `tracing` filter for the binaries (`info`, `debug`, ...).
     pub debug: Option<String>,
-    /// `XCCL_JOB_SECRET`: the secret TCP peers prove they know (else rank 0 makes one).
+    /// `XCCL_JOB_SECRET`: the secret TCP peers and TCP store clients prove they know (set by
+    /// `xccl-run` for its ranks; required for a TCP job across hosts).
     pub job_secret: Option<String>,
     /// `XCCL_SOCKET_IFNAME`: the interface TCP listeners bind to (else loopback).
     pub socket_ifname: Option<String>,
@@ -44,6 +45,11 @@ fn number(name: &str) -> Result<Option<u64>> {
 }
 
 impl Settings {
+    /// The job secret's bytes, if one is set.
+    pub fn secret(&self) -> Option<&[u8]> {
+        self.job_secret.as_deref().map(str::as_bytes)
+    }
+
     /// Reads the settings.
     pub fn from_env() -> Result<Self> {
         let s = Settings {

@@ -20,6 +20,35 @@ pub const MARK: &str = "XCCL_TEST_JOB";
 /// check must not see another test's live job.
 pub static SERIAL: Mutex<()> = Mutex::new(());
 
+/// The entry point of a test binary's rank processes (the binary re-enters itself as
+/// `worker`): runs the function of the scenario named in [`SCENARIO`].
+///
+/// `scenarios! { "name" => function, ... }`
+#[macro_export]
+macro_rules! scenarios {
+    ($($name:literal => $run:expr),* $(,)?) => {
+        #[test]
+        #[ignore = "entry point of the rank processes that the other tests start"]
+        fn worker() {
+            let Ok(scenario) = std::env::var($crate::common::SCENARIO) else {
+                return;
+            };
+            match scenario.as_str() {
+                $($name => $run(),)*
+                other => panic!("unknown scenario {other}"),
+            }
+        }
+    };
+}
+
+/// A rank of a [`Job`]: its communicator, built from the environment with `timeout`.
+pub fn rank_comm(timeout: Duration) -> xccl::Communicator {
+    xccl::Communicator::builder()
+        .timeout(timeout)
+        .build()
+        .expect("building the rank's communicator")
+}
+
 /// Arguments that make the test binary run only the `worker` entry point.
 pub fn worker_args() -> Vec<String> {
     [
@@ -61,13 +90,28 @@ pub struct Job {
     pub mark: String,
     pub children: Vec<Child>,
     pub lines: mpsc::Receiver<(usize, String)>,
+    /// The job secret its ranks get (as `xccl-run` gives one) and its store demands.
+    pub secret: Option<String>,
     _store: TcpStoreServer,
 }
 
 impl Job {
-    /// Starts `n` ranks running `scenario`, with a fresh TCP store served by the test.
+    /// Starts `n` ranks running `scenario`, with a fresh TCP store served by the test and a
+    /// job secret, as `xccl-run` starts a job.
     pub fn start(n: usize, scenario: &str, extra: &[(&str, String)]) -> Job {
-        let store = TcpStoreServer::bind("127.0.0.1:0").expect("store");
+        Self::start_with(n, scenario, extra, Some(xccl::bootstrap::random_job_id()))
+    }
+
+    /// As [`Job::start`]; without a secret the ranks get none and the store is open (as under
+    /// a launcher that knows nothing of xccl).
+    pub fn start_with(
+        n: usize,
+        scenario: &str,
+        extra: &[(&str, String)],
+        secret: Option<String>,
+    ) -> Job {
+        let store = TcpStoreServer::bind("127.0.0.1:0", secret.as_deref().map(str::as_bytes))
+            .expect("store");
         let mark = format!(
             "{}-{}",
             std::process::id(),
@@ -88,9 +132,13 @@ impl Job {
                 .env("XCCL_WORLD_SIZE", n.to_string())
                 .env("XCCL_STORE", format!("tcp://{}", store.addr()))
                 .env("XCCL_STORE_SERVER", "external")
+                .env_remove("XCCL_JOB_SECRET")
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .stdin(Stdio::null());
+            if let Some(secret) = &secret {
+                cmd.env("XCCL_JOB_SECRET", secret);
+            }
             for (k, v) in extra {
                 cmd.env(k, v);
             }
@@ -109,6 +157,7 @@ impl Job {
             mark,
             children,
             lines,
+            secret,
             _store: store,
         }
     }
@@ -116,6 +165,14 @@ impl Job {
     /// The address of the job's rendezvous store.
     pub fn store_addr(&self) -> String {
         self._store.addr().to_string()
+    }
+
+    /// A client of the job's store, as a rank connects to it (with the job secret).
+    pub fn store(&self) -> xccl::bootstrap::TcpStore {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let secret = self.secret.as_deref().map(str::as_bytes);
+        xccl::bootstrap::TcpStore::connect(&self.store_addr(), secret, deadline)
+            .expect("connecting to the job's store")
     }
 
     /// Waits until every rank in `ranks` has printed a line starting with `word`.
