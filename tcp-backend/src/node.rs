@@ -305,12 +305,6 @@ enum WriteEnd {
     Stopped,
 }
 
-impl From<std::io::Error> for WriteEnd {
-    fn from(e: std::io::Error) -> Self {
-        WriteEnd::Io(e)
-    }
-}
-
 /// How long one blocking write may wait on a full socket before the writer looks at whether
 /// it was interrupted (the send timeout of every link).
 const WRITE_SLICE: Duration = Duration::from_millis(50);
