@@ -98,6 +98,11 @@ impl CommBuilder {
     /// Collective: connects every rank. Fails the same way on every rank when they disagree
     /// on world size, library version, signal count, backend or fingerprint.
     pub fn build(self) -> Result<Communicator> {
+        let start = Instant::now();
+        self.connect().map_err(|e| e.waited_since(start))
+    }
+
+    fn connect(self) -> Result<Communicator> {
         let settings = Settings::from_env()?;
         let info = bootstrap::detect(self.explicit)?;
         let timeout = self.timeout.unwrap_or(settings.timeout);

@@ -57,6 +57,18 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// The same error; a `Timeout` that does not know how long it waited (it came from a
+    /// layer that keeps no clock) gets the time since `start`.
+    pub(crate) fn waited_since(self, start: std::time::Instant) -> Self {
+        match self {
+            Error::Timeout { op, waited } if waited.is_zero() => Error::Timeout {
+                op,
+                waited: start.elapsed(),
+            },
+            other => other,
+        }
+    }
+
     /// A `System` error from an `io::Error`.
     pub fn system(context: impl Into<String>, source: io::Error) -> Self {
         Error::System {

@@ -179,6 +179,7 @@ impl Rendezvous {
     /// Ends setup: every rank checks out; rank 0 waits for all of them, then stops the store
     /// server or removes the store directory, so nothing of the rendezvous outlives setup.
     pub fn finish(self, rank: usize, world: usize, deadline: Instant) -> Result<()> {
+        let start = Instant::now();
         self.store.add("xccl/left", 1)?;
         if rank == 0 && (self.server.is_some() || self.cleanup_dir.is_some()) {
             let mut backoff = Duration::from_micros(200);
@@ -186,7 +187,7 @@ impl Rendezvous {
                 if Instant::now() >= deadline {
                     return Err(Error::Timeout {
                         op: "waiting for every rank to finish setup".into(),
-                        waited: Duration::ZERO,
+                        waited: start.elapsed(),
                     });
                 }
                 std::thread::sleep(backoff); // polling pace of the store, not synchronisation

@@ -546,6 +546,33 @@ pub fn deregister_races_with_access(world: usize, f: Factory) {
     });
 }
 
+/// `close` is collective: one rank closing alone times out at its deadline (saying how long it
+/// waited), and completes once every rank closes.
+pub fn close_waits_for_every_rank(world: usize, f: Factory) {
+    let others_wait = Arc::new(std::sync::Barrier::new(world));
+    run_ranks(f(world), WATCHDOG, move |t| {
+        if t.rank() == 0 {
+            let limit = Duration::from_millis(200);
+            let r = t.close(Instant::now() + limit);
+            match (world, r) {
+                (1, Ok(())) => {}
+                (_, Err(Error::Timeout { waited, .. })) => {
+                    assert!(waited >= limit, "waited {waited:?}");
+                    assert!(waited < limit + Duration::from_secs(5), "waited {waited:?}");
+                }
+                (_, other) => panic!("rank 0 closing alone: {other:?}"),
+            }
+            // Closed on this rank, whatever the outcome.
+            assert!(matches!(
+                t.signal(0, 0, SignalOp::Add, 1),
+                Err(Error::InvalidUsage(_))
+            ));
+        }
+        // The others close only after rank 0's close has timed out (run_ranks closes them).
+        others_wait.wait();
+    });
+}
+
 /// Instantiates the whole suite for a backend factory (a function in the calling module),
 /// once per world size 1, 2, 3 and 8, as `#[test]`s grouped in one module per check.
 #[macro_export]
@@ -556,7 +583,7 @@ macro_rules! transport_conformance {
             flush_completes_puts,
             signals_are_counters, deadline_gives_timeout, abort_wakes_every_waiter,
             bad_arguments_are_rejected, window_sizes, large_window, many_windows,
-            register_mismatch, deregister_races_with_access);
+            register_mismatch, deregister_races_with_access, close_waits_for_every_rank);
     };
     (@checks $factory:ident; $($check:ident),* $(,)?) => {
         $(

@@ -365,6 +365,7 @@ impl Transport for Loopback {
 
     fn close(&self, deadline: Instant) -> Result<()> {
         let f = &*self.fabric;
+        let start = Instant::now();
         let mut closed = f.closed.lock().unwrap_or_else(|p| p.into_inner());
         if !self.closing.swap(true, Ordering::SeqCst) {
             *closed += 1;
@@ -378,7 +379,7 @@ impl Transport for Loopback {
             if now >= deadline {
                 return Err(Error::Timeout {
                     op: format!("closing: {} of {} ranks have closed", *closed, f.world),
-                    waited: Duration::ZERO,
+                    waited: start.elapsed(),
                 });
             }
             closed = f

@@ -84,6 +84,11 @@ impl ShmTransport {
     /// rank has called this far (it runs once, after this rank's socket is bound); a store
     /// barrier does.
     pub fn new(opts: ShmOptions, barrier: &mut dyn FnMut() -> Result<()>) -> Result<Self> {
+        let start = Instant::now();
+        Self::connect(opts, barrier).map_err(|e| e.waited_since(start))
+    }
+
+    fn connect(opts: ShmOptions, barrier: &mut dyn FnMut() -> Result<()>) -> Result<Self> {
         if opts.num_signals == 0 {
             return Err(Error::InvalidArgument(
                 "num_signals must be at least 1".into(),
@@ -231,6 +236,42 @@ impl ShmTransport {
         self.windows.get(win)
     }
 
+    /// `register`: every step all-or-none across the ranks.
+    fn register_window(&self, len: usize) -> Result<Window> {
+        self.check_live(None)?;
+        let id = self.next_reg.fetch_add(1, Ordering::Relaxed);
+        let deadline = Instant::now() + self.setup_timeout;
+        // Each step goes on only if it worked on every rank: a rank that cannot reserve or map
+        // its part fails `register` everywhere, never leaving the others with a window it
+        // does not have.
+        let created = Segment::create(&format!("w{id}-r{}", self.rank), len).map_err(Error::from);
+        let verdict = self.mesh.agree(id << 1, created.is_ok(), deadline)?;
+        let own = all_or_none(id, "reserve its segment", created, &verdict)?;
+        let received =
+            self.mesh
+                .exchange(id, own.fd().expect("created here"), len as u64, deadline)?;
+        let lens: Vec<u64> = received
+            .iter()
+            .map(|e| e.as_ref().map_or(len as u64, |(_, l)| *l))
+            .collect();
+        if lens.iter().any(|&l| l != len as u64) {
+            return Err(Error::ConfigMismatch(format!(
+                "register #{id}: ranks asked for window sizes {lens:?}"
+            )));
+        }
+        let mut own = Some(own);
+        let opened: Result<Vec<Segment>> = received
+            .into_iter()
+            .map(|entry| match entry {
+                None => Ok(own.take().expect("own rank appears once")),
+                Some((fd, _)) => Ok(Segment::open(fd.as_fd(), len)?),
+            })
+            .collect();
+        let verdict = self.mesh.agree(id << 1 | 1, opened.is_ok(), deadline)?;
+        let segs = all_or_none(id, "map its peers' segments", opened, &verdict)?;
+        Ok(self.windows.insert(id, len, Arc::new(segs)))
+    }
+
     /// The window's mappings (kept mapped while the caller holds them) and the checked
     /// address in `peer`'s.
     fn remote(
@@ -267,6 +308,15 @@ fn all_or_none<T>(id: u64, step: &str, mine: Result<T>, verdict: &[bool]) -> Res
 /// Builds `world` shm ranks as threads of this process (each with its own segments and
 /// links, exactly as separate processes would have): for tests and in-process benchmarks.
 pub fn in_process(world: usize, num_signals: usize) -> Result<Vec<ShmTransport>> {
+    in_process_with(world, num_signals, Duration::from_secs(60))
+}
+
+/// [`in_process`] whose collective calls give up after `setup_timeout`.
+pub fn in_process_with(
+    world: usize,
+    num_signals: usize,
+    setup_timeout: Duration,
+) -> Result<Vec<ShmTransport>> {
     use crate::bootstrap::{random_job_id, store_barrier, MemStore};
     let store = MemStore::new();
     let job = random_job_id();
@@ -278,6 +328,7 @@ pub fn in_process(world: usize, num_signals: usize) -> Result<Vec<ShmTransport>>
                 s.spawn(move || {
                     let mut opts = ShmOptions::new(job.clone(), rank, world);
                     opts.num_signals = num_signals;
+                    opts.setup_timeout = setup_timeout;
                     ShmTransport::new(opts, &mut || store_barrier(store, "mesh", world, deadline))
                 })
             })
@@ -311,38 +362,8 @@ impl Transport for ShmTransport {
     }
 
     fn register(&self, len: usize) -> Result<Window> {
-        self.check_live(None)?;
-        let id = self.next_reg.fetch_add(1, Ordering::Relaxed);
-        let deadline = Instant::now() + self.setup_timeout;
-        // Each step goes on only if it worked on every rank: a rank that cannot reserve or map
-        // its part fails `register` everywhere, never leaving the others with a window it
-        // does not have.
-        let created = Segment::create(&format!("w{id}-r{}", self.rank), len).map_err(Error::from);
-        let verdict = self.mesh.agree(id << 1, created.is_ok(), deadline)?;
-        let own = all_or_none(id, "reserve its segment", created, &verdict)?;
-        let received =
-            self.mesh
-                .exchange(id, own.fd().expect("created here"), len as u64, deadline)?;
-        let lens: Vec<u64> = received
-            .iter()
-            .map(|e| e.as_ref().map_or(len as u64, |(_, l)| *l))
-            .collect();
-        if lens.iter().any(|&l| l != len as u64) {
-            return Err(Error::ConfigMismatch(format!(
-                "register #{id}: ranks asked for window sizes {lens:?}"
-            )));
-        }
-        let mut own = Some(own);
-        let opened: Result<Vec<Segment>> = received
-            .into_iter()
-            .map(|entry| match entry {
-                None => Ok(own.take().expect("own rank appears once")),
-                Some((fd, _)) => Ok(Segment::open(fd.as_fd(), len)?),
-            })
-            .collect();
-        let verdict = self.mesh.agree(id << 1 | 1, opened.is_ok(), deadline)?;
-        let segs = all_or_none(id, "map its peers' segments", opened, &verdict)?;
-        Ok(self.windows.insert(id, len, Arc::new(segs)))
+        let start = Instant::now();
+        self.register_window(len).map_err(|e| e.waited_since(start))
     }
 
     fn deregister(&self, win: Window) -> Result<()> {

@@ -95,9 +95,10 @@ impl TcpTransport {
         opts: TcpOptions,
         exchange: &mut dyn FnMut(SocketAddr) -> Result<Vec<SocketAddr>>,
     ) -> Result<Self> {
+        let start = Instant::now();
         let listening = Listening::bind(opts.config())?;
         let addrs = exchange(listening.local_addr()?)?;
-        Self::finish(opts, listening, &addrs)
+        Self::finish(opts, listening, &addrs).map_err(|e| e.waited_since(start))
     }
 
     fn finish(opts: TcpOptions, listening: Listening, addrs: &[SocketAddr]) -> Result<Self> {
@@ -133,18 +134,21 @@ impl TcpTransport {
 
 /// A node's result, its timeout told as the time waited since `start`.
 fn timed(start: Instant, r: xccl_tcp::Result<u64>) -> Result<u64> {
-    r.map_err(|e| match e {
-        xccl_tcp::Error::Timeout(op) => Error::Timeout {
-            op,
-            waited: start.elapsed(),
-        },
-        other => other.into(),
-    })
+    r.map_err(|e| Error::from(e).waited_since(start))
 }
 
 /// Builds `world` TCP ranks as threads of this process, linked over loopback with a fresh
 /// secret: for tests and in-process benchmarks.
 pub fn in_process(world: usize, num_signals: usize) -> Result<Vec<TcpTransport>> {
+    in_process_with(world, num_signals, Duration::from_secs(60))
+}
+
+/// [`in_process`] whose collective calls and setup give up after `setup_timeout`.
+pub fn in_process_with(
+    world: usize,
+    num_signals: usize,
+    setup_timeout: Duration,
+) -> Result<Vec<TcpTransport>> {
     let mut secret = vec![0u8; 32];
     crate::bootstrap::fill_random(&mut secret);
     let mut listening = Vec::with_capacity(world);
@@ -152,6 +156,7 @@ pub fn in_process(world: usize, num_signals: usize) -> Result<Vec<TcpTransport>>
     for rank in 0..world {
         let mut o = TcpOptions::new(rank, world, secret.clone());
         o.num_signals = num_signals;
+        o.setup_timeout = setup_timeout;
         let l = Listening::bind(o.config())?;
         addrs.push(l.local_addr()?);
         listening.push((o, l));
@@ -205,9 +210,11 @@ impl Transport for TcpTransport {
         let id = self.next_reg.fetch_add(1, Ordering::Relaxed);
         // On failure the node has told the peers (they fail too); nothing to wait for.
         let region = self.node.register(id, len)?;
+        let start = Instant::now();
         let lens = self
             .node
-            .peers_registered(id, len, Instant::now() + self.setup_timeout)?;
+            .peers_registered(id, len, start + self.setup_timeout)
+            .map_err(|e| Error::from(e).waited_since(start))?;
         if let Some(rank) = lens.iter().position(|&l| l == xccl_tcp::REG_FAILED) {
             self.node.deregister(id);
             return Err(Error::System {
@@ -297,13 +304,16 @@ impl Transport for TcpTransport {
             };
             return Ok(());
         }
-        Ok(self.node.read(
-            peer,
-            win.id(),
-            offset as u64,
-            out,
-            Instant::now() + self.setup_timeout,
-        )?)
+        let start = Instant::now();
+        self.node
+            .read(
+                peer,
+                win.id(),
+                offset as u64,
+                out,
+                start + self.setup_timeout,
+            )
+            .map_err(|e| Error::from(e).waited_since(start))
     }
 
     fn signal(&self, peer: usize, index: usize, op: SignalOp, value: u64) -> Result<()> {
@@ -336,7 +346,10 @@ impl Transport for TcpTransport {
 
     fn flush(&self, peer: usize) -> Result<()> {
         check_peer(peer, self.world)?;
-        Ok(self.node.flush(peer, Instant::now() + self.setup_timeout)?)
+        let start = Instant::now();
+        self.node
+            .flush(peer, start + self.setup_timeout)
+            .map_err(|e| Error::from(e).waited_since(start))
     }
 
     fn abort(&self) {
