@@ -12,7 +12,11 @@
 //!   after checking id, offset and length (no intermediate buffer), polling briefly before it
 //!   blocks;
 //! - heartbeats on idle links: a dead peer, a reset connection or a silent link becomes a
-//!   failed peer within a configured time.
+//!   failed peer within a configured time (silence counts only while nothing from the peer
+//!   waits unread, and only for time this rank was running);
+//! - writes that wake every 50 ms on a full socket, so an abort or a failed peer ends them;
+//! - an orderly end ([`Node::close`]): goodbye is a half-close, each side reads the other's
+//!   stream to its end, and a rank that closes first keeps applying what slower peers send.
 
 mod auth;
 mod error;
