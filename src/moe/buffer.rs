@@ -90,6 +90,8 @@ pub struct MoeBuffer<'c> {
     recv_counts: Vec<usize>,
     /// Tokens of the last dispatch.
     tokens: usize,
+    /// The last dispatch has not been combined yet.
+    dispatched: bool,
     /// Reused scratch: one metadata record.
     meta_buf: Vec<u8>,
     /// INT8 dispatch: the scale of every token of the call, and one quantized row.
@@ -161,6 +163,7 @@ impl<'c> MoeBuffer<'c> {
             sent: vec![Vec::with_capacity(cfg.max_tokens); n],
             recv_counts: vec![0; n],
             tokens: 0,
+            dispatched: false,
             meta_buf: vec![0; meta],
             scales: Vec::with_capacity(if cfg.int8_dispatch { cfg.max_tokens } else { 0 }),
             qrow: vec![0; if cfg.int8_dispatch { cfg.hidden } else { 0 }],
@@ -470,6 +473,7 @@ impl<'c> MoeBuffer<'c> {
         if self.cfg.int8_dispatch {
             self.dequantize_arrivals(epoch)?;
         }
+        self.dispatched = true;
         Ok(DispatchView { buf: self, x })
     }
 
@@ -518,6 +522,7 @@ impl<'c> MoeBuffer<'c> {
     /// This copies `reduced` into the buffer first; experts that write their output straight
     /// into [`DispatchView::expert_output`] call [`MoeBuffer::combine_in_place`] instead.
     pub fn combine(&mut self, reduced: &[u8], out: &mut [u8]) -> Result<()> {
+        self.check_combinable()?;
         let received: usize = self.recv_counts.iter().sum();
         if reduced.len() != received * self.cfg.row_bytes() {
             return Err(Error::InvalidArgument(format!(
@@ -551,6 +556,17 @@ impl<'c> MoeBuffer<'c> {
         self.combine_from(None, out)
     }
 
+    /// A combine needs a dispatch not combined yet.
+    fn check_combinable(&self) -> Result<()> {
+        if self.dispatched {
+            Ok(())
+        } else {
+            Err(Error::InvalidUsage(
+                "combine without a dispatch to combine (one combine per dispatch)".into(),
+            ))
+        }
+    }
+
     /// The combine; this rank's own rows come from `own` (all received rows, in order) when
     /// given, else from its output region.
     ///
@@ -561,6 +577,7 @@ impl<'c> MoeBuffer<'c> {
     /// sending, receiving and summing overlap. The announcements then come last and check the
     /// counts.
     fn combine_from(&mut self, own: Option<&[u8]>, out: &mut [u8]) -> Result<()> {
+        self.check_combinable()?;
         let (me, n) = (self.comm.rank(), self.comm.world_size());
         let row_bytes = self.cfg.row_bytes();
         if out.len() != self.tokens * row_bytes {
@@ -570,6 +587,7 @@ impl<'c> MoeBuffer<'c> {
                 self.tokens
             )));
         }
+        self.dispatched = false;
         self.comb_epoch += 1;
         let epoch = self.comb_epoch;
         let de = self.disp_epoch;

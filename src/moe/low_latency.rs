@@ -64,6 +64,8 @@ pub struct LowLatencyBuffer<'c> {
     sig_disp: usize,
     sig_comb: usize,
     epoch: u64,
+    /// The last dispatch awaits its combine (the mode's fixed slots hold one call at a time).
+    dispatched: bool,
     /// Per (token, top-k slot) of the last dispatch: the slot its row took at its expert.
     slots: Vec<Option<usize>>,
     idx: Vec<i64>,
@@ -164,6 +166,7 @@ impl<'c> LowLatencyBuffer<'c> {
             sig_disp,
             sig_comb: sig_disp + max_local * n,
             epoch: 0,
+            dispatched: false,
             slots: Vec::with_capacity(cap * cfg.topk),
             idx: Vec::with_capacity(cap * cfg.topk),
             weights: Vec::with_capacity(cap * cfg.topk),
@@ -244,6 +247,13 @@ impl<'c> LowLatencyBuffer<'c> {
         topk_weights: &[f32],
     ) -> Result<LowLatencyView<'a>> {
         let (me, n, k) = (self.comm.rank(), self.comm.world_size(), self.cfg.topk);
+        if self.dispatched {
+            return Err(Error::InvalidUsage(
+                "low-latency dispatch: the last dispatch has not been combined (each dispatch \
+                 needs its combine before the next)"
+                    .into(),
+            ));
+        }
         dispatch_layout(topk_idx, k, &self.placement, n)?; // checks ids and duplicates
         let tokens = topk_idx.len() / k;
         let rb = self.cfg.row_bytes();
@@ -384,6 +394,7 @@ impl<'c> LowLatencyBuffer<'c> {
         if self.cfg.int8_dispatch {
             self.dequantize_arrivals(epoch)?;
         }
+        self.dispatched = true;
         Ok(LowLatencyView { buf: self, x })
     }
 
@@ -452,6 +463,7 @@ impl<'c> LowLatencyBuffer<'c> {
     /// This copies `outputs` into the buffer first; experts that write straight into
     /// [`LowLatencyView::expert_output`] call [`LowLatencyBuffer::combine_in_place`].
     pub fn combine(&mut self, outputs: &[u8], out: &mut [u8]) -> Result<()> {
+        self.check_combinable()?;
         let n = self.comm.world_size();
         let rb = self.cfg.row_bytes();
         let received: usize = self.counts.iter().sum();
@@ -474,10 +486,22 @@ impl<'c> LowLatencyBuffer<'c> {
         self.combine_in_place(out)
     }
 
+    /// A combine needs a dispatch not combined yet.
+    fn check_combinable(&self) -> Result<()> {
+        if self.dispatched {
+            Ok(())
+        } else {
+            Err(Error::InvalidUsage(
+                "low-latency combine without a dispatch to combine".into(),
+            ))
+        }
+    }
+
     /// Collective, after a dispatch whose experts wrote their output into
     /// [`LowLatencyView::expert_output`]: `out` (`T` rows) receives
     /// Σ_j w_j · output(token, expert_j), added in f32 in top-k order.
     pub fn combine_in_place(&mut self, out: &mut [u8]) -> Result<()> {
+        self.check_combinable()?;
         let (me, n, k) = (self.comm.rank(), self.comm.world_size(), self.cfg.topk);
         let rb = self.cfg.row_bytes();
         if out.len() != self.tokens * rb {
@@ -487,6 +511,7 @@ impl<'c> LowLatencyBuffer<'c> {
                 self.tokens
             )));
         }
+        self.dispatched = false;
         let epoch = self.epoch;
         let t = self.comm.transport();
         if !self.mapped {
