@@ -15,6 +15,9 @@ const KIND_SEGMENT: u32 = 2;
 const KIND_VERDICT: u32 = 3;
 const PROTOCOL_VERSION: u64 = 1;
 
+/// One message from a peer, with the descriptor it carried if any.
+type Received = (Msg, Option<OwnedFd>);
+
 /// Called from the watcher thread with the rank of a peer whose link closed.
 pub type PeerDownHook = Arc<dyn Fn(usize) + Send + Sync>;
 
@@ -193,6 +196,35 @@ impl Mesh {
         self.world
     }
 
+    /// Collective: sends `msg` (with `fd`, if any) to every peer and receives one message from
+    /// each. Entry `r` of the result is rank `r`'s message (`None` for this rank). `what` names
+    /// the step in errors.
+    fn all_to_all(
+        &self,
+        msg: &Msg,
+        fd: Option<BorrowedFd<'_>>,
+        deadline: Instant,
+        what: &str,
+    ) -> Result<Vec<Option<Received>>> {
+        for link in self.links.iter().flatten() {
+            fdpass::send(link, msg, fd)?;
+        }
+        self.links
+            .iter()
+            .enumerate()
+            .map(|(peer, link)| {
+                let Some(link) = link else { return Ok(None) };
+                let waiting = format!("waiting for rank {peer}'s {what}");
+                let got =
+                    fdpass::recv(link, deadline, &waiting)?.ok_or_else(|| Error::PeerGone {
+                        rank: peer,
+                        detail: format!("link closed during the {what}"),
+                    })?;
+                Ok(Some(got))
+            })
+            .collect()
+    }
+
     /// Collective: sends `fd` (a segment of `len` bytes, registration number `tag`) to every
     /// peer and receives each peer's. Entry `r` of the result is rank `r`'s descriptor and
     /// length (`None` for this rank). A peer that sends another tag is a protocol violation
@@ -204,29 +236,20 @@ impl Mesh {
         len: u64,
         deadline: Instant,
     ) -> Result<Vec<Option<(OwnedFd, u64)>>> {
-        for link in self.links.iter().flatten() {
-            fdpass::send(
-                link,
-                &Msg {
-                    kind: KIND_SEGMENT,
-                    a: tag,
-                    b: len,
-                    c: 0,
-                },
-                Some(fd),
-            )?;
-        }
+        let msg = Msg {
+            kind: KIND_SEGMENT,
+            a: tag,
+            b: len,
+            c: 0,
+        };
+        let what = format!("segment #{tag}");
+        let got = self.all_to_all(&msg, Some(fd), deadline, &what)?;
         let mut out = Vec::with_capacity(self.world);
-        for (peer, link) in self.links.iter().enumerate() {
-            let Some(link) = link else {
+        for (peer, entry) in got.into_iter().enumerate() {
+            let Some((m, pfd)) = entry else {
                 out.push(None);
                 continue;
             };
-            let what = format!("waiting for rank {peer}'s segment #{tag}");
-            let (m, pfd) = fdpass::recv(link, deadline, &what)?.ok_or_else(|| Error::PeerGone {
-                rank: peer,
-                detail: "link closed during segment exchange".into(),
-            })?;
             if m.kind != KIND_SEGMENT || m.a != tag {
                 return Err(Error::Protocol(format!(
                     "rank {peer} sent message kind {} for segment #{} while #{tag} was expected \
@@ -248,29 +271,20 @@ impl Mesh {
     /// theirs. Entry `r` of the result is rank `r`'s answer (this rank's own included), so
     /// every rank reaches the same all-or-none decision.
     pub fn agree(&self, tag: u64, ok: bool, deadline: Instant) -> Result<Vec<bool>> {
-        for link in self.links.iter().flatten() {
-            fdpass::send(
-                link,
-                &Msg {
-                    kind: KIND_VERDICT,
-                    a: tag,
-                    b: ok as u64,
-                    c: 0,
-                },
-                None,
-            )?;
-        }
+        let msg = Msg {
+            kind: KIND_VERDICT,
+            a: tag,
+            b: ok as u64,
+            c: 0,
+        };
+        let what = format!("verdict on step #{tag}");
+        let got = self.all_to_all(&msg, None, deadline, &what)?;
         let mut out = Vec::with_capacity(self.world);
-        for (peer, link) in self.links.iter().enumerate() {
-            let Some(link) = link else {
+        for (peer, entry) in got.into_iter().enumerate() {
+            let Some((m, pfd)) = entry else {
                 out.push(ok);
                 continue;
             };
-            let what = format!("waiting for rank {peer}'s verdict on step #{tag}");
-            let (m, pfd) = fdpass::recv(link, deadline, &what)?.ok_or_else(|| Error::PeerGone {
-                rank: peer,
-                detail: "link closed while agreeing".into(),
-            })?;
             if m.kind != KIND_VERDICT || m.a != tag || m.b > 1 || pfd.is_some() {
                 return Err(Error::Protocol(format!(
                     "rank {peer} sent message kind {} #{} ({}) while the verdict on #{tag} was \

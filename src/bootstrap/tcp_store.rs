@@ -11,7 +11,7 @@ use super::store::{parse_counter, Store};
 use super::store_auth::{self, read_by};
 use crate::error::{Error, Result};
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -197,23 +197,8 @@ impl Drop for TcpStoreServer {
     }
 }
 
-fn read_u32(s: &mut impl Read) -> std::io::Result<u32> {
-    let mut b = [0u8; 4];
-    s.read_exact(&mut b)?;
-    Ok(u32::from_le_bytes(b))
-}
-
-fn read_capped(s: &mut impl Read, cap: usize) -> std::io::Result<Option<Vec<u8>>> {
-    let len = read_u32(s)? as usize;
-    if len > cap {
-        return Ok(None);
-    }
-    let mut v = vec![0u8; len];
-    s.read_exact(&mut v)?;
-    Ok(Some(v))
-}
-
-/// As [`read_capped`] by `deadline`, however slowly the bytes come.
+/// A `len:u32, bytes` field of at most `cap` bytes (`None` past it), read by `deadline`
+/// however slowly the bytes come.
 fn read_capped_by(
     s: &mut TcpStream,
     cap: usize,
@@ -414,15 +399,15 @@ impl TcpStore {
         frame.extend_from_slice(key.as_bytes());
         frame.extend_from_slice(&(val.len() as u32).to_le_bytes());
         frame.extend_from_slice(val);
-        let timeout = Some(io_timeout.max(Duration::from_millis(1)));
+        // One deadline for the whole exchange, however the answer is split.
+        let by = start + io_timeout.max(Duration::from_millis(1));
         let exchanged = s
-            .set_read_timeout(timeout)
-            .and_then(|()| s.set_write_timeout(timeout))
+            .set_write_timeout(Some(io_timeout.max(Duration::from_millis(1))))
             .and_then(|()| s.write_all(&frame))
             .and_then(|()| {
                 let mut st = [0u8; 1];
-                s.read_exact(&mut st)?;
-                Ok((st[0], read_capped(&mut *s, MAX_VALUE)?))
+                read_by(&mut s, &mut st, by)?;
+                Ok((st[0], read_capped_by(&mut s, MAX_VALUE, by)?))
             });
         if exchanged.is_err() {
             // The answer may still come: the connection is unusable from now on (a later
@@ -476,6 +461,7 @@ impl Store for TcpStore {
 mod tests {
     use super::*;
     use crate::bootstrap::store::store_barrier;
+    use std::io::Read;
 
     fn deadline() -> Instant {
         Instant::now() + Duration::from_secs(20)

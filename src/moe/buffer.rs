@@ -522,7 +522,7 @@ impl<'c> MoeBuffer<'c> {
     /// This copies `reduced` into the buffer first; experts that write their output straight
     /// into [`DispatchView::expert_output`] call [`MoeBuffer::combine_in_place`] instead.
     pub fn combine(&mut self, reduced: &[u8], out: &mut [u8]) -> Result<()> {
-        self.check_combinable()?;
+        super::check_combinable(self.dispatched)?;
         let received: usize = self.recv_counts.iter().sum();
         if reduced.len() != received * self.cfg.row_bytes() {
             return Err(Error::InvalidArgument(format!(
@@ -556,17 +556,6 @@ impl<'c> MoeBuffer<'c> {
         self.combine_from(None, out)
     }
 
-    /// A combine needs a dispatch not combined yet.
-    fn check_combinable(&self) -> Result<()> {
-        if self.dispatched {
-            Ok(())
-        } else {
-            Err(Error::InvalidUsage(
-                "combine without a dispatch to combine (one combine per dispatch)".into(),
-            ))
-        }
-    }
-
     /// The combine; this rank's own rows come from `own` (all received rows, in order) when
     /// given, else from its output region.
     ///
@@ -577,7 +566,7 @@ impl<'c> MoeBuffer<'c> {
     /// sending, receiving and summing overlap. The announcements then come last and check the
     /// counts.
     fn combine_from(&mut self, own: Option<&[u8]>, out: &mut [u8]) -> Result<()> {
-        self.check_combinable()?;
+        super::check_combinable(self.dispatched)?;
         let (me, n) = (self.comm.rank(), self.comm.world_size());
         let row_bytes = self.cfg.row_bytes();
         if out.len() != self.tokens * row_bytes {

@@ -463,7 +463,7 @@ impl<'c> LowLatencyBuffer<'c> {
     /// This copies `outputs` into the buffer first; experts that write straight into
     /// [`LowLatencyView::expert_output`] call [`LowLatencyBuffer::combine_in_place`].
     pub fn combine(&mut self, outputs: &[u8], out: &mut [u8]) -> Result<()> {
-        self.check_combinable()?;
+        super::check_combinable(self.dispatched)?;
         let n = self.comm.world_size();
         let rb = self.cfg.row_bytes();
         let received: usize = self.counts.iter().sum();
@@ -486,22 +486,11 @@ impl<'c> LowLatencyBuffer<'c> {
         self.combine_in_place(out)
     }
 
-    /// A combine needs a dispatch not combined yet.
-    fn check_combinable(&self) -> Result<()> {
-        if self.dispatched {
-            Ok(())
-        } else {
-            Err(Error::InvalidUsage(
-                "low-latency combine without a dispatch to combine".into(),
-            ))
-        }
-    }
-
     /// Collective, after a dispatch whose experts wrote their output into
     /// [`LowLatencyView::expert_output`]: `out` (`T` rows) receives
     /// Σ_j w_j · output(token, expert_j), added in f32 in top-k order.
     pub fn combine_in_place(&mut self, out: &mut [u8]) -> Result<()> {
-        self.check_combinable()?;
+        super::check_combinable(self.dispatched)?;
         let (me, n, k) = (self.comm.rank(), self.comm.world_size(), self.cfg.topk);
         let rb = self.cfg.row_bytes();
         if out.len() != self.tokens * rb {

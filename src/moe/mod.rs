@@ -32,3 +32,15 @@ pub use config::{Dtype, MoeConfig};
 pub use layout::{dispatch_layout, Layout};
 pub use low_latency::{ExpertRow, LowLatencyBuffer, LowLatencyView};
 pub use sum::sum_rows;
+
+/// A combine needs a dispatch that has not been combined yet (one combine per dispatch, in
+/// both modes); otherwise the caller's call order is wrong.
+fn check_combinable(dispatched: bool) -> crate::Result<()> {
+    if dispatched {
+        Ok(())
+    } else {
+        Err(crate::Error::InvalidUsage(
+            "combine without a dispatch to combine (one combine per dispatch)".into(),
+        ))
+    }
+}

@@ -97,36 +97,33 @@ impl<V: Clone> WindowTable<V> {
     /// The state of a live window of this table, once the handle is checked against the
     /// registration (owner, number and length): a handle that does not match is refused.
     pub fn get(&self, win: &Window) -> Result<V> {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        self.checked(&map, win).cloned()
+    }
+
+    /// Forgets a window, returning its state (operations already holding the state keep the
+    /// memory alive until they finish).
+    pub fn remove(&self, win: Window) -> Result<V> {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        self.checked(&map, &win)?;
+        Ok(map.remove(&win.id()).expect("checked above").1)
+    }
+
+    /// `win`'s state in `map`, if the handle matches its registration.
+    fn checked<'m>(&self, map: &'m IdMap<(usize, V)>, win: &Window) -> Result<&'m V> {
         win.check_owner(self.owner)?;
-        match self
-            .map
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&win.id())
-        {
-            Some((len, state)) if *len == win.len() => Ok(state.clone()),
+        match map.get(&win.id()) {
+            Some((len, state)) if *len == win.len() => Ok(state),
             Some((len, _)) => Err(Error::InvalidUsage(format!(
                 "window #{} handle says {} bytes, its registration {len}",
                 win.id(),
                 win.len()
             ))),
             None => Err(Error::InvalidUsage(format!(
-                "window #{} is deregistered",
+                "window #{} is not registered",
                 win.id()
             ))),
         }
-    }
-
-    /// Forgets a window, returning its state (operations already holding the state keep the
-    /// memory alive until they finish).
-    pub fn remove(&self, win: Window) -> Result<V> {
-        self.get(&win)?;
-        self.map
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&win.id())
-            .map(|(_, state)| state)
-            .ok_or_else(|| Error::InvalidUsage(format!("window #{} is not registered", win.id())))
     }
 }
 
