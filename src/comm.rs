@@ -1,15 +1,28 @@
 //! The communicator: builds a transport from the environment or a builder, checks that every
-//! rank agrees on the configuration, and offers barrier, deadlines and abort.
+//! rank agrees on the configuration, and offers barrier, deadlines, abort and close.
 
-use crate::bootstrap::{self, store_barrier, RankInfo, Rendezvous, Settings, Store};
+use crate::bootstrap::{
+    self, store_barrier, Prefixed, RankInfo, Rendezvous, ServerHold, Settings, Store,
+};
 use crate::error::{Error, Result};
+use crate::signal_pool::SignalPool;
 use crate::transport::{loopback::Loopback, Cmp, SignalOp, Transport, Window};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Signal words at the top of each rank's range kept for the communicator's own barrier.
+/// Signal words kept for the barrier's rounds, below the control exchange's words.
 const BARRIER_SIGNALS: usize = 64;
+
+/// Signal words at the top of each rank's range kept for the communicator itself: the
+/// barrier's rounds, then one control word per source rank.
+pub(crate) fn reserved_signals(world: usize) -> usize {
+    BARRIER_SIGNALS + world
+}
+
+/// Communicators built from the environment by this process, for the store namespace of
+/// those built without a name.
+static BUILDS: AtomicU64 = AtomicU64::new(0);
 
 /// Which transport a communicator builds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +73,7 @@ pub struct CommBuilder {
     num_signals: Option<usize>,
     store: Option<Arc<dyn Store>>,
     fingerprint: u64,
+    name: Option<String>,
 }
 
 impl CommBuilder {
@@ -95,8 +109,29 @@ impl CommBuilder {
         self
     }
 
+    /// Names the communicator's namespace in the rendezvous store (letters, digits, `-`,
+    /// `_`). Without a name, the n-th communicator this process builds from the environment
+    /// uses namespace `n`, which pairs it with the n-th of every other rank: enough when
+    /// communicators are built one after another. Communicators built at the same time from
+    /// several threads need names, the same on every rank.
+    ///
+    /// ```no_run
+    /// use xccl::Communicator;
+    /// let (a, b) = std::thread::scope(|s| {
+    ///     let a = s.spawn(|| Communicator::builder().name("experts").build());
+    ///     let b = s.spawn(|| Communicator::builder().name("kv").build());
+    ///     (a.join().unwrap(), b.join().unwrap())
+    /// });
+    /// ```
+    pub fn name(mut self, name: &str) -> Self {
+        self.name = Some(name.to_string());
+        self
+    }
+
     /// Collective: connects every rank. Fails the same way on every rank when they disagree
-    /// on world size, library version, signal count, backend or fingerprint.
+    /// on world size, library version, signal count, backend or fingerprint. Can be called
+    /// again after the communicator it built is dropped, or meanwhile (see
+    /// [`CommBuilder::name`]): each communicator sets up in its own namespace of the store.
     pub fn build(self) -> Result<Communicator> {
         let start = Instant::now();
         self.connect().map_err(|e| e.waited_since(start))
@@ -117,16 +152,34 @@ impl CommBuilder {
             ));
         }
         let num_signals = self.num_signals.or(settings.num_signals).unwrap_or(4096);
-        if num_signals <= BARRIER_SIGNALS {
+        let reserved = reserved_signals(info.world_size);
+        if num_signals <= reserved {
             return Err(Error::InvalidArgument(format!(
-                "num_signals {num_signals} must exceed {BARRIER_SIGNALS}"
+                "num_signals {num_signals} must exceed {reserved} ({BARRIER_SIGNALS} for the \
+                 barrier and one per rank for the control exchange)"
             )));
         }
+        let name = match self.name {
+            Some(n)
+                if !n.is_empty()
+                    && n.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+            {
+                format!("n-{n}")
+            }
+            Some(n) => {
+                return Err(Error::InvalidArgument(format!(
+                    "communicator name {n:?}: use letters, digits, '-' and '_'"
+                )))
+            }
+            None => format!("g-{}", BUILDS.fetch_add(1, Ordering::Relaxed)),
+        };
         let rdv = match self.store {
             Some(s) => Rendezvous::from_store(s),
             None => Rendezvous::from_env(&info, &settings, deadline)?,
         };
-        let store = rdv.store.clone();
+        let ns = Prefixed::new(rdv.store.clone(), format!("xccl/{name}"));
+        let store: &dyn Store = &ns;
         let config = format!(
             "version={} world={} backend={} signals={} fingerprint={:#x}",
             env!("CARGO_PKG_VERSION"),
@@ -135,7 +188,7 @@ impl CommBuilder {
             num_signals,
             self.fingerprint
         );
-        let job_id = agree(&*store, &info, &config, deadline)?;
+        let job_id = agree(store, &info, &config, deadline)?;
         tracing::debug!(rank = info.rank, world = info.world_size, source = info.source, %job_id, "xccl init");
 
         let transport: Box<dyn Transport> = match backend {
@@ -164,14 +217,14 @@ impl CommBuilder {
                 opts.setup_timeout = timeout;
                 let world = info.world_size;
                 Box::new(ShmTransport::new(opts, &mut || {
-                    store_barrier(&*store, "xccl/mesh", world, deadline)
+                    store_barrier(store, "mesh", world, deadline)
                 })?)
             }
             #[cfg(not(feature = "shm"))]
             Backend::Shm => return Err(Error::Unsupported("built without the shm feature".into())),
             #[cfg(feature = "tcp")]
             Backend::Tcp => Box::new(tcp_from_env(
-                &*store,
+                store,
                 &info,
                 &settings,
                 num_signals,
@@ -181,9 +234,9 @@ impl CommBuilder {
             #[cfg(not(feature = "tcp"))]
             Backend::Tcp => return Err(Error::Unsupported("built without the tcp feature".into())),
         };
-        store_barrier(&*store, "xccl/ready", info.world_size, deadline)?;
-        rdv.finish(info.rank, info.world_size, deadline)?;
-        Ok(Communicator::with_info(transport, info, timeout))
+        store_barrier(store, "ready", info.world_size, deadline)?;
+        let hold = rdv.finish(&ns, info.rank, info.world_size, deadline)?;
+        Communicator::with_info(transport, info, timeout, Some(hold))
     }
 }
 
@@ -231,13 +284,10 @@ fn tcp_from_env(
     }
     let (rank, world) = (info.rank, info.world_size);
     TcpTransport::new(opts, &mut |addr| {
-        store.set(
-            &format!("xccl/tcp/addr/{rank}"),
-            addr.to_string().as_bytes(),
-        )?;
+        store.set(&format!("tcp/addr/{rank}"), addr.to_string().as_bytes())?;
         (0..world)
             .map(|r| {
-                let v = store.get(&format!("xccl/tcp/addr/{r}"), deadline)?;
+                let v = store.get(&format!("tcp/addr/{r}"), deadline)?;
                 String::from_utf8_lossy(&v).parse().map_err(|_| {
                     Error::ProtocolViolation(format!("rank {r} published a bad address"))
                 })
@@ -249,12 +299,12 @@ fn tcp_from_env(
 /// Checks every rank's configuration line against rank 0's and returns the job id rank 0
 /// chose. Any disagreement fails every rank with the same `ConfigMismatch`.
 fn agree(store: &dyn Store, info: &RankInfo, config: &str, deadline: Instant) -> Result<String> {
-    store.set(&format!("xccl/cfg/{}", info.rank), config.as_bytes())?;
+    store.set(&format!("cfg/{}", info.rank), config.as_bytes())?;
     let text = |v: Vec<u8>| String::from_utf8_lossy(&v).into_owned();
     if info.rank == 0 {
         let mut problems = Vec::new();
         for r in 1..info.world_size {
-            let theirs = text(store.get(&format!("xccl/cfg/{r}"), deadline)?);
+            let theirs = text(store.get(&format!("cfg/{r}"), deadline)?);
             if theirs != config {
                 problems.push(format!("rank {r} has [{theirs}]"));
             }
@@ -264,9 +314,9 @@ fn agree(store: &dyn Store, info: &RankInfo, config: &str, deadline: Instant) ->
         } else {
             format!("rank 0 has [{config}], {}", problems.join(", "))
         };
-        store.set("xccl/verdict", verdict.as_bytes())?;
+        store.set("verdict", verdict.as_bytes())?;
     } else {
-        let zero = text(store.get("xccl/cfg/0", deadline)?);
+        let zero = text(store.get("cfg/0", deadline)?);
         if zero != config {
             return Err(Error::ConfigMismatch(format!(
                 "rank 0 has [{zero}], rank {} has [{config}]",
@@ -274,21 +324,34 @@ fn agree(store: &dyn Store, info: &RankInfo, config: &str, deadline: Instant) ->
             )));
         }
     }
-    let verdict = text(store.get("xccl/verdict", deadline)?);
+    let verdict = text(store.get("verdict", deadline)?);
     match verdict.strip_prefix("ok ") {
         Some(job) => Ok(job.to_string()),
         None => Err(Error::ConfigMismatch(verdict)),
     }
 }
 
-/// A connected group of ranks: owns the transport, the default deadline and the barrier.
+/// A connected group of ranks: owns the transport, the default deadline, the barrier, the
+/// signal words objects reserve, and a small control window for agreement between ranks.
+///
+/// Collective calls on one communicator (building objects on it, `barrier`, `split`, closing
+/// objects) are made from one thread at a time, in the same order on every rank.
 pub struct Communicator {
-    transport: Box<dyn Transport>,
+    pub(crate) transport: Box<dyn Transport>,
     info: RankInfo,
     timeout: Duration,
     barrier_base: usize,
     barrier_epoch: AtomicU64,
-    next_signal: AtomicUsize,
+    /// The control window: two calls' worth of one slot per source (see `control`),
+    /// registered by the first control exchange (collective calls come in the same order on
+    /// every rank, so every rank registers it at the same point).
+    ctl: Mutex<Option<Window>>,
+    pub(crate) ctl_epoch: AtomicU64,
+    signals: Mutex<SignalPool>,
+    /// Splits made so far (they are collective, so every rank counts the same).
+    pub(crate) splits: AtomicU64,
+    /// Rank 0's store server, released before the transport closes.
+    server: Mutex<Option<ServerHold>>,
     closed: AtomicBool,
 }
 
@@ -305,12 +368,14 @@ impl Communicator {
 
     /// Wraps an already connected transport (for example one of a loopback fabric).
     pub fn from_transport(transport: Box<dyn Transport>, timeout: Duration) -> Result<Self> {
-        if transport.caps().num_signals <= BARRIER_SIGNALS {
-            return Err(Error::InvalidArgument(
-                "transport has too few signals for a communicator".into(),
-            ));
-        }
         let (rank, world) = (transport.rank(), transport.world_size());
+        if transport.caps().num_signals <= reserved_signals(world) {
+            return Err(Error::InvalidArgument(format!(
+                "transport has {} signals; a communicator of {world} ranks keeps {}",
+                transport.caps().num_signals,
+                reserved_signals(world)
+            )));
+        }
         let info = RankInfo {
             rank,
             world_size: world,
@@ -318,20 +383,30 @@ impl Communicator {
             local_size: world,
             source: "explicit",
         };
-        Ok(Self::with_info(transport, info, timeout))
+        Self::with_info(transport, info, timeout, None)
     }
 
-    fn with_info(transport: Box<dyn Transport>, info: RankInfo, timeout: Duration) -> Self {
-        let barrier_base = transport.caps().num_signals - BARRIER_SIGNALS;
-        Communicator {
+    pub(crate) fn with_info(
+        transport: Box<dyn Transport>,
+        info: RankInfo,
+        timeout: Duration,
+        server: Option<ServerHold>,
+    ) -> Result<Self> {
+        let num_signals = transport.caps().num_signals;
+        let barrier_base = num_signals - reserved_signals(info.world_size);
+        Ok(Communicator {
             transport,
             info,
             timeout,
             barrier_base,
             barrier_epoch: AtomicU64::new(0),
-            next_signal: AtomicUsize::new(0),
+            ctl: Mutex::new(None),
+            ctl_epoch: AtomicU64::new(0),
+            signals: Mutex::new(SignalPool::new(barrier_base)),
+            splits: AtomicU64::new(0),
+            server: Mutex::new(server),
             closed: AtomicBool::new(false),
-        }
+        })
     }
 
     /// This rank.
@@ -359,25 +434,42 @@ impl Communicator {
         Instant::now() + self.timeout
     }
 
-    /// Collective: registers a window of `len` bytes on every rank.
+    /// Collective: registers a window of `len` bytes on every rank. The caller deregisters it
+    /// (`transport().deregister`); objects that should give it back by themselves take a
+    /// [`crate::Lease`] instead.
     pub fn register(&self, len: usize) -> Result<Window> {
         self.transport.register(len)
     }
 
-    /// Collective (same order on every rank): reserves `n` signal words for the caller and
-    /// returns the first index. They are below the communicator's own barrier words.
-    pub fn alloc_signals(&self, n: usize) -> Result<usize> {
-        let start = self.next_signal.fetch_add(n, Ordering::Relaxed);
-        match start.checked_add(n) {
-            Some(end) if end <= self.barrier_base => Ok(start),
-            _ => {
-                self.next_signal.fetch_sub(n, Ordering::Relaxed);
-                Err(Error::InvalidArgument(format!(
-                    "cannot reserve {n} more signals ({start} of {} in use)",
-                    self.barrier_base
-                )))
+    /// Signal words reserved right now by objects on this communicator (those retired after
+    /// an end that could not be agreed included). Goes back to its starting value once every
+    /// object is closed or dropped.
+    pub fn signals_in_use(&self) -> usize {
+        self.pool().in_use()
+    }
+
+    pub(crate) fn pool(&self) -> std::sync::MutexGuard<'_, SignalPool> {
+        self.signals.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The control window, registered on first use.
+    pub(crate) fn control_window(&self) -> Result<Window> {
+        let mut ctl = self.ctl.lock().unwrap_or_else(|p| p.into_inner());
+        match *ctl {
+            Some(w) => Ok(w),
+            None => {
+                let w = self
+                    .transport
+                    .register(crate::control::window_len(self.world_size()))?;
+                *ctl = Some(w);
+                Ok(w)
             }
         }
+    }
+
+    /// The first of the control exchange's words (one per source rank).
+    pub(crate) fn control_signals(&self) -> usize {
+        self.barrier_base + BARRIER_SIGNALS
     }
 
     /// Blocks until every rank has entered the barrier (dissemination: ⌈log2 P⌉ rounds of
@@ -412,7 +504,8 @@ impl Communicator {
     /// early never makes a slower peer's work fail. Fails with `PeerFailed` (a peer died or
     /// left without closing), `Aborted` or `Timeout`; the communicator is closed either way
     /// and later calls fail with `InvalidUsage`. Idempotent: a second call returns `Ok`.
-    /// Dropping a communicator closes it the same way (and logs a failure).
+    /// Dropping a communicator closes it the same way (and logs a failure). Objects built on
+    /// it borrow it, so they are closed or dropped first.
     ///
     /// ```no_run
     /// let comm = xccl::Communicator::from_env()?;
@@ -424,6 +517,9 @@ impl Communicator {
         if self.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
+        // The store server goes first: a peer that sees this rank closed may set up its next
+        // communicator at once and must not find this one's server.
+        drop(self.server.lock().unwrap_or_else(|p| p.into_inner()).take());
         self.transport.close(self.deadline())
     }
 }

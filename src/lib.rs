@@ -22,14 +22,19 @@
 pub mod bootstrap;
 pub mod coll;
 mod comm;
+mod control;
 pub mod copy;
 mod error;
 mod id_map;
 pub mod launch;
+mod lease;
 pub mod moe;
 pub mod p2p;
+mod signal_pool;
 mod size;
+mod split;
 pub mod transport;
 
 pub use comm::{Backend, CommBuilder, Communicator};
 pub use error::{Error, Result};
+pub use lease::Lease;

@@ -1,4 +1,5 @@
-//! The transport conformance suite, run for every backend at world sizes 1, 2, 3 and 8.
+//! The transport conformance suite, run for every backend at world sizes 1, 2, 3 and 8, and
+//! for every backend on the even ranks split from twice as many.
 
 use xccl::transport::Transport;
 
@@ -45,4 +46,58 @@ mod tcp {
     }
 
     xccl::transport_conformance!(tcp_ranks);
+}
+
+mod split_loopback {
+    use super::*;
+    use xccl::transport::{conformance::evens_of, loopback::Loopback};
+
+    fn split_loopback_ranks(world: usize) -> Vec<Box<dyn Transport>> {
+        let parents = Loopback::create(2 * world).expect("loopback fabric");
+        evens_of(
+            parents
+                .into_iter()
+                .map(|t| Box::new(t) as Box<dyn Transport>)
+                .collect(),
+        )
+    }
+
+    xccl::transport_conformance!(split_loopback_ranks);
+}
+
+mod split_shm {
+    use super::*;
+    use xccl::transport::{
+        conformance::evens_of,
+        shm::{in_process, DEFAULT_SIGNALS},
+    };
+
+    fn split_shm_ranks(world: usize) -> Vec<Box<dyn Transport>> {
+        let parents = in_process(2 * world, DEFAULT_SIGNALS).expect("shm ranks");
+        evens_of(
+            parents
+                .into_iter()
+                .map(|t| Box::new(t) as Box<dyn Transport>)
+                .collect(),
+        )
+    }
+
+    xccl::transport_conformance!(split_shm_ranks);
+}
+
+mod split_tcp {
+    use super::*;
+    use xccl::transport::{conformance::evens_of, tcp::in_process};
+
+    fn split_tcp_ranks(world: usize) -> Vec<Box<dyn Transport>> {
+        let parents = in_process(2 * world, 4096).expect("tcp ranks");
+        evens_of(
+            parents
+                .into_iter()
+                .map(|t| Box::new(t) as Box<dyn Transport>)
+                .collect(),
+        )
+    }
+
+    xccl::transport_conformance!(split_tcp_ranks);
 }

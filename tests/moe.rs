@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_no_leaks, run_comms, Fabric, Job, SCENARIO, SERIAL};
+use common::{assert_no_leaks, run_comms, run_split_comms, Fabric, Job, SCENARIO, SERIAL};
 use proptest::prelude::*;
 use std::sync::Arc;
 use xccl::moe::{quant, Dtype, MoeBuffer, MoeConfig};
@@ -470,6 +470,26 @@ proptest! {
     fn int8_dispatch_stays_within_its_bound(case in case_strategy(), f16 in any::<bool>(), shm in any::<bool>()) {
         let fabric = if shm { Fabric::Shm } else { Fabric::Loopback };
         check_case_with(fabric, case, if f16 { Dtype::F16 } else { Dtype::Bf16 }, 2, true);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, .. ProptestConfig::default() })]
+
+    /// Both modes on communicators split from a parent (its even and its odd ranks), while
+    /// every parent rank keeps running checked all-to-all-v calls on the parent.
+    #[test]
+    fn both_modes_match_reference_on_a_split_communicator(
+        case in (1usize..=3).prop_flat_map(case_for_world),
+        fabric in 0usize..3,
+    ) {
+        let fabric = [Fabric::Loopback, Fabric::Shm, Fabric::Tcp][fabric];
+        let n = case.inputs.len();
+        let case = Arc::new(case);
+        run_split_comms(fabric, n, move |child| {
+            check_on(child, &case, Dtype::F32, 2, false);
+            check_low_latency_on(child, &case, Dtype::F32, false);
+        });
     }
 }
 

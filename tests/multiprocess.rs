@@ -46,8 +46,8 @@ fn round_trips(n: u64) {
     let t = comm.transport();
     let me = comm.rank();
     let partner = me ^ 1;
-    let win = comm.register(4096).unwrap();
-    let sig = comm.alloc_signals(1).unwrap();
+    let lease = comm.lease("round trips", 4096, 1, "").unwrap();
+    let (win, sig) = (*lease.window(), lease.signals().start);
     comm.barrier().unwrap();
     for i in 1..=n {
         let word = (i * 1_000 + me as u64).to_le_bytes();

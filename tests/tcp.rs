@@ -182,7 +182,10 @@ fn hostile_clients_are_refused_while_the_job_completes() {
     let store = job.store();
     let addr = String::from_utf8(
         store
-            .get("xccl/tcp/addr/0", Instant::now() + Duration::from_secs(10))
+            .get(
+                "xccl/g-0/tcp/addr/0",
+                Instant::now() + Duration::from_secs(10),
+            )
             .unwrap(),
     )
     .unwrap();
@@ -246,15 +249,15 @@ fn the_job_secret_never_reaches_the_store() {
             );
         } else {
             let stranger = stranger.expect("an open store");
-            assert!(stranger.get("xccl/tcp/secret", soon()).is_err());
-            let at = stranger.get("xccl/tcp/secret-at", soon()).unwrap();
+            assert!(stranger.get("xccl/g-0/tcp/secret", soon()).is_err());
+            let at = stranger.get("xccl/g-0/tcp/secret-at", soon()).unwrap();
             let at = String::from_utf8(at).unwrap();
             assert!(
                 at.split('/').all(|p| p.parse::<u32>().is_ok()),
                 "the store holds {at:?}, not where the secret is"
             );
         }
-        assert!(job.store().get("xccl/tcp/secret", soon()).is_err());
+        assert!(job.store().get("xccl/g-0/tcp/secret", soon()).is_err());
         let st = job.wait_all(Duration::from_secs(60));
         assert!(
             st.iter().all(|s| s.success()),

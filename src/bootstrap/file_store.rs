@@ -29,16 +29,55 @@ fn file_name(key: &str) -> String {
     format!("k{out}")
 }
 
+/// Removes every key under `prefix/` from the store directory `dir` (best effort: a key that
+/// cannot be removed is left for the directory's owner).
+pub(crate) fn remove_namespace(dir: &Path, prefix: &str) {
+    let start = file_name(&format!("{prefix}/"));
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&start) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+fn create_dir(dir: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::system(format!("creating store directory {}", dir.display()), e))
+}
+
 impl FileStore {
     /// Uses (and creates, mode 0700) `dir`.
     pub fn new(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| Error::system(format!("creating store directory {}", dir.display()), e))?;
+        create_dir(&dir)?;
         Ok(FileStore { dir })
+    }
+
+    /// Opens a new file in the directory, creating the directory again if the end of another
+    /// communicator's setup removed it meanwhile.
+    fn create_file(&self, path: &Path, exclusive: bool) -> std::io::Result<File> {
+        let open = || {
+            let mut o = OpenOptions::new();
+            o.read(true).write(true).mode(0o600);
+            if exclusive {
+                o.create_new(true);
+            } else {
+                o.create(true).truncate(false);
+            }
+            o.open(path)
+        };
+        match open() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                create_dir(&self.dir).map_err(|_| e)?;
+                open()
+            }
+            other => other,
+        }
     }
 
     /// The directory.
@@ -67,12 +106,7 @@ impl Store for FileStore {
                 e,
             )
         };
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io)?;
+        let mut f = self.create_file(&tmp, true).map_err(io)?;
         f.write_all(value).map_err(io)?;
         drop(f);
         fs::rename(&tmp, &dst).map_err(io)
@@ -108,14 +142,7 @@ impl Store for FileStore {
                 e,
             )
         };
-        let mut f: File = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io)?;
+        let mut f: File = self.create_file(&path, false).map_err(io)?;
         // SAFETY: flock on a descriptor we own; released when `f` closes.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(io(std::io::Error::last_os_error()));

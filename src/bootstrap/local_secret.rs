@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::time::Instant;
 
-const KEY: &str = "xccl/tcp/secret-at";
+const KEY: &str = "tcp/secret-at";
 const NAME: &str = "xccl-job-secret";
 const LEN: usize = 32;
 

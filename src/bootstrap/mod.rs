@@ -4,6 +4,7 @@
 mod env;
 mod file_store;
 pub mod local_secret;
+mod prefixed;
 mod settings;
 mod store;
 mod store_auth;
@@ -11,13 +12,15 @@ mod tcp_store;
 
 pub use env::{detect, detect_with, RankInfo};
 pub use file_store::FileStore;
+pub use prefixed::Prefixed;
 pub use settings::Settings;
 pub use store::{store_barrier, MemStore, Store};
 pub use tcp_store::{TcpStore, TcpStoreServer};
 
 use crate::error::{Error, Result};
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 /// Fills `buf` from the kernel's random source.
@@ -84,8 +87,29 @@ pub fn random_job_id() -> String {
 pub struct Rendezvous {
     /// The store.
     pub store: Arc<dyn Store>,
-    server: Option<TcpStoreServer>,
+    server: ServerHold,
     cleanup_dir: Option<PathBuf>,
+}
+
+/// Rank 0's store server, kept while a communicator built through it lives, so that other
+/// communicators of the job can be built at the same time through the same address.
+pub struct ServerHold(Option<Arc<TcpStoreServer>>);
+
+impl Drop for ServerHold {
+    fn drop(&mut self) {
+        // The last holder stops the server under the registry's lock, so a build that finds
+        // no live server binds the address only after this one has let it go.
+        let _map = served().lock().unwrap_or_else(|p| p.into_inner());
+        drop(self.0.take());
+    }
+}
+
+/// The store servers this process runs, by the address they were asked to serve: builds of
+/// several communicators at once share one.
+fn served() -> &'static Mutex<HashMap<String, Weak<TcpStoreServer>>> {
+    static SERVED: std::sync::OnceLock<Mutex<HashMap<String, Weak<TcpStoreServer>>>> =
+        std::sync::OnceLock::new();
+    SERVED.get_or_init(Default::default)
 }
 
 impl Rendezvous {
@@ -93,11 +117,10 @@ impl Rendezvous {
     pub fn from_store(store: Arc<dyn Store>) -> Self {
         Rendezvous {
             store,
-            server: None,
+            server: ServerHold(None),
             cleanup_dir: None,
         }
     }
-
     /// Picks the store from the environment, in order: `XCCL_STORE` (`tcp://host:port`, served
     /// by rank 0 unless `XCCL_STORE_SERVER=external`, or `file:///dir`), torchrun's
     /// `MASTER_ADDR`/`MASTER_PORT` (served by rank 0), a single rank's in-memory store, and a
@@ -112,7 +135,7 @@ impl Rendezvous {
             if let Some(dir) = url.strip_prefix("file://") {
                 return Ok(Rendezvous {
                     store: Arc::new(FileStore::new(dir)?),
-                    server: None,
+                    server: ServerHold(None),
                     cleanup_dir: None,
                 });
             }
@@ -155,19 +178,31 @@ impl Rendezvous {
         let dir = std::env::temp_dir().join(format!("xccl-store-{uid}-{safe}"));
         Ok(Rendezvous {
             store: Arc::new(FileStore::new(&dir)?),
-            server: None,
+            server: ServerHold(None),
             cleanup_dir: (info.rank == 0).then_some(dir),
         })
     }
 
     fn tcp(addr: &str, serve: bool, secret: Option<&[u8]>, deadline: Instant) -> Result<Self> {
         let server = if serve {
-            Some(TcpStoreServer::bind(addr, secret).map_err(|e| {
-                Error::InvalidUsage(format!("rank 0 cannot serve the TCP store at {addr}: {e}"))
-            })?)
+            let mut map = served().lock().unwrap_or_else(|p| p.into_inner());
+            map.retain(|_, w| w.strong_count() > 0);
+            match map.get(addr).and_then(Weak::upgrade) {
+                Some(s) => Some(s),
+                None => {
+                    let s = Arc::new(TcpStoreServer::bind(addr, secret).map_err(|e| {
+                        Error::InvalidUsage(format!(
+                            "rank 0 cannot serve the TCP store at {addr}: {e}"
+                        ))
+                    })?);
+                    map.insert(addr.to_string(), Arc::downgrade(&s));
+                    Some(s)
+                }
+            }
         } else {
             None
         };
+        let server = ServerHold(server);
         let store = Arc::new(TcpStore::connect(addr, secret, deadline)?);
         Ok(Rendezvous {
             store,
@@ -176,14 +211,23 @@ impl Rendezvous {
         })
     }
 
-    /// Ends setup: every rank checks out; rank 0 waits for all of them, then stops the store
-    /// server or removes the store directory, so nothing of the rendezvous outlives setup.
-    pub fn finish(self, rank: usize, world: usize, deadline: Instant) -> Result<()> {
+    /// Ends setup of the communicator whose keys live under `namespace`: every rank checks
+    /// out; rank 0 waits for all of them, then removes the namespace's keys from a store
+    /// directory (and the directory once no namespace is left in it). Rank 0's store server
+    /// is handed back to be kept while the communicator lives (other communicators may be
+    /// set up through it meanwhile).
+    pub fn finish(
+        self,
+        namespace: &Prefixed,
+        rank: usize,
+        world: usize,
+        deadline: Instant,
+    ) -> Result<ServerHold> {
         let start = Instant::now();
-        self.store.add("xccl/left", 1)?;
-        if rank == 0 && (self.server.is_some() || self.cleanup_dir.is_some()) {
+        namespace.add("left", 1)?;
+        if rank == 0 && (self.server.0.is_some() || self.cleanup_dir.is_some()) {
             let mut backoff = Duration::from_micros(200);
-            while self.store.add("xccl/left", 0)? < world as i64 {
+            while namespace.add("left", 0)? < world as i64 {
                 if Instant::now() >= deadline {
                     return Err(Error::Timeout {
                         op: "waiting for every rank to finish setup".into(),
@@ -194,9 +238,11 @@ impl Rendezvous {
                 backoff = (backoff * 2).min(Duration::from_millis(20));
             }
             if let Some(dir) = &self.cleanup_dir {
-                let _ = std::fs::remove_dir_all(dir);
+                file_store::remove_namespace(dir, namespace.prefix());
+                // Fails while another communicator's keys are still there, as it should.
+                let _ = std::fs::remove_dir(dir);
             }
         }
-        Ok(())
+        Ok(self.server)
     }
 }

@@ -95,7 +95,10 @@ impl TcpStoreServer {
             .name("xccl-store".into())
             .spawn(move || {
                 let mut backoff = Duration::from_millis(5);
+                // Client threads, joined before the server is gone.
+                let mut clients: Vec<std::thread::JoinHandle<()>> = Vec::new();
                 for conn in listener.incoming() {
+                    clients.retain(|h| !h.is_finished());
                     if stop2.load(Ordering::SeqCst) {
                         break;
                     }
@@ -126,9 +129,23 @@ impl TcpStoreServer {
                             }
                             conns.leave(id);
                         });
-                    if spawned.is_err() {
-                        conns2.leave(id);
+                    match spawned {
+                        Ok(h) => clients.push(h),
+                        Err(_) => conns2.leave(id),
                     }
+                }
+                // No client is admitted any more: end the ones still open (one may have come
+                // in after `drop` ended the others), then wait for their threads.
+                for (_, c) in conns2
+                    .open
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .drain()
+                {
+                    let _ = c.shutdown(Shutdown::Both);
+                }
+                for h in clients {
+                    let _ = h.join();
                 }
             })
             .map_err(|e| Error::system("spawning the TCP store", e))?;

@@ -27,16 +27,19 @@
 use crate::error::{Error, Result};
 use crate::size::Sizer;
 use crate::transport::{Cmp, SignalOp, Window};
-use crate::Communicator;
+use crate::{Communicator, Lease};
 
 const PAGE: usize = 4096;
 /// Bytes of one count slot (count, epoch), one cache line each.
 const COUNT_SLOT: usize = 64;
 
 /// A one-copy all-to-all(v) with a registered receive window.
+///
+/// Dropping it (or [`Exchange::close`]) gives its window and signal words back to the
+/// communicator; both are collective.
 pub struct Exchange<'c> {
     comm: &'c Communicator,
-    win: Window,
+    lease: Lease<'c>,
     max_block: usize,
     region: usize,
     counts_at: usize,
@@ -64,11 +67,11 @@ impl<'c> Exchange<'c> {
         let region = size.round_up(max_block, PAGE)?.max(PAGE);
         let data = size.mul(&[region, n, 2])?;
         let counts = size.round_up(size.mul(&[2, n, COUNT_SLOT])?, PAGE)?;
-        let win = comm.register(size.add(&[data, counts])?)?;
-        let sig_base = comm.alloc_signals(n)?;
+        let lease = comm.lease(&what, size.add(&[data, counts])?, n, "exchange")?;
+        let sig_base = lease.signals().start;
         Ok(Exchange {
             comm,
-            win,
+            lease,
             max_block,
             region,
             counts_at: data,
@@ -76,6 +79,23 @@ impl<'c> Exchange<'c> {
             epoch: 0,
             counts: vec![0; n],
         })
+    }
+
+    /// Collective: drains and gives the window and signal words back (what dropping does,
+    /// with the error).
+    pub fn close(self) -> Result<()> {
+        self.lease.close()
+    }
+
+    /// Collective, before the first call: starts counting calls after `calls` (tests run
+    /// across counter boundaries with it).
+    #[doc(hidden)]
+    pub fn skip_calls(&mut self, calls: u64) {
+        self.epoch += calls;
+    }
+
+    fn win(&self) -> &Window {
+        self.lease.window()
     }
 
     /// Largest block per (source, destination).
@@ -126,24 +146,26 @@ impl<'c> Exchange<'c> {
         let epoch = self.epoch;
         let parity = (epoch % 2) as usize;
         let t = self.comm.transport();
+        self.lease.enter();
         // Put to every rank, starting with the next one so that not everyone hits rank 0 first.
         // Not to itself: its own block is read in place from `send`.
         for k in 1..n {
             let dst = (me + k) % n;
             let block = &send[sdispls[dst]..sdispls[dst] + scounts[dst]];
-            t.put(dst, &self.win, self.data_off(parity, me), block)?;
+            t.put(dst, self.win(), self.data_off(parity, me), block)?;
             let mut slot = [0u8; 16];
             slot[..8].copy_from_slice(&(block.len() as u64).to_le_bytes());
             slot[8..].copy_from_slice(&epoch.to_le_bytes());
             // The count and the signal that publishes both travel together (one frame on tcp).
+            // The signal carries the call number itself: 64 bits, it never runs out.
             t.put_signal(
                 dst,
-                &self.win,
+                self.win(),
                 self.count_off(parity, me),
                 &slot,
                 self.sig_base + me,
-                SignalOp::Add,
-                1,
+                SignalOp::Set,
+                epoch,
             )?;
         }
         let deadline = self.comm.deadline();
@@ -154,7 +176,7 @@ impl<'c> Exchange<'c> {
             }
             t.wait(self.sig_base + src, Cmp::Ge, epoch, deadline)?;
             let mut slot = [0u8; 16];
-            t.read_local(&self.win, self.count_off(parity, src), &mut slot)?;
+            t.read_local(self.win(), self.count_off(parity, src), &mut slot)?;
             let c = u64::from_le_bytes(slot[..8].try_into().expect("8 bytes"));
             let e = u64::from_le_bytes(slot[8..].try_into().expect("8 bytes"));
             if e != epoch || c > self.max_block as u64 {
@@ -165,6 +187,7 @@ impl<'c> Exchange<'c> {
             self.counts[src] = c as usize;
         }
         let own = &send[sdispls[me]..sdispls[me] + scounts[me]];
+        self.lease.leave();
         Ok(ExchangeView {
             ex: self,
             parity,
@@ -188,7 +211,7 @@ impl ExchangeView<'_> {
             self.ex
                 .comm
                 .transport()
-                .local_slice(&self.ex.win, off, self.ex.counts[src])
+                .local_slice(self.ex.win(), off, self.ex.counts[src])
         }
         .expect("checked region")
     }

@@ -120,6 +120,12 @@ impl<'c> Coll<'c> {
         })
     }
 
+    /// Collective: gives the rings back to the communicator (what dropping does, with the
+    /// error).
+    pub fn close(self) -> Result<()> {
+        self.p2p.close()
+    }
+
     fn comm(&self) -> &'c Communicator {
         self.p2p.comm()
     }

@@ -25,8 +25,8 @@ use super::quant;
 use super::sum::sum_rows;
 use crate::error::{Error, Result};
 use crate::size::Sizer;
-use crate::transport::{Cmp, SignalOp, Window};
-use crate::Communicator;
+use crate::transport::{Cmp, SignalOp};
+use crate::{Communicator, Lease};
 use smallvec::SmallVec;
 
 const LINE: usize = 64;
@@ -41,8 +41,6 @@ const STREAM_BYTES: usize = 1 << 20;
 /// Network backends: a combine returns rows to a home in puts of about this size, each
 /// announced by its own signal, so the home sums while the rest is on the way.
 const RETURN_CHUNK: usize = 1 << 20;
-/// Signal values carry the call in the high half and a row count in the low half.
-const COUNT_MASK: u64 = 0xFFFF_FFFF;
 
 fn round_line(n: usize) -> usize {
     n.div_ceil(LINE) * LINE
@@ -61,12 +59,13 @@ pub struct RecvRow<'a> {
     pub data: &'a [u8],
 }
 
-/// MoE dispatch/combine state of one rank.
+/// MoE dispatch/combine state of one rank. Dropping it (or [`MoeBuffer::close`]) gives its
+/// window and signal words back to the communicator; both are collective.
 pub struct MoeBuffer<'c> {
     comm: &'c Communicator,
     cfg: MoeConfig,
     placement: Vec<usize>,
-    win: Window,
+    lease: Lease<'c>,
     meta: usize,
     rec: usize,
     half: usize,
@@ -79,9 +78,13 @@ pub struct MoeBuffer<'c> {
     mapped: bool,
     sig_disp: usize,
     sig_comb: usize,
-    /// Network backends, per source rank: `call << 32 | rows` of the combine's output it has
-    /// put here so far.
+    /// Network backends, per source rank: rows of combine output it has put here, counted
+    /// over every call (64 bits: never runs out).
     sig_rows: usize,
+    /// Network backends: per home, rows this rank returned to it in earlier combines; per
+    /// source, rows it returned here in earlier combines (the bases of `sig_rows` values).
+    returned: Vec<u64>,
+    received: Vec<u64>,
     disp_epoch: u64,
     comb_epoch: u64,
     /// Per destination rank: tokens sent to it by the last dispatch, in order.
@@ -141,12 +144,12 @@ impl<'c> MoeBuffer<'c> {
         let comb = if mapped { 0 } else { outs };
         let counts = 2 * n * LINE;
         let half = size.add(&[disp, outs, comb, counts])?;
-        let win = comm.register(size.mul(&[2, half])?)?;
-        let sig_disp = comm.alloc_signals(3 * n)?;
+        let lease = comm.lease(&what, size.mul(&[2, half])?, 3 * n, &format!("{cfg:?}"))?;
+        let sig_disp = lease.signals().start;
         Ok(MoeBuffer {
             comm,
             placement,
-            win,
+            lease,
             meta,
             rec,
             half,
@@ -158,6 +161,8 @@ impl<'c> MoeBuffer<'c> {
             sig_disp,
             sig_comb: sig_disp + n,
             sig_rows: sig_disp + 2 * n,
+            returned: vec![0; n],
+            received: vec![0; n],
             disp_epoch: 0,
             comb_epoch: 0,
             sent: vec![Vec::with_capacity(cfg.max_tokens); n],
@@ -181,6 +186,25 @@ impl<'c> MoeBuffer<'c> {
     /// The configuration.
     pub fn config(&self) -> &MoeConfig {
         &self.cfg
+    }
+
+    /// The communicator the buffer works on.
+    pub fn comm(&self) -> &'c Communicator {
+        self.comm
+    }
+
+    /// Collective: drains and gives the window and signal words back (what dropping does,
+    /// with the error).
+    pub fn close(self) -> Result<()> {
+        self.lease.close()
+    }
+
+    /// Collective, before the first call: starts counting calls after `calls` (tests run
+    /// across counter boundaries with it).
+    #[doc(hidden)]
+    pub fn skip_calls(&mut self, calls: u64) {
+        self.disp_epoch += calls;
+        self.comb_epoch += calls;
     }
 
     fn disp_off(&self, epoch: u64, src: usize, i: usize) -> usize {
@@ -216,7 +240,7 @@ impl<'c> MoeBuffer<'c> {
         let off = self.wire_off(epoch, self.comm.rank(), first);
         let t = self.comm.transport();
         if self.cfg.int8_dispatch {
-            t.put(dst, &self.win, off, stage)?;
+            t.put(dst, self.lease.window(), off, stage)?;
         } else {
             let rb = self.cfg.row_bytes();
             let pad = &ZEROS[..self.rec - self.meta - rb];
@@ -226,7 +250,7 @@ impl<'c> MoeBuffer<'c> {
                 let tok = tok as usize;
                 parts.extend([meta, &x[tok * rb..(tok + 1) * rb], pad]);
             }
-            t.put_vectored(dst, &self.win, off, &parts)?;
+            t.put_vectored(dst, self.lease.window(), off, &parts)?;
         }
         stage.clear();
         toks.clear();
@@ -272,7 +296,16 @@ impl<'c> MoeBuffer<'c> {
         slot[16..].copy_from_slice(&(start as u64).to_le_bytes());
         let sig = [self.sig_disp, self.sig_comb][kind] + self.comm.rank();
         let off = self.count_off(epoch, kind, self.comm.rank());
-        t.put_signal(dst, &self.win, off, &slot, sig, SignalOp::Add, 1)
+        // The signal carries the call number itself: 64 bits, it never runs out.
+        t.put_signal(
+            dst,
+            self.lease.window(),
+            off,
+            &slot,
+            sig,
+            SignalOp::Set,
+            epoch,
+        )
     }
 
     /// Waits for `src`'s announcement of `epoch` and returns its count and start, checked:
@@ -282,7 +315,11 @@ impl<'c> MoeBuffer<'c> {
         let sig = [self.sig_disp, self.sig_comb][kind];
         t.wait(sig + src, Cmp::Ge, epoch, self.comm.deadline())?;
         let mut slot = [0u8; 24];
-        t.read_local(&self.win, self.count_off(epoch, kind, src), &mut slot)?;
+        t.read_local(
+            self.lease.window(),
+            self.count_off(epoch, kind, src),
+            &mut slot,
+        )?;
         let word = |i: usize| u64::from_le_bytes(slot[8 * i..8 * i + 8].try_into().expect("8"));
         let (count, e, start) = (word(0), word(1), word(2));
         let capacity = (self.comm.world_size() * self.cfg.max_tokens) as u64;
@@ -347,6 +384,7 @@ impl<'c> MoeBuffer<'c> {
             // Scales first: a non-finite value is refused before anything is sent.
             quant::row_scales(self.cfg.dtype, x, self.cfg.hidden, &mut self.scales)?;
         }
+        self.lease.enter();
         self.disp_epoch += 1;
         let epoch = self.disp_epoch;
         self.tokens = tokens;
@@ -360,7 +398,7 @@ impl<'c> MoeBuffer<'c> {
             // Over a network backend (no direct mapping of the peer's window), the records for
             // another rank are laid out here as in its window and sent a chunk at a time: few
             // large writes instead of two small frames per row, from memory still in cache.
-            let peer = t.peer_ptr(dst, &self.win)?;
+            let peer = t.peer_ptr(dst, self.lease.window())?;
             let batch = !self.mapped && dst != me;
             let mut chunk_first = 0;
             // Large transfers into a mapped window bypass this core's caches: the receiver
@@ -425,9 +463,9 @@ impl<'c> MoeBuffer<'c> {
                         self.put_stage(dst, epoch, chunk_first, x, &mut stage, &mut stage_toks)?;
                     }
                 } else {
-                    t.put(dst, &self.win, off, &self.meta_buf)?;
+                    t.put(dst, self.lease.window(), off, &self.meta_buf)?;
                     match stream {
-                        Some(p) if off + self.meta + data.len() <= self.win.len() => {
+                        Some(p) if off + self.meta + data.len() <= self.lease.window().len() => {
                             // SAFETY: `p` maps `dst`'s copy of the window (`win.len()` bytes,
                             // bound checked above); this epoch's record `i` from this rank is
                             // written by this rank only, and `dst` reads it after the signal
@@ -440,7 +478,9 @@ impl<'c> MoeBuffer<'c> {
                                 )
                             }
                         }
-                        _ if !data.is_empty() => t.put(dst, &self.win, off + self.meta, data)?,
+                        _ if !data.is_empty() => {
+                            t.put(dst, self.lease.window(), off + self.meta, data)?
+                        }
                         _ => {}
                     }
                 }
@@ -474,6 +514,7 @@ impl<'c> MoeBuffer<'c> {
             self.dequantize_arrivals(epoch)?;
         }
         self.dispatched = true;
+        self.lease.leave();
         Ok(DispatchView { buf: self, x })
     }
 
@@ -496,18 +537,22 @@ impl<'c> MoeBuffer<'c> {
                 } else {
                     self.wire_off(epoch, src, i)
                 };
-                t.read_local(&self.win, from, &mut self.meta_buf)?;
-                t.read_local(&self.win, from + self.meta, &mut self.qrow[..hidden])?;
+                t.read_local(self.lease.window(), from, &mut self.meta_buf)?;
+                t.read_local(
+                    self.lease.window(),
+                    from + self.meta,
+                    &mut self.qrow[..hidden],
+                )?;
                 let at = 8 + 8 * k;
                 let scale = quant::landed_scale(&self.meta_buf[at..at + 4], src, i)?;
                 let to = self.disp_off(epoch, src, i);
                 if to != from {
-                    t.write_local(&self.win, to, &self.meta_buf)?;
+                    t.write_local(self.lease.window(), to, &self.meta_buf)?;
                 }
                 // SAFETY: the row was announced by the signal `collect` waited for; no peer
                 // writes this epoch's region again before the next-but-one dispatch, and no
                 // view of it exists yet (the view is created after this).
-                let row = unsafe { t.local_slice_mut(&self.win, to + self.meta, rb)? };
+                let row = unsafe { t.local_slice_mut(self.lease.window(), to + self.meta, rb)? };
                 quant::dequantize(self.cfg.dtype, &self.qrow[..hidden], scale, row);
             }
         }
@@ -539,7 +584,11 @@ impl<'c> MoeBuffer<'c> {
         for (src, &count) in self.recv_counts.iter().enumerate() {
             if src != me {
                 let off = self.out_off(self.disp_epoch, at);
-                t.write_local(&self.win, off, &reduced[at * rb..(at + count) * rb])?;
+                t.write_local(
+                    self.lease.window(),
+                    off,
+                    &reduced[at * rb..(at + count) * rb],
+                )?;
             }
             at += count;
         }
@@ -576,6 +625,7 @@ impl<'c> MoeBuffer<'c> {
                 self.tokens
             )));
         }
+        self.lease.enter();
         self.dispatched = false;
         self.comb_epoch += 1;
         let epoch = self.comb_epoch;
@@ -615,7 +665,7 @@ impl<'c> MoeBuffer<'c> {
             // Round robin over the homes, so each gets its first rows early.
             returns.sort_unstable_by_key(|&(home, first, _)| (first, (home + n - me) % n));
         }
-        let peers = PeerRows::new(t, &self.win, self.mapped)?;
+        let peers = PeerRows::new(t, self.lease.window(), self.mapped)?;
         let mut sent_returns = 0;
         // Token by token, rank by rank: the order of the sum is fixed (rank order), so the
         // result is the same bits every run.
@@ -644,7 +694,7 @@ impl<'c> MoeBuffer<'c> {
                 } else if r == me {
                     // SAFETY: this rank's own expert output, written before this call; peers
                     // only read it.
-                    unsafe { t.local_slice(&self.win, self.out_off(de, at), row_bytes)? }
+                    unsafe { t.local_slice(self.lease.window(), self.out_off(de, at), row_bytes)? }
                 } else if self.mapped {
                     let off = self.out_off(de, self.peer_starts[r] + i);
                     // SAFETY: rank r announced these rows with the signal `checked_return`
@@ -660,7 +710,7 @@ impl<'c> MoeBuffer<'c> {
                             arrived[r] =
                                 self.returned_rows(r, t.signal_value(self.sig_rows + r)?, epoch)?;
                         } else {
-                            let want = (epoch << 32) | (i as u64 + 1);
+                            let want = self.received[r] + i as u64 + 1;
                             let v =
                                 t.wait(self.sig_rows + r, Cmp::Ge, want, self.comm.deadline())?;
                             arrived[r] = self.returned_rows(r, v, epoch)?;
@@ -669,7 +719,9 @@ impl<'c> MoeBuffer<'c> {
                     // SAFETY: rank r put this row before the signal read above (the
                     // transport applies a signal after the data it follows) and writes this
                     // epoch's region again only at the next-but-one combine (module docs).
-                    unsafe { t.local_slice(&self.win, self.comb_off(epoch, r, i), row_bytes)? }
+                    unsafe {
+                        t.local_slice(self.lease.window(), self.comb_off(epoch, r, i), row_bytes)?
+                    }
                 });
             }
             sum_rows(self.cfg.dtype, out_row, &rows, None);
@@ -685,7 +737,12 @@ impl<'c> MoeBuffer<'c> {
             for r in 0..n {
                 self.checked_return(r, epoch)?;
             }
+            for r in (0..n).filter(|&r| r != me) {
+                self.received[r] += self.sent[r].len() as u64;
+                self.returned[r] += self.recv_counts[r] as u64;
+            }
         }
+        self.lease.leave();
         self.cursors = next;
         self.returns = returns;
         self.arrived = arrived;
@@ -719,16 +776,16 @@ impl<'c> MoeBuffer<'c> {
         // only on mapped backends), and the view that wrote it is gone.
         let rows = unsafe {
             t.local_slice(
-                &self.win,
+                self.lease.window(),
                 self.out_off(de, self.starts[home] + from),
                 (to - from) * rb,
             )?
         };
         let me = self.comm.rank();
-        let value = (epoch << 32) | to as u64;
+        let value = self.returned[home] + to as u64;
         t.put_signal(
             home,
-            &self.win,
+            self.lease.window(),
             self.comb_off(epoch, me, from),
             rows,
             self.sig_rows + me,
@@ -737,22 +794,17 @@ impl<'c> MoeBuffer<'c> {
         )
     }
 
-    /// The row count in `r`'s return signal `v`, checked: this call's, and no more rows than
-    /// tokens were sent to `r`.
+    /// The rows of this call in `r`'s return signal `v` (rows returned over all calls),
+    /// checked: no more than were sent to `r`; a value from an earlier call counts none.
     fn returned_rows(&self, r: usize, v: u64, epoch: u64) -> Result<usize> {
-        if v >> 32 > epoch || (v >> 32 == epoch && (v & COUNT_MASK) as usize > self.sent[r].len()) {
+        let (base, sent) = (self.received[r], self.sent[r].len() as u64);
+        if v > base + sent {
             return Err(Error::ProtocolViolation(format!(
-                "rank {r} signalled {} returned rows for call {} during call {epoch} ({} sent)",
-                v & COUNT_MASK,
-                v >> 32,
-                self.sent[r].len()
+                "rank {r} signalled {} returned rows during call {epoch} ({sent} sent)",
+                v - base
             )));
         }
-        Ok(if v >> 32 == epoch {
-            (v & COUNT_MASK) as usize
-        } else {
-            0
-        })
+        Ok(v.saturating_sub(base) as usize)
     }
 }
 
@@ -785,7 +837,7 @@ impl<'a> DispatchView<'a> {
         let off = b.disp_off(b.disp_epoch, src, i);
         // SAFETY: announced by the signal the dispatch waited for; not rewritten before the
         // next-but-one dispatch, which cannot start while this view borrows the buffer.
-        let meta = unsafe { t.local_slice(&b.win, off, b.meta)? };
+        let meta = unsafe { t.local_slice(b.lease.window(), off, b.meta)? };
         let rb = b.cfg.row_bytes();
         let data = if src == me {
             let tok = b.sent[me][i] as usize;
@@ -793,7 +845,7 @@ impl<'a> DispatchView<'a> {
             &x[tok * rb..(tok + 1) * rb]
         } else {
             // SAFETY: as for `meta`.
-            unsafe { t.local_slice(&b.win, off + b.meta, rb)? }
+            unsafe { t.local_slice(b.lease.window(), off + b.meta, rb)? }
         };
         let word = |at: usize| u32::from_le_bytes(meta[at..at + 4].try_into().expect("4 bytes"));
         let (src_token, local) = (word(0) as usize, word(4) as usize);
@@ -868,7 +920,7 @@ impl<'a> DispatchView<'a> {
         unsafe {
             b.comm
                 .transport()
-                .local_slice_mut(&b.win, b.out_off(b.disp_epoch, 0), len)
+                .local_slice_mut(b.lease.window(), b.out_off(b.disp_epoch, 0), len)
         }
     }
 

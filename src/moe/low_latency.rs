@@ -17,8 +17,10 @@
 //! is rebuilt in its slot, in the dtype, before the dispatch returns: the view and the
 //! experts see dtype rows either way. A rank's own rows are read in place, unquantized.
 //!
-//! Signal values are `epoch << 32 | count`: monotonic across calls, so a waiter waits for
-//! `>= epoch << 32` and a stale value from an earlier call can never look current. Regions
+//! Each (expert, source) block of metadata starts with a header (call number, row count); the
+//! block travels in one put followed by the signal, set to the call number: 64 bits,
+//! monotonic across calls, so a stale value can never look current and it never runs out.
+//! Regions
 //! come in two epochs (even and odd calls): a home reads an expert's output of call e during
 //! its combine e, and its own next write there is its dispatch e+2, after that combine.
 
@@ -30,18 +32,22 @@ use super::quant;
 use super::sum::sum_rows;
 use crate::error::{Error, Result};
 use crate::size::Sizer;
-use crate::transport::{Cmp, SignalOp, Window};
-use crate::Communicator;
+use crate::transport::{Cmp, SignalOp};
+use crate::{Communicator, Lease};
 use smallvec::SmallVec;
 
 const LINE: usize = 64;
 /// Bytes of metadata per row: source token (u32), gate weight (f32) and INT8 scale (f32; 0
 /// when the row travels in its dtype).
 const META: usize = 12;
+/// Bytes of the header before each (expert, source) block of metadata: call, row count.
+const HDR: usize = 16;
 /// Dispatches moving at least this much to one mapped peer use non-temporal stores.
 const STREAM_BYTES: usize = 1 << 20;
 
-/// Low-latency dispatch/combine state of one rank.
+/// Low-latency dispatch/combine state of one rank. Dropping it (or
+/// [`LowLatencyBuffer::close`]) gives its window and signal words back to the communicator;
+/// both are collective.
 pub struct LowLatencyBuffer<'c> {
     comm: &'c Communicator,
     cfg: MoeConfig,
@@ -49,7 +55,9 @@ pub struct LowLatencyBuffer<'c> {
     /// Index of each expert among its rank's experts.
     local_index: Vec<usize>,
     local_experts: Vec<usize>,
-    win: Window,
+    lease: Lease<'c>,
+    /// Stride of one (expert, source) metadata block: header, then `max_tokens` records.
+    mstride: usize,
     /// Stride of dispatched rows (64-byte aligned).
     row: usize,
     /// Stride of INT8 rows as they cross (`hidden` rounded up to a cache line).
@@ -138,7 +146,8 @@ impl<'c> LowLatencyBuffer<'c> {
         let row = size.round_up(rb, LINE)?;
         let cap = cfg.max_tokens.max(1);
         let slots = size.mul(&[max_local, n, cap])?;
-        let meta = size.round_up(size.mul(&[slots, META])?, LINE)?;
+        let mstride = size.add(&[HDR, size.mul(&[cfg.max_tokens, META])?])?;
+        let meta = size.round_up(size.mul(&[max_local, n, mstride])?, LINE)?;
         let data = size.mul(&[slots, row])?;
         let outs = size.round_up(size.mul(&[slots, rb])?, LINE)?;
         let comb = if mapped {
@@ -147,14 +156,20 @@ impl<'c> LowLatencyBuffer<'c> {
             size.mul(&[cfg.experts, cap, rb])?
         };
         let half = size.add(&[meta, data, outs, comb])?;
-        let win = comm.register(size.mul(&[half, 2])?)?;
-        let sig_disp = comm.alloc_signals(max_local * n + n)?;
+        let lease = comm.lease(
+            &what,
+            size.mul(&[half, 2])?,
+            max_local * n + n,
+            &format!("low-latency {cfg:?}"),
+        )?;
+        let sig_disp = lease.signals().start;
         Ok(LowLatencyBuffer {
             comm,
             placement,
             local_index,
             local_experts,
-            win,
+            lease,
+            mstride,
             row,
             qstride: cfg.hidden.div_ceil(LINE) * LINE,
             half,
@@ -174,7 +189,7 @@ impl<'c> LowLatencyBuffer<'c> {
             counts: vec![0; nlocal * n],
             next: vec![0; cfg.experts],
             per_rank: vec![0; n],
-            meta_stage: vec![0; cfg.experts * cap * META],
+            meta_stage: vec![0; cfg.experts * mstride],
             scales: Vec::with_capacity(if cfg.int8_dispatch { cap } else { 0 }),
             qx: vec![
                 0;
@@ -198,8 +213,38 @@ impl<'c> LowLatencyBuffer<'c> {
         (epoch % 2) as usize * self.half
     }
 
+    /// The header of the (local expert, source) metadata block.
+    fn hdr_off(&self, epoch: u64, local: usize, src: usize) -> usize {
+        self.epoch_base(epoch)
+            + self.meta_at
+            + (local * self.comm.world_size() + src) * self.mstride
+    }
+
     fn meta_off(&self, epoch: u64, local: usize, src: usize, slot: usize) -> usize {
-        self.epoch_base(epoch) + self.meta_at + self.slot_index(local, src, slot) * META
+        self.hdr_off(epoch, local, src) + HDR + slot * META
+    }
+
+    /// Where record `slot` of expert `e` is staged in `meta_stage`.
+    fn stage_at(&self, e: usize, slot: usize) -> usize {
+        e * self.mstride + HDR + slot * META
+    }
+
+    /// The communicator the buffer works on.
+    pub fn comm(&self) -> &'c Communicator {
+        self.comm
+    }
+
+    /// Collective: drains and gives the window and signal words back (what dropping does,
+    /// with the error).
+    pub fn close(self) -> Result<()> {
+        self.lease.close()
+    }
+
+    /// Collective, before the first call: starts counting calls after `calls` (tests run
+    /// across counter boundaries with it).
+    #[doc(hidden)]
+    pub fn skip_calls(&mut self, calls: u64) {
+        self.epoch += calls;
     }
 
     fn data_off(&self, epoch: u64, local: usize, src: usize, slot: usize) -> usize {
@@ -292,6 +337,7 @@ impl<'c> LowLatencyBuffer<'c> {
                 }
             }
         }
+        self.lease.enter();
         self.epoch += 1;
         let epoch = self.epoch;
         let t = self.comm.transport();
@@ -304,7 +350,11 @@ impl<'c> LowLatencyBuffer<'c> {
         let mut stream: SmallVec<[Option<*mut u8>; 8]> = SmallVec::new();
         for r in 0..n {
             let big = r != me && self.per_rank[r] * rb >= STREAM_BYTES;
-            stream.push(if big { t.peer_ptr(r, &self.win)? } else { None });
+            stream.push(if big {
+                t.peer_ptr(r, self.lease.window())?
+            } else {
+                None
+            });
         }
         // Taken out for the loop and put back after (an error path leaves it empty; the resize
         // makes the next call whole again).
@@ -323,7 +373,7 @@ impl<'c> LowLatencyBuffer<'c> {
             next[e] += 1;
             self.slots.push(Some(slot));
             let (dst, local) = (self.placement[e], self.local_index[e]);
-            let at = (e * self.cfg.max_tokens + slot) * META;
+            let at = self.stage_at(e, slot);
             let scale = match self.cfg.int8_dispatch && dst != me {
                 true => self.scales[tok],
                 false => 0.0,
@@ -340,13 +390,13 @@ impl<'c> LowLatencyBuffer<'c> {
             let row = self.wire_row(x, tok);
             let off = self.wire_off(epoch, local, me, slot);
             match stream[dst] {
-                Some(p) if off + row.len() <= self.win.len() => {
+                Some(p) if off + row.len() <= self.lease.window().len() => {
                     // SAFETY: `p` maps `dst`'s copy of the window (`win.len()` bytes, bound
                     // checked above); this epoch's slot is written by this rank only, and
                     // `dst` reads it after the signal below, which the fence orders after.
                     unsafe { crate::copy::copy_streaming(p.add(off), row.as_ptr(), row.len()) }
                 }
-                _ => t.put(dst, &self.win, off, row)?,
+                _ => t.put(dst, self.lease.window(), off, row)?,
             }
         }
         if stream.iter().any(Option::is_some) {
@@ -359,16 +409,19 @@ impl<'c> LowLatencyBuffer<'c> {
             if !self.mapped && dst != me {
                 self.send_rows(x, e, count, epoch)?;
             }
-            // Each expert's metadata in one put (its slots are consecutive), with its signal.
-            let at = e * self.cfg.max_tokens * META;
+            // Each expert's header and metadata in one put (its slots are consecutive), with
+            // its signal.
+            let at = e * self.mstride;
+            self.meta_stage[at..at + 8].copy_from_slice(&epoch.to_le_bytes());
+            self.meta_stage[at + 8..at + HDR].copy_from_slice(&(count as u64).to_le_bytes());
             t.put_signal(
                 dst,
-                &self.win,
-                self.meta_off(epoch, local, me, 0),
-                &self.meta_stage[at..at + count * META],
+                self.lease.window(),
+                self.hdr_off(epoch, local, me),
+                &self.meta_stage[at..at + HDR + count * META],
                 self.sig_disp + local * n + me,
                 SignalOp::Set,
-                (epoch << 32) | count as u64,
+                epoch,
             )?;
         }
         self.next = next;
@@ -380,21 +433,25 @@ impl<'c> LowLatencyBuffer<'c> {
         let deadline = self.comm.deadline();
         for (l, _) in self.local_experts.iter().enumerate() {
             for src in 0..n {
-                let v = t.wait(self.sig_disp + l * n + src, Cmp::Ge, epoch << 32, deadline)?;
-                let count = (v & 0xFFFF_FFFF) as usize;
-                if v >> 32 != epoch || count > self.cfg.max_tokens {
+                let v = t.wait(self.sig_disp + l * n + src, Cmp::Ge, epoch, deadline)?;
+                let mut hdr = [0u8; HDR];
+                t.read_local(self.lease.window(), self.hdr_off(epoch, l, src), &mut hdr)?;
+                let call = u64::from_le_bytes(hdr[..8].try_into().expect("8 bytes"));
+                let count = u64::from_le_bytes(hdr[8..].try_into().expect("8 bytes"));
+                if v != epoch || call != epoch || count > self.cfg.max_tokens as u64 {
                     return Err(Error::ProtocolViolation(format!(
-                        "rank {src} announced {count} rows for call {} during call {epoch}",
-                        v >> 32
+                        "rank {src} announced {count} rows for call {call} (signal {v}) during \
+                         call {epoch}"
                     )));
                 }
-                self.counts[l * n + src] = count;
+                self.counts[l * n + src] = count as usize;
             }
         }
         if self.cfg.int8_dispatch {
             self.dequantize_arrivals(epoch)?;
         }
         self.dispatched = true;
+        self.lease.leave();
         Ok(LowLatencyView { buf: self, x })
     }
 
@@ -413,15 +470,23 @@ impl<'c> LowLatencyBuffer<'c> {
         for l in 0..self.local_experts.len() {
             for src in (0..n).filter(|&s| s != me) {
                 for slot in (0..self.counts[l * n + src]).rev() {
-                    t.read_local(&self.win, self.meta_off(epoch, l, src, slot), &mut meta)?;
+                    t.read_local(
+                        self.lease.window(),
+                        self.meta_off(epoch, l, src, slot),
+                        &mut meta,
+                    )?;
                     let scale = quant::landed_scale(&meta[8..], src, slot)?;
                     let from = self.wire_off(epoch, l, src, slot);
-                    t.read_local(&self.win, from, &mut self.qrow[..h])?;
+                    t.read_local(self.lease.window(), from, &mut self.qrow[..h])?;
                     // SAFETY: the row was announced by the signal the dispatch waited for; no
                     // peer writes this epoch's region again before the next-but-one dispatch,
                     // and no view of it exists yet (the view is created after this).
                     let row = unsafe {
-                        t.local_slice_mut(&self.win, self.data_off(epoch, l, src, slot), rb)?
+                        t.local_slice_mut(
+                            self.lease.window(),
+                            self.data_off(epoch, l, src, slot),
+                            rb,
+                        )?
                     };
                     quant::dequantize(self.cfg.dtype, &self.qrow[..h], scale, row);
                 }
@@ -444,14 +509,14 @@ impl<'c> LowLatencyBuffer<'c> {
         for first in (0..count).step_by(per) {
             let mut parts: SmallVec<[&[u8]; 2 * STAGE_RECORDS]> = SmallVec::new();
             for slot in first..(first + per).min(count) {
-                let at = (e * self.cfg.max_tokens + slot) * META;
+                let at = self.stage_at(e, slot);
                 let tok = u32::from_le_bytes(self.meta_stage[at..at + 4].try_into().expect("4"));
                 parts.extend([self.wire_row(x, tok as usize), pad]);
             }
             let off = self.wire_off(epoch, local, me, first);
             self.comm
                 .transport()
-                .put_vectored(dst, &self.win, off, &parts)?;
+                .put_vectored(dst, self.lease.window(), off, &parts)?;
         }
         Ok(())
     }
@@ -479,7 +544,7 @@ impl<'c> LowLatencyBuffer<'c> {
             for src in 0..n {
                 let len = self.counts[l * n + src] * rb;
                 let off = self.out_off(self.epoch, l, src, 0);
-                t.write_local(&self.win, off, &outputs[at..at + len])?;
+                t.write_local(self.lease.window(), off, &outputs[at..at + len])?;
                 at += len;
             }
         }
@@ -500,6 +565,7 @@ impl<'c> LowLatencyBuffer<'c> {
                 self.tokens
             )));
         }
+        self.lease.enter();
         self.dispatched = false;
         let epoch = self.epoch;
         let t = self.comm.transport();
@@ -513,24 +579,31 @@ impl<'c> LowLatencyBuffer<'c> {
                     }
                     // SAFETY: this rank's own output region, written by its experts before
                     // this call; peers never write it.
-                    let rows =
-                        unsafe { t.local_slice(&self.win, self.out_off(epoch, l, src, 0), len)? };
-                    t.put(src, &self.win, self.comb_off(epoch, e, 0), rows)?;
+                    let rows = unsafe {
+                        t.local_slice(self.lease.window(), self.out_off(epoch, l, src, 0), len)?
+                    };
+                    t.put(src, self.lease.window(), self.comb_off(epoch, e, 0), rows)?;
                 }
             }
         }
         for dst in 0..n {
-            t.signal(dst, self.sig_comb + me, SignalOp::Set, epoch << 32)?;
+            t.signal(dst, self.sig_comb + me, SignalOp::Set, epoch)?;
         }
         let deadline = self.comm.deadline();
         for r in 0..n {
-            t.wait(self.sig_comb + r, Cmp::Ge, epoch << 32, deadline)?;
+            t.wait(self.sig_comb + r, Cmp::Ge, epoch, deadline)?;
         }
-        let peers = PeerRows::new(t, &self.win, self.mapped)?;
+        let peers = PeerRows::new(t, self.lease.window(), self.mapped)?;
         let slots = self.local_experts.len() * n * self.cfg.max_tokens;
         // SAFETY: this rank's own output region, written by its experts before this call;
         // peers never write it.
-        let own = unsafe { t.local_slice(&self.win, self.out_off(epoch, 0, 0, 0), slots * rb)? };
+        let own = unsafe {
+            t.local_slice(
+                self.lease.window(),
+                self.out_off(epoch, 0, 0, 0),
+                slots * rb,
+            )?
+        };
         let landed = if self.mapped {
             &[][..]
         } else {
@@ -538,7 +611,7 @@ impl<'c> LowLatencyBuffer<'c> {
             // and are not rewritten before the next-but-one call.
             unsafe {
                 t.local_slice(
-                    &self.win,
+                    self.lease.window(),
                     self.comb_off(epoch, 0, 0),
                     self.cfg.experts * self.cfg.max_tokens * rb,
                 )?
@@ -572,6 +645,7 @@ impl<'c> LowLatencyBuffer<'c> {
             }
             sum_rows(self.cfg.dtype, out_row, &rows, Some(&weights));
         }
+        self.lease.leave();
         Ok(())
     }
 }
@@ -604,8 +678,9 @@ impl<'a> LowLatencyView<'a> {
             for slot in 0..b.counts[l * n + src] {
                 // SAFETY: announced by the signal the dispatch waited for; not rewritten before
                 // the next-but-one call, which cannot start while this view borrows the buffer.
-                let meta =
-                    unsafe { t.local_slice(&b.win, b.meta_off(b.epoch, l, src, slot), META)? };
+                let meta = unsafe {
+                    t.local_slice(b.lease.window(), b.meta_off(b.epoch, l, src, slot), META)?
+                };
                 let tok = u32::from_le_bytes(meta[..4].try_into().expect("4 bytes")) as usize;
                 let w = f32::from_le_bytes(meta[4..8].try_into().expect("4 bytes"));
                 if tok >= b.cfg.max_tokens || !w.is_finite() || (src == me && tok >= b.tokens) {
@@ -618,7 +693,9 @@ impl<'a> LowLatencyView<'a> {
                     &x[tok * rb..(tok + 1) * rb]
                 } else {
                     // SAFETY: as for `meta`.
-                    unsafe { t.local_slice(&b.win, b.data_off(b.epoch, l, src, slot), rb)? }
+                    unsafe {
+                        t.local_slice(b.lease.window(), b.data_off(b.epoch, l, src, slot), rb)?
+                    }
                 };
                 out.push(ExpertRow {
                     src_rank: src,
@@ -647,7 +724,7 @@ impl<'a> LowLatencyView<'a> {
         unsafe {
             b.comm
                 .transport()
-                .local_slice_mut(&b.win, b.out_off(b.epoch, l, 0, 0), len)
+                .local_slice_mut(b.lease.window(), b.out_off(b.epoch, l, 0, 0), len)
         }
     }
 

@@ -11,7 +11,7 @@ use super::wire::{ChunkHeader, HEADER_LEN, INLINE_MAX, MARKER_LEN};
 use crate::error::{Error, Result};
 use crate::size::Sizer;
 use crate::transport::{Cmp, SignalOp, Transport, Window};
-use crate::Communicator;
+use crate::{Communicator, Lease};
 use smallvec::SmallVec;
 use std::collections::VecDeque;
 use std::sync::atomic::{fence, AtomicU64, Ordering};
@@ -245,7 +245,8 @@ unsafe fn gather<'a>(
 /// The engine: rings in one registered window, counters in the communicator's signals.
 pub(crate) struct Engine<'c> {
     pub(crate) comm: &'c Communicator,
-    win: Window,
+    /// The rings' window and the counters' signal words.
+    lease: Lease<'c>,
     slots: usize,
     slot_bytes: usize,
     head_base: usize,
@@ -274,8 +275,8 @@ enum Watch {
 }
 
 // SAFETY: the raw pointers in `direct` point into window mappings that live as long as the
-// engine (it never deregisters its window); they are only used for copies under the state
-// mutex, following the same rules as the transport's own puts.
+// engine (its lease deregisters the window only when the engine goes); they are only used
+// for copies under the state mutex, following the same rules as the transport's own puts.
 unsafe impl Send for Engine<'_> {}
 // SAFETY: as above.
 unsafe impl Sync for Engine<'_> {}
@@ -295,16 +296,21 @@ impl<'c> Engine<'c> {
         let ring_bytes = size.mul(&[n, cfg.slots, slot_bytes])?;
         let hdr_bytes = size.round_up(size.mul(&[n, cfg.slots, HEADER_LEN])?, PAGE)?;
         // One page more for this rank's count of armed waiters (see `ring_doorbell`).
-        let win = comm.register(size.add(&[ring_bytes, hdr_bytes, PAGE])?)?;
-        let head_base = comm.alloc_signals(2 * n + 1)?;
+        let lease = comm.lease(
+            &what,
+            size.add(&[ring_bytes, hdr_bytes, PAGE])?,
+            2 * n + 1,
+            &format!("p2p {cfg:?}"),
+        )?;
+        let head_base = lease.signals().start;
         let direct = (0..n)
-            .map(|r| comm.transport().peer_ptr(r, &win))
+            .map(|r| comm.transport().peer_ptr(r, lease.window()))
             .collect::<Result<Vec<_>>>()?;
         let mut ch = Vec::with_capacity(n);
         ch.resize_with(n, Channel::default);
         Ok(Engine {
             comm,
-            win,
+            lease,
             slots: cfg.slots,
             slot_bytes,
             head_base,
@@ -324,6 +330,27 @@ impl<'c> Engine<'c> {
                 undrained: false,
             }),
         })
+    }
+
+    fn win(&self) -> &Window {
+        self.lease.window()
+    }
+
+    /// Collective: drains and gives the rings' window and words back (see [`Lease`]); an
+    /// engine with messages under way or poisoned retires its words instead.
+    pub(crate) fn close(mut self) -> Result<()> {
+        self.mark_if_busy();
+        self.lease.release()
+    }
+
+    /// Marks the lease busy when a message is under way or the engine is poisoned: its
+    /// words must not be reused.
+    fn mark_if_busy(&self) {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.poisoned.is_some() || !st.ops.is_empty() || st.ch.iter().any(|c| c.incoming.is_some())
+        {
+            self.lease.enter();
+        }
     }
 
     fn t(&self) -> &dyn Transport {
@@ -355,7 +382,7 @@ impl<'c> Engine<'c> {
     fn put_with(&self, peer: usize, off: usize, data: &[u8], stream: bool) -> Result<()> {
         match self.direct[peer] {
             Some(base) => {
-                debug_assert!(off + data.len() <= self.win.len());
+                debug_assert!(off + data.len() <= self.win().len());
                 // SAFETY: offsets come from `payload_off`/`header_off`, inside the window by
                 // construction; the window stays mapped for the engine's life.
                 unsafe {
@@ -368,7 +395,7 @@ impl<'c> Engine<'c> {
                 }
                 Ok(())
             }
-            None => self.t().put(peer, &self.win, off, data),
+            None => self.t().put(peer, self.win(), off, data),
         }
     }
 
@@ -440,7 +467,7 @@ impl<'c> Engine<'c> {
             }
             None => self.t().put_signal(
                 peer,
-                &self.win,
+                self.win(),
                 off,
                 bytes,
                 self.head_base + me,
@@ -494,12 +521,12 @@ impl<'c> Engine<'c> {
     fn read_own(&self, off: usize, out: &mut [u8]) -> Result<()> {
         match self.direct[self.comm.rank()] {
             Some(base) => {
-                debug_assert!(off + out.len() <= self.win.len());
+                debug_assert!(off + out.len() <= self.win().len());
                 // SAFETY: as in `put`; `out` is engine-local memory.
                 unsafe { crate::copy::copy_bytes(out.as_mut_ptr(), base.add(off), out.len()) };
                 Ok(())
             }
-            None => self.t().read_local(&self.win, off, out),
+            None => self.t().read_local(self.win(), off, out),
         }
     }
 
@@ -607,7 +634,7 @@ impl<'c> Engine<'c> {
             // slot by `decode`.
             let payload = unsafe {
                 self.t()
-                    .local_slice(&self.win, self.payload_off(src, slot), dst.len())?
+                    .local_slice(self.win(), self.payload_off(src, slot), dst.len())?
             };
             crate::copy::copy_slice(dst, payload);
         }
@@ -828,7 +855,7 @@ impl<'c> Engine<'c> {
             let payload = if h.is_inline() {
                 h.inline_bytes(&hb)
             } else {
-                unsafe { t.local_slice(&self.win, self.payload_off(src, slot), h.len as usize)? }
+                unsafe { t.local_slice(self.win(), self.payload_off(src, slot), h.len as usize)? }
             };
             if ch.incoming.is_none() {
                 if h.offset != 0 {
@@ -1087,5 +1114,11 @@ impl<'c> Engine<'c> {
             tracing::error!("abandoning a half-sent message: aborting the communicator");
             self.comm.abort();
         }
+    }
+}
+
+impl Drop for Engine<'_> {
+    fn drop(&mut self) {
+        self.mark_if_busy();
     }
 }

@@ -42,7 +42,8 @@ use engine::Engine;
 use std::marker::PhantomData;
 use std::sync::Mutex;
 
-/// Point-to-point messaging over a communicator.
+/// Point-to-point messaging over a communicator. Dropping it (or [`P2p::close`]) gives its
+/// window and signal words back; both are collective.
 pub struct P2p<'c> {
     engine: Engine<'c>,
 }
@@ -53,6 +54,13 @@ impl<'c> P2p<'c> {
         Ok(P2p {
             engine: Engine::new(comm, cfg)?,
         })
+    }
+
+    /// Collective: gives the rings' window and signal words back to the communicator (what
+    /// dropping does, with the error). Every message must have been received: with one
+    /// under way, the words are retired rather than reused.
+    pub fn close(self) -> Result<()> {
+        self.engine.close()
     }
 
     /// The communicator.

@@ -79,6 +79,9 @@ struct Fabric {
     /// Ranks that have begun `close`; `close_cv` tells of every change.
     closed: Mutex<usize>,
     close_cv: Condvar,
+    /// Fabrics of groups split from this one, by group id: the group's first member makes
+    /// it, every member takes its own rank out.
+    groups: Mutex<HashMap<[u64; 2], Vec<Option<Loopback>>>>,
 }
 
 impl Fabric {
@@ -140,6 +143,7 @@ impl Loopback {
             setup_timeout,
             closed: Mutex::new(0),
             close_cv: Condvar::new(),
+            groups: Mutex::new(HashMap::new()),
         });
         Ok((0..world)
             .map(|rank| Loopback {
@@ -189,6 +193,37 @@ impl Loopback {
 }
 
 impl Transport for Loopback {
+    fn split(
+        &self,
+        group: &super::GroupSpec,
+        exchange: &mut super::GroupExchange<'_>,
+    ) -> Result<Box<dyn Transport>> {
+        self.check_live()?;
+        let groups = || self.fabric.groups.lock().unwrap_or_else(|p| p.into_inner());
+        if group.rank == 0 {
+            let ranks = Loopback::create_with(
+                group.members.len(),
+                self.fabric.num_signals,
+                self.fabric.setup_timeout,
+            )?;
+            groups().insert(group.id, ranks.into_iter().map(Some).collect());
+        }
+        // Every member waits here until the first one has made the fabric.
+        exchange([0, 0])?;
+        let mut map = groups();
+        let mine = map
+            .get_mut(&group.id)
+            .and_then(|ranks| ranks.get_mut(group.rank))
+            .and_then(Option::take)
+            .ok_or_else(|| {
+                Error::InvalidUsage("loopback split: no fabric for this group".into())
+            })?;
+        if map[&group.id].iter().all(Option::is_none) {
+            map.remove(&group.id);
+        }
+        Ok(Box::new(mine))
+    }
+
     fn rank(&self) -> usize {
         self.rank
     }

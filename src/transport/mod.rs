@@ -109,6 +109,23 @@ pub struct Caps {
     pub cross_host: bool,
 }
 
+/// One group of a split (see [`crate::Communicator::split`]): which ranks of the parent
+/// transport form it and in what order, and what every member agreed on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSpec {
+    /// The group's ranks as parent ranks, by new rank.
+    pub members: Vec<usize>,
+    /// This rank's place in `members`.
+    pub rank: usize,
+    /// 128 random bits chosen by the group's first member: names the group wherever a
+    /// backend needs a name (shared-memory job id, derived secret).
+    pub id: [u64; 2],
+}
+
+/// The all-gather a backend's [`Transport::split`] may call once: it gives two words and
+/// gets every member's, by new rank.
+pub type GroupExchange<'a> = dyn FnMut([u64; 2]) -> Result<Vec<[u64; 2]>> + 'a;
+
 /// A memory-semantic transport: the contract every backend implements and every algorithm
 /// is generic over. Object safe, so a communicator can hold `Box<dyn Transport>`.
 ///
@@ -202,6 +219,22 @@ pub trait Transport: Send + Sync {
     /// Idempotent. Dropping a transport without closing it is leaving: peers that still
     /// address it, or wait for it, get `PeerFailed`.
     fn close(&self, deadline: Instant) -> Result<()>;
+
+    /// Collective over the members of `group`: builds a new transport of the same backend
+    /// and settings among them, independent of this one (its own windows, signals, links).
+    /// Calls `exchange` at most once (an all-gather among the members, which also serves as
+    /// a barrier). Backends that cannot do it return `Unsupported`.
+    fn split(
+        &self,
+        group: &GroupSpec,
+        exchange: &mut GroupExchange<'_>,
+    ) -> Result<Box<dyn Transport>> {
+        let _ = (group, exchange);
+        Err(crate::Error::Unsupported(format!(
+            "the {} backend cannot split",
+            self.caps().backend
+        )))
+    }
 
     /// This rank's own copy of `win`, kept in memory while the returned value lives.
     /// Backends implement this; users go through the checked accessors below.

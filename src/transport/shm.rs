@@ -341,6 +341,21 @@ pub fn in_process_with(
 }
 
 impl Transport for ShmTransport {
+    fn split(
+        &self,
+        group: &super::GroupSpec,
+        exchange: &mut super::GroupExchange<'_>,
+    ) -> Result<Box<dyn Transport>> {
+        self.check_live(None)?;
+        let job = format!("s{:016x}{:016x}", group.id[0], group.id[1]);
+        let mut opts = ShmOptions::new(job, group.rank, group.members.len());
+        opts.num_signals = self.num_signals;
+        opts.setup_timeout = self.setup_timeout;
+        Ok(Box::new(ShmTransport::new(opts, &mut || {
+            exchange([0, 0]).map(|_| ())
+        })?))
+    }
+
     fn rank(&self) -> usize {
         self.rank
     }

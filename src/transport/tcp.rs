@@ -81,6 +81,8 @@ impl From<xccl_tcp::Error> for Error {
 /// One rank of a TCP job.
 pub struct TcpTransport {
     node: Node,
+    /// What this transport was built with, for the groups split from it.
+    opts: TcpOptions,
     rank: usize,
     world: usize,
     setup_timeout: Duration,
@@ -105,6 +107,7 @@ impl TcpTransport {
         let node = listening.connect(addrs, Instant::now() + opts.setup_timeout)?;
         Ok(TcpTransport {
             node,
+            opts: opts.clone(),
             rank: opts.rank,
             world: opts.world,
             setup_timeout: opts.setup_timeout,
@@ -130,6 +133,17 @@ impl TcpTransport {
         }
         Ok(())
     }
+}
+
+/// The secret of a group split from a job: keyed by the job's secret, so only its members
+/// can derive it, and different for every group.
+fn group_secret(secret: &[u8], id: [u64; 2]) -> Vec<u8> {
+    use hmac::{Hmac, Mac};
+    let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(secret).expect("any key length");
+    m.update(b"xccl split group");
+    m.update(&id[0].to_le_bytes());
+    m.update(&id[1].to_le_bytes());
+    m.finalize().into_bytes().to_vec()
 }
 
 /// A node's result, its timeout told as the time waited since `start`.
@@ -183,6 +197,37 @@ fn map_op(op: SignalOp) -> xccl_tcp::SignalOp {
 }
 
 impl Transport for TcpTransport {
+    fn split(
+        &self,
+        group: &super::GroupSpec,
+        exchange: &mut super::GroupExchange<'_>,
+    ) -> Result<Box<dyn Transport>> {
+        self.node.check_open()?;
+        let mut opts = self.opts.clone();
+        opts.rank = group.rank;
+        opts.world = group.members.len();
+        opts.secret = group_secret(&self.opts.secret, group.id);
+        let t = TcpTransport::new(opts, &mut |addr| {
+            let std::net::SocketAddr::V4(v4) = addr else {
+                return Err(Error::Unsupported(format!(
+                    "tcp split: listening on {addr}; only IPv4 addresses are exchanged"
+                )));
+            };
+            let word = u64::from(u32::from(*v4.ip())) | (u64::from(v4.port()) << 32);
+            exchange([word, 4])?
+                .into_iter()
+                .map(|[w, family]| match family {
+                    4 => Ok(std::net::SocketAddr::from((
+                        std::net::Ipv4Addr::from(w as u32),
+                        (w >> 32) as u16,
+                    ))),
+                    _ => Err(Error::ProtocolViolation("tcp split: a bad address".into())),
+                })
+                .collect()
+        })?;
+        Ok(Box::new(t))
+    }
+
     fn rank(&self) -> usize {
         self.rank
     }

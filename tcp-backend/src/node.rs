@@ -642,7 +642,11 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sender<(usi
     let handshakes = Arc::new(AtomicUsize::new(0));
     let limit = handshake_limit(shared.cfg.world);
     let mut backoff = Duration::from_millis(5);
+    // Handshake threads, joined before the loop returns (each ends by the handshake's own
+    // deadline), so the node leaves no thread behind.
+    let mut auth_threads: Vec<std::thread::JoinHandle<()>> = Vec::new();
     while !shared.stop.load(Ordering::SeqCst) {
+        auth_threads.retain(|h| !h.is_finished());
         match listener.accept() {
             Ok((s, from)) => {
                 backoff = Duration::from_millis(5);
@@ -669,8 +673,11 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sender<(usi
                         }
                     }
                 });
-                if spawned.is_err() {
-                    handshakes.fetch_sub(1, Ordering::SeqCst);
+                match spawned {
+                    Ok(h) => auth_threads.push(h),
+                    Err(_) => {
+                        handshakes.fetch_sub(1, Ordering::SeqCst);
+                    }
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -690,6 +697,9 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sender<(usi
                 backoff = (backoff * 2).min(Duration::from_millis(500));
             }
         }
+    }
+    for h in auth_threads {
+        let _ = h.join();
     }
 }
 

@@ -410,3 +410,53 @@ impl Drop for BusyLoops {
         }
     }
 }
+
+/// Runs `body` on the communicators split from a parent of `2 × world` ranks (even ranks in
+/// one, odd in the other: two groups of `world`), while every parent rank keeps using the
+/// parent meanwhile (all-to-all-v calls, each checked) from another thread. Watchdog and
+/// close as in [`run_comms`].
+pub fn run_split_comms<F>(fabric: Fabric, world: usize, body: F)
+where
+    F: Fn(&xccl::Communicator) + Send + Sync + 'static,
+{
+    run_comms(fabric, 2 * world, move |parent| {
+        let me = parent.rank();
+        let child = parent
+            .split(Some(me as u32 % 2), me as i64)
+            .expect("split")
+            .expect("every rank has a colour");
+        assert_eq!(
+            (child.rank(), child.world_size()),
+            (me / 2, world),
+            "ranks of the split"
+        );
+        std::thread::scope(|s| {
+            let busy_parent = s.spawn(|| use_parent(parent, 200));
+            body(&child);
+            busy_parent.join().expect("the parent's work");
+        });
+        child.close().expect("closing the split communicator");
+    });
+}
+
+/// `calls` all-to-all-v calls on `comm`, every block checked.
+fn use_parent(comm: &xccl::Communicator, calls: usize) {
+    let (me, n) = (comm.rank(), comm.world_size());
+    let mut ex = xccl::coll::Exchange::new(comm, 256).expect("parent exchange");
+    for call in 0..calls {
+        let block = |src: usize, dst: usize| vec![(src * 31 + dst * 7 + call) as u8; 64 + dst];
+        let send: Vec<u8> = (0..n).flat_map(|d| block(me, d)).collect();
+        let counts: Vec<usize> = (0..n).map(|d| 64 + d).collect();
+        let displs: Vec<usize> = (0..n).map(|d| (0..d).map(|j| 64 + j).sum()).collect();
+        let view = ex
+            .alltoallv(&send, &counts, &displs)
+            .expect("parent all-to-all-v");
+        for src in 0..n {
+            assert_eq!(
+                view.block(src),
+                &block(src, me)[..],
+                "parent call {call} from {src}"
+            );
+        }
+    }
+}

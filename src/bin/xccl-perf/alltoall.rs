@@ -142,5 +142,9 @@ pub fn run(c: &Common, v: bool) -> Result<()> {
     }
     comm.barrier()?;
     report::finish(me, c, &rows, total_wrong)?;
+    if let Some(ex) = ex {
+        ex.close()?;
+    }
+    coll.close()?;
     comm.close()
 }

@@ -356,6 +356,13 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
             wrong[0]
         )));
     }
+    if let Some(b) = buf {
+        b.close()?;
+    }
+    if let Some(b) = llbuf {
+        b.close()?;
+    }
+    coll.close()?;
     comm.close()
 }
 

@@ -212,8 +212,8 @@ pub fn run(args: &PingpongArgs) -> Result<()> {
     let lay = Layout {
         region: round_up(max),
     };
-    let win = comm.register(lay.total())?;
-    let sigs = comm.alloc_signals(3)?;
+    let lease = comm.lease("the pingpong window", lay.total(), 3, "pingpong")?;
+    let (win, sigs) = (*lease.window(), lease.signals().start);
     let t = comm.transport();
     let initiator = me % 2 == 0;
     let partner = if initiator { me + 1 } else { me - 1 };
@@ -340,5 +340,6 @@ pub fn run(args: &PingpongArgs) -> Result<()> {
     }
     comm.barrier()?;
     report::finish(me, c, &rows, total_wrong)?;
+    lease.close()?;
     comm.close()
 }

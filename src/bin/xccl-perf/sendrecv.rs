@@ -155,5 +155,6 @@ pub fn run(c: &Common) -> Result<()> {
     }
     comm.barrier()?;
     report::finish(me, c, &rows, total_wrong)?;
+    p2p.close()?;
     comm.close()
 }
