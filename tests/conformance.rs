@@ -1,5 +1,5 @@
 //! The transport conformance suite, run for every backend at world sizes 1, 2, 3 and 8, and
-//! for every backend on the even ranks split from twice as many.
+//! for every backend on the even ranks split from twice as many (world sizes 1, 2 and 3).
 
 use xccl::transport::Transport;
 
@@ -62,7 +62,7 @@ mod split_loopback {
         )
     }
 
-    xccl::transport_conformance!(split_loopback_ranks);
+    xccl::transport_conformance!(split_loopback_ranks; worlds 1, 2, 3);
 }
 
 mod split_shm {
@@ -82,7 +82,7 @@ mod split_shm {
         )
     }
 
-    xccl::transport_conformance!(split_shm_ranks);
+    xccl::transport_conformance!(split_shm_ranks; worlds 1, 2, 3);
 }
 
 mod split_tcp {
@@ -99,5 +99,5 @@ mod split_tcp {
         )
     }
 
-    xccl::transport_conformance!(split_tcp_ranks);
+    xccl::transport_conformance!(split_tcp_ranks; worlds 1, 2, 3);
 }

@@ -790,9 +790,29 @@ impl Transport for WithParent {
 }
 
 /// Instantiates the whole suite for a backend factory (a function in the calling module),
-/// once per world size 1, 2, 3 and 8, as `#[test]`s grouped in one module per check.
+/// once per world size 1, 2, 3 and 8, as `#[test]`s grouped in one module per check; or,
+/// with `transport_conformance!(factory; worlds 1, 2)`, one `#[test]` per check running the
+/// given world sizes in turn.
 #[macro_export]
 macro_rules! transport_conformance {
+    ($factory:ident; worlds $($world:literal),+) => {
+        $crate::transport_conformance!(@each $factory; [$($world),+];
+            put_signal_ordering, put_vectored_lands_contiguously, get_reads_peer_memory,
+            flush_completes_puts,
+            signals_are_counters, deadline_gives_timeout, abort_wakes_every_waiter,
+            bad_arguments_are_rejected, window_sizes, large_window, many_windows,
+            register_mismatch, deregister_races_with_access, close_waits_for_every_rank);
+    };
+    (@each $factory:ident; $worlds:tt; $($check:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $check() {
+                for world in $worlds {
+                    $crate::transport::conformance::$check(world, $factory)
+                }
+            }
+        )*
+    };
     ($factory:ident) => {
         $crate::transport_conformance!(@checks $factory;
             put_signal_ordering, put_vectored_lands_contiguously, get_reads_peer_memory,
