@@ -1,9 +1,7 @@
 //! The communicator: builds a transport from the environment or a builder, checks that every
 //! rank agrees on the configuration, and offers barrier, deadlines, abort and close.
 
-use crate::bootstrap::{
-    self, store_barrier, Prefixed, RankInfo, Rendezvous, ServerHold, Settings, Store,
-};
+use crate::bootstrap::{self, store_barrier, Prefixed, RankInfo, Rendezvous, Settings, Store};
 use crate::error::{Error, Result};
 use crate::signal_pool::SignalPool;
 use crate::transport::{loopback::Loopback, Cmp, SignalOp, Transport, Window};
@@ -235,8 +233,8 @@ impl CommBuilder {
             Backend::Tcp => return Err(Error::Unsupported("built without the tcp feature".into())),
         };
         store_barrier(store, "ready", info.world_size, deadline)?;
-        let hold = rdv.finish(&ns, info.rank, info.world_size, deadline)?;
-        Communicator::with_info(transport, info, timeout, Some(hold))
+        rdv.finish(&ns, info.rank, info.world_size, deadline)?;
+        Communicator::with_info(transport, info, timeout)
     }
 }
 
@@ -350,8 +348,6 @@ pub struct Communicator {
     signals: Mutex<SignalPool>,
     /// Splits made so far (they are collective, so every rank counts the same).
     pub(crate) splits: AtomicU64,
-    /// Rank 0's store server, released before the transport closes.
-    server: Mutex<Option<ServerHold>>,
     closed: AtomicBool,
 }
 
@@ -383,14 +379,13 @@ impl Communicator {
             local_size: world,
             source: "explicit",
         };
-        Self::with_info(transport, info, timeout, None)
+        Self::with_info(transport, info, timeout)
     }
 
     pub(crate) fn with_info(
         transport: Box<dyn Transport>,
         info: RankInfo,
         timeout: Duration,
-        server: Option<ServerHold>,
     ) -> Result<Self> {
         let num_signals = transport.caps().num_signals;
         let barrier_base = num_signals - reserved_signals(info.world_size);
@@ -404,7 +399,6 @@ impl Communicator {
             ctl_epoch: AtomicU64::new(0),
             signals: Mutex::new(SignalPool::new(barrier_base)),
             splits: AtomicU64::new(0),
-            server: Mutex::new(server),
             closed: AtomicBool::new(false),
         })
     }
@@ -517,9 +511,6 @@ impl Communicator {
         if self.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        // The store server goes first: a peer that sees this rank closed may set up its next
-        // communicator at once and must not find this one's server.
-        drop(self.server.lock().unwrap_or_else(|p| p.into_inner()).take());
         self.transport.close(self.deadline())
     }
 }

@@ -92,7 +92,7 @@ impl Communicator {
             local_size: members.len(),
             source: "split",
         };
-        Communicator::with_info(transport, info, self.timeout(), None).map(Some)
+        Communicator::with_info(transport, info, self.timeout()).map(Some)
     }
 
     /// Collective: a new communicator of the same ranks in the same order, independent of

@@ -52,6 +52,21 @@ fn held_when(done: impl Fn(&Held) -> bool) -> Held {
     }
 }
 
+/// What the process holds once nothing changes for 300 ms (threads of the setup before,
+/// which end and are joined in the background, are gone): at most five seconds.
+fn held_steady() -> Held {
+    let give_up = std::time::Instant::now() + Duration::from_secs(5);
+    let (mut last, mut since) = (held(), std::time::Instant::now());
+    while since.elapsed() < Duration::from_millis(300) && std::time::Instant::now() < give_up {
+        std::thread::yield_now();
+        let now = held();
+        if now != last {
+            (last, since) = (now, std::time::Instant::now());
+        }
+    }
+    last
+}
+
 fn held_like(want: Held) -> Held {
     held_when(|h| *h == want)
 }
@@ -390,37 +405,44 @@ fn split_orders_by_key_and_leaves_out_ranks_without_colour() {
 
 /// Builds communicators from the environment again and again: 100 one after another, then
 /// 100 two at a time (named, from two threads); each does a barrier and an all-to-all-v.
+/// The counts are taken while every rank waits at a barrier of a communicator kept for the
+/// purpose (rank 0 may serve the store: its counts include the other ranks' clients).
 fn rebuild_from_env() {
     let timeout = Duration::from_secs(60);
     let work = |comm: &Communicator, call: u64| {
         comm.barrier().unwrap();
         exchange_call(&mut Exchange::new(comm, 64).unwrap(), comm, call);
     };
+    let build = |name: String| {
+        Communicator::builder()
+            .name(&name)
+            .timeout(timeout)
+            .build()
+            .unwrap()
+    };
+    let sync = build("sync".into());
     // The first build sets up what lives as long as the process (the logger, buffers of
-    // the standard library).
+    // the standard library, rank 0's store server).
     work(&rank_comm(timeout), 0);
-    let start = held();
+    sync.barrier().unwrap();
+    let start = held_steady();
+    sync.barrier().unwrap();
     for i in 1..=100 {
         let comm = rank_comm(timeout);
         work(&comm, i);
         comm.close().unwrap();
     }
+    sync.barrier().unwrap();
     let sequential = held_like(start);
+    sync.barrier().unwrap();
     // Two threads build communicators side by side, each named so that every rank pairs
     // them the same way; the counts are taken while both threads exist, before and after.
     let gate = std::sync::Barrier::new(3);
     let (mut before, mut after) = (start, start);
     std::thread::scope(|s| {
         for side in ["a", "b"] {
-            let gate = &gate;
+            let (gate, build) = (&gate, &build);
             s.spawn(move || {
-                let build = |name: String| {
-                    Communicator::builder()
-                        .name(&name)
-                        .timeout(timeout)
-                        .build()
-                        .unwrap()
-                };
                 let warm = build(format!("warm-{side}"));
                 work(&warm, 0);
                 warm.close().unwrap();
@@ -436,14 +458,21 @@ fn rebuild_from_env() {
             });
         }
         gate.wait();
-        // This thread, the runtime's and the two builders; the warm-up's are gone.
-        before = held_when(|h| h.threads == start.threads + 2);
+        sync.barrier().unwrap();
+        before = held_steady();
+        sync.barrier().unwrap();
         gate.wait();
         gate.wait();
+        sync.barrier().unwrap();
         after = held_like(before);
+        sync.barrier().unwrap();
         gate.wait();
     });
-    println!("REBUILT one after another {start:?} -> {sequential:?}; two at a time {before:?} -> {after:?}");
+    sync.close().unwrap();
+    println!(
+        "REBUILT one after another {start:?} -> {sequential:?}; two at a time {before:?} -> \
+         {after:?}"
+    );
     assert_eq!(
         start, sequential,
         "after 100 communicators one after another"

@@ -20,7 +20,7 @@ pub use tcp_store::{TcpStore, TcpStoreServer};
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Fills `buf` from the kernel's random source.
@@ -87,27 +87,17 @@ pub fn random_job_id() -> String {
 pub struct Rendezvous {
     /// The store.
     pub store: Arc<dyn Store>,
-    server: ServerHold,
+    /// Rank 0 serves the store.
+    serving: bool,
     cleanup_dir: Option<PathBuf>,
 }
 
-/// Rank 0's store server, kept while a communicator built through it lives, so that other
-/// communicators of the job can be built at the same time through the same address.
-pub struct ServerHold(Option<Arc<TcpStoreServer>>);
-
-impl Drop for ServerHold {
-    fn drop(&mut self) {
-        // The last holder stops the server under the registry's lock, so a build that finds
-        // no live server binds the address only after this one has let it go.
-        let _map = served().lock().unwrap_or_else(|p| p.into_inner());
-        drop(self.0.take());
-    }
-}
-
-/// The store servers this process runs, by the address they were asked to serve: builds of
-/// several communicators at once share one.
-fn served() -> &'static Mutex<HashMap<String, Weak<TcpStoreServer>>> {
-    static SERVED: std::sync::OnceLock<Mutex<HashMap<String, Weak<TcpStoreServer>>>> =
+/// The store servers rank 0 of this process runs, by the address they serve. A server lives
+/// as long as the process once it has served a setup (as torchrun's store lives as long as
+/// its job): a peer may begin setting up its next communicator through it at any moment,
+/// before rank 0 does, and must find it there.
+fn served() -> &'static Mutex<HashMap<String, Arc<TcpStoreServer>>> {
+    static SERVED: std::sync::OnceLock<Mutex<HashMap<String, Arc<TcpStoreServer>>>> =
         std::sync::OnceLock::new();
     SERVED.get_or_init(Default::default)
 }
@@ -117,7 +107,7 @@ impl Rendezvous {
     pub fn from_store(store: Arc<dyn Store>) -> Self {
         Rendezvous {
             store,
-            server: ServerHold(None),
+            serving: false,
             cleanup_dir: None,
         }
     }
@@ -125,6 +115,7 @@ impl Rendezvous {
     /// by rank 0 unless `XCCL_STORE_SERVER=external`, or `file:///dir`), torchrun's
     /// `MASTER_ADDR`/`MASTER_PORT` (served by rank 0), a single rank's in-memory store, and a
     /// per-job directory in the temp dir named after Open MPI's, PMIx's or Slurm's job id.
+    /// A store rank 0 serves stays up while its process lives (see `served`).
     pub fn from_env(info: &RankInfo, settings: &Settings, deadline: Instant) -> Result<Self> {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         if let Some(url) = &settings.store {
@@ -135,7 +126,7 @@ impl Rendezvous {
             if let Some(dir) = url.strip_prefix("file://") {
                 return Ok(Rendezvous {
                     store: Arc::new(FileStore::new(dir)?),
-                    server: ServerHold(None),
+                    serving: false,
                     cleanup_dir: None,
                 });
             }
@@ -178,54 +169,42 @@ impl Rendezvous {
         let dir = std::env::temp_dir().join(format!("xccl-store-{uid}-{safe}"));
         Ok(Rendezvous {
             store: Arc::new(FileStore::new(&dir)?),
-            server: ServerHold(None),
+            serving: false,
             cleanup_dir: (info.rank == 0).then_some(dir),
         })
     }
 
     fn tcp(addr: &str, serve: bool, secret: Option<&[u8]>, deadline: Instant) -> Result<Self> {
-        let server = if serve {
+        if serve {
             let mut map = served().lock().unwrap_or_else(|p| p.into_inner());
-            map.retain(|_, w| w.strong_count() > 0);
-            match map.get(addr).and_then(Weak::upgrade) {
-                Some(s) => Some(s),
-                None => {
-                    let s = Arc::new(TcpStoreServer::bind(addr, secret).map_err(|e| {
-                        Error::InvalidUsage(format!(
-                            "rank 0 cannot serve the TCP store at {addr}: {e}"
-                        ))
-                    })?);
-                    map.insert(addr.to_string(), Arc::downgrade(&s));
-                    Some(s)
-                }
+            if !map.contains_key(addr) {
+                let s = TcpStoreServer::bind(addr, secret).map_err(|e| {
+                    Error::InvalidUsage(format!("rank 0 cannot serve the TCP store at {addr}: {e}"))
+                })?;
+                map.insert(addr.to_string(), Arc::new(s));
             }
-        } else {
-            None
-        };
-        let server = ServerHold(server);
+        }
         let store = Arc::new(TcpStore::connect(addr, secret, deadline)?);
         Ok(Rendezvous {
             store,
-            server,
+            serving: serve,
             cleanup_dir: None,
         })
     }
 
     /// Ends setup of the communicator whose keys live under `namespace`: every rank checks
     /// out; rank 0 waits for all of them, then removes the namespace's keys from a store
-    /// directory (and the directory once no namespace is left in it). Rank 0's store server
-    /// is handed back to be kept while the communicator lives (other communicators may be
-    /// set up through it meanwhile).
+    /// directory (and the directory once no namespace is left in it).
     pub fn finish(
         self,
         namespace: &Prefixed,
         rank: usize,
         world: usize,
         deadline: Instant,
-    ) -> Result<ServerHold> {
+    ) -> Result<()> {
         let start = Instant::now();
         namespace.add("left", 1)?;
-        if rank == 0 && (self.server.0.is_some() || self.cleanup_dir.is_some()) {
+        if rank == 0 && (self.serving || self.cleanup_dir.is_some()) {
             let mut backoff = Duration::from_micros(200);
             while namespace.add("left", 0)? < world as i64 {
                 if Instant::now() >= deadline {
@@ -243,6 +222,6 @@ impl Rendezvous {
                 let _ = std::fs::remove_dir(dir);
             }
         }
-        Ok(self.server)
+        Ok(())
     }
 }

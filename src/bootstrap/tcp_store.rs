@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -95,15 +96,32 @@ impl TcpStoreServer {
             .name("xccl-store".into())
             .spawn(move || {
                 let mut backoff = Duration::from_millis(5);
-                // Client threads, joined before the server is gone.
+                // Client threads: those that ended are joined at least every 50 ms (a server
+                // that lives long leaves nothing of past clients behind), the rest before
+                // the server is gone.
                 let mut clients: Vec<std::thread::JoinHandle<()>> = Vec::new();
-                for conn in listener.incoming() {
-                    clients.retain(|h| !h.is_finished());
+                let _ = listener.set_nonblocking(true);
+                loop {
+                    join_finished(&mut clients);
                     if stop2.load(Ordering::SeqCst) {
                         break;
                     }
-                    let conn = match conn {
-                        Ok(c) => c,
+                    let conn = match listener.accept() {
+                        Ok((c, _)) => {
+                            let _ = c.set_nonblocking(false);
+                            c
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            let mut p = libc::pollfd {
+                                fd: listener.as_raw_fd(),
+                                events: libc::POLLIN,
+                                revents: 0,
+                            };
+                            // SAFETY: one valid pollfd; 50 ms bounds how late `stop` is seen
+                            // and ended clients are joined.
+                            unsafe { libc::poll(&mut p, 1, 50) };
+                            continue;
+                        }
                         Err(e) => {
                             // Out of descriptors: the connection stays queued; do not spin.
                             tracing::warn!(error = %e, "TCP store: accept failed; backing off");
@@ -210,6 +228,18 @@ impl Drop for TcpStoreServer {
         }
         if let Some(h) = self.acceptor.take() {
             let _ = h.join();
+        }
+    }
+}
+
+/// Joins the threads of `handles` that have ended.
+fn join_finished(handles: &mut Vec<std::thread::JoinHandle<()>>) {
+    let mut i = 0;
+    while i < handles.len() {
+        if handles[i].is_finished() {
+            let _ = handles.swap_remove(i).join();
+        } else {
+            i += 1;
         }
     }
 }

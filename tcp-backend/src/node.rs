@@ -646,7 +646,15 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sender<(usi
     // deadline), so the node leaves no thread behind.
     let mut auth_threads: Vec<std::thread::JoinHandle<()>> = Vec::new();
     while !shared.stop.load(Ordering::SeqCst) {
-        auth_threads.retain(|h| !h.is_finished());
+        // Ended handshakes are joined as they go (their stacks go with them).
+        let mut i = 0;
+        while i < auth_threads.len() {
+            if auth_threads[i].is_finished() {
+                let _ = auth_threads.swap_remove(i).join();
+            } else {
+                i += 1;
+            }
+        }
         match listener.accept() {
             Ok((s, from)) => {
                 backoff = Duration::from_millis(5);
