@@ -431,11 +431,20 @@ impl<'c> LowLatencyBuffer<'c> {
         self.weights.extend_from_slice(topk_weights);
         self.tokens = tokens;
         let deadline = self.comm.deadline();
+        // The headers are read through one mapping handle rather than a lookup each.
+        let win = self.lease.window();
+        let mem = t.local_mem(win)?;
         for (l, _) in self.local_experts.iter().enumerate() {
             for src in 0..n {
                 let v = t.wait(self.sig_disp + l * n + src, Cmp::Ge, epoch, deadline)?;
                 let mut hdr = [0u8; HDR];
-                t.read_local(self.lease.window(), self.hdr_off(epoch, l, src), &mut hdr)?;
+                let off = self.hdr_off(epoch, l, src);
+                crate::transport::check_range(win.len(), off, HDR)?;
+                // SAFETY: the range lies in the window (checked), whose memory `mem` keeps
+                // mapped; `src` wrote the header before the signal just waited for (a raw
+                // copy tolerates a misbehaving peer writing it concurrently: the value is
+                // then checked below like any other).
+                unsafe { crate::copy::copy_any(hdr.as_mut_ptr(), mem.base().add(off), HDR) };
                 let call = u64::from_le_bytes(hdr[..8].try_into().expect("8 bytes"));
                 let count = u64::from_le_bytes(hdr[8..].try_into().expect("8 bytes"));
                 if v != epoch || call != epoch || count > self.cfg.max_tokens as u64 {
