@@ -66,7 +66,8 @@ impl Communicator {
         let mut out = vec![[0u64; WORDS]; n];
         out[me] = words;
         let deadline = self.deadline();
-        let mut kinds = Vec::new();
+        // The first peer that made another kind of call (reported once every slot is in).
+        let mut other_kind = None;
         for step in 1..n {
             let src = (me + n - step) % n;
             t.wait(sig + src, Cmp::Ge, call, deadline)?;
@@ -79,12 +80,14 @@ impl Communicator {
                     word(0)
                 )));
             }
-            kinds.push((src, word(1)));
+            if word(1) != kind as u64 && other_kind.is_none() {
+                other_kind = Some((src, word(1)));
+            }
             for (i, o) in out[src].iter_mut().enumerate() {
                 *o = word(2 + i);
             }
         }
-        if let Some(&(src, k)) = kinds.iter().find(|&&(_, k)| k != kind as u64) {
+        if let Some((src, k)) = other_kind {
             return Err(Error::InvalidUsage(format!(
                 "collective calls out of order: this rank ({me}) made a {kind:?} call while \
                  rank {src} made another kind ({k})"

@@ -59,7 +59,7 @@ impl Communicator {
                 return Err(e);
             }
         };
-        let lease = Lease {
+        let mut lease = Lease {
             comm: self,
             win: Some(win),
             signals: range.clone(),
@@ -72,7 +72,6 @@ impl Communicator {
             self.transport().signal(me, i, SignalOp::Set, 0)?;
         }
         let full = format!("{config}; window {len} bytes; signals {range:?}");
-        let mut lease = lease;
         match self.agree(what, &full) {
             Ok(()) => {
                 lease.busy.store(false, Ordering::Relaxed);

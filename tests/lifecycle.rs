@@ -202,7 +202,10 @@ fn cycles(comm: &Communicator) {
             i,
         ),
         "p2p" => p2p_call(&P2p::new(comm, SMALL_RINGS).unwrap(), i),
-        "coll" => comm_barrier_through(&Coll::with_config(comm, SMALL_RINGS).unwrap()),
+        "coll" => Coll::with_config(comm, SMALL_RINGS)
+            .unwrap()
+            .barrier()
+            .expect("barrier"),
         _ => exchange_call(&mut Exchange::new(comm, 64).unwrap(), comm, i),
     };
     // The first of each kind sets up what lives as long as the communicator (its control
@@ -265,10 +268,6 @@ fn all_ranks(comm: &Communicator, mine: bool) -> bool {
         .alltoallv(&send, &vec![1; n], &(0..n).collect::<Vec<_>>())
         .unwrap();
     (0..n).all(|r| view.block(r) == [1])
-}
-
-fn comm_barrier_through(coll: &Coll) {
-    coll.barrier().expect("barrier");
 }
 
 /// Counts of what the process holds mean something only while no other test of this binary
