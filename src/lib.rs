@@ -28,6 +28,7 @@ mod error;
 mod id_map;
 pub mod launch;
 mod lease;
+mod mailbox;
 pub mod moe;
 pub mod p2p;
 mod signal_pool;

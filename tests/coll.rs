@@ -230,6 +230,7 @@ macro_rules! per_fabric {
         mod loopback { $( #[test] fn $name() { super::$name(super::Fabric::Loopback) } )* }
         mod shm { $( #[test] fn $name() { super::$name(super::Fabric::Shm) } )* }
         mod tcp { $( #[test] fn $name() { super::$name(super::Fabric::Tcp) } )* }
+        mod mixed { $( #[test] fn $name() { super::$name(super::Fabric::Mixed) } )* }
     };
 }
 

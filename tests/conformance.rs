@@ -1,5 +1,6 @@
 //! The transport conformance suite, run for every backend at world sizes 1, 2, 3 and 8, and
-//! for every backend on the even ranks split from twice as many (world sizes 1, 2 and 3).
+//! for every backend on the even ranks split from twice as many (world sizes 1, 2 and 3), and
+//! for a backend whose path kinds differ by peer (shared memory mapped between even ranks only).
 
 use xccl::transport::Transport;
 
@@ -46,6 +47,18 @@ mod tcp {
     }
 
     xccl::transport_conformance!(tcp_ranks);
+}
+
+mod partly_mapped {
+    use super::*;
+    use xccl::transport::{partly_mapped::PartlyMapped, shm::in_process};
+
+    /// Shared memory where only even ranks map each other: path kinds differ by peer.
+    fn partly_mapped_ranks(world: usize) -> Vec<Box<dyn Transport>> {
+        PartlyMapped::wrap_all(in_process(world, 4096).expect("shm ranks"))
+    }
+
+    xccl::transport_conformance!(partly_mapped_ranks);
 }
 
 mod split_loopback {

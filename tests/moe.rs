@@ -461,14 +461,20 @@ proptest! {
         check_case(Fabric::Tcp, case, Dtype::F32, 2);
     }
 
+    /// Path kinds differ by peer: even ranks map each other, the rest go through puts.
+    #[test]
+    fn dispatch_and_combine_match_reference_when_paths_differ(case in case_strategy()) {
+        check_case(Fabric::Mixed, case, Dtype::F32, 2);
+    }
+
     #[test]
     fn bf16_and_f16_stay_within_their_rounding(case in case_strategy(), f16 in any::<bool>()) {
         check_case(Fabric::Loopback, case, if f16 { Dtype::F16 } else { Dtype::Bf16 }, 1);
     }
 
     #[test]
-    fn int8_dispatch_stays_within_its_bound(case in case_strategy(), f16 in any::<bool>(), shm in any::<bool>()) {
-        let fabric = if shm { Fabric::Shm } else { Fabric::Loopback };
+    fn int8_dispatch_stays_within_its_bound(case in case_strategy(), f16 in any::<bool>(), fabric in 0usize..3) {
+        let fabric = [Fabric::Shm, Fabric::Loopback, Fabric::Mixed][fabric];
         check_case_with(fabric, case, if f16 { Dtype::F16 } else { Dtype::Bf16 }, 2, true);
     }
 }
@@ -778,6 +784,7 @@ fn large_low_latency_is_exact() {
 fn large_low_latency_int8_stays_within_its_bound() {
     let case = large_int8_case();
     check_low_latency_with(Fabric::Shm, case.clone(), Dtype::Bf16, true);
+    check_low_latency_with(Fabric::Mixed, case.clone(), Dtype::Bf16, true);
     check_low_latency_with(Fabric::Tcp, case, Dtype::F16, true);
 }
 
@@ -798,8 +805,8 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
 
     #[test]
-    fn low_latency_matches_reference(case in case_strategy(), tcp in any::<bool>()) {
-        check_low_latency(if tcp { Fabric::Tcp } else { Fabric::Shm }, case);
+    fn low_latency_matches_reference(case in case_strategy(), fabric in 0usize..3) {
+        check_low_latency([Fabric::Shm, Fabric::Tcp, Fabric::Mixed][fabric], case);
     }
 
     #[test]
@@ -808,8 +815,8 @@ proptest! {
     }
 
     #[test]
-    fn low_latency_int8_stays_within_its_bound(case in case_strategy(), f16 in any::<bool>(), tcp in any::<bool>()) {
-        let fabric = if tcp { Fabric::Tcp } else { Fabric::Shm };
+    fn low_latency_int8_stays_within_its_bound(case in case_strategy(), f16 in any::<bool>(), fabric in 0usize..3) {
+        let fabric = [Fabric::Shm, Fabric::Tcp, Fabric::Mixed][fabric];
         check_low_latency_with(fabric, case, if f16 { Dtype::F16 } else { Dtype::Bf16 }, true);
     }
 }

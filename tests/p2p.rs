@@ -306,6 +306,9 @@ macro_rules! per_fabric {
         mod tcp { use super::*; $(
             #[test] fn $name() { for w in [1, 2, 3, 8] { super::$name(Fabric::Tcp, w) } }
         )* }
+        mod mixed { use super::*; $(
+            #[test] fn $name() { for w in [2, 3, 5] { super::$name(Fabric::Mixed, w) } }
+        )* }
     };
 }
 

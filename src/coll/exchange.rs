@@ -25,13 +25,12 @@
 //! ```
 
 use crate::error::{Error, Result};
+use crate::mailbox::Mailbox;
 use crate::size::Sizer;
-use crate::transport::{Cmp, SignalOp, Window};
+use crate::transport::{MappedMem, PeerPath, Stores, Window};
 use crate::{Communicator, Lease};
 
 const PAGE: usize = 4096;
-/// Bytes of one count slot (count, epoch), one cache line each.
-const COUNT_SLOT: usize = 64;
 
 /// A one-copy all-to-all(v) with a registered receive window.
 ///
@@ -42,8 +41,11 @@ pub struct Exchange<'c> {
     lease: Lease<'c>,
     max_block: usize,
     region: usize,
-    counts_at: usize,
-    sig_base: usize,
+    /// Each source's block length, per call.
+    mailbox: Mailbox,
+    /// This rank's path to each rank's window, by rank, and its own copy.
+    paths: Vec<PeerPath<'c>>,
+    own: MappedMem,
     epoch: u64,
     /// Bytes received from each source by the last call.
     counts: Vec<usize>,
@@ -66,16 +68,24 @@ impl<'c> Exchange<'c> {
         let size = Sizer::new(&what);
         let region = size.round_up(max_block, PAGE)?.max(PAGE);
         let data = size.mul(&[region, n, 2])?;
-        let counts = size.round_up(size.mul(&[2, n, COUNT_SLOT])?, PAGE)?;
-        let lease = comm.lease(&what, size.add(&[data, counts])?, n, "exchange")?;
-        let sig_base = lease.signals().start;
+        let mailbox = Mailbox::new(&size, data, 1, n, 1, 0)?;
+        let lease = comm.lease(
+            &what,
+            size.add(&[data, size.round_up(mailbox.len(), PAGE)?])?,
+            mailbox.signal_count(),
+            "exchange",
+        )?;
+        let mailbox = mailbox.at_signals(lease.signals().start);
+        let paths = comm.transport().paths(lease.window())?;
+        let own = comm.transport().local_mem(lease.window())?;
         Ok(Exchange {
             comm,
             lease,
             max_block,
             region,
-            counts_at: data,
-            sig_base,
+            mailbox,
+            paths,
+            own,
             epoch: 0,
             counts: vec![0; n],
         })
@@ -105,10 +115,6 @@ impl<'c> Exchange<'c> {
 
     fn data_off(&self, parity: usize, src: usize) -> usize {
         (parity * self.comm.world_size() + src) * self.region
-    }
-
-    fn count_off(&self, parity: usize, src: usize) -> usize {
-        self.counts_at + (parity * self.comm.world_size() + src) * COUNT_SLOT
     }
 
     /// Collective: sends block j (`scounts[j]` bytes at `sdispls[j]` of `send`) to rank j and
@@ -152,21 +158,12 @@ impl<'c> Exchange<'c> {
         for k in 1..n {
             let dst = (me + k) % n;
             let block = &send[sdispls[dst]..sdispls[dst] + scounts[dst]];
-            t.put(dst, self.win(), self.data_off(parity, me), block)?;
+            let path = &self.paths[dst];
+            path.put(self.data_off(parity, me), block, Stores::Cached)?;
             let mut slot = [0u8; 16];
-            slot[..8].copy_from_slice(&(block.len() as u64).to_le_bytes());
-            slot[8..].copy_from_slice(&epoch.to_le_bytes());
             // The count and the signal that publishes both travel together (one frame on tcp).
-            // The signal carries the call number itself: 64 bits, it never runs out.
-            t.put_signal(
-                dst,
-                self.win(),
-                self.count_off(parity, me),
-                &slot,
-                self.sig_base + me,
-                SignalOp::Set,
-                epoch,
-            )?;
+            self.mailbox
+                .post(path, me, 0, epoch, &[block.len() as u64], &mut slot)?;
         }
         let deadline = self.comm.deadline();
         for src in 0..n {
@@ -174,14 +171,14 @@ impl<'c> Exchange<'c> {
                 self.counts[me] = scounts[me];
                 continue;
             }
-            t.wait(self.sig_base + src, Cmp::Ge, epoch, deadline)?;
-            let mut slot = [0u8; 16];
-            t.read_local(self.win(), self.count_off(parity, src), &mut slot)?;
-            let c = u64::from_le_bytes(slot[..8].try_into().expect("8 bytes"));
-            let e = u64::from_le_bytes(slot[8..].try_into().expect("8 bytes"));
-            if e != epoch || c > self.max_block as u64 {
+            let c = self
+                .mailbox
+                .collect(t, &self.own, 0, src, epoch, deadline)?[0];
+            if c > self.max_block as u64 {
                 return Err(Error::ProtocolViolation(format!(
-                    "rank {src} announced {c} bytes for call {e} during call {epoch}"
+                    "rank {src} announced {c} bytes during call {epoch}, more than the {} a \
+                     block holds",
+                    self.max_block
                 )));
             }
             self.counts[src] = c as usize;

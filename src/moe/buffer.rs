@@ -20,12 +20,12 @@
 
 use super::config::MoeConfig;
 use super::layout::{dispatch_layout, Layout};
-use super::peer_rows::PeerRows;
 use super::quant;
 use super::sum::sum_rows;
 use crate::error::{Error, Result};
+use crate::mailbox::Mailbox;
 use crate::size::Sizer;
-use crate::transport::{Cmp, SignalOp};
+use crate::transport::{Cmp, MappedMem, PeerPath, SignalOp, Stores};
 use crate::{Communicator, Lease};
 use smallvec::SmallVec;
 
@@ -72,12 +72,14 @@ pub struct MoeBuffer<'c> {
     disp_at: usize,
     out_at: usize,
     comb_at: usize,
-    counts_at: usize,
-    /// Every peer's window is mapped here (shared memory): combine reads the experts' output
-    /// straight from the peers' windows instead of having it sent.
-    mapped: bool,
-    sig_disp: usize,
-    sig_comb: usize,
+    /// Per call, kind 0 (dispatch): rows each source sent here; kind 1 (combine): rows each
+    /// expert rank returns for this rank's tokens and where they start in its output.
+    mailbox: Mailbox,
+    /// This rank's path to each rank's window, by rank. From a mapped rank combine reads the
+    /// experts' output straight from its window; the others send it.
+    paths: Vec<PeerPath<'c>>,
+    /// This rank's own copy of the window.
+    own: MappedMem,
     /// Network backends, per source rank: rows of combine output it has put here, counted
     /// over every call (64 bits: never runs out).
     sig_rows: usize,
@@ -137,15 +139,23 @@ impl<'c> MoeBuffer<'c> {
         let size = Sizer::new(&what);
         let meta = round_line(12 + 8 * cfg.topk);
         let rec = size.add(&[meta, size.round_up(cfg.row_bytes(), LINE)?])?;
-        let mapped = comm.transport().caps().load_store;
+        let mapped = comm.transport().maps_every_peer()?;
         let rows = size.mul(&[n, cfg.max_tokens.max(1)])?;
         let disp = size.mul(&[rows, rec])?;
         let outs = size.round_up(size.mul(&[rows, cfg.row_bytes()])?, LINE)?;
         let comb = if mapped { 0 } else { outs };
-        let counts = 2 * n * LINE;
-        let half = size.add(&[disp, outs, comb, counts])?;
-        let lease = comm.lease(&what, size.mul(&[2, half])?, 3 * n, &format!("{cfg:?}"))?;
-        let sig_disp = lease.signals().start;
+        let half = size.add(&[disp, outs, comb])?;
+        let mailbox = Mailbox::new(&size, size.mul(&[2, half])?, 2, n, 2, 0)?;
+        let lease = comm.lease(
+            &what,
+            size.add(&[2 * half, mailbox.len()])?,
+            mailbox.signal_count() + n,
+            &format!("{cfg:?}"),
+        )?;
+        let mailbox = mailbox.at_signals(lease.signals().start);
+        let sig_rows = lease.signals().start + mailbox.signal_count();
+        let paths = comm.transport().paths(lease.window())?;
+        let own = comm.transport().local_mem(lease.window())?;
         Ok(MoeBuffer {
             comm,
             placement,
@@ -156,11 +166,10 @@ impl<'c> MoeBuffer<'c> {
             disp_at: 0,
             out_at: disp,
             comb_at: disp + outs,
-            counts_at: disp + outs + comb,
-            mapped,
-            sig_disp,
-            sig_comb: sig_disp + n,
-            sig_rows: sig_disp + 2 * n,
+            mailbox,
+            paths,
+            own,
+            sig_rows,
             returned: vec![0; n],
             received: vec![0; n],
             disp_epoch: 0,
@@ -238,9 +247,9 @@ impl<'c> MoeBuffer<'c> {
             return Ok(());
         }
         let off = self.wire_off(epoch, self.comm.rank(), first);
-        let t = self.comm.transport();
+        let path = &self.paths[dst];
         if self.cfg.int8_dispatch {
-            t.put(dst, self.lease.window(), off, stage)?;
+            path.put(off, stage, Stores::Cached)?;
         } else {
             let rb = self.cfg.row_bytes();
             let pad = &ZEROS[..self.rec - self.meta - rb];
@@ -250,7 +259,7 @@ impl<'c> MoeBuffer<'c> {
                 let tok = tok as usize;
                 parts.extend([meta, &x[tok * rb..(tok + 1) * rb], pad]);
             }
-            t.put_vectored(dst, self.lease.window(), off, &parts)?;
+            path.put_vectored(off, &parts)?;
         }
         stage.clear();
         toks.clear();
@@ -274,13 +283,7 @@ impl<'c> MoeBuffer<'c> {
             + (src * self.cfg.max_tokens + i) * self.cfg.row_bytes()
     }
 
-    fn count_off(&self, epoch: u64, kind: usize, src: usize) -> usize {
-        (epoch % 2) as usize * self.half
-            + self.counts_at
-            + (kind * self.comm.world_size() + src) * LINE
-    }
-
-    /// Puts the (count, epoch, start) slot and the signal that publishes everything before it.
+    /// Posts this rank's `count` rows (from `start`) of `kind` for call `epoch` to `dst`.
     fn announce(
         &self,
         dst: usize,
@@ -289,22 +292,15 @@ impl<'c> MoeBuffer<'c> {
         start: usize,
         epoch: u64,
     ) -> Result<()> {
-        let t = self.comm.transport();
         let mut slot = [0u8; 24];
-        slot[..8].copy_from_slice(&(count as u64).to_le_bytes());
-        slot[8..16].copy_from_slice(&epoch.to_le_bytes());
-        slot[16..].copy_from_slice(&(start as u64).to_le_bytes());
-        let sig = [self.sig_disp, self.sig_comb][kind] + self.comm.rank();
-        let off = self.count_off(epoch, kind, self.comm.rank());
-        // The signal carries the call number itself: 64 bits, it never runs out.
-        t.put_signal(
-            dst,
-            self.lease.window(),
-            off,
-            &slot,
-            sig,
-            SignalOp::Set,
+        let words = [count as u64, start as u64];
+        self.mailbox.post(
+            &self.paths[dst],
+            self.comm.rank(),
+            kind,
             epoch,
+            &words,
+            &mut slot,
         )
     }
 
@@ -312,24 +308,14 @@ impl<'c> MoeBuffer<'c> {
     /// `start + count` rows fit in one epoch's region.
     fn collect(&self, src: usize, kind: usize, epoch: u64) -> Result<(usize, usize)> {
         let t = self.comm.transport();
-        let sig = [self.sig_disp, self.sig_comb][kind];
-        t.wait(sig + src, Cmp::Ge, epoch, self.comm.deadline())?;
-        let mut slot = [0u8; 24];
-        t.read_local(
-            self.lease.window(),
-            self.count_off(epoch, kind, src),
-            &mut slot,
-        )?;
-        let word = |i: usize| u64::from_le_bytes(slot[8 * i..8 * i + 8].try_into().expect("8"));
-        let (count, e, start) = (word(0), word(1), word(2));
+        let deadline = self.comm.deadline();
+        let [count, start, ..] = self
+            .mailbox
+            .collect(t, &self.own, kind, src, epoch, deadline)?;
         let capacity = (self.comm.world_size() * self.cfg.max_tokens) as u64;
-        if e != epoch
-            || count > self.cfg.max_tokens as u64
-            || start > capacity
-            || count > capacity - start
-        {
+        if count > self.cfg.max_tokens as u64 || start > capacity || count > capacity - start {
             return Err(Error::ProtocolViolation(format!(
-                "rank {src} announced {count} rows from {start} for call {e} during call {epoch}"
+                "rank {src} announced {count} rows from {start} during call {epoch}"
             )));
         }
         Ok((count as usize, start as usize))
@@ -388,7 +374,6 @@ impl<'c> MoeBuffer<'c> {
         self.disp_epoch += 1;
         let epoch = self.disp_epoch;
         self.tokens = tokens;
-        let t = self.comm.transport();
         let row_bytes = self.cfg.row_bytes();
         let mut stage = std::mem::take(&mut self.stage);
         let mut stage_toks = std::mem::take(&mut self.stage_toks);
@@ -398,13 +383,16 @@ impl<'c> MoeBuffer<'c> {
             // Over a network backend (no direct mapping of the peer's window), the records for
             // another rank are laid out here as in its window and sent a chunk at a time: few
             // large writes instead of two small frames per row, from memory still in cache.
-            let peer = t.peer_ptr(dst, self.lease.window())?;
-            let batch = !self.mapped && dst != me;
+            let path = &self.paths[dst];
+            let batch = !path.is_mapped() && dst != me;
             let mut chunk_first = 0;
             // Large transfers into a mapped window bypass this core's caches: the receiver
             // reads them next, from another core.
-            let stream = peer
-                .filter(|_| dst != me && layout.tokens_per_rank[dst] * row_bytes >= STREAM_BYTES);
+            let stores = match dst != me && layout.tokens_per_rank[dst] * row_bytes >= STREAM_BYTES
+            {
+                true => Stores::Streaming,
+                false => Stores::Cached,
+            };
             if batch {
                 stage.clear();
             }
@@ -463,33 +451,15 @@ impl<'c> MoeBuffer<'c> {
                         self.put_stage(dst, epoch, chunk_first, x, &mut stage, &mut stage_toks)?;
                     }
                 } else {
-                    t.put(dst, self.lease.window(), off, &self.meta_buf)?;
-                    match stream {
-                        Some(p) if off + self.meta + data.len() <= self.lease.window().len() => {
-                            // SAFETY: `p` maps `dst`'s copy of the window (`win.len()` bytes,
-                            // bound checked above); this epoch's record `i` from this rank is
-                            // written by this rank only, and `dst` reads it after the signal
-                            // below, which the fence orders after these stores.
-                            unsafe {
-                                crate::copy::copy_streaming(
-                                    p.add(off + self.meta),
-                                    data.as_ptr(),
-                                    data.len(),
-                                )
-                            }
-                        }
-                        _ if !data.is_empty() => {
-                            t.put(dst, self.lease.window(), off + self.meta, data)?
-                        }
-                        _ => {}
+                    // This epoch's record `i` from this rank is written by this rank only, and
+                    // `dst` reads it after the announcing signal, which the path orders after
+                    // these stores (streaming ones too).
+                    path.put(off, &self.meta_buf, Stores::Cached)?;
+                    if !data.is_empty() {
+                        path.put(off + self.meta, data, stores)?;
                     }
                 }
                 self.sent[dst].push(tok as u32);
-            }
-            if stream.is_some() {
-                // Partner of the streaming stores above: they complete before the announcing
-                // signal's Release store.
-                crate::copy::store_fence();
             }
             if batch {
                 self.put_stage(dst, epoch, chunk_first, x, &mut stage, &mut stage_toks)?;
@@ -532,7 +502,7 @@ impl<'c> MoeBuffer<'c> {
             // Last record first: spreading packed records out to `rec` apart then never
             // overwrites one not yet read (record i moves to a place at or after its own).
             for i in (0..self.recv_counts[src]).rev() {
-                let from = if self.mapped {
+                let from = if self.paths[src].is_mapped() {
                     self.disp_off(epoch, src, i)
                 } else {
                     self.wire_off(epoch, src, i)
@@ -643,18 +613,24 @@ impl<'c> MoeBuffer<'c> {
         returns.clear();
         arrived.clear();
         arrived.resize(n, 0);
-        if self.mapped {
-            for step in 0..n {
-                let src = (me + step) % n;
+        // Mapped ranks hear first where the rows for them start, and read them in place; the
+        // others are sent their rows and hear last (the count check).
+        for step in 0..n {
+            let src = (me + step) % n;
+            if self.paths[src].is_mapped() {
                 self.announce(src, 1, self.recv_counts[src], self.starts[src], epoch)?;
             }
-            for r in 0..n {
-                self.peer_starts[r] = self.checked_return(r, epoch)?;
-            }
-        } else {
+        }
+        for r in (0..n).filter(|&r| self.paths[r].is_mapped()) {
+            self.peer_starts[r] = self.checked_return(r, epoch)?;
+        }
+        {
             let per = (RETURN_CHUNK / row_bytes.max(1)).max(1);
             for step in 1..n {
                 let home = (me + step) % n;
+                if self.paths[home].is_mapped() {
+                    continue;
+                }
                 let count = self.recv_counts[home];
                 returns.extend(
                     (0..count)
@@ -665,7 +641,6 @@ impl<'c> MoeBuffer<'c> {
             // Round robin over the homes, so each gets its first rows early.
             returns.sort_unstable_by_key(|&(home, first, _)| (first, (home + n - me) % n));
         }
-        let peers = PeerRows::new(t, self.lease.window(), self.mapped)?;
         let mut sent_returns = 0;
         // Token by token, rank by rank: the order of the sum is fixed (rank order), so the
         // result is the same bits every run.
@@ -695,12 +670,12 @@ impl<'c> MoeBuffer<'c> {
                     // SAFETY: this rank's own expert output, written before this call; peers
                     // only read it.
                     unsafe { t.local_slice(self.lease.window(), self.out_off(de, at), row_bytes)? }
-                } else if self.mapped {
+                } else if self.paths[r].is_mapped() {
                     let off = self.out_off(de, self.peer_starts[r] + i);
                     // SAFETY: rank r announced these rows with the signal `checked_return`
                     // waited for and does not write this epoch's output region again before
                     // the next-but-one dispatch, which needs this rank's next dispatch first.
-                    unsafe { peers.row(r, off, row_bytes)? }
+                    unsafe { self.paths[r].rows(off, row_bytes)? }
                 } else {
                     while arrived[r] <= i {
                         if sent_returns < returns.len() {
@@ -726,21 +701,21 @@ impl<'c> MoeBuffer<'c> {
             }
             sum_rows(self.cfg.dtype, out_row, &rows, None);
         }
-        if !self.mapped {
-            for &ret in &returns[sent_returns..] {
-                self.send_return(ret, de, epoch)?;
-            }
-            for step in 0..n {
-                let src = (me + step) % n;
+        for &ret in &returns[sent_returns..] {
+            self.send_return(ret, de, epoch)?;
+        }
+        for step in 0..n {
+            let src = (me + step) % n;
+            if !self.paths[src].is_mapped() {
                 self.announce(src, 1, self.recv_counts[src], self.starts[src], epoch)?;
             }
-            for r in 0..n {
-                self.checked_return(r, epoch)?;
-            }
-            for r in (0..n).filter(|&r| r != me) {
-                self.received[r] += self.sent[r].len() as u64;
-                self.returned[r] += self.recv_counts[r] as u64;
-            }
+        }
+        for r in (0..n).filter(|&r| !self.paths[r].is_mapped()) {
+            self.checked_return(r, epoch)?;
+        }
+        for r in (0..n).filter(|&r| r != me && !self.paths[r].is_mapped()) {
+            self.received[r] += self.sent[r].len() as u64;
+            self.returned[r] += self.recv_counts[r] as u64;
         }
         self.lease.leave();
         self.cursors = next;
@@ -783,9 +758,7 @@ impl<'c> MoeBuffer<'c> {
         };
         let me = self.comm.rank();
         let value = self.returned[home] + to as u64;
-        t.put_signal(
-            home,
-            self.lease.window(),
+        self.paths[home].put_signal(
             self.comb_off(epoch, me, from),
             rows,
             self.sig_rows + me,
@@ -946,7 +919,7 @@ impl<'a> DispatchView<'a> {
 mod tests {
     use super::*;
     use crate::moe::{Dtype, MoeConfig};
-    use crate::transport::{loopback::Loopback, Caps, LocalMem, Transport, Window};
+    use crate::transport::{loopback::Loopback, Caps, MappedMem, PathKind, Transport, Window};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
@@ -999,18 +972,33 @@ mod tests {
         fn close(&self, deadline: Instant) -> Result<()> {
             self.inner.close(deadline)
         }
-        fn local_mem(&self, win: &Window) -> Result<LocalMem> {
+        fn local_mem(&self, win: &Window) -> Result<MappedMem> {
             self.inner.local_mem(win)
         }
-        fn peer_ptr(&self, peer: usize, win: &Window) -> Result<Option<*mut u8>> {
-            self.inner.peer_ptr(peer, win)
+        fn path_kind(&self, peer: usize) -> Result<PathKind> {
+            self.inner.path_kind(peer)
         }
-        fn read_local(&self, win: &Window, offset: usize, out: &mut [u8]) -> Result<()> {
-            self.inner.read_local(win, offset, out)?;
-            if offset == self.at.load(Ordering::SeqCst) && out.len() >= 8 {
-                out[..8].copy_from_slice(&self.forged.to_le_bytes());
+        fn map_peer(&self, peer: usize, win: &Window) -> Result<Option<MappedMem>> {
+            self.inner.map_peer(peer, win)
+        }
+        fn put_signal(
+            &self,
+            peer: usize,
+            win: &Window,
+            offset: usize,
+            data: &[u8],
+            index: usize,
+            op: SignalOp,
+            value: u64,
+        ) -> Result<()> {
+            // A mailbox slot (the call number, then the count) landing in this rank's own
+            // slot carries the forged count instead.
+            let mut data = data.to_vec();
+            if peer == self.rank() && offset == self.at.load(Ordering::SeqCst) && data.len() >= 16 {
+                data[8..16].copy_from_slice(&self.forged.to_le_bytes());
             }
-            Ok(())
+            self.inner
+                .put_signal(peer, win, offset, &data, index, op, value)
         }
     }
 
@@ -1043,7 +1031,7 @@ mod tests {
                         let mut buf = MoeBuffer::new(&comm, cfg)?;
                         if me == 0 {
                             // Epoch 1, dispatch counts, this rank's own slot.
-                            at.store(buf.count_off(1, 0, 0), Ordering::SeqCst);
+                            at.store(buf.mailbox.slot_off(1, 0, 0), Ordering::SeqCst);
                         }
                         comm.barrier()?;
                         // Two tokens, both to this rank's own experts.

@@ -27,12 +27,12 @@
 use super::buffer::{STAGE_CHUNK, STAGE_RECORDS, ZEROS};
 use super::config::MoeConfig;
 use super::layout::dispatch_layout;
-use super::peer_rows::PeerRows;
 use super::quant;
 use super::sum::sum_rows;
 use crate::error::{Error, Result};
+use crate::mailbox::Mailbox;
 use crate::size::Sizer;
-use crate::transport::{Cmp, SignalOp};
+use crate::transport::{Cmp, MappedMem, PeerPath, SignalOp, Stores};
 use crate::{Communicator, Lease};
 use smallvec::SmallVec;
 
@@ -56,20 +56,23 @@ pub struct LowLatencyBuffer<'c> {
     local_index: Vec<usize>,
     local_experts: Vec<usize>,
     lease: Lease<'c>,
-    /// Stride of one (expert, source) metadata block: header, then `max_tokens` records.
+    /// Stride of one expert's staged metadata block: header, then `max_tokens` records.
     mstride: usize,
+    /// Per call and (local expert, source): the row count, then the rows' metadata records.
+    mailbox: Mailbox,
+    /// This rank's own copy of the window.
+    own: MappedMem,
     /// Stride of dispatched rows (64-byte aligned).
     row: usize,
     /// Stride of INT8 rows as they cross (`hidden` rounded up to a cache line).
     qstride: usize,
     half: usize,
-    meta_at: usize,
     data_at: usize,
     out_at: usize,
     comb_at: usize,
-    /// Every peer's window is mapped here: homes read the experts' output in place.
-    mapped: bool,
-    sig_disp: usize,
+    /// This rank's path to each rank's window, by rank: homes read the experts' output in
+    /// place from mapped ranks, and have it sent by the others.
+    paths: Vec<PeerPath<'c>>,
     sig_comb: usize,
     epoch: u64,
     /// The last dispatch awaits its combine (the mode's fixed slots hold one call at a time).
@@ -139,7 +142,7 @@ impl<'c> LowLatencyBuffer<'c> {
             .map(|r| placement.iter().filter(|&&p| p == r).count())
             .max()
             .unwrap_or(0);
-        let mapped = comm.transport().caps().load_store;
+        let mapped = comm.transport().maps_every_peer()?;
         let rb = cfg.row_bytes();
         let what = format!("a low-latency buffer of {n} ranks for {cfg:?}");
         let size = Sizer::new(&what);
@@ -147,7 +150,6 @@ impl<'c> LowLatencyBuffer<'c> {
         let cap = cfg.max_tokens.max(1);
         let slots = size.mul(&[max_local, n, cap])?;
         let mstride = size.add(&[HDR, size.mul(&[cfg.max_tokens, META])?])?;
-        let meta = size.round_up(size.mul(&[max_local, n, mstride])?, LINE)?;
         let data = size.mul(&[slots, row])?;
         let outs = size.round_up(size.mul(&[slots, rb])?, LINE)?;
         let comb = if mapped {
@@ -155,14 +157,20 @@ impl<'c> LowLatencyBuffer<'c> {
         } else {
             size.mul(&[cfg.experts, cap, rb])?
         };
-        let half = size.add(&[meta, data, outs, comb])?;
+        let half = size.add(&[data, outs, comb])?;
+        let records = size.mul(&[cfg.max_tokens, META])?;
+        let mailbox = Mailbox::new(&size, size.mul(&[half, 2])?, max_local, n, 1, records)?;
+        debug_assert_eq!(mailbox.header_len(), HDR);
         let lease = comm.lease(
             &what,
-            size.mul(&[half, 2])?,
-            max_local * n + n,
+            size.add(&[2 * half, mailbox.len()])?,
+            mailbox.signal_count() + n,
             &format!("low-latency {cfg:?}"),
         )?;
-        let sig_disp = lease.signals().start;
+        let mailbox = mailbox.at_signals(lease.signals().start);
+        let sig_comb = lease.signals().start + mailbox.signal_count();
+        let paths = comm.transport().paths(lease.window())?;
+        let own = comm.transport().local_mem(lease.window())?;
         Ok(LowLatencyBuffer {
             comm,
             placement,
@@ -170,16 +178,16 @@ impl<'c> LowLatencyBuffer<'c> {
             local_experts,
             lease,
             mstride,
+            mailbox,
+            own,
             row,
             qstride: cfg.hidden.div_ceil(LINE) * LINE,
             half,
-            meta_at: 0,
-            data_at: meta,
-            out_at: meta + data,
-            comb_at: meta + data + outs,
-            mapped,
-            sig_disp,
-            sig_comb: sig_disp + max_local * n,
+            data_at: 0,
+            out_at: data,
+            comb_at: data + outs,
+            paths,
+            sig_comb,
             epoch: 0,
             dispatched: false,
             slots: Vec::with_capacity(cap * cfg.topk),
@@ -213,15 +221,10 @@ impl<'c> LowLatencyBuffer<'c> {
         (epoch % 2) as usize * self.half
     }
 
-    /// The header of the (local expert, source) metadata block.
-    fn hdr_off(&self, epoch: u64, local: usize, src: usize) -> usize {
-        self.epoch_base(epoch)
-            + self.meta_at
-            + (local * self.comm.world_size() + src) * self.mstride
-    }
-
+    /// Where metadata record `slot` from `src` for `local` lands: after the header of its
+    /// mailbox slot.
     fn meta_off(&self, epoch: u64, local: usize, src: usize, slot: usize) -> usize {
-        self.hdr_off(epoch, local, src) + HDR + slot * META
+        self.mailbox.slot_off(epoch, local, src) + HDR + slot * META
     }
 
     /// Where record `slot` of expert `e` is staged in `meta_stage`.
@@ -347,13 +350,13 @@ impl<'c> LowLatencyBuffer<'c> {
         }
         // Large transfers into a mapped window bypass this core's caches (the expert's rank
         // reads them next, from another core).
-        let mut stream: SmallVec<[Option<*mut u8>; 8]> = SmallVec::new();
+        let mut stores: SmallVec<[Stores; 8]> = SmallVec::new();
         for r in 0..n {
             let big = r != me && self.per_rank[r] * rb >= STREAM_BYTES;
-            stream.push(if big {
-                t.peer_ptr(r, self.lease.window())?
+            stores.push(if big {
+                Stores::Streaming
             } else {
-                None
+                Stores::Cached
             });
         }
         // Taken out for the loop and put back after (an error path leaves it empty; the resize
@@ -382,46 +385,32 @@ impl<'c> LowLatencyBuffer<'c> {
             meta[..4].copy_from_slice(&(tok as u32).to_le_bytes());
             meta[4..8].copy_from_slice(&topk_weights[i].to_le_bytes());
             meta[8..].copy_from_slice(&scale.to_le_bytes());
-            if dst == me || !self.mapped {
+            if dst == me || !self.paths[dst].is_mapped() {
                 // Own rows are read in place from `x` by the view; over a network the rows go
                 // per expert below.
                 continue;
             }
             let row = self.wire_row(x, tok);
+            // This epoch's slot is written by this rank only; `dst` reads it after the
+            // signal below, which the path orders after these stores (streaming ones too).
             let off = self.wire_off(epoch, local, me, slot);
-            match stream[dst] {
-                Some(p) if off + row.len() <= self.lease.window().len() => {
-                    // SAFETY: `p` maps `dst`'s copy of the window (`win.len()` bytes, bound
-                    // checked above); this epoch's slot is written by this rank only, and
-                    // `dst` reads it after the signal below, which the fence orders after.
-                    unsafe { crate::copy::copy_streaming(p.add(off), row.as_ptr(), row.len()) }
-                }
-                _ => t.put(dst, self.lease.window(), off, row)?,
-            }
-        }
-        if stream.iter().any(Option::is_some) {
-            // Partner of the streaming stores above: they complete before the signals'
-            // Release stores.
-            crate::copy::store_fence();
+            self.paths[dst].put(off, row, stores[dst])?;
         }
         for (e, &count) in next.iter().enumerate() {
             let (dst, local) = (self.placement[e], self.local_index[e]);
-            if !self.mapped && dst != me {
+            if !self.paths[dst].is_mapped() && dst != me {
                 self.send_rows(x, e, count, epoch)?;
             }
             // Each expert's header and metadata in one put (its slots are consecutive), with
             // its signal.
             let at = e * self.mstride;
-            self.meta_stage[at..at + 8].copy_from_slice(&epoch.to_le_bytes());
-            self.meta_stage[at + 8..at + HDR].copy_from_slice(&(count as u64).to_le_bytes());
-            t.put_signal(
-                dst,
-                self.lease.window(),
-                self.hdr_off(epoch, local, me),
-                &self.meta_stage[at..at + HDR + count * META],
-                self.sig_disp + local * n + me,
-                SignalOp::Set,
+            self.mailbox.post(
+                &self.paths[dst],
+                me,
+                local,
                 epoch,
+                &[count as u64],
+                &mut self.meta_stage[at..at + HDR + count * META],
             )?;
         }
         self.next = next;
@@ -431,26 +420,16 @@ impl<'c> LowLatencyBuffer<'c> {
         self.weights.extend_from_slice(topk_weights);
         self.tokens = tokens;
         let deadline = self.comm.deadline();
-        // The headers are read through one mapping handle rather than a lookup each.
-        let win = self.lease.window();
-        let mem = t.local_mem(win)?;
         for (l, _) in self.local_experts.iter().enumerate() {
             for src in 0..n {
-                let v = t.wait(self.sig_disp + l * n + src, Cmp::Ge, epoch, deadline)?;
-                let mut hdr = [0u8; HDR];
-                let off = self.hdr_off(epoch, l, src);
-                crate::transport::check_range(win.len(), off, HDR)?;
-                // SAFETY: the range lies in the window (checked), whose memory `mem` keeps
-                // mapped; `src` wrote the header before the signal just waited for (a raw
-                // copy tolerates a misbehaving peer writing it concurrently: the value is
-                // then checked below like any other).
-                unsafe { crate::copy::copy_any(hdr.as_mut_ptr(), mem.base().add(off), HDR) };
-                let call = u64::from_le_bytes(hdr[..8].try_into().expect("8 bytes"));
-                let count = u64::from_le_bytes(hdr[8..].try_into().expect("8 bytes"));
-                if v != epoch || call != epoch || count > self.cfg.max_tokens as u64 {
+                let [count, ..] = self
+                    .mailbox
+                    .collect(t, &self.own, l, src, epoch, deadline)?;
+                if count > self.cfg.max_tokens as u64 {
                     return Err(Error::ProtocolViolation(format!(
-                        "rank {src} announced {count} rows for call {call} (signal {v}) during \
-                         call {epoch}"
+                        "rank {src} announced {count} rows during call {epoch}, more than the \
+                         {} a call holds",
+                        self.cfg.max_tokens
                     )));
                 }
                 self.counts[l * n + src] = count as usize;
@@ -523,9 +502,7 @@ impl<'c> LowLatencyBuffer<'c> {
                 parts.extend([self.wire_row(x, tok as usize), pad]);
             }
             let off = self.wire_off(epoch, local, me, first);
-            self.comm
-                .transport()
-                .put_vectored(dst, self.lease.window(), off, &parts)?;
+            self.paths[dst].put_vectored(off, &parts)?;
         }
         Ok(())
     }
@@ -578,10 +555,11 @@ impl<'c> LowLatencyBuffer<'c> {
         self.dispatched = false;
         let epoch = self.epoch;
         let t = self.comm.transport();
-        if !self.mapped {
-            // Network backend: each expert's rows for one home leave in one put.
+        {
+            // Homes reached over the network: each expert's rows for one home leave in one
+            // put.
             for (l, &e) in self.local_experts.iter().enumerate() {
-                for src in (0..n).filter(|&s| s != me) {
+                for src in (0..n).filter(|&s| s != me && !self.paths[s].is_mapped()) {
                     let len = self.counts[l * n + src] * rb;
                     if len == 0 {
                         continue;
@@ -591,18 +569,17 @@ impl<'c> LowLatencyBuffer<'c> {
                     let rows = unsafe {
                         t.local_slice(self.lease.window(), self.out_off(epoch, l, src, 0), len)?
                     };
-                    t.put(src, self.lease.window(), self.comb_off(epoch, e, 0), rows)?;
+                    self.paths[src].put(self.comb_off(epoch, e, 0), rows, Stores::Cached)?;
                 }
             }
         }
-        for dst in 0..n {
-            t.signal(dst, self.sig_comb + me, SignalOp::Set, epoch)?;
+        for path in &self.paths {
+            path.signal(self.sig_comb + me, SignalOp::Set, epoch)?;
         }
         let deadline = self.comm.deadline();
         for r in 0..n {
             t.wait(self.sig_comb + r, Cmp::Ge, epoch, deadline)?;
         }
-        let peers = PeerRows::new(t, self.lease.window(), self.mapped)?;
         let slots = self.local_experts.len() * n * self.cfg.max_tokens;
         // SAFETY: this rank's own output region, written by its experts before this call;
         // peers never write it.
@@ -613,7 +590,8 @@ impl<'c> LowLatencyBuffer<'c> {
                 slots * rb,
             )?
         };
-        let landed = if self.mapped {
+        // No region for returned rows when every peer is mapped (it would end the half).
+        let landed = if self.comb_at == self.half {
             &[][..]
         } else {
             // SAFETY: the expert ranks' rows were announced by the signals waited for above
@@ -640,12 +618,12 @@ impl<'c> LowLatencyBuffer<'c> {
                 rows.push(if r == me {
                     let at = self.slot_index(local, me, slot) * rb;
                     &own[at..at + rb]
-                } else if self.mapped {
+                } else if self.paths[r].is_mapped() {
                     let off = self.out_off(epoch, local, me, slot);
                     // SAFETY: rank r's experts wrote this row before the signal waited for
                     // above, and r writes this epoch's output region again only after its
                     // dispatch e+2, which needs this rank's dispatch e+1, after this combine.
-                    unsafe { peers.row(r, off, rb)? }
+                    unsafe { self.paths[r].rows(off, rb)? }
                 } else {
                     let at = (e * self.cfg.max_tokens + slot) * rb;
                     &landed[at..at + rb]

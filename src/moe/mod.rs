@@ -23,7 +23,6 @@ mod buffer;
 mod config;
 mod layout;
 mod low_latency;
-mod peer_rows;
 pub mod quant;
 mod sum;
 

@@ -10,11 +10,10 @@
 use super::wire::{ChunkHeader, HEADER_LEN, INLINE_MAX, MARKER_LEN};
 use crate::error::{Error, Result};
 use crate::size::Sizer;
-use crate::transport::{Cmp, SignalOp, Transport, Window};
+use crate::transport::{Cmp, Doorbell, MappedMem, PeerPath, SignalOp, Stores, Transport};
 use crate::{Communicator, Lease};
 use smallvec::SmallVec;
 use std::collections::VecDeque;
-use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -251,35 +250,19 @@ pub(crate) struct Engine<'c> {
     slot_bytes: usize,
     head_base: usize,
     credit_base: usize,
-    doorbell: usize,
     hdr_base: usize,
-    /// Offset of the armed-waiter count in the window.
-    armed_at: usize,
-    /// Each rank's copy of the window, where the backend maps it into this process.
-    direct: Vec<Option<*mut u8>>,
-    /// The backend counts every signal applied here (tcp): a waiter for anything waits on
-    /// that count, and senders ring no doorbell.
-    arrivals: bool,
+    /// This rank's path to each rank's rings, by rank: mapped (chunks announced by a marker
+    /// in the header) or network (by the head counter).
+    paths: Vec<PeerPath<'c>>,
+    /// This rank's own rings, where senders' headers land.
+    own: MappedMem,
+    /// What a receiver waiting for anything sleeps on.
+    doorbell: Doorbell<'c>,
     /// How long a blocking receive first watches its source's next chunk (see
     /// `arrives_soon`).
     quick_wait: Duration,
     state: Mutex<State>,
 }
-
-/// What a parked waiter watches.
-enum Watch {
-    /// Signal word `index` to exceed a value.
-    Signal(usize),
-    /// The backend's count of applied signals to exceed a value.
-    Arrivals,
-}
-
-// SAFETY: the raw pointers in `direct` point into window mappings that live as long as the
-// engine (its lease deregisters the window only when the engine goes); they are only used
-// for copies under the state mutex, following the same rules as the transport's own puts.
-unsafe impl Send for Engine<'_> {}
-// SAFETY: as above.
-unsafe impl Sync for Engine<'_> {}
 
 impl<'c> Engine<'c> {
     /// Collective: registers the rings and reserves the counters.
@@ -303,9 +286,10 @@ impl<'c> Engine<'c> {
             &format!("p2p {cfg:?}"),
         )?;
         let head_base = lease.signals().start;
-        let direct = (0..n)
-            .map(|r| comm.transport().peer_ptr(r, lease.window()))
-            .collect::<Result<Vec<_>>>()?;
+        let t = comm.transport();
+        let paths = t.paths(lease.window())?;
+        let own = t.local_mem(lease.window())?;
+        let doorbell = Doorbell::new(t, lease.window(), ring_bytes + hdr_bytes, head_base + 2 * n)?;
         let mut ch = Vec::with_capacity(n);
         ch.resize_with(n, Channel::default);
         Ok(Engine {
@@ -315,11 +299,10 @@ impl<'c> Engine<'c> {
             slot_bytes,
             head_base,
             credit_base: head_base + n,
-            doorbell: head_base + 2 * n,
             hdr_base: ring_bytes,
-            armed_at: ring_bytes + hdr_bytes,
-            direct,
-            arrivals: comm.transport().arrivals().is_some(),
+            paths,
+            own,
+            doorbell,
             quick_wait: quick_wait(comm),
             state: Mutex::new(State {
                 ops: OpMap::default(),
@@ -330,10 +313,6 @@ impl<'c> Engine<'c> {
                 undrained: false,
             }),
         })
-    }
-
-    fn win(&self) -> &Window {
-        self.lease.window()
     }
 
     /// Collective: drains and gives the rings' window and words back (see [`Lease`]); an
@@ -364,7 +343,7 @@ impl<'c> Engine<'c> {
     /// Where `peer`'s window is not mapped (tcp), the network pipelines already and every
     /// chunk costs frames and a credit round trip: chunks are as large as a slot.
     fn chunk_len(&self, peer: usize, total: u64) -> usize {
-        if self.direct[peer].is_none() {
+        if !self.paths[peer].is_mapped() {
             return self.slot_bytes;
         }
         const PIPE_MIN: usize = 16 << 10;
@@ -372,38 +351,9 @@ impl<'c> Engine<'c> {
         spread.clamp(PIPE_MIN.min(self.slot_bytes), self.slot_bytes)
     }
 
-    /// A put into `peer`'s window: a direct copy where the window is mapped here.
+    /// A put into `peer`'s rings.
     fn put(&self, peer: usize, off: usize, data: &[u8]) -> Result<()> {
-        self.put_with(peer, off, data, false)
-    }
-
-    /// A put that, with `stream` and where the window is mapped here, uses non-temporal
-    /// stores (the caller fences before publishing).
-    fn put_with(&self, peer: usize, off: usize, data: &[u8], stream: bool) -> Result<()> {
-        match self.direct[peer] {
-            Some(base) => {
-                debug_assert!(off + data.len() <= self.win().len());
-                // SAFETY: offsets come from `payload_off`/`header_off`, inside the window by
-                // construction; the window stays mapped for the engine's life.
-                unsafe {
-                    let dst = base.add(off);
-                    if stream {
-                        crate::copy::copy_streaming(dst, data.as_ptr(), data.len());
-                    } else {
-                        crate::copy::copy_bytes(dst, data.as_ptr(), data.len());
-                    }
-                }
-                Ok(())
-            }
-            None => self.t().put(peer, self.win(), off, data),
-        }
-    }
-
-    /// The count of `rank`'s waiters parked on its doorbell, where its window is mapped here.
-    fn armed(&self, rank: usize) -> Option<&AtomicU64> {
-        // SAFETY: `armed_at` is a page-aligned offset inside the window, which stays mapped
-        // for the engine's life; the word is only ever accessed atomically.
-        self.direct[rank].map(|base| unsafe { &*(base.add(self.armed_at) as *const AtomicU64) })
+        self.paths[peer].put(off, data, Stores::Cached)
     }
 
     /// Whether `peer`'s ring has a free slot for chunk `n` (its credits say it consumed
@@ -425,29 +375,10 @@ impl<'c> Engine<'c> {
                 SignalOp::Add,
                 back,
             )?;
-            self.ring_doorbell(src)?;
+            self.doorbell.ring(&self.paths[src])?;
             ch.credited = ch.consumed;
         }
         Ok(())
-    }
-
-    /// Bumps `peer`'s doorbell after a head or credit update, unless `peer` is known to have
-    /// no waiter parked on it (a rank waiting for one source watches that source's head
-    /// instead). Where the peer's window is not mapped here, it always bumps.
-    fn ring_doorbell(&self, peer: usize) -> Result<()> {
-        if self.arrivals {
-            // The head or credit signal just sent counts as an arrival at `peer`.
-            return Ok(());
-        }
-        if let Some(armed) = self.armed(peer) {
-            // SeqCst fence after the head/credit update and before reading the count; its
-            // partner is the fence in `wait` after a waiter arms and before it re-checks.
-            fence(Ordering::SeqCst);
-            if armed.load(Ordering::SeqCst) == 0 {
-                return Ok(());
-            }
-        }
-        self.t().signal(peer, self.doorbell, SignalOp::Add, 1)
     }
 
     /// Publishes a chunk (its payload already written): the header, then whatever tells the
@@ -458,24 +389,16 @@ impl<'c> Engine<'c> {
     fn publish_chunk(&self, peer: usize, slot: usize, bytes: &[u8; HEADER_LEN]) -> Result<()> {
         let me = self.comm.rank();
         let off = self.header_off(me, slot);
-        match self.direct[peer] {
-            Some(base) => {
-                self.put(peer, off + MARKER_LEN, &bytes[MARKER_LEN..])?;
-                let marker = u64::from_le_bytes(bytes[..MARKER_LEN].try_into().expect("8 bytes"));
-                // SAFETY: `off` is a header slot (64-byte aligned, inside the window).
-                unsafe { &*(base.add(off) as *const AtomicU64) }.store(marker, Ordering::Release);
-            }
-            None => self.t().put_signal(
-                peer,
-                self.win(),
-                off,
-                bytes,
-                self.head_base + me,
-                SignalOp::Add,
-                1,
-            )?,
+        let path = &self.paths[peer];
+        if path.is_mapped() {
+            path.put(off + MARKER_LEN, &bytes[MARKER_LEN..], Stores::Cached)?;
+            let marker = u64::from_le_bytes(bytes[..MARKER_LEN].try_into().expect("8 bytes"));
+            // SYNC POINT: Release store; partner of the Acquire load in `arrived`.
+            path.publish(off, marker)?;
+        } else {
+            path.put_signal(off, bytes, self.head_base + me, SignalOp::Add, 1)?;
         }
-        self.ring_doorbell(peer)
+        self.doorbell.ring(path)
     }
 
     /// Waits briefly for chunk `n` from `src`; true once it is here. Where the window is
@@ -484,7 +407,7 @@ impl<'c> Engine<'c> {
     /// the counter would wait for a progress thread to wake up).
     fn arrives_soon(&self, src: usize, n: u64) -> bool {
         let until = Instant::now() + self.quick_wait;
-        if self.direct[self.comm.rank()].is_some() {
+        if self.paths[src].is_mapped() {
             loop {
                 if (0..QUICK_POLLS).any(|_| {
                     std::hint::spin_loop();
@@ -505,29 +428,18 @@ impl<'c> Engine<'c> {
     /// Whether chunk `n` from `src` has arrived in this rank's ring: its header's marker where
     /// the window is mapped here (one cache line to watch), else the head counter.
     fn arrived(&self, src: usize, n: u64) -> Result<bool> {
-        match self.direct[self.comm.rank()] {
-            Some(base) => {
-                let off = self.header_off(src, (n % self.slots as u64) as usize);
-                // SAFETY: a header slot inside the mapped window; accessed atomically.
-                // Acquire: partner of the Release store in `put_header`.
-                let m = unsafe { &*(base.add(off) as *const AtomicU64) }.load(Ordering::Acquire);
-                Ok(m == n + 1)
-            }
-            None => Ok(self.t().signal_value(self.head_base + src)? > n),
+        if self.paths[src].is_mapped() {
+            let off = self.header_off(src, (n % self.slots as u64) as usize);
+            // SYNC POINT: Acquire load; partner of the Release store in `publish_chunk`.
+            Ok(self.own.observe(off)? == n + 1)
+        } else {
+            Ok(self.t().signal_value(self.head_base + src)? > n)
         }
     }
 
-    /// Reads from this rank's own window.
+    /// Reads from this rank's own rings.
     fn read_own(&self, off: usize, out: &mut [u8]) -> Result<()> {
-        match self.direct[self.comm.rank()] {
-            Some(base) => {
-                debug_assert!(off + out.len() <= self.win().len());
-                // SAFETY: as in `put`; `out` is engine-local memory.
-                unsafe { crate::copy::copy_bytes(out.as_mut_ptr(), base.add(off), out.len()) };
-                Ok(())
-            }
-            None => self.t().read_local(self.win(), off, out),
-        }
+        self.own.read(off, out)
     }
 
     fn payload_off(&self, src: usize, slot: usize) -> usize {
@@ -632,10 +544,7 @@ impl<'c> Engine<'c> {
             // SAFETY: the sender wrote this slot before publishing the header seen above and
             // writes it again only after the credit below; the length was checked against the
             // slot by `decode`.
-            let payload = unsafe {
-                self.t()
-                    .local_slice(self.win(), self.payload_off(src, slot), dst.len())?
-            };
+            let payload = unsafe { self.own.slice(self.payload_off(src, slot), dst.len())? };
             crate::copy::copy_slice(dst, payload);
         }
         let got = dst.len();
@@ -805,7 +714,12 @@ impl<'c> Engine<'c> {
                 if h.is_inline() {
                     inline[at..at + piece.len()].copy_from_slice(piece);
                 } else {
-                    self.put_with(peer, self.payload_off(me, slot) + at, piece, stream)?;
+                    let stores = if stream {
+                        Stores::Streaming
+                    } else {
+                        Stores::Cached
+                    };
+                    self.paths[peer].put(self.payload_off(me, slot) + at, piece, stores)?;
                 }
                 at += piece.len();
             }
@@ -814,11 +728,6 @@ impl<'c> Engine<'c> {
             } else {
                 &[][..]
             };
-            if stream {
-                // Partner of the streaming stores above: they complete before the header's
-                // Release store in `publish_chunk`.
-                crate::copy::store_fence();
-            }
             self.publish_chunk(peer, slot, &h.encode(inline))?;
             s.sent += len as u64;
             s.started = true;
@@ -831,7 +740,6 @@ impl<'c> Engine<'c> {
     }
 
     fn progress_recv(&self, st: &mut State, src: usize, drain: bool) -> Result<bool> {
-        let t = self.t();
         let State {
             ops,
             ch: chans,
@@ -855,7 +763,10 @@ impl<'c> Engine<'c> {
             let payload = if h.is_inline() {
                 h.inline_bytes(&hb)
             } else {
-                unsafe { t.local_slice(self.win(), self.payload_off(src, slot), h.len as usize)? }
+                unsafe {
+                    self.own
+                        .slice(self.payload_off(src, slot), h.len as usize)?
+                }
             };
             if ch.incoming.is_none() {
                 if h.offset != 0 {
@@ -1021,33 +932,24 @@ impl<'c> Engine<'c> {
             // Where windows are mapped, senders announce chunks by marker and doorbell only:
             // a receiver that must sleep arms the doorbell.
             let wake = match wake {
-                Wake::Focused(..) if self.direct[self.comm.rank()].is_some() => Wake::Doorbell,
+                Wake::Focused(src, _) if self.paths[src].is_mapped() => Wake::Doorbell,
                 w => w,
             };
-            let (watch, value, until, armed) = match wake {
+            let (until, r) = match wake {
                 Wake::Focused(src, consumed) => {
                     let until = deadline().min(Instant::now() + slice);
                     slice = (slice * 2).min(Duration::from_millis(10));
-                    (Watch::Signal(self.head_base + src), consumed, until, None)
+                    (
+                        until,
+                        t.wait(self.head_base + src, Cmp::Gt, consumed, until),
+                    )
                 }
                 Wake::Drain | Wake::Doorbell => {
-                    // Arm, so that peers bump the doorbell, then look once more for anything
-                    // that arrived before they could see us armed.
-                    let armed = self.armed(self.comm.rank());
-                    if let Some(a) = armed {
-                        a.fetch_add(1, Ordering::SeqCst);
-                        // Partner: the fence in `ring_doorbell`.
-                        fence(Ordering::SeqCst);
-                    }
-                    let (watch, seen) = match t.arrivals() {
-                        Some(n) if self.arrivals => (Watch::Arrivals, n),
-                        _ => (Watch::Signal(self.doorbell), t.signal_value(self.doorbell)?),
-                    };
-                    let (done, _) = self.test_inner(id)?;
-                    if let Some(n) = done {
-                        if let Some(a) = armed {
-                            a.fetch_sub(1, Ordering::SeqCst);
-                        }
+                    // Arm, so that peers ring the doorbell, then look once more for anything
+                    // that arrived before they could see this rank armed.
+                    let _armed = self.doorbell.arm()?;
+                    let seen = self.doorbell.seen()?;
+                    if let (Some(n), _) = self.test_inner(id)? {
                         return Ok(n);
                     }
                     let until = match wake {
@@ -1055,16 +957,9 @@ impl<'c> Engine<'c> {
                         Wake::Drain => deadline().min(Instant::now() + DRAIN_AFTER),
                         _ => deadline(),
                     };
-                    (watch, seen, until, armed)
+                    (until, self.doorbell.wait(seen, until))
                 }
             };
-            let r = match watch {
-                Watch::Signal(index) => t.wait(index, Cmp::Gt, value, until),
-                Watch::Arrivals => t.wait_arrivals(value, until),
-            };
-            if let Some(a) = armed {
-                a.fetch_sub(1, Ordering::SeqCst);
-            }
             match r {
                 Ok(_) => slice = FOCUS_SLICE,
                 Err(Error::Timeout { .. }) if until < deadline() => {}

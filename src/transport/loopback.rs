@@ -2,8 +2,8 @@
 //! reference every other backend is compared with, so it favours obviousness over speed.
 
 use super::{
-    check_peer, check_range, check_signal, Caps, Cmp, LocalMem, SignalOp, Transport, Window,
-    WindowTable,
+    check_peer, check_range, check_signal, Caps, Cmp, MappedMem, PathKind, SignalOp, Transport,
+    Window, WindowTable,
 };
 use crate::error::{Error, Result};
 use crossbeam_utils::CachePadded;
@@ -237,10 +237,6 @@ impl Transport for Loopback {
             backend: "loopback",
             num_signals: self.fabric.num_signals,
             max_window_len: isize::MAX as usize - PAGE,
-            direct_put: true,
-            get: true,
-            load_store: true,
-            cross_host: false,
         }
     }
 
@@ -426,14 +422,22 @@ impl Transport for Loopback {
         Ok(())
     }
 
-    fn peer_ptr(&self, peer: usize, win: &Window) -> Result<Option<*mut u8>> {
+    fn path_kind(&self, peer: usize) -> Result<PathKind> {
         check_peer(peer, self.fabric.world)?;
-        Ok(Some(self.bufs(win)?[peer].ptr))
+        Ok(PathKind::Mapped)
     }
 
-    fn local_mem(&self, win: &Window) -> Result<LocalMem> {
-        let own = self.bufs(win)?[self.rank].clone();
-        // SAFETY: the buffer is `win.len()` bytes (at least) and lives while `own` does.
-        Ok(unsafe { LocalMem::new(own.ptr, own) })
+    fn map_peer(&self, peer: usize, win: &Window) -> Result<Option<MappedMem>> {
+        check_peer(peer, self.fabric.world)?;
+        let buf = self.bufs(win)?[peer].clone();
+        // SAFETY: the buffer is `win.len()` bytes (at least), page aligned, and lives while
+        // `buf` does.
+        Ok(Some(unsafe { MappedMem::new(buf.ptr, win.len(), buf) }))
+    }
+
+    fn local_mem(&self, win: &Window) -> Result<MappedMem> {
+        Ok(self
+            .map_peer(self.rank, win)?
+            .expect("loopback maps every rank"))
     }
 }

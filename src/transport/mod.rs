@@ -35,16 +35,21 @@
 //! ```
 
 pub mod conformance;
+mod doorbell;
 pub mod loopback;
+mod mem;
+pub mod partly_mapped;
+mod path;
 #[cfg(feature = "shm")]
 pub mod shm;
 #[cfg(feature = "tcp")]
 pub mod tcp;
 mod window;
 
-pub use window::{
-    check_peer, check_range, check_range_parts, check_signal, LocalMem, Window, WindowTable,
-};
+pub use doorbell::{Armed, Doorbell};
+pub use mem::MappedMem;
+pub use path::{PathKind, PeerPath, Stores};
+pub use window::{check_peer, check_range, check_range_parts, check_signal, Window, WindowTable};
 
 use crate::error::Result;
 use std::time::Instant;
@@ -96,17 +101,9 @@ pub struct Caps {
     pub backend: &'static str,
     /// Signal words per rank.
     pub num_signals: usize,
-    /// Largest window `register` accepts.
+    /// Largest window `register` accepts ([`crate::Communicator::lease`] refuses larger ones
+    /// up front, naming the object).
     pub max_window_len: usize,
-    /// A put copies the bytes once, straight into the peer's memory.
-    pub direct_put: bool,
-    /// `get` is supported.
-    pub get: bool,
-    /// Peers' windows can be loaded from and stored to directly: [`Transport::peer_ptr`]
-    /// returns `Some` for every peer.
-    pub load_store: bool,
-    /// Ranks may be on different hosts.
-    pub cross_host: bool,
 }
 
 /// One group of a split (see [`crate::Communicator::split`]): which ranks of the parent
@@ -238,22 +235,31 @@ pub trait Transport: Send + Sync {
 
     /// This rank's own copy of `win`, kept in memory while the returned value lives.
     /// Backends implement this; users go through the checked accessors below.
-    fn local_mem(&self, win: &Window) -> Result<LocalMem>;
+    fn local_mem(&self, win: &Window) -> Result<MappedMem>;
 
-    /// Start of `peer`'s copy of `win` when this process can load and store it directly
-    /// (shared memory, threads), like `nvshmem_ptr`; `None` for backends that move bytes over
-    /// a network. The pointer stays valid while `win` is registered on this rank. Writing
-    /// through it is a put without the per-call checks: the caller must keep within
-    /// `win.len()` and still publish with a signal.
-    fn peer_ptr(&self, peer: usize, win: &Window) -> Result<Option<*mut u8>> {
-        let _ = (peer, win);
+    /// How this rank reaches `peer`: [`PathKind::Mapped`] when `peer`'s windows are mapped
+    /// into this process (shared memory, threads), like `nvshmem_ptr`, else
+    /// [`PathKind::Network`]. Fixed for the transport's life. Between distinct ranks it groups
+    /// them as hosts group processes: symmetric (a maps b exactly when b maps a) and
+    /// transitive, so whether a rank maps every other is the same answer on every rank. The
+    /// default: the network.
+    fn path_kind(&self, peer: usize) -> Result<PathKind> {
+        check_peer(peer, self.world_size())?;
+        Ok(PathKind::Network)
+    }
+
+    /// For backends: `peer`'s copy of `win` as mapped here, `Some` exactly when
+    /// [`Transport::path_kind`] says `Mapped`. Algorithms use [`PeerPath`]
+    /// (`transport.path(peer, win)`), which is built on this.
+    fn map_peer(&self, peer: usize, win: &Window) -> Result<Option<MappedMem>> {
+        check_peer(peer, self.world_size())?;
+        let _ = win;
         Ok(None)
     }
 
     /// Backends that apply their peers' signals in this process (tcp) count every signal
-    /// applied here: the count so far. `None` where peers update signal words directly
-    /// (mapped memory). A waiter for "any signal" reads it, then calls
-    /// [`Transport::wait_arrivals`].
+    /// applied here, whoever sent it and by whatever path: the count so far. `None` where
+    /// peers update signal words directly (mapped memory). [`Doorbell`] waits on it.
     fn arrivals(&self) -> Option<u64> {
         None
     }
@@ -271,22 +277,16 @@ pub trait Transport: Send + Sync {
     /// Copies bytes out of this rank's own copy of `win`.
     fn read_local(&self, win: &Window, offset: usize, out: &mut [u8]) -> Result<()> {
         check_range(win.len(), offset, out.len())?;
-        let mem = self.local_mem(win)?;
-        // SAFETY: the range was checked against the window, whose memory `mem` keeps alive
-        // until the copy is done; a raw copy tolerates concurrent remote writers (the value is
-        // then unspecified, which the contract allows: data is defined only after the signal).
-        unsafe { crate::copy::copy_any(out.as_mut_ptr(), mem.base().add(offset), out.len()) };
-        Ok(())
+        // A raw copy tolerates concurrent remote writers (the value is then unspecified,
+        // which the contract allows: data is defined only after the signal).
+        self.local_mem(win)?.read(offset, out)
     }
 
     /// Copies bytes into this rank's own copy of `win`.
     fn write_local(&self, win: &Window, offset: usize, data: &[u8]) -> Result<()> {
         check_range(win.len(), offset, data.len())?;
-        let mem = self.local_mem(win)?;
-        // SAFETY: range checked and memory kept alive as in `read_local`; `data` may be a
-        // slice of this very window, so the overlap-safe copy is used.
-        unsafe { crate::copy::copy_any(mem.base().add(offset), data.as_ptr(), data.len()) };
-        Ok(())
+        // `data` may be a slice of this very window: `write` copies overlap-safely.
+        self.local_mem(win)?.write(offset, data)
     }
 
     /// A bounds-checked view of this rank's own copy of `win`, without copying.
@@ -297,10 +297,10 @@ pub trait Transport: Send + Sync {
     /// may be reused. The window must not be deregistered while the slice lives.
     unsafe fn local_slice(&self, win: &Window, offset: usize, len: usize) -> Result<&[u8]> {
         check_range(win.len(), offset, len)?;
-        let base = self.local_mem(win)?.base();
+        let p = self.local_mem(win)?.ptr_at(offset, len)?;
         // SAFETY: range checked; the caller upholds the no-concurrent-writer rule above and
-        // keeps the window registered while the slice lives.
-        Ok(unsafe { std::slice::from_raw_parts(base.add(offset), len) })
+        // keeps the window registered (so its memory mapped) while the slice lives.
+        Ok(unsafe { std::slice::from_raw_parts(p, len) })
     }
 
     /// A bounds-checked mutable view of this rank's own copy of `win`.
@@ -310,8 +310,8 @@ pub trait Transport: Send + Sync {
     #[allow(clippy::mut_from_ref)]
     unsafe fn local_slice_mut(&self, win: &Window, offset: usize, len: usize) -> Result<&mut [u8]> {
         check_range(win.len(), offset, len)?;
-        let base = self.local_mem(win)?.base();
+        let p = self.local_mem(win)?.ptr_at(offset, len)?;
         // SAFETY: range checked; exclusivity and registration are the caller's promise.
-        Ok(unsafe { std::slice::from_raw_parts_mut(base.add(offset), len) })
+        Ok(unsafe { std::slice::from_raw_parts_mut(p, len) })
     }
 }

@@ -3,8 +3,8 @@
 //! on the peer's signal page with a shared-futex wake.
 
 use super::{
-    check_peer, check_range, check_signal, Caps, Cmp, LocalMem, SignalOp, Transport, Window,
-    WindowTable,
+    check_peer, check_range, check_signal, Caps, Cmp, MappedMem, PathKind, SignalOp, Transport,
+    Window, WindowTable,
 };
 use crate::error::{Error, Result};
 use std::os::fd::AsFd;
@@ -369,10 +369,6 @@ impl Transport for ShmTransport {
             backend: "shm",
             num_signals: self.num_signals,
             max_window_len: isize::MAX as usize - xccl_shm::HEADER_LEN,
-            direct_put: true,
-            get: true,
-            load_store: true,
-            cross_host: false,
         }
     }
 
@@ -501,15 +497,21 @@ impl Transport for ShmTransport {
         }
     }
 
-    fn peer_ptr(&self, peer: usize, win: &Window) -> Result<Option<*mut u8>> {
+    fn path_kind(&self, peer: usize) -> Result<PathKind> {
         check_peer(peer, self.world)?;
-        Ok(Some(self.segments(win)?[peer].data_ptr()))
+        Ok(PathKind::Mapped)
     }
 
-    fn local_mem(&self, win: &Window) -> Result<LocalMem> {
+    fn map_peer(&self, peer: usize, win: &Window) -> Result<Option<MappedMem>> {
+        check_peer(peer, self.world)?;
         let segs = self.segments(win)?;
-        let base = segs[self.rank].data_ptr();
-        // SAFETY: the data area is `win.len()` bytes and stays mapped while `segs` lives.
-        Ok(unsafe { LocalMem::new(base, segs) })
+        let base = segs[peer].data_ptr();
+        // SAFETY: the data area is `win.len()` bytes, page aligned, and stays mapped while
+        // `segs` lives.
+        Ok(Some(unsafe { MappedMem::new(base, win.len(), segs) }))
+    }
+
+    fn local_mem(&self, win: &Window) -> Result<MappedMem> {
+        Ok(self.map_peer(self.rank, win)?.expect("shm maps every rank"))
     }
 }

@@ -3,7 +3,7 @@
 //! peer's progress thread, signals on the same stream (so per-pair ordering holds).
 
 use super::{
-    check_peer, check_range, check_range_parts, check_signal, Caps, Cmp, LocalMem, SignalOp,
+    check_peer, check_range, check_range_parts, check_signal, Caps, Cmp, MappedMem, SignalOp,
     Transport, Window, WindowTable,
 };
 use crate::error::{Error, Result};
@@ -241,10 +241,6 @@ impl Transport for TcpTransport {
             backend: "tcp",
             num_signals: self.node.num_signals(),
             max_window_len: isize::MAX as usize,
-            direct_put: true,
-            get: true,
-            load_store: false,
-            cross_host: true,
         }
     }
 
@@ -405,9 +401,9 @@ impl Transport for TcpTransport {
         timed(Instant::now(), self.node.close(deadline).map(|()| 0)).map(|_| ())
     }
 
-    fn local_mem(&self, win: &Window) -> Result<LocalMem> {
+    fn local_mem(&self, win: &Window) -> Result<MappedMem> {
         let region = self.region(win)?;
         // SAFETY: the region is `win.len()` bytes and lives while the Arc does.
-        Ok(unsafe { LocalMem::new(region.as_ptr(), region) })
+        Ok(unsafe { MappedMem::new(region.as_ptr(), win.len(), region) })
     }
 }

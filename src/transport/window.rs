@@ -1,10 +1,10 @@
-//! Window handles, the table that checks them against their registration, the keep-alive view
-//! of a rank's own window memory, and the overflow-safe argument checks every backend shares.
+//! Window handles, the table that checks them against their registration, and the
+//! overflow-safe argument checks every backend shares.
 
 use crate::error::{Error, Result};
 use crate::id_map::IdMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::RwLock;
 
 /// A registered window: the same size on every rank, addressed by (rank, offset).
 ///
@@ -124,29 +124,6 @@ impl<V: Clone> WindowTable<V> {
                 win.id()
             ))),
         }
-    }
-}
-
-/// This rank's own copy of a window, kept in memory for as long as the value lives: a
-/// deregistration that races with an access frees the memory only after the access.
-pub struct LocalMem {
-    base: *mut u8,
-    _keep: Arc<dyn Send + Sync>,
-}
-
-impl LocalMem {
-    /// For backends: the window memory at `base`, which stays valid while `keep` lives.
-    ///
-    /// # Safety
-    /// `base` must be valid for reads and writes of the window's length for as long as `keep`
-    /// (and every clone of it) is alive.
-    pub unsafe fn new(base: *mut u8, keep: Arc<dyn Send + Sync>) -> Self {
-        LocalMem { base, _keep: keep }
-    }
-
-    /// Start of the window's memory (page-aligned where the backend can).
-    pub fn base(&self) -> *mut u8 {
-        self.base
     }
 }
 

@@ -300,6 +300,9 @@ pub enum Fabric {
     Loopback,
     Shm,
     Tcp,
+    /// Shared memory with only the even ranks mapped to each other: every other path goes
+    /// through the transport's puts (path kinds differ by peer).
+    Mixed,
 }
 
 /// `world` connected communicators of one fabric, ranks as threads of this process.
@@ -321,6 +324,9 @@ pub fn comms(fabric: Fabric, world: usize) -> Vec<xccl::Communicator> {
             .into_iter()
             .map(|t| Box::new(t) as Box<dyn Transport>)
             .collect(),
+        Fabric::Mixed => xccl::transport::partly_mapped::PartlyMapped::wrap_all(
+            xccl::transport::shm::in_process(world, 4096).unwrap(),
+        ),
     };
     ts.into_iter()
         .map(|t| xccl::Communicator::from_transport(t, Duration::from_secs(60)).unwrap())

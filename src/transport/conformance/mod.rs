@@ -10,6 +10,10 @@
 //! xccl::transport_conformance!(my_backend);
 //! ```
 
+mod paths;
+
+pub use paths::{doorbell_wakes_a_parked_waiter, paths_carry_data, paths_follow_path_kinds};
+
 use super::{Cmp, SignalOp, Transport};
 use crate::error::Error;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -23,9 +27,9 @@ pub type Factory = fn(usize) -> Vec<Box<dyn Transport>>;
 /// The per-wait deadline used by the checks.
 const WAIT: Duration = Duration::from_secs(60);
 /// How long one check may take in all before the watchdog fails it.
-const WATCHDOG: Duration = Duration::from_secs(240);
+pub(crate) const WATCHDOG: Duration = Duration::from_secs(240);
 
-fn deadline() -> Instant {
+pub(crate) fn deadline() -> Instant {
     Instant::now() + WAIT
 }
 
@@ -89,7 +93,7 @@ pub fn signal_barrier(t: &dyn Transport, index: usize, epoch: u64) {
         .unwrap();
 }
 
-fn pattern(a: usize, b: usize, round: usize, len: usize) -> Vec<u8> {
+pub(crate) fn pattern(a: usize, b: usize, round: usize, len: usize) -> Vec<u8> {
     (0..len)
         .map(|k| ((a * 31 + b * 17 + round * 13 + k) as u8) ^ 0xA5)
         .collect()
@@ -194,16 +198,13 @@ pub fn get_reads_peer_memory(world: usize, f: Factory) {
             let mut part = [0u8; 3];
             t.get(p, &win, 10_004, &mut part).unwrap();
             assert_eq!(&part[..], &pattern(p, 0, 0, 10_007)[10_004..]);
-            // A backend that says peers' windows are mapped gives a pointer that reads them.
-            match t.peer_ptr(p, &win).unwrap() {
-                Some(ptr) => {
-                    assert!(t.caps().load_store, "peer_ptr mapped without load_store");
-                    // SAFETY: the window is 10,007 bytes, registered and written before the
-                    // barrier above; nobody writes it before the barrier below.
-                    let seen = unsafe { std::slice::from_raw_parts(ptr.add(10_000), 7) };
-                    assert_eq!(seen, &pattern(p, 0, 0, 10_007)[10_000..]);
-                }
-                None => assert!(!t.caps().load_store, "load_store without peer_ptr"),
+            // A mapped path reads the same bytes in place.
+            let path = t.path(p, &win).unwrap();
+            if path.is_mapped() {
+                // SAFETY: written before the barrier above; nobody writes it before the one
+                // below.
+                let seen = unsafe { path.rows(10_000, 7) }.unwrap();
+                assert_eq!(seen, &pattern(p, 0, 0, 10_007)[10_000..]);
             }
         }
         signal_barrier(t, 0, 2);
@@ -775,11 +776,18 @@ impl Transport for WithParent {
     fn close(&self, deadline: Instant) -> crate::Result<()> {
         self.child.close(deadline)
     }
-    fn local_mem(&self, win: &super::Window) -> crate::Result<super::LocalMem> {
+    fn local_mem(&self, win: &super::Window) -> crate::Result<super::MappedMem> {
         self.child.local_mem(win)
     }
-    fn peer_ptr(&self, peer: usize, win: &super::Window) -> crate::Result<Option<*mut u8>> {
-        self.child.peer_ptr(peer, win)
+    fn path_kind(&self, peer: usize) -> crate::Result<super::PathKind> {
+        self.child.path_kind(peer)
+    }
+    fn map_peer(
+        &self,
+        peer: usize,
+        win: &super::Window,
+    ) -> crate::Result<Option<super::MappedMem>> {
+        self.child.map_peer(peer, win)
     }
     fn arrivals(&self) -> Option<u64> {
         self.child.arrivals()
@@ -801,7 +809,8 @@ macro_rules! transport_conformance {
             flush_completes_puts,
             signals_are_counters, deadline_gives_timeout, abort_wakes_every_waiter,
             bad_arguments_are_rejected, window_sizes, large_window, many_windows,
-            register_mismatch, deregister_races_with_access, close_waits_for_every_rank);
+            register_mismatch, deregister_races_with_access, close_waits_for_every_rank,
+            paths_follow_path_kinds, paths_carry_data, doorbell_wakes_a_parked_waiter);
     };
     (@each $factory:ident; $worlds:tt; $($check:ident),* $(,)?) => {
         $(
@@ -819,7 +828,8 @@ macro_rules! transport_conformance {
             flush_completes_puts,
             signals_are_counters, deadline_gives_timeout, abort_wakes_every_waiter,
             bad_arguments_are_rejected, window_sizes, large_window, many_windows,
-            register_mismatch, deregister_races_with_access, close_waits_for_every_rank);
+            register_mismatch, deregister_races_with_access, close_waits_for_every_rank,
+            paths_follow_path_kinds, paths_carry_data, doorbell_wakes_a_parked_waiter);
     };
     (@checks $factory:ident; $($check:ident),* $(,)?) => {
         $(
