@@ -1,5 +1,8 @@
 //! Criterion benches of the in-process parts: loopback put, signal, and put+signal+wait.
 
+// criterion's group macro defines a public function it cannot document.
+#![allow(missing_docs)]
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::time::{Duration, Instant};
 use xccl::transport::loopback::Loopback;

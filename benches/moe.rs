@@ -1,6 +1,9 @@
 //! Criterion benches of the in-process MoE parts: dispatch layout, the combine sum (bf16 rows
 //! summed in f32 and rounded back) and INT8 scale/quantize/dequantize of a row.
 
+// criterion's group macro defines a public function it cannot document.
+#![allow(missing_docs)]
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use xccl::moe::{dispatch_layout, quant, sum_rows, Dtype};
 

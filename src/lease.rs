@@ -50,6 +50,13 @@ impl Communicator {
     /// Collective: takes a window of `len` bytes and `signals` signal words for an object
     /// described by `what` and `config` (see [`Lease`]).
     pub fn lease(&self, what: &str, len: usize, signals: usize, config: &str) -> Result<Lease<'_>> {
+        let caps = self.transport().caps();
+        if len > caps.max_window_len {
+            return Err(crate::Error::InvalidArgument(format!(
+                "{what} needs a window of {len} bytes; the {} backend's largest is {}",
+                caps.backend, caps.max_window_len
+            )));
+        }
         let win = self.transport().register(len)?;
         let taken = self.pool().take(signals);
         let range = match taken {

@@ -52,6 +52,13 @@ fn overflowing_sizes_are_invalid_arguments() {
             "max_tokens usize::MAX / 4, low latency",
             LowLatencyBuffer::new(comm, moe(4, 64, usize::MAX / 4)),
         );
+        // A size that fits the address space but not the backend: refused by its name before
+        // anything is registered.
+        let largest = comm.transport().caps().max_window_len;
+        refused(
+            "a window one byte past the backend's largest",
+            comm.lease("an oversized object", largest + 1, 0, "x"),
+        );
         // Everything was refused before registering: sane sizes still work afterwards.
         Exchange::new(comm, 4096).unwrap();
         MoeBuffer::new(comm, moe(4, 64, 8)).unwrap();

@@ -177,7 +177,7 @@ impl MoeConfig {
     }
 
     /// The rank of every expert for a world of `ranks`, checked (with the sizes: at most
-    /// [`MAX_EXPERTS`] experts, rows that fit the address space).
+    /// `MAX_EXPERTS` experts, rows that fit the address space).
     pub fn placement_for(&self, ranks: usize) -> Result<Vec<usize>> {
         if self.experts == 0 || self.hidden == 0 || self.topk == 0 || self.topk > self.experts {
             return Err(Error::InvalidArgument(format!(

@@ -758,11 +758,12 @@ impl<'c> Engine<'c> {
             let mut hb = [0u8; HEADER_LEN];
             self.read_own(self.header_off(src, slot), &mut hb)?;
             let h = ChunkHeader::decode(&hb, src, n, self.slot_bytes)?;
-            // SAFETY: the sender wrote this slot before the head signal we observed and will not
-            // write it again before our credit below; the length was checked against the slot.
             let payload = if h.is_inline() {
                 h.inline_bytes(&hb)
             } else {
+                // SAFETY: the sender wrote this slot before the header or head signal observed
+                // above and will not write it again before this rank's credit below; `slice`
+                // checks the range.
                 unsafe {
                     self.own
                         .slice(self.payload_off(src, slot), h.len as usize)?

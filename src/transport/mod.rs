@@ -36,6 +36,8 @@
 
 pub mod conformance;
 mod doorbell;
+#[cfg(test)]
+mod doorbell_model;
 pub mod loopback;
 mod mem;
 pub mod partly_mapped;
