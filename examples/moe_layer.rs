@@ -13,7 +13,7 @@
 //! the outputs).
 
 use std::time::{Duration, Instant};
-use xccl::moe::{Dtype, LowLatencyBuffer, MoeBuffer, MoeConfig};
+use xccl::moe::{Dispatcher, Dtype, Mode, MoeConfig};
 use xccl::Communicator;
 
 /// Deterministic pseudo-random numbers in [-1, 1) from a seed (splitmix64).
@@ -45,12 +45,6 @@ fn matmul(x: &[f32], w: &[f32], k: usize, n: usize) -> Vec<f32> {
         }
     }
     out
-}
-
-/// The dispatch/combine buffer of the chosen mode.
-enum Buffer<'c> {
-    Normal(MoeBuffer<'c>),
-    LowLatency(LowLatencyBuffer<'c>),
 }
 
 struct Layer {
@@ -145,74 +139,43 @@ fn main() -> xccl::Result<()> {
     let x = values(1000 + me as u64, tokens * hidden);
     let cfg = MoeConfig::new(experts, hidden, topk, tokens, Dtype::F32);
     let placement = cfg.placement_for(n)?;
-    let bytes = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
-    let floats = |b: &[u8]| {
-        b.chunks(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect::<Vec<f32>>()
-    };
-
-    let mut buf = if low_latency {
-        Buffer::LowLatency(LowLatencyBuffer::new(&comm, cfg)?)
+    let mode = if low_latency {
+        Mode::LowLatency
     } else {
-        Buffer::Normal(MoeBuffer::new(&comm, cfg)?)
+        Mode::Normal
     };
+    let mut moe = Dispatcher::new(&comm, cfg, mode)?;
 
     comm.barrier()?;
     let start = Instant::now();
     let (idx, w) = layer.route(&x);
-    let xb = bytes(&x);
-    let mut out = vec![0u8; xb.len()];
-    let (t_dispatch, t_combine);
-    match &mut buf {
-        Buffer::Normal(buf) => {
-            let t0 = Instant::now();
-            let mut view = buf.dispatch(&xb, &idx, &w)?;
-            t_dispatch = t0.elapsed();
-            // The experts write their weighted output straight into the buffer's window: on
-            // shared memory each token's home then reads it there (no copy between processes).
-            let rows = view.rows()?;
-            let output = view.expert_output()?;
-            for (row, dst) in rows.iter().zip(output.chunks_mut(hidden * 4)) {
-                let xin = floats(row.data);
-                let mut y = vec![0f32; hidden];
-                for (e, wt) in &row.experts {
-                    for (a, b) in y.iter_mut().zip(layer.expert(*e, &xin)) {
-                        *a += wt * b;
-                    }
-                }
-                dst.copy_from_slice(&bytes(&y));
-            }
-            let t1 = Instant::now();
-            buf.combine_in_place(&mut out)?;
-            t_combine = t1.elapsed();
-        }
-        Buffer::LowLatency(buf) => {
-            let t0 = Instant::now();
-            let mut view = buf.dispatch(&xb, &idx, &w)?;
-            t_dispatch = t0.elapsed();
-            // Each local expert runs once on its batch of rows and writes its (unweighted) output
-            // into the window, row by row where the combine looks for it.
-            for (l, e) in view.local_experts().to_vec().into_iter().enumerate() {
-                let rows = view.expert_rows(l)?;
-                let batch: Vec<f32> = rows.iter().flat_map(|r| floats(r.data)).collect();
-                let y = layer.expert(e, &batch);
-                let index: Vec<usize> = rows.iter().map(|r| r.index).collect();
-                let output = view.expert_output(l)?;
-                for (i, yr) in index.into_iter().zip(y.chunks(hidden)) {
-                    output[i * hidden * 4..(i + 1) * hidden * 4].copy_from_slice(&bytes(yr));
-                }
-            }
-            let t1 = Instant::now();
-            buf.combine_in_place(&mut out)?;
-            t_combine = t1.elapsed();
-        }
-    }
+    let mut out = vec![0f32; x.len()];
+    let t0 = Instant::now();
+    let mut view = moe.dispatch_typed(&x, &idx, &w)?;
+    let t_dispatch = t0.elapsed();
+    // Each local expert runs once on its batch of rows; the view weights the outputs as the
+    // mode's combine expects and leaves them in the window, where (on shared memory) each
+    // token's home reads them in place.
+    view.run_experts(|e, rows, output| {
+        let batch: Vec<f32> = rows
+            .iter()
+            .flat_map(|r| {
+                r.chunks(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            })
+            .collect();
+        let y = layer.expert(e, &batch);
+        output.copy_from_slice(bytemuck::cast_slice(&y));
+        Ok(())
+    })?;
+    let t1 = Instant::now();
+    moe.combine_in_place_typed(&mut out)?;
+    let t_combine = t1.elapsed();
     let total = start.elapsed();
 
     // The same layer in this one process, for this rank's tokens.
     let mut worst = 0f32;
-    for (t, got) in floats(&out).chunks(hidden).enumerate() {
+    for (t, got) in out.chunks(hidden).enumerate() {
         let xt = &x[t * hidden..(t + 1) * hidden];
         let mut want = vec![0f32; hidden];
         for j in 0..topk {

@@ -1,7 +1,9 @@
 //! Mixture-of-Experts token dispatch and combine: configuration, DeepEP-style dispatch
 //! layout, a normal-mode buffer that moves token rows with one copy per byte
 //! ([`MoeBuffer`]), and a low-latency one for decode batches ([`LowLatencyBuffer`]); either can
-//! dispatch bf16/f16 rows as INT8 ([`quant`]).
+//! dispatch bf16/f16 rows as INT8 ([`quant`]). [`Dispatcher`] holds either mode behind one
+//! type and runs the same expert code in both; every buffer takes typed rows (`f32`,
+//! `half::bf16`, `half::f16`: [`Element`]) beside bytes.
 //!
 //! ```no_run
 //! # fn main() -> xccl::Result<()> {
@@ -19,17 +21,24 @@
 //! # Ok(()) }
 //! ```
 
-mod buffer;
 mod config;
+mod dispatcher;
+mod element;
+mod inputs;
 mod layout;
 mod low_latency;
+mod normal;
 pub mod quant;
+mod record;
 mod sum;
+mod typed;
 
-pub use buffer::{DispatchView, MoeBuffer, RecvRow};
 pub use config::{Dtype, MoeConfig};
+pub use dispatcher::{Dispatched, Dispatcher, Mode};
+pub use element::Element;
 pub use layout::{dispatch_layout, Layout};
 pub use low_latency::{ExpertRow, LowLatencyBuffer, LowLatencyView};
+pub use normal::{DispatchView, MoeBuffer, RecvRow};
 pub use sum::sum_rows;
 
 /// A combine needs a dispatch that has not been combined yet (one combine per dispatch, in

@@ -1,0 +1,222 @@
+//! One type a user holds for either MoE mode: [`Dispatcher`] makes the normal or the
+//! low-latency buffer, and its view runs each local expert on its batch of rows the same way
+//! in both, applying the mode's weighting itself.
+
+use super::config::MoeConfig;
+use super::element::{bytes, bytes_mut, Element};
+use super::sum::sum_rows;
+use super::{DispatchView, LowLatencyBuffer, LowLatencyView, MoeBuffer};
+use crate::error::Result;
+use crate::Communicator;
+
+/// Which MoE buffer a [`Dispatcher`] uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// [`MoeBuffer`]: rows once per destination rank, any batch size (prefill).
+    Normal,
+    /// [`LowLatencyBuffer`]: fixed slots per expert, one round (decode).
+    LowLatency,
+}
+
+/// An MoE dispatcher of either mode.
+///
+/// ```no_run
+/// # fn main() -> xccl::Result<()> {
+/// use xccl::moe::{Dispatcher, Dtype, Mode, MoeConfig};
+/// let comm = xccl::Communicator::from_env()?;
+/// let cfg = MoeConfig::new(8, 64, 2, 16, Dtype::F32);
+/// let mut moe = Dispatcher::new(&comm, cfg, Mode::LowLatency)?;
+/// # let (x, idx, w): (Vec<f32>, Vec<i64>, Vec<f32>) = (vec![], vec![], vec![]);
+/// let mut view = moe.dispatch_typed(&x, &idx, &w)?;
+/// // Each local expert gets its rows (unweighted in, unweighted out): here, the identity.
+/// view.run_experts(|_expert, rows, out| {
+///     for (row, dst) in rows.iter().zip(out.chunks_mut(64 * 4)) {
+///         dst.copy_from_slice(row);
+///     }
+///     Ok(())
+/// })?;
+/// drop(view);
+/// let mut out = vec![0f32; x.len()];
+/// moe.combine_in_place_typed(&mut out)?; // Σ weight × expert output, per token
+/// # Ok(()) }
+/// ```
+pub enum Dispatcher<'c> {
+    /// Normal mode.
+    Normal(MoeBuffer<'c>),
+    /// Low-latency mode.
+    LowLatency(LowLatencyBuffer<'c>),
+}
+
+/// What one dispatch of either mode received.
+pub enum Dispatched<'a> {
+    /// Normal mode's view.
+    Normal(DispatchView<'a>),
+    /// Low-latency mode's view.
+    LowLatency(LowLatencyView<'a>),
+}
+
+impl<'c> Dispatcher<'c> {
+    /// Collective: the buffer of `mode` for `cfg`.
+    pub fn new(comm: &'c Communicator, cfg: MoeConfig, mode: Mode) -> Result<Self> {
+        Ok(match mode {
+            Mode::Normal => Dispatcher::Normal(MoeBuffer::new(comm, cfg)?),
+            Mode::LowLatency => Dispatcher::LowLatency(LowLatencyBuffer::new(comm, cfg)?),
+        })
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> Mode {
+        match self {
+            Dispatcher::Normal(_) => Mode::Normal,
+            Dispatcher::LowLatency(_) => Mode::LowLatency,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MoeConfig {
+        match self {
+            Dispatcher::Normal(b) => b.config(),
+            Dispatcher::LowLatency(b) => b.config(),
+        }
+    }
+
+    /// Collective: dispatches `T` tokens (rows as bytes of the configured dtype).
+    pub fn dispatch<'a>(
+        &'a mut self,
+        x: &'a [u8],
+        topk_idx: &[i64],
+        topk_weights: &[f32],
+    ) -> Result<Dispatched<'a>> {
+        Ok(match self {
+            Dispatcher::Normal(b) => Dispatched::Normal(b.dispatch(x, topk_idx, topk_weights)?),
+            Dispatcher::LowLatency(b) => {
+                Dispatched::LowLatency(b.dispatch(x, topk_idx, topk_weights)?)
+            }
+        })
+    }
+
+    /// [`Dispatcher::dispatch`] of typed rows.
+    pub fn dispatch_typed<'a, T: Element>(
+        &'a mut self,
+        x: &'a [T],
+        topk_idx: &[i64],
+        topk_weights: &[f32],
+    ) -> Result<Dispatched<'a>> {
+        let x = bytes(self.config(), x)?;
+        self.dispatch(x, topk_idx, topk_weights)
+    }
+
+    /// Collective, after [`Dispatched::run_experts`]: `out` (`T` rows) receives, per token,
+    /// Σ weight × expert output over its experts.
+    pub fn combine_in_place(&mut self, out: &mut [u8]) -> Result<()> {
+        match self {
+            Dispatcher::Normal(b) => b.combine_in_place(out),
+            Dispatcher::LowLatency(b) => b.combine_in_place(out),
+        }
+    }
+
+    /// [`Dispatcher::combine_in_place`] into typed rows.
+    pub fn combine_in_place_typed<T: Element>(&mut self, out: &mut [T]) -> Result<()> {
+        let out = bytes_mut(self.config(), out)?;
+        self.combine_in_place(out)
+    }
+
+    /// Collective: gives the buffer's window and signal words back.
+    pub fn close(self) -> Result<()> {
+        match self {
+            Dispatcher::Normal(b) => b.close(),
+            Dispatcher::LowLatency(b) => b.close(),
+        }
+    }
+}
+
+impl Dispatched<'_> {
+    /// Rows received in all (a row per (token, rank) in normal mode, per (token, expert) in
+    /// low-latency mode).
+    pub fn len(&self) -> usize {
+        match self {
+            Dispatched::Normal(v) => v.len(),
+            Dispatched::LowLatency(v) => v.counts().iter().sum(),
+        }
+    }
+
+    /// True when nothing was received.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Runs every local expert once on its batch: `expert(e, rows, out)` gets the rows that
+    /// chose expert `e` (bytes of the dtype) and writes one output row per input row into
+    /// `out`, unweighted. The view weights and places the outputs as its mode's combine
+    /// expects (normal mode sums a row's local experts here, in top-k order, in f32).
+    pub fn run_experts<F>(&mut self, mut expert: F) -> Result<()>
+    where
+        F: FnMut(usize, &[&[u8]], &mut [u8]) -> Result<()>,
+    {
+        match self {
+            Dispatched::Normal(v) => run_normal(v, &mut expert),
+            Dispatched::LowLatency(v) => run_low_latency(v, &mut expert),
+        }
+    }
+}
+
+type Expert<'f> = dyn FnMut(usize, &[&[u8]], &mut [u8]) -> Result<()> + 'f;
+
+/// Normal mode: each local expert on the rows that chose it, then each row's outputs summed
+/// with their weights into the output region.
+fn run_normal(view: &mut DispatchView<'_>, expert: &mut Expert<'_>) -> Result<()> {
+    let rows = view.rows()?;
+    let (dtype, rb) = (view.config().dtype, view.config().row_bytes());
+    let mut experts: Vec<usize> = rows
+        .iter()
+        .flat_map(|r| r.experts.iter().map(|&(e, _)| e))
+        .collect();
+    experts.sort_unstable();
+    experts.dedup();
+    // Per (row, its j-th local expert): where that expert's output sits in `outputs`.
+    let mut at: Vec<Vec<usize>> = rows.iter().map(|r| vec![0; r.experts.len()]).collect();
+    let mut outputs = Vec::new();
+    for &e in &experts {
+        let mut batch = Vec::new();
+        for (i, r) in rows.iter().enumerate() {
+            if let Some(j) = r.experts.iter().position(|&(x, _)| x == e) {
+                at[i][j] = outputs.len() + batch.len() * rb;
+                batch.push(r.data);
+            }
+        }
+        let start = outputs.len();
+        outputs.resize(start + batch.len() * rb, 0);
+        expert(e, &batch, &mut outputs[start..])?;
+    }
+    let weights: Vec<Vec<f32>> = rows
+        .iter()
+        .map(|r| r.experts.iter().map(|&(_, w)| w).collect())
+        .collect();
+    drop(rows);
+    let region = view.expert_output()?;
+    for ((dst, offs), w) in region.chunks_mut(rb).zip(&at).zip(&weights) {
+        let parts: Vec<&[u8]> = offs.iter().map(|&o| &outputs[o..o + rb]).collect();
+        sum_rows(dtype, dst, &parts, Some(w));
+    }
+    Ok(())
+}
+
+/// Low-latency mode: each local expert on its rows, outputs placed where combine reads them
+/// (combine weights them).
+fn run_low_latency(view: &mut LowLatencyView<'_>, expert: &mut Expert<'_>) -> Result<()> {
+    let rb = view.config().row_bytes();
+    for (l, e) in view.local_experts().to_vec().into_iter().enumerate() {
+        let rows = view.expert_rows(l)?;
+        let batch: Vec<&[u8]> = rows.iter().map(|r| r.data).collect();
+        let index: Vec<usize> = rows.iter().map(|r| r.index).collect();
+        let mut out = vec![0u8; batch.len() * rb];
+        expert(e, &batch, &mut out)?;
+        drop(batch);
+        drop(rows);
+        let region = view.expert_output(l)?;
+        for (i, row) in index.into_iter().zip(out.chunks(rb)) {
+            region[i * rb..(i + 1) * rb].copy_from_slice(row);
+        }
+    }
+    Ok(())
+}

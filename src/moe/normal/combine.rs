@@ -1,0 +1,303 @@
+//! Normal-mode combine: expert output back to the tokens' homes, read in place from mapped
+//! ranks and sent by the others, summed in rank order.
+
+use super::*;
+
+/// Network homes: the puts that return this rank's output, in the order they go, how many
+/// went, and per source the rows known to have arrived here.
+struct Returns {
+    list: Vec<(usize, usize, usize)>,
+    sent: usize,
+    arrived: Vec<usize>,
+}
+
+impl<'c> MoeBuffer<'c> {
+    /// Collective, after a dispatch: `reduced` holds one row per received row (sources in
+    /// rank order, rows in arrival order), already reduced over this rank's experts. Each
+    /// goes back to its home; `out` (`T` rows of the dtype) receives, per token, the sum over
+    /// the ranks it went to, added in f32 in rank order. Tokens that chose no expert get 0.
+    ///
+    /// This copies `reduced` into the buffer first; experts that write their output straight
+    /// into [`DispatchView::expert_output`] call [`MoeBuffer::combine_in_place`] instead.
+    pub fn combine(&mut self, reduced: &[u8], out: &mut [u8]) -> Result<()> {
+        crate::moe::check_combinable(self.dispatched)?;
+        let received: usize = self.recv_counts.iter().sum();
+        if reduced.len() != received * self.cfg.row_bytes() {
+            return Err(Error::InvalidArgument(format!(
+                "combine got {} bytes for {received} received rows of {}",
+                reduced.len(),
+                self.cfg.row_bytes()
+            )));
+        }
+        // Rows for other ranks go into the window (where homes read or send them from);
+        // this rank's own rows are summed from `reduced` in place.
+        let (me, rb) = (self.comm.rank(), self.cfg.row_bytes());
+        let t = self.comm.transport();
+        let mut at = 0;
+        for (src, &count) in self.recv_counts.iter().enumerate() {
+            if src != me {
+                let off = self.out_off(self.disp_epoch, at);
+                t.write_local(
+                    self.lease.window(),
+                    off,
+                    &reduced[at * rb..(at + count) * rb],
+                )?;
+            }
+            at += count;
+        }
+        self.combine_from(Some(reduced), out)
+    }
+
+    /// Collective, after a dispatch whose experts wrote their output (one row per received
+    /// row, already reduced over this rank's experts) into [`DispatchView::expert_output`]:
+    /// brings each row back to its home and writes into `out` (`T` rows of the dtype), per
+    /// token, the sum over the ranks it went to, added in f32 in rank order. Tokens that
+    /// chose no expert get 0. On shared memory the home reads the rows where the experts
+    /// wrote them: no byte is copied between processes.
+    pub fn combine_in_place(&mut self, out: &mut [u8]) -> Result<()> {
+        self.combine_from(None, out)
+    }
+
+    /// The combine; this rank's own rows come from `own` (all received rows, in order) when
+    /// given, else from its output region.
+    ///
+    /// On shared memory every rank announces where its output starts and the homes read it in
+    /// place. Over a network the output travels to the homes in chunks, each with a signal
+    /// giving the rows sent so far; a home sums a token as soon as its rows are in and sends
+    /// its own next chunk whenever it would wait (and in step with its sum otherwise), so
+    /// sending, receiving and summing overlap. The announcements then come last and check the
+    /// counts.
+    fn combine_from(&mut self, own: Option<&[u8]>, out: &mut [u8]) -> Result<()> {
+        crate::moe::check_combinable(self.dispatched)?;
+        let (me, n) = (self.comm.rank(), self.comm.world_size());
+        let row_bytes = self.cfg.row_bytes();
+        if out.len() != self.tokens * row_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "combine output has {} bytes; the last dispatch had {} tokens of {row_bytes}",
+                out.len(),
+                self.tokens
+            )));
+        }
+        self.lease.enter();
+        self.dispatched = false;
+        self.comb_epoch += 1;
+        let epoch = self.comb_epoch;
+        let de = self.disp_epoch;
+        let mut base = 0;
+        for (s, &c) in self.starts.iter_mut().zip(&self.recv_counts) {
+            *s = base;
+            base += c;
+        }
+        // Taken out for the call (put back at the end; an error path leaves them empty, and
+        // the resizes make the next call whole again).
+        let mut returns = Returns {
+            list: std::mem::take(&mut self.returns),
+            sent: 0,
+            arrived: std::mem::take(&mut self.arrived),
+        };
+        returns.arrived.clear();
+        returns.arrived.resize(n, 0);
+        // Mapped ranks hear first where the rows for them start, and read them in place; the
+        // others are sent their rows and hear last (the count check).
+        self.announce_combine(epoch, true)?;
+        for r in (0..n).filter(|&r| self.paths[r].is_mapped()) {
+            self.peer_starts[r] = self.checked_return(r, epoch)?;
+        }
+        self.plan_returns(&mut returns.list);
+        let mut cursors = std::mem::take(&mut self.cursors);
+        cursors.clear();
+        cursors.resize(n, 0);
+        self.sum_tokens(own, out, &mut returns, &mut cursors, (de, epoch))?;
+        while returns.sent < returns.list.len() {
+            self.send_next_return(&mut returns, de, epoch)?;
+        }
+        self.announce_combine(epoch, false)?;
+        for r in (0..n).filter(|&r| !self.paths[r].is_mapped()) {
+            self.checked_return(r, epoch)?;
+        }
+        for r in (0..n).filter(|&r| r != me && !self.paths[r].is_mapped()) {
+            self.received[r] += self.sent[r].len() as u64;
+            self.returned[r] += self.recv_counts[r] as u64;
+        }
+        self.lease.leave();
+        self.cursors = cursors;
+        self.returns = returns.list;
+        self.arrived = returns.arrived;
+        Ok(())
+    }
+
+    /// Announces this rank's combine to every mapped rank (`mapped`) or every other one.
+    fn announce_combine(&self, epoch: u64, mapped: bool) -> Result<()> {
+        let (me, n) = (self.comm.rank(), self.comm.world_size());
+        for step in 0..n {
+            let src = (me + step) % n;
+            if self.paths[src].is_mapped() == mapped {
+                self.announce(src, 1, self.recv_counts[src], self.starts[src], epoch)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The puts (home, first row, end row) that return this rank's expert output to the
+    /// homes reached over the network, round robin over the homes so each gets its first
+    /// rows early.
+    fn plan_returns(&self, list: &mut Vec<(usize, usize, usize)>) {
+        let (me, n) = (self.comm.rank(), self.comm.world_size());
+        let per = (RETURN_CHUNK / self.cfg.row_bytes().max(1)).max(1);
+        list.clear();
+        for home in (1..n).map(|step| (me + step) % n) {
+            if self.paths[home].is_mapped() {
+                continue;
+            }
+            let count = self.recv_counts[home];
+            list.extend(
+                (0..count)
+                    .step_by(per)
+                    .map(|a| (home, a, (a + per).min(count))),
+            );
+        }
+        list.sort_unstable_by_key(|&(home, first, _)| (first, (home + n - me) % n));
+    }
+
+    /// Sums every token's rows into `out`, token by token, rank by rank: the order of the sum
+    /// is fixed (rank order), so the result is the same bits every run. Keeps the returns
+    /// ahead of the sum: chunk k goes once k/chunks of the tokens are summed.
+    fn sum_tokens(
+        &self,
+        own: Option<&[u8]>,
+        out: &mut [u8],
+        returns: &mut Returns,
+        cursors: &mut [usize],
+        (de, epoch): (u64, u64),
+    ) -> Result<()> {
+        let row_bytes = self.cfg.row_bytes();
+        let mut rows: SmallVec<[&[u8]; 8]> = SmallVec::new();
+        for (tok, out_row) in out.chunks_mut(row_bytes).enumerate() {
+            let total = returns.list.len();
+            while returns.sent < total && returns.sent * self.tokens <= tok * total {
+                self.send_next_return(returns, de, epoch)?;
+            }
+            rows.clear();
+            for (r, cursor) in cursors.iter_mut().enumerate() {
+                if self.sent[r].get(*cursor) != Some(&(tok as u32)) {
+                    continue;
+                }
+                rows.push(self.output_row(r, *cursor, own, returns, (de, epoch))?);
+                *cursor += 1;
+            }
+            sum_rows(self.cfg.dtype, out_row, &rows, None);
+        }
+        Ok(())
+    }
+
+    /// The output row rank `r` produced for the `i`-th token this rank sent it: from `own`
+    /// or this rank's output region, in place in a mapped rank's window, or as returned over
+    /// the network (sending this rank's own returns rather than waiting).
+    fn output_row<'s>(
+        &'s self,
+        r: usize,
+        i: usize,
+        own: Option<&'s [u8]>,
+        returns: &mut Returns,
+        (de, epoch): (u64, u64),
+    ) -> Result<&'s [u8]> {
+        let (me, row_bytes) = (self.comm.rank(), self.cfg.row_bytes());
+        let t = self.comm.transport();
+        let at = self.starts[me] + i;
+        if r == me {
+            return match own {
+                Some(own) => Ok(&own[at * row_bytes..(at + 1) * row_bytes]),
+                // SAFETY: this rank's own expert output, written before this call; peers
+                // only read it.
+                None => unsafe {
+                    t.local_slice(self.lease.window(), self.out_off(de, at), row_bytes)
+                },
+            };
+        }
+        if self.paths[r].is_mapped() {
+            let off = self.out_off(de, self.peer_starts[r] + i);
+            // SAFETY: rank r announced these rows with the signal `checked_return` waited
+            // for and does not write this epoch's output region again before the next-but-one
+            // dispatch, which needs this rank's next dispatch first.
+            return unsafe { self.paths[r].rows(off, row_bytes) };
+        }
+        while returns.arrived[r] <= i {
+            let v = if returns.sent < returns.list.len() {
+                // Rather than wait, send.
+                self.send_next_return(returns, de, epoch)?;
+                t.signal_value(self.sig_rows + r)?
+            } else {
+                let want = self.received[r] + i as u64 + 1;
+                t.wait(self.sig_rows + r, Cmp::Ge, want, self.comm.deadline())?
+            };
+            returns.arrived[r] = self.returned_rows(r, v, epoch)?;
+        }
+        // SAFETY: rank r put this row before the signal read above (the transport applies a
+        // signal after the data it follows) and writes this epoch's region again only at the
+        // next-but-one combine (module docs).
+        unsafe { t.local_slice(self.lease.window(), self.comb_off(epoch, r, i), row_bytes) }
+    }
+
+    /// Sends the next planned return.
+    fn send_next_return(&self, returns: &mut Returns, de: u64, epoch: u64) -> Result<()> {
+        self.send_return(returns.list[returns.sent], de, epoch)?;
+        returns.sent += 1;
+        Ok(())
+    }
+
+    /// Waits for `r`'s combine announcement and checks that it returned one row per token
+    /// sent to it; gives where its rows start in its output region.
+    fn checked_return(&self, r: usize, epoch: u64) -> Result<usize> {
+        let (count, start) = self.collect(r, 1, epoch)?;
+        if count != self.sent[r].len() {
+            return Err(Error::ProtocolViolation(format!(
+                "rank {r} returned {count} rows for the {} tokens sent to it",
+                self.sent[r].len()
+            )));
+        }
+        Ok(start)
+    }
+
+    /// Network backends: puts rows `from..to` of this rank's output for `home` into its
+    /// window, with the signal that tells it `to` rows are in.
+    fn send_return(
+        &self,
+        (home, from, to): (usize, usize, usize),
+        de: u64,
+        epoch: u64,
+    ) -> Result<()> {
+        let rb = self.cfg.row_bytes();
+        let t = self.comm.transport();
+        // SAFETY: this rank's own expert output; no peer writes it (peers only read it, and
+        // only on mapped backends), and the view that wrote it is gone.
+        let rows = unsafe {
+            t.local_slice(
+                self.lease.window(),
+                self.out_off(de, self.starts[home] + from),
+                (to - from) * rb,
+            )?
+        };
+        let me = self.comm.rank();
+        let value = self.returned[home] + to as u64;
+        self.paths[home].put_signal(
+            self.comb_off(epoch, me, from),
+            rows,
+            self.sig_rows + me,
+            SignalOp::Set,
+            value,
+        )
+    }
+
+    /// The rows of this call in `r`'s return signal `v` (rows returned over all calls),
+    /// checked: no more than were sent to `r`; a value from an earlier call counts none.
+    fn returned_rows(&self, r: usize, v: u64, epoch: u64) -> Result<usize> {
+        let (base, sent) = (self.received[r], self.sent[r].len() as u64);
+        if v > base + sent {
+            return Err(Error::ProtocolViolation(format!(
+                "rank {r} signalled {} returned rows during call {epoch} ({sent} sent)",
+                v - base
+            )));
+        }
+        Ok(v.saturating_sub(base) as usize)
+    }
+}

@@ -1,0 +1,242 @@
+//! Normal-mode dispatch: records and rows to every expert rank, announced per call.
+
+use super::*;
+use crate::moe::inputs::check_dispatch;
+use crate::moe::record::TokenRecord;
+
+/// A dispatch's expert choices: `topk` (expert, weight) pairs per token.
+struct Choices<'x> {
+    idx: &'x [i64],
+    weights: &'x [f32],
+}
+
+impl Choices<'_> {
+    /// Token `tok`'s choices, in top-k order.
+    fn of(&self, tok: usize, k: usize) -> impl Iterator<Item = (i64, f32)> + '_ {
+        let range = tok * k..(tok + 1) * k;
+        self.idx[range.clone()]
+            .iter()
+            .copied()
+            .zip(self.weights[range].iter().copied())
+    }
+}
+
+impl<'c> MoeBuffer<'c> {
+    /// Network backends: puts the staged records (this rank's records `first..` for `dst`,
+    /// packed) into `dst`'s window in one vectored put — metadata from the stage, rows from
+    /// `x` unless they were staged whole (INT8) — and empties the stage.
+    fn put_stage(
+        &self,
+        dst: usize,
+        epoch: u64,
+        first: usize,
+        x: &[u8],
+        stage: &mut Vec<u8>,
+        toks: &mut Vec<u32>,
+    ) -> Result<()> {
+        if stage.is_empty() {
+            return Ok(());
+        }
+        let off = self.wire_off(epoch, self.comm.rank(), first);
+        let path = &self.paths[dst];
+        if self.cfg.int8_dispatch {
+            path.put(off, stage, Stores::Cached)?;
+        } else {
+            let rb = self.cfg.row_bytes();
+            let pad = &ZEROS[..self.rec - self.meta - rb];
+            // Three parts per record (metadata, row, padding), at most `STAGE_RECORDS` records.
+            let mut parts: SmallVec<[&[u8]; 256]> = SmallVec::new();
+            for (meta, &tok) in stage.chunks(self.meta).zip(toks.iter()) {
+                let tok = tok as usize;
+                parts.extend([meta, &x[tok * rb..(tok + 1) * rb], pad]);
+            }
+            path.put_vectored(off, &parts)?;
+        }
+        stage.clear();
+        toks.clear();
+        Ok(())
+    }
+
+    /// Collective: dispatches `T` tokens. `x` holds `T` rows of the configured dtype,
+    /// `topk_idx` and `topk_weights` `T × top-k` entries (`-1` = no expert). Every argument
+    /// is checked before anything is sent; a rank with no tokens still takes part.
+    pub fn dispatch<'a>(
+        &'a mut self,
+        x: &'a [u8],
+        topk_idx: &[i64],
+        topk_weights: &[f32],
+    ) -> Result<DispatchView<'a>> {
+        let (me, n) = (self.comm.rank(), self.comm.world_size());
+        let (layout, tokens) = check_dispatch(
+            &self.cfg,
+            &self.placement,
+            n,
+            x,
+            topk_idx,
+            topk_weights,
+            &mut self.scales,
+        )?;
+        self.lease.enter();
+        self.disp_epoch += 1;
+        let epoch = self.disp_epoch;
+        self.tokens = tokens;
+        let choices = Choices {
+            idx: topk_idx,
+            weights: topk_weights,
+        };
+        for step in 0..n {
+            let dst = (me + step) % n;
+            self.send_records(dst, epoch, x, &layout, &choices)?;
+            self.announce(dst, 0, self.sent[dst].len(), 0, epoch)?;
+        }
+        self.collect_counts(epoch)?;
+        if self.cfg.int8_dispatch {
+            self.dequantize_arrivals(epoch)?;
+        }
+        self.dispatched = true;
+        self.lease.leave();
+        Ok(DispatchView { buf: self, x })
+    }
+
+    /// Writes into `dst`'s window this rank's record (and row) for each token that chose one
+    /// of `dst`'s experts, in token order, and notes the tokens in `sent[dst]`.
+    ///
+    /// Over a network path the records are laid out here as in `dst`'s window and sent a
+    /// chunk at a time: few large writes instead of two small ones per row, from memory still
+    /// in cache. Into a mapped window, large transfers bypass this core's caches: the
+    /// receiver reads them next, from another core.
+    fn send_records(
+        &mut self,
+        dst: usize,
+        epoch: u64,
+        x: &[u8],
+        layout: &Layout,
+        choices: &Choices<'_>,
+    ) -> Result<()> {
+        let (me, k, row_bytes) = (self.comm.rank(), self.cfg.topk, self.cfg.row_bytes());
+        self.sent[dst].clear();
+        let batch = !self.paths[dst].is_mapped() && dst != me;
+        let stores = match dst != me && layout.tokens_per_rank[dst] * row_bytes >= STREAM_BYTES {
+            true => Stores::Streaming,
+            false => Stores::Cached,
+        };
+        let mut stage = std::mem::take(&mut self.stage);
+        let mut stage_toks = std::mem::take(&mut self.stage_toks);
+        stage.clear();
+        stage_toks.clear();
+        let mut chunk_first = 0;
+        for tok in (0..self.tokens).filter(|&tok| layout.in_rank(tok, dst)) {
+            let i = self.sent[dst].len();
+            let quantized = self.cfg.int8_dispatch && dst != me;
+            let placement = &self.placement;
+            let chosen = choices
+                .of(tok, k)
+                .filter(|&(e, _)| e >= 0 && placement[e as usize] == dst);
+            let scale = quantized.then(|| self.scales[tok]);
+            TokenRecord::write(&mut self.meta_buf, k, tok, chosen, scale);
+            let row = &x[tok * row_bytes..(tok + 1) * row_bytes];
+            if quantized {
+                let (dtype, hidden) = (self.cfg.dtype, self.cfg.hidden);
+                quant::quantize(dtype, row, hidden, self.scales[tok], &mut self.qrow);
+            }
+            let data: &[u8] = match (quantized, dst != me) {
+                (true, _) => &self.qrow,
+                (false, true) => row,
+                // A rank's own rows are not copied: its view reads them from `x`.
+                (false, false) => &[],
+            };
+            if batch {
+                if stage.is_empty() {
+                    chunk_first = i;
+                }
+                stage.extend_from_slice(&self.meta_buf);
+                if quantized {
+                    let wire = self.wire_rec();
+                    stage.extend_from_slice(data);
+                    stage.resize(stage.len() + wire - self.meta - data.len(), 0);
+                } else {
+                    stage_toks.push(tok as u32);
+                }
+                let records = i + 1 - chunk_first;
+                if (records + 1) * self.wire_rec() > STAGE_CHUNK || records == STAGE_RECORDS {
+                    self.put_stage(dst, epoch, chunk_first, x, &mut stage, &mut stage_toks)?;
+                }
+            } else {
+                // This epoch's record `i` from this rank is written by this rank only, and
+                // `dst` reads it after the announcing signal, which the path orders after
+                // these stores (streaming ones too).
+                let (path, off) = (&self.paths[dst], self.disp_off(epoch, me, i));
+                path.put(off, &self.meta_buf, Stores::Cached)?;
+                if !data.is_empty() {
+                    path.put(off + self.meta, data, stores)?;
+                }
+            }
+            self.sent[dst].push(tok as u32);
+        }
+        if batch {
+            self.put_stage(dst, epoch, chunk_first, x, &mut stage, &mut stage_toks)?;
+        }
+        self.stage = stage;
+        self.stage_toks = stage_toks;
+        Ok(())
+    }
+
+    /// Collects every source's count for call `epoch` into `recv_counts`.
+    fn collect_counts(&mut self, epoch: u64) -> Result<()> {
+        let me = self.comm.rank();
+        for src in 0..self.comm.world_size() {
+            let count = self.collect(src, 0, epoch)?.0;
+            // This rank's own slot lies in its window, where any peer can write: it must say
+            // what this rank sent itself (its rows are read from `x` through `sent[me]`).
+            if src == me && count != self.sent[me].len() {
+                return Err(Error::ProtocolViolation(format!(
+                    "rank {me}'s own announcement says {count} rows, it sent itself {}",
+                    self.sent[me].len()
+                )));
+            }
+            self.recv_counts[src] = count;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds every INT8 row received from another rank, in place, in the row's dtype.
+    fn dequantize_arrivals(&mut self, epoch: u64) -> Result<()> {
+        let (me, n, k, hidden) = (
+            self.comm.rank(),
+            self.comm.world_size(),
+            self.cfg.topk,
+            self.cfg.hidden,
+        );
+        let t = self.comm.transport();
+        let rb = self.cfg.row_bytes();
+        for src in (0..n).filter(|&s| s != me) {
+            // Last record first: spreading packed records out to `rec` apart then never
+            // overwrites one not yet read (record i moves to a place at or after its own).
+            for i in (0..self.recv_counts[src]).rev() {
+                let from = if self.paths[src].is_mapped() {
+                    self.disp_off(epoch, src, i)
+                } else {
+                    self.wire_off(epoch, src, i)
+                };
+                t.read_local(self.lease.window(), from, &mut self.meta_buf)?;
+                t.read_local(
+                    self.lease.window(),
+                    from + self.meta,
+                    &mut self.qrow[..hidden],
+                )?;
+                let scale = TokenRecord::read(&self.meta_buf, k).scale();
+                let scale = quant::landed_scale(&scale, src, i)?;
+                let to = self.disp_off(epoch, src, i);
+                if to != from {
+                    t.write_local(self.lease.window(), to, &self.meta_buf)?;
+                }
+                // SAFETY: the row was announced by the signal `collect` waited for; no peer
+                // writes this epoch's region again before the next-but-one dispatch, and no
+                // view of it exists yet (the view is created after this).
+                let row = unsafe { t.local_slice_mut(self.lease.window(), to + self.meta, rb)? };
+                quant::dequantize(self.cfg.dtype, &self.qrow[..hidden], scale, row);
+            }
+        }
+        Ok(())
+    }
+}

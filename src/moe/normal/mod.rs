@@ -1,0 +1,294 @@
+//! The MoE communication buffer: one registered window sized once from [`MoeConfig`], and
+//! normal-mode dispatch and combine over it.
+//!
+//! Dispatch puts each token row straight from the caller's input into the window of every
+//! rank that holds one of its experts — once per destination rank, however many of that
+//! rank's experts chose it — with a small metadata record (source token, the rank's chosen
+//! experts and their weights). Rows land grouped by source rank, in token order. Combine
+//! brings one row per (token, expert rank) back to the token's home, already reduced over that
+//! rank's experts; the home sums the rows in f32 in rank order, so the result is the same bits
+//! on every run, and writes the configured dtype. Experts may write their output straight
+//! into the window ([`DispatchView::expert_output`]); on shared memory the homes then read it
+//! in place.
+//!
+//! The window holds two epochs of each region (even and odd calls), for the reason given in
+//! [`crate::coll::Exchange`]: a rank can write call e+2 only after every peer has sent it
+//! call e+1, which a peer does only after it has stopped reading call e. The experts' output
+//! region follows the dispatch epochs: on shared memory each home reads a peer's output where
+//! the peer's experts wrote it, during combine e, and the peer rewrites that region only at
+//! dispatch e+2, which needs the home's dispatch e+1, which follows its combine e.
+
+use super::config::MoeConfig;
+use super::layout::Layout;
+use super::quant;
+use super::record::TokenRecord;
+use super::sum::sum_rows;
+use crate::error::{Error, Result};
+use crate::mailbox::Mailbox;
+use crate::size::Sizer;
+use crate::transport::{Cmp, MappedMem, PeerPath, SignalOp, Stores};
+use crate::{Communicator, Lease};
+use smallvec::SmallVec;
+
+const LINE: usize = 64;
+/// Network backends: records for one rank leave in puts of about this size, and at most
+/// this many records at a time.
+pub(super) const STAGE_CHUNK: usize = 512 << 10;
+pub(super) const STAGE_RECORDS: usize = 64;
+/// Padding between a row and the next record.
+pub(super) const ZEROS: [u8; LINE] = [0; LINE];
+/// Dispatches moving at least this much to one mapped peer use non-temporal stores.
+const STREAM_BYTES: usize = 1 << 20;
+/// Network backends: a combine returns rows to a home in puts of about this size, each
+/// announced by its own signal, so the home sums while the rest is on the way.
+const RETURN_CHUNK: usize = 1 << 20;
+
+fn round_line(n: usize) -> usize {
+    n.div_ceil(LINE) * LINE
+}
+
+/// A dispatched row as the receiving rank sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecvRow<'a> {
+    /// Home rank of the token.
+    pub src_rank: usize,
+    /// The token's index on its home rank.
+    pub src_token: usize,
+    /// This rank's experts that the token chose, with their gate weights, in top-k order.
+    pub experts: Vec<(usize, f32)>,
+    /// The token's row (`hidden` elements of the configured dtype).
+    pub data: &'a [u8],
+}
+
+/// MoE dispatch/combine state of one rank. Dropping it (or [`MoeBuffer::close`]) gives its
+/// window and signal words back to the communicator; both are collective.
+pub struct MoeBuffer<'c> {
+    comm: &'c Communicator,
+    cfg: MoeConfig,
+    placement: Vec<usize>,
+    lease: Lease<'c>,
+    meta: usize,
+    rec: usize,
+    half: usize,
+    disp_at: usize,
+    out_at: usize,
+    comb_at: usize,
+    /// Per call, kind 0 (dispatch): rows each source sent here; kind 1 (combine): rows each
+    /// expert rank returns for this rank's tokens and where they start in its output.
+    mailbox: Mailbox,
+    /// This rank's path to each rank's window, by rank. From a mapped rank combine reads the
+    /// experts' output straight from its window; the others send it.
+    paths: Vec<PeerPath<'c>>,
+    /// This rank's own copy of the window.
+    own: MappedMem,
+    /// Network backends, per source rank: rows of combine output it has put here, counted
+    /// over every call (64 bits: never runs out).
+    sig_rows: usize,
+    /// Network backends: per home, rows this rank returned to it in earlier combines; per
+    /// source, rows it returned here in earlier combines (the bases of `sig_rows` values).
+    returned: Vec<u64>,
+    received: Vec<u64>,
+    disp_epoch: u64,
+    comb_epoch: u64,
+    /// Per destination rank: tokens sent to it by the last dispatch, in order.
+    sent: Vec<Vec<u32>>,
+    /// Rows received from each source by the last dispatch.
+    recv_counts: Vec<usize>,
+    /// Tokens of the last dispatch.
+    tokens: usize,
+    /// The last dispatch has not been combined yet.
+    dispatched: bool,
+    /// Reused scratch: one metadata record.
+    meta_buf: Vec<u8>,
+    /// INT8 dispatch: the scale of every token of the call, and one quantized row.
+    scales: Vec<f32>,
+    qrow: Vec<u8>,
+    /// Network backends: the records of one chunk for one destination. INT8 records are
+    /// staged whole; otherwise only their metadata is, with the tokens in `stage_toks`, and
+    /// the rows go out straight from the caller's input in the same vectored put.
+    stage: Vec<u8>,
+    stage_toks: Vec<u32>,
+    /// Per rank: where its rows start in this rank's expert output, where this rank's rows
+    /// start in its expert output (as it announced), and a cursor into the tokens sent to it
+    /// (the combine sum).
+    starts: Vec<usize>,
+    peer_starts: Vec<usize>,
+    cursors: Vec<usize>,
+    /// Network backends, reused by each combine: the puts (home, first row, end row) that
+    /// return this rank's expert output, and per source the rows known to have arrived.
+    returns: Vec<(usize, usize, usize)>,
+    arrived: Vec<usize>,
+}
+
+/// Rows received by the last dispatch, read in place.
+pub struct DispatchView<'a> {
+    buf: &'a MoeBuffer<'a>,
+    /// The caller's input: rows a rank dispatches to itself are read from it in place.
+    x: &'a [u8],
+}
+
+mod combine;
+mod dispatch;
+#[cfg(test)]
+mod tests;
+mod view;
+
+impl<'c> MoeBuffer<'c> {
+    /// `world × max_tokens` dispatch records and as many rows of expert output (plus, over a
+    /// network backend, as many rows where homes receive the output).
+    pub fn new(comm: &'c Communicator, cfg: MoeConfig) -> Result<Self> {
+        let n = comm.world_size();
+        let placement = cfg.placement_for(n)?;
+        cfg.check_int8()?;
+        // Metadata: source token, local expert count, (expert, weight) per top-k slot, scale.
+        let what = format!("an MoE buffer of {n} ranks for {cfg:?}");
+        let size = Sizer::new(&what);
+        let meta = TokenRecord::len(cfg.topk);
+        let rec = size.add(&[meta, size.round_up(cfg.row_bytes(), LINE)?])?;
+        let mapped = comm.transport().maps_every_peer()?;
+        let rows = size.mul(&[n, cfg.max_tokens.max(1)])?;
+        let disp = size.mul(&[rows, rec])?;
+        let outs = size.round_up(size.mul(&[rows, cfg.row_bytes()])?, LINE)?;
+        let comb = if mapped { 0 } else { outs };
+        let half = size.add(&[disp, outs, comb])?;
+        let mailbox = Mailbox::new(&size, size.mul(&[2, half])?, 2, n, 2, 0)?;
+        let lease = comm.lease(
+            &what,
+            size.add(&[2 * half, mailbox.len()])?,
+            mailbox.signal_count() + n,
+            &format!("{cfg:?}"),
+        )?;
+        let mailbox = mailbox.at_signals(lease.signals().start);
+        let sig_rows = lease.signals().start + mailbox.signal_count();
+        let paths = comm.transport().paths(lease.window())?;
+        let own = comm.transport().local_mem(lease.window())?;
+        Ok(MoeBuffer {
+            comm,
+            placement,
+            lease,
+            meta,
+            rec,
+            half,
+            disp_at: 0,
+            out_at: disp,
+            comb_at: disp + outs,
+            mailbox,
+            paths,
+            own,
+            sig_rows,
+            returned: vec![0; n],
+            received: vec![0; n],
+            disp_epoch: 0,
+            comb_epoch: 0,
+            sent: vec![Vec::with_capacity(cfg.max_tokens); n],
+            recv_counts: vec![0; n],
+            tokens: 0,
+            dispatched: false,
+            meta_buf: vec![0; meta],
+            scales: Vec::with_capacity(if cfg.int8_dispatch { cfg.max_tokens } else { 0 }),
+            qrow: vec![0; if cfg.int8_dispatch { cfg.hidden } else { 0 }],
+            stage: Vec::new(),
+            stage_toks: Vec::new(),
+            starts: vec![0; n],
+            peer_starts: vec![0; n],
+            cursors: vec![0; n],
+            returns: Vec::new(),
+            arrived: vec![0; n],
+            cfg,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MoeConfig {
+        &self.cfg
+    }
+
+    /// The communicator the buffer works on.
+    pub fn comm(&self) -> &'c Communicator {
+        self.comm
+    }
+
+    /// Collective: drains and gives the window and signal words back (what dropping does,
+    /// with the error).
+    pub fn close(self) -> Result<()> {
+        self.lease.close()
+    }
+
+    /// Collective, before the first call: starts counting calls after `calls` (tests run
+    /// across counter boundaries with it).
+    #[doc(hidden)]
+    pub fn skip_calls(&mut self, calls: u64) {
+        self.disp_epoch += calls;
+        self.comb_epoch += calls;
+    }
+
+    fn disp_off(&self, epoch: u64, src: usize, i: usize) -> usize {
+        (epoch % 2) as usize * self.half + self.disp_at + (src * self.cfg.max_tokens + i) * self.rec
+    }
+
+    /// Network backends: records leave packed, `wire_rec` bytes apart (an INT8 record is half
+    /// a full one, and only what it holds crosses the network); the receiver spreads them to
+    /// `rec` apart as it dequantizes.
+    fn wire_rec(&self) -> usize {
+        if self.cfg.int8_dispatch {
+            self.meta + round_line(self.cfg.hidden)
+        } else {
+            self.rec
+        }
+    }
+
+    /// Where record `i` from `src` lands when it comes packed (see [`Self::wire_rec`]).
+    fn wire_off(&self, epoch: u64, src: usize, i: usize) -> usize {
+        self.disp_off(epoch, src, 0) + i * self.wire_rec()
+    }
+
+    /// Where this rank's expert output for received row `i` (all sources, in order) lives.
+    fn out_off(&self, epoch: u64, i: usize) -> usize {
+        (epoch % 2) as usize * self.half + self.out_at + i * self.cfg.row_bytes()
+    }
+
+    /// Network backends: where rows returned by `src` land.
+    fn comb_off(&self, epoch: u64, src: usize, i: usize) -> usize {
+        (epoch % 2) as usize * self.half
+            + self.comb_at
+            + (src * self.cfg.max_tokens + i) * self.cfg.row_bytes()
+    }
+
+    /// Posts this rank's `count` rows (from `start`) of `kind` for call `epoch` to `dst`.
+    fn announce(
+        &self,
+        dst: usize,
+        kind: usize,
+        count: usize,
+        start: usize,
+        epoch: u64,
+    ) -> Result<()> {
+        let mut slot = [0u8; 24];
+        let words = [count as u64, start as u64];
+        self.mailbox.post(
+            &self.paths[dst],
+            self.comm.rank(),
+            kind,
+            epoch,
+            &words,
+            &mut slot,
+        )
+    }
+
+    /// Waits for `src`'s announcement of `epoch` and returns its count and start, checked:
+    /// `start + count` rows fit in one epoch's region.
+    fn collect(&self, src: usize, kind: usize, epoch: u64) -> Result<(usize, usize)> {
+        let t = self.comm.transport();
+        let deadline = self.comm.deadline();
+        let [count, start, ..] = self
+            .mailbox
+            .collect(t, &self.own, kind, src, epoch, deadline)?;
+        let capacity = (self.comm.world_size() * self.cfg.max_tokens) as u64;
+        if count > self.cfg.max_tokens as u64 || start > capacity || count > capacity - start {
+            return Err(Error::ProtocolViolation(format!(
+                "rank {src} announced {count} rows from {start} during call {epoch}"
+            )));
+        }
+        Ok((count as usize, start as usize))
+    }
+}

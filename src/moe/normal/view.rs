@@ -1,0 +1,148 @@
+//! What a normal-mode dispatch hands the experts: the received rows, checked, and the
+//! region their output goes to.
+
+use super::*;
+use crate::moe::record::TokenRecord;
+
+impl<'a> DispatchView<'a> {
+    /// The configuration of the buffer that received the rows.
+    pub fn config(&self) -> &MoeConfig {
+        &self.buf.cfg
+    }
+
+    /// Rows received from each source rank.
+    pub fn counts(&self) -> &[usize] {
+        &self.buf.recv_counts
+    }
+
+    /// Rows received in all.
+    pub fn len(&self) -> usize {
+        self.buf.recv_counts.iter().sum()
+    }
+
+    /// True when nothing was received.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Row `i` from `src`, its metadata checked (it comes from another process).
+    pub fn row(&self, src: usize, i: usize) -> Result<RecvRow<'a>> {
+        let b: &'a MoeBuffer<'a> = self.buf;
+        let me = b.comm.rank();
+        if src >= b.comm.world_size() || i >= b.recv_counts[src] {
+            return Err(Error::InvalidArgument(format!(
+                "no row {i} from rank {src}"
+            )));
+        }
+        let t = b.comm.transport();
+        let off = b.disp_off(b.disp_epoch, src, i);
+        // SAFETY: announced by the signal the dispatch waited for; not rewritten before the
+        // next-but-one dispatch, which cannot start while this view borrows the buffer.
+        let meta = unsafe { t.local_slice(b.lease.window(), off, b.meta)? };
+        let rb = b.cfg.row_bytes();
+        let data = if src == me {
+            let tok = b.sent[me][i] as usize;
+            let x: &'a [u8] = self.x;
+            &x[tok * rb..(tok + 1) * rb]
+        } else {
+            // SAFETY: as for `meta`.
+            unsafe { t.local_slice(b.lease.window(), off + b.meta, rb)? }
+        };
+        let record = TokenRecord::read(meta, b.cfg.topk);
+        let src_token = record.token();
+        let bad =
+            |what: String| Error::ProtocolViolation(format!("row {i} from rank {src}: {what}"));
+        if src_token >= b.cfg.max_tokens {
+            return Err(bad(format!("token {src_token}")));
+        }
+        let mut experts = Vec::with_capacity(b.cfg.topk);
+        let chosen = record.experts().ok_or_else(|| {
+            bad(format!(
+                "token {src_token} with {} local experts",
+                record.count()
+            ))
+        })?;
+        for (e, w) in chosen {
+            if e < 0
+                || e as usize >= b.cfg.experts
+                || b.placement[e as usize] != me
+                || !w.is_finite()
+            {
+                return Err(bad(format!(
+                    "expert {e} (weight {w}) is not one of this rank's"
+                )));
+            }
+            experts.push((e as usize, w));
+        }
+        Ok(RecvRow {
+            src_rank: src,
+            src_token,
+            experts,
+            data,
+        })
+    }
+
+    /// Every received row, sources in rank order.
+    pub fn rows(&self) -> Result<Vec<RecvRow<'a>>> {
+        (0..self.buf.comm.world_size())
+            .flat_map(|s| (0..self.buf.recv_counts[s]).map(move |i| (s, i)))
+            .map(|(s, i)| self.row(s, i))
+            .collect()
+    }
+
+    /// Where this rank's experts write their output for [`MoeBuffer::combine_in_place`]:
+    /// `len()` rows of the dtype, one per received row in the order of [`Self::rows`],
+    /// each already reduced over this rank's experts. It lives in the registered window, so
+    /// on shared memory the homes read it where it is written.
+    ///
+    /// ```no_run
+    /// # fn main() -> xccl::Result<()> {
+    /// # use xccl::moe::{Dtype, MoeBuffer, MoeConfig};
+    /// # let comm = xccl::Communicator::from_env()?;
+    /// # let mut buf = MoeBuffer::new(&comm, MoeConfig::new(8, 64, 2, 16, Dtype::F32))?;
+    /// # let (x, idx, w): (Vec<u8>, Vec<i64>, Vec<f32>) = (vec![], vec![], vec![]);
+    /// let mut view = buf.dispatch(&x, &idx, &w)?;
+    /// let rows = view.rows()?;
+    /// let output = view.expert_output()?;
+    /// for (row, dst) in rows.iter().zip(output.chunks_mut(64 * 4)) {
+    ///     let w: f32 = row.experts.iter().map(|&(_, w)| w).sum();
+    ///     for (d, s) in dst.chunks_mut(4).zip(row.data.chunks(4)) {
+    ///         let v = w * f32::from_le_bytes(s.try_into().unwrap());
+    ///         d.copy_from_slice(&v.to_le_bytes());
+    ///     }
+    /// }
+    /// let mut out = vec![0u8; x.len()];
+    /// buf.combine_in_place(&mut out)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn expert_output(&mut self) -> Result<&mut [u8]> {
+        let b = self.buf;
+        let len = self.len() * b.cfg.row_bytes();
+        // SAFETY: peers read this epoch's output region only after this rank announces a
+        // combine, which needs the buffer this view borrows; they finished reading it two
+        // dispatches ago (see the module docs). `&mut self` keeps one such slice at a time,
+        // and the region is disjoint from the received rows `row` hands out.
+        unsafe {
+            b.comm
+                .transport()
+                .local_slice_mut(b.lease.window(), b.out_off(b.disp_epoch, 0), len)
+        }
+    }
+
+    /// Received tokens per local expert (this rank's experts in id order).
+    pub fn tokens_per_local_expert(&self) -> Result<Vec<(usize, usize)>> {
+        let me = self.buf.comm.rank();
+        let mut counts: Vec<(usize, usize)> = (0..self.buf.cfg.experts)
+            .filter(|&e| self.buf.placement[e] == me)
+            .map(|e| (e, 0))
+            .collect();
+        for row in self.rows()? {
+            for (e, _) in row.experts {
+                if let Some(c) = counts.iter_mut().find(|(x, _)| *x == e) {
+                    c.1 += 1;
+                }
+            }
+        }
+        Ok(counts)
+    }
+}

@@ -1,0 +1,144 @@
+//! The metadata records MoE dispatch sends with its rows, encoded and decoded in one place:
+//! normal mode's record per (token, expert rank) and low-latency mode's per (token, expert).
+//! Decoding checks what a record can say by itself; callers check it against their call.
+
+/// Normal mode: the token, how many of the receiving rank's experts chose it, those experts
+/// with their gate weights (top-k order), and the INT8 scale. Little-endian:
+/// `token u32 | count u32 | (expert i32, weight f32) × topk | scale f32`, padded to a line.
+pub(super) struct TokenRecord<'m> {
+    bytes: &'m [u8],
+    topk: usize,
+}
+
+impl<'m> TokenRecord<'m> {
+    /// Bytes of one record for `topk` choices (a multiple of 64).
+    pub fn len(topk: usize) -> usize {
+        (12 + 8 * topk).div_ceil(64) * 64
+    }
+
+    /// Writes a record into `out` (`len(topk)` bytes): `token`, the `experts` chosen with
+    /// their weights (at most `topk`), and `scale` (INT8 rows) or zero.
+    pub fn write(
+        out: &mut [u8],
+        topk: usize,
+        token: usize,
+        experts: impl Iterator<Item = (i64, f32)>,
+        scale: Option<f32>,
+    ) {
+        out.fill(0);
+        out[..4].copy_from_slice(&(token as u32).to_le_bytes());
+        let mut count = 0;
+        for (e, w) in experts.take(topk) {
+            let at = 8 + 8 * count;
+            out[at..at + 4].copy_from_slice(&(e as i32).to_le_bytes());
+            out[at + 4..at + 8].copy_from_slice(&w.to_le_bytes());
+            count += 1;
+        }
+        out[4..8].copy_from_slice(&(count as u32).to_le_bytes());
+        let at = 8 + 8 * topk;
+        out[at..at + 4].copy_from_slice(&scale.unwrap_or(0.0).to_le_bytes());
+    }
+
+    /// Reads a record of `topk` choices.
+    pub fn read(bytes: &'m [u8], topk: usize) -> Self {
+        debug_assert!(bytes.len() >= 12 + 8 * topk);
+        TokenRecord { bytes, topk }
+    }
+
+    fn word(&self, at: usize) -> [u8; 4] {
+        self.bytes[at..at + 4].try_into().expect("4 bytes")
+    }
+
+    /// The token's index on its home rank.
+    pub fn token(&self) -> usize {
+        u32::from_le_bytes(self.word(0)) as usize
+    }
+
+    /// How many experts the record says it names.
+    pub fn count(&self) -> usize {
+        u32::from_le_bytes(self.word(4)) as usize
+    }
+
+    /// The experts the record names, with their weights; `None` when it says it names none
+    /// or more than `topk` (the record is corrupt).
+    pub fn experts(&self) -> Option<impl Iterator<Item = (i32, f32)> + '_> {
+        let count = self.count();
+        if count == 0 || count > self.topk {
+            return None;
+        }
+        Some((0..count).map(|j| {
+            let e = i32::from_le_bytes(self.word(8 + 8 * j));
+            (e, f32::from_le_bytes(self.word(12 + 8 * j)))
+        }))
+    }
+
+    /// The INT8 scale's bytes (checked by [`super::quant::landed_scale`]).
+    pub fn scale(&self) -> [u8; 4] {
+        self.word(8 + 8 * self.topk)
+    }
+}
+
+/// Low-latency mode: the token, its gate weight for the expert, and the INT8 scale.
+/// Little-endian `token u32 | weight f32 | scale f32`.
+pub(super) struct SlotRecord;
+
+impl SlotRecord {
+    /// Bytes of one record.
+    pub const LEN: usize = 12;
+
+    /// Writes a record into `out` (`LEN` bytes).
+    pub fn write(out: &mut [u8], token: usize, weight: f32, scale: f32) {
+        out[..4].copy_from_slice(&(token as u32).to_le_bytes());
+        out[4..8].copy_from_slice(&weight.to_le_bytes());
+        out[8..12].copy_from_slice(&scale.to_le_bytes());
+    }
+
+    /// Reads a record: token, weight, and the scale's bytes.
+    pub fn read(bytes: &[u8]) -> (usize, f32, [u8; 4]) {
+        let word = |at: usize| -> [u8; 4] { bytes[at..at + 4].try_into().expect("4 bytes") };
+        (
+            u32::from_le_bytes(word(0)) as usize,
+            f32::from_le_bytes(word(4)),
+            word(8),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_records_round_trip() {
+        let topk = 3;
+        let mut buf = vec![0xAAu8; TokenRecord::len(topk)];
+        assert_eq!(buf.len(), 64);
+        TokenRecord::write(
+            &mut buf,
+            topk,
+            7,
+            [(5, 0.5), (2, 1.5)].into_iter(),
+            Some(0.25),
+        );
+        let r = TokenRecord::read(&buf, topk);
+        assert_eq!(r.token(), 7);
+        assert_eq!(
+            r.experts().unwrap().collect::<Vec<_>>(),
+            [(5, 0.5), (2, 1.5)]
+        );
+        assert_eq!(f32::from_le_bytes(r.scale()), 0.25);
+        // A count past top-k is refused, as is none.
+        buf[4..8].copy_from_slice(&4u32.to_le_bytes());
+        assert!(TokenRecord::read(&buf, topk).experts().is_none());
+        buf[4..8].copy_from_slice(&0u32.to_le_bytes());
+        assert!(TokenRecord::read(&buf, topk).experts().is_none());
+    }
+
+    #[test]
+    fn slot_records_round_trip() {
+        let mut buf = [0u8; SlotRecord::LEN];
+        SlotRecord::write(&mut buf, 3, -2.0, 0.5);
+        let (t, w, s) = SlotRecord::read(&buf);
+        assert_eq!((t, w, f32::from_le_bytes(s)), (3, -2.0, 0.5));
+    }
+}
