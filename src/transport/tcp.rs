@@ -189,13 +189,6 @@ pub fn in_process_with(
     })
 }
 
-fn map_op(op: SignalOp) -> xccl_tcp::SignalOp {
-    match op {
-        SignalOp::Set => xccl_tcp::SignalOp::Set,
-        SignalOp::Add => xccl_tcp::SignalOp::Add,
-    }
-}
-
 impl Transport for TcpTransport {
     fn split(
         &self,
@@ -329,7 +322,7 @@ impl Transport for TcpTransport {
             win.id(),
             offset as u64,
             data,
-            Some((index, map_op(op), value)),
+            Some((index, op == SignalOp::Set, value)),
         )?)
     }
 
@@ -360,7 +353,7 @@ impl Transport for TcpTransport {
     fn signal(&self, peer: usize, index: usize, op: SignalOp, value: u64) -> Result<()> {
         check_peer(peer, self.world)?;
         check_signal(index, self.node.num_signals())?;
-        Ok(self.node.signal(peer, index, map_op(op), value)?)
+        Ok(self.node.signal(peer, index, op == SignalOp::Set, value)?)
     }
 
     fn wait(&self, index: usize, cmp: Cmp, value: u64, deadline: Instant) -> Result<u64> {

@@ -26,5 +26,5 @@ mod region;
 mod signals;
 
 pub use error::{Error, Result};
-pub use node::{Config, Listening, Node, SignalOp, REG_FAILED};
+pub use node::{Config, Listening, Node, REG_FAILED};
 pub use region::Region;

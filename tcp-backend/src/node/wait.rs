@@ -1,0 +1,73 @@
+//! Waiting on signal words and on the count of applied signals, with deadlines.
+
+use super::*;
+
+impl Node {
+    /// Current value of this rank's signal word `index`.
+    pub fn signal_value(&self, index: usize) -> Result<u64> {
+        self.check_index(index)?;
+        Ok(self.shared.signals.load(index))
+    }
+
+    /// Waits until `pred(value)` holds for signal word `index`.
+    pub fn wait(&self, index: usize, pred: impl Fn(u64) -> bool, deadline: Instant) -> Result<u64> {
+        self.check_index(index)?;
+        self.wait_word(index, pred, deadline)
+    }
+
+    /// How many signals this rank has applied (its peers' and its own), ever.
+    pub fn arrivals(&self) -> u64 {
+        self.shared.signals.load(self.shared.signals.arrivals())
+    }
+
+    /// Waits until more than `seen` signals have been applied here.
+    pub fn wait_arrivals(&self, seen: u64, deadline: Instant) -> Result<u64> {
+        self.wait_word(self.shared.signals.arrivals(), |v| v > seen, deadline)
+    }
+
+    pub(super) fn wait_word(
+        &self,
+        index: usize,
+        pred: impl Fn(u64) -> bool,
+        deadline: Instant,
+    ) -> Result<u64> {
+        if let Some(e) = self.shared.interrupted() {
+            return Err(e);
+        }
+        // Poll the links in this thread for a while (no wake-up of another thread on the
+        // critical path), then sleep while the progress threads apply what arrives.
+        let start = Instant::now();
+        let mut n = 0u32;
+        let polling = Polling::new(&self.shared);
+        loop {
+            let v = self.shared.signals.load(index);
+            if pred(v) {
+                return Ok(v);
+            }
+            try_progress_all(&self.shared);
+            n += 1;
+            if n % 16 == 0 {
+                if let Some(e) = self.shared.interrupted() {
+                    return Err(e);
+                }
+                let now = Instant::now();
+                if now >= deadline || now - start >= self.shared.cfg.poll {
+                    break;
+                }
+            }
+        }
+        polling.hand_back();
+        match self
+            .shared
+            .signals
+            .wait_until(index, pred, deadline, Duration::ZERO, || {
+                self.shared.interrupted()
+            }) {
+            Outcome::Ready(v) => Ok(v),
+            Outcome::Interrupted(e) => Err(e),
+            Outcome::TimedOut(v) => Err(Error::Timeout(format!(
+                "waiting on signal {index} (last seen {v})"
+            ))),
+        }
+    }
+}
