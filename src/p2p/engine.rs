@@ -7,65 +7,25 @@
 //! is drained into an unexpected-message buffer, so the sender never stalls on a receiver that
 //! is busy sending (no deadlock when both directions run at once).
 
+use super::matching::{gather, Channel, Kind, OpState, RecvSegs, State, Taken};
+pub(crate) use super::matching::{OpId, SendSegs};
+use super::wait::quick_wait;
 use super::wire::{ChunkHeader, HEADER_LEN, INLINE_MAX, MARKER_LEN};
 use crate::error::{Error, Result};
 use crate::size::Sizer;
-use crate::transport::{Cmp, Doorbell, MappedMem, PeerPath, SignalOp, Stores, Transport};
+use crate::transport::{Doorbell, MappedMem, PeerPath, SignalOp, Stores, Transport};
 use crate::{Communicator, Lease};
-use smallvec::SmallVec;
-use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-
-pub(crate) type OpId = u64;
-/// Source segments of a send (one for a plain buffer, several for vectored sends).
-pub(crate) type SendSegs = SmallVec<[(*const u8, usize); 2]>;
-/// Destination segments of a receive.
-pub(crate) type RecvSegs = SmallVec<[(*mut u8, usize); 2]>;
 /// How long no chunk may move before messages without a posted receive are drained into
 /// the unexpected buffer. Until then they wait in the ring, so a receive posted a little
 /// late still gets its data with one copy; after it, a rank blocked in a send keeps taking
 /// what its peers send, so blocking sends in a cycle cannot deadlock.
-const DRAIN_AFTER: Duration = Duration::from_micros(50);
-
-type OpMap = crate::id_map::IdMap<Op>;
-
-/// What a waiting op sleeps on.
-enum Wake {
-    /// One source's next chunk (source, chunks consumed so far): the engine's only op is a
-    /// receive, so one cache line is all there is to watch (the chunk's header marker, or
-    /// the source's head counter). The wait comes back after a slice (growing while nothing
-    /// happens) to progress every channel, so other ranks' traffic is never left waiting.
-    Focused(usize, u64),
-    /// The doorbell, briefly: a message is parked in a ring and may need draining.
-    Drain,
-    /// The doorbell, which every arrival and credit bumps.
-    Doorbell,
-}
+pub(super) const DRAIN_AFTER: Duration = Duration::from_micros(50);
 
 /// Messages of at least this many bytes are written into mapped rings with non-temporal
 /// stores.
 const STREAM_MESSAGE: u64 = 8 << 20;
-/// Polls of the wake word before a wait that reads the clock.
-const QUICK_POLLS: usize = 64;
-/// How long a receive first watches its source's next chunk (the marker where windows are
-/// mapped; elsewhere the head counter, reading the links meanwhile) before the general path,
-/// unless this host's ranks outnumber its CPUs: a spinning rank then holds the core the
-/// sender needs, so it looks only briefly.
-const QUICK_WAIT: Duration = Duration::from_micros(20);
-
-fn quick_wait(comm: &Communicator) -> Duration {
-    // SAFETY: sysconf has no preconditions.
-    let cores = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
-    if comm.info().local_size > cores {
-        Duration::ZERO
-    } else {
-        QUICK_WAIT
-    }
-}
-
-/// First slice of a focused wait.
-const FOCUS_SLICE: Duration = Duration::from_micros(100);
 const PAGE: usize = 4096;
 
 /// Sizing of an engine's rings.
@@ -86,182 +46,27 @@ impl Default for P2pConfig {
     }
 }
 
-enum OpState {
-    Pending,
-    Done(u64),
-    Failed(Error),
-}
-
-struct SendOp {
-    peer: usize,
-    tag: u64,
-    segs: SendSegs,
-    total: u64,
-    sent: u64,
-    started: bool,
-}
-
-struct RecvOp {
-    src: usize,
-    tag: u64,
-    segs: RecvSegs,
-    cap: u64,
-    /// Collective mode: takes the next message from `src` whatever its tag, and fails unless
-    /// tag and length are exactly as expected (ranks called different collectives, or
-    /// disagree on counts).
-    exact: bool,
-}
-
-enum Kind {
-    Send(SendOp),
-    Recv(RecvOp),
-}
-
-struct Op {
-    kind: Kind,
-    state: OpState,
-}
-
-enum Dest {
-    Posted(OpId),
-    Unexpected,
-    Sink,
-}
-
-struct Incoming {
-    dest: Dest,
-    tag: u64,
-    total: u64,
-    got: u64,
-}
-
-struct Unexpected {
-    tag: u64,
-    total: u64,
-    data: Vec<u8>,
-    complete: bool,
-}
-
-#[derive(Default)]
-struct Channel {
-    sent_chunks: u64,
-    send_q: VecDeque<OpId>,
-    consumed: u64,
-    /// Chunks whose credit has been returned to the sender (credits go back in batches).
-    credited: u64,
-    incoming: Option<Incoming>,
-    posted: VecDeque<OpId>,
-    unexpected: VecDeque<Unexpected>,
-}
-
-pub(crate) struct State {
-    ops: OpMap,
-    next_id: OpId,
-    ch: Vec<Channel>,
-    poisoned: Option<String>,
-    /// When a chunk last moved in either direction.
-    /// When the current run of passes that moved nothing began (`None` while chunks move);
-    /// the clock is read only once nothing moves.
-    stalled_since: Option<Instant>,
-    /// The last pass left a message in a ring because no receive was posted for it.
-    undrained: bool,
-}
-
-// SAFETY: the raw pointers in pending ops point at buffers borrowed by a live `Scope` (see
-// `request.rs`): they are used only under the engine's mutex while the op is in `ops`, and
-// every op of a scope is removed before the scope (and so the borrow) ends.
-unsafe impl Send for State {}
-
-/// Why a message does not fit the receive posted for it, if it does not.
-fn size_problem(src: usize, tag: u64, total: u64, r: &RecvOp) -> Option<Error> {
-    let (cap, exact) = (r.cap, r.exact);
-    if exact && tag != r.tag {
-        Some(Error::ConfigMismatch(format!(
-            "rank {src} is in collective {tag:#x} while this rank is in {:#x} (collectives called in different orders)",
-            r.tag
-        )))
-    } else if exact && total != cap {
-        Some(Error::InvalidArgument(format!(
-            "rank {src} sent {total} bytes where {cap} were expected (counts disagree)"
-        )))
-    } else if total > cap {
-        Some(Error::InvalidArgument(format!(
-            "message of {total} bytes from rank {src} does not fit the {cap}-byte receive buffer"
-        )))
-    } else {
-        None
-    }
-}
-
-/// Copies `data` into the segments starting at message offset `off`.
-///
-/// # Safety
-/// Every segment must be valid for writes of its length and not aliased by `data`.
-unsafe fn scatter(segs: &[(*mut u8, usize)], mut off: u64, mut data: &[u8]) {
-    for &(p, len) in segs {
-        if data.is_empty() {
-            break;
-        }
-        if off >= len as u64 {
-            off -= len as u64;
-            continue;
-        }
-        let n = (len - off as usize).min(data.len());
-        // SAFETY: `off + n <= len` for this segment, which the caller guarantees writable.
-        unsafe { crate::copy::copy_bytes(p.add(off as usize), data.as_ptr(), n) };
-        data = &data[n..];
-        off = 0;
-    }
-}
-
-/// The pieces of the segments covering message bytes `off .. off + len`.
-///
-/// # Safety
-/// Every segment must be valid for reads of its length for the returned lifetime.
-unsafe fn gather<'a>(
-    segs: &[(*const u8, usize)],
-    mut off: u64,
-    mut len: usize,
-) -> SmallVec<[&'a [u8]; 2]> {
-    let mut out = SmallVec::new();
-    for &(p, l) in segs {
-        if len == 0 {
-            break;
-        }
-        if off >= l as u64 {
-            off -= l as u64;
-            continue;
-        }
-        let n = (l - off as usize).min(len);
-        // SAFETY: `off + n <= l`, readable by the caller's guarantee.
-        out.push(unsafe { std::slice::from_raw_parts(p.add(off as usize), n) });
-        len -= n;
-        off = 0;
-    }
-    out
-}
-
 /// The engine: rings in one registered window, counters in the communicator's signals.
 pub(crate) struct Engine<'c> {
     pub(crate) comm: &'c Communicator,
     /// The rings' window and the counters' signal words.
-    lease: Lease<'c>,
-    slots: usize,
-    slot_bytes: usize,
-    head_base: usize,
-    credit_base: usize,
-    hdr_base: usize,
+    pub(super) lease: Lease<'c>,
+    pub(super) slots: usize,
+    pub(super) slot_bytes: usize,
+    pub(super) head_base: usize,
+    pub(super) credit_base: usize,
+    pub(super) hdr_base: usize,
     /// This rank's path to each rank's rings, by rank: mapped (chunks announced by a marker
     /// in the header) or network (by the head counter).
-    paths: Vec<PeerPath<'c>>,
+    pub(super) paths: Vec<PeerPath<'c>>,
     /// This rank's own rings, where senders' headers land.
-    own: MappedMem,
+    pub(super) own: MappedMem,
     /// What a receiver waiting for anything sleeps on.
-    doorbell: Doorbell<'c>,
+    pub(super) doorbell: Doorbell<'c>,
     /// How long a blocking receive first watches its source's next chunk (see
     /// `arrives_soon`).
-    quick_wait: Duration,
-    state: Mutex<State>,
+    pub(super) quick_wait: Duration,
+    pub(super) state: Mutex<State>,
 }
 
 impl<'c> Engine<'c> {
@@ -290,8 +95,6 @@ impl<'c> Engine<'c> {
         let paths = t.paths(lease.window())?;
         let own = t.local_mem(lease.window())?;
         let doorbell = Doorbell::new(t, lease.window(), ring_bytes + hdr_bytes, head_base + 2 * n)?;
-        let mut ch = Vec::with_capacity(n);
-        ch.resize_with(n, Channel::default);
         Ok(Engine {
             comm,
             lease,
@@ -304,14 +107,7 @@ impl<'c> Engine<'c> {
             own,
             doorbell,
             quick_wait: quick_wait(comm),
-            state: Mutex::new(State {
-                ops: OpMap::default(),
-                next_id: 1,
-                ch,
-                poisoned: None,
-                stalled_since: None,
-                undrained: false,
-            }),
+            state: Mutex::new(State::new(n)),
         })
     }
 
@@ -324,15 +120,14 @@ impl<'c> Engine<'c> {
 
     /// Marks the lease busy when a message is under way or the engine is poisoned: its
     /// words must not be reused.
-    fn mark_if_busy(&self) {
+    pub(super) fn mark_if_busy(&self) {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if st.poisoned.is_some() || !st.ops.is_empty() || st.ch.iter().any(|c| c.incoming.is_some())
-        {
+        if st.busy() {
             self.lease.enter();
         }
     }
 
-    fn t(&self) -> &dyn Transport {
+    pub(super) fn t(&self) -> &dyn Transport {
         self.comm.transport()
     }
 
@@ -342,7 +137,7 @@ impl<'c> Engine<'c> {
     ///
     /// Where `peer`'s window is not mapped (tcp), the network pipelines already and every
     /// chunk costs frames and a credit round trip: chunks are as large as a slot.
-    fn chunk_len(&self, peer: usize, total: u64) -> usize {
+    pub(super) fn chunk_len(&self, peer: usize, total: u64) -> usize {
         if !self.paths[peer].is_mapped() {
             return self.slot_bytes;
         }
@@ -352,13 +147,13 @@ impl<'c> Engine<'c> {
     }
 
     /// A put into `peer`'s rings.
-    fn put(&self, peer: usize, off: usize, data: &[u8]) -> Result<()> {
+    pub(super) fn put(&self, peer: usize, off: usize, data: &[u8]) -> Result<()> {
         self.paths[peer].put(off, data, Stores::Cached)
     }
 
     /// Whether `peer`'s ring has a free slot for chunk `n` (its credits say it consumed
     /// chunk `n - slots`).
-    fn has_room(&self, peer: usize, n: u64) -> Result<bool> {
+    pub(super) fn has_room(&self, peer: usize, n: u64) -> Result<bool> {
         let slots = self.slots as u64;
         Ok(n < slots || self.t().signal_value(self.credit_base + peer)? >= n + 1 - slots)
     }
@@ -366,7 +161,7 @@ impl<'c> Engine<'c> {
     /// Returns `src` the credits of the chunks consumed from it, once half the ring is
     /// consumed: the sender is never blocked by withheld credits (at most `slots - 1` chunks
     /// are ever withheld), and a short exchange costs one signal fewer on its critical path.
-    fn return_credits(&self, ch: &mut Channel, src: usize) -> Result<()> {
+    pub(super) fn return_credits(&self, ch: &mut Channel, src: usize) -> Result<()> {
         let back = ch.consumed - ch.credited;
         if back >= (self.slots as u64).div_ceil(2) {
             self.t().signal(
@@ -386,7 +181,12 @@ impl<'c> Engine<'c> {
     /// marker last with Release, so a receiver polling the marker (Acquire, in `arrived`) sees
     /// a complete header without any head signal. Elsewhere the header and the head signal
     /// travel together (one frame over tcp). Then the doorbell, for a parked receiver.
-    fn publish_chunk(&self, peer: usize, slot: usize, bytes: &[u8; HEADER_LEN]) -> Result<()> {
+    pub(super) fn publish_chunk(
+        &self,
+        peer: usize,
+        slot: usize,
+        bytes: &[u8; HEADER_LEN],
+    ) -> Result<()> {
         let me = self.comm.rank();
         let off = self.header_off(me, slot);
         let path = &self.paths[peer];
@@ -401,33 +201,9 @@ impl<'c> Engine<'c> {
         self.doorbell.ring(path)
     }
 
-    /// Waits briefly for chunk `n` from `src`; true once it is here. Where the window is
-    /// mapped, spins on its marker; elsewhere waits on the head counter through the
-    /// transport, which meanwhile reads the links itself (a tcp receiver that only looked at
-    /// the counter would wait for a progress thread to wake up).
-    fn arrives_soon(&self, src: usize, n: u64) -> bool {
-        let until = Instant::now() + self.quick_wait;
-        if self.paths[src].is_mapped() {
-            loop {
-                if (0..QUICK_POLLS).any(|_| {
-                    std::hint::spin_loop();
-                    self.arrived(src, n).unwrap_or(true)
-                }) {
-                    return true;
-                }
-                if Instant::now() >= until {
-                    return false;
-                }
-            }
-        }
-        self.t()
-            .wait(self.head_base + src, Cmp::Gt, n, until)
-            .is_ok()
-    }
-
     /// Whether chunk `n` from `src` has arrived in this rank's ring: its header's marker where
     /// the window is mapped here (one cache line to watch), else the head counter.
-    fn arrived(&self, src: usize, n: u64) -> Result<bool> {
+    pub(super) fn arrived(&self, src: usize, n: u64) -> Result<bool> {
         if self.paths[src].is_mapped() {
             let off = self.header_off(src, (n % self.slots as u64) as usize);
             // SYNC POINT: Acquire load; partner of the Release store in `publish_chunk`.
@@ -438,15 +214,15 @@ impl<'c> Engine<'c> {
     }
 
     /// Reads from this rank's own rings.
-    fn read_own(&self, off: usize, out: &mut [u8]) -> Result<()> {
+    pub(super) fn read_own(&self, off: usize, out: &mut [u8]) -> Result<()> {
         self.own.read(off, out)
     }
 
-    fn payload_off(&self, src: usize, slot: usize) -> usize {
+    pub(super) fn payload_off(&self, src: usize, slot: usize) -> usize {
         (src * self.slots + slot) * self.slot_bytes
     }
 
-    fn header_off(&self, src: usize, slot: usize) -> usize {
+    pub(super) fn header_off(&self, src: usize, slot: usize) -> usize {
         self.hdr_base + (src * self.slots + slot) * HEADER_LEN
     }
 
@@ -502,10 +278,7 @@ impl<'c> Engine<'c> {
     /// general path, which finds the chunk where it was left.
     pub(crate) fn recv_now(&self, src: usize, tag: u64, buf: &mut [u8]) -> Result<Option<usize>> {
         crate::transport::check_peer(src, self.comm.world_size())?;
-        let idle = |st: &State| {
-            let ch = &st.ch[src];
-            ch.posted.is_empty() && ch.incoming.is_none() && ch.unexpected.is_empty()
-        };
+        let idle = |st: &State| st.idle_from(src);
         let n = {
             let st = self.lock()?;
             if !idle(&st) {
@@ -557,26 +330,7 @@ impl<'c> Engine<'c> {
     /// Queues a send of the segments (all bytes, in order) to `peer`.
     pub(crate) fn post_send(&self, peer: usize, tag: u64, segs: SendSegs) -> Result<OpId> {
         crate::transport::check_peer(peer, self.comm.world_size())?;
-        let total = segs.iter().map(|&(_, l)| l as u64).sum();
-        let mut st = self.lock()?;
-        let id = st.next_id;
-        st.next_id += 1;
-        st.ops.insert(
-            id,
-            Op {
-                kind: Kind::Send(SendOp {
-                    peer,
-                    tag,
-                    segs,
-                    total,
-                    sent: 0,
-                    started: false,
-                }),
-                state: OpState::Pending,
-            },
-        );
-        st.ch[peer].send_q.push_back(id);
-        Ok(id)
+        Ok(self.lock()?.add_send(peer, tag, segs))
     }
 
     /// Posts a receive from `src` into the segments; `exact` demands the message fill them.
@@ -588,63 +342,7 @@ impl<'c> Engine<'c> {
         exact: bool,
     ) -> Result<OpId> {
         crate::transport::check_peer(src, self.comm.world_size())?;
-        let cap: u64 = segs.iter().map(|&(_, l)| l as u64).sum();
-        let mut st = self.lock()?;
-        let id = st.next_id;
-        st.next_id += 1;
-        let st = &mut *st;
-        let ch = &mut st.ch[src];
-        let mut state = OpState::Pending;
-        let op = RecvOp {
-            src,
-            tag,
-            segs,
-            cap,
-            exact,
-        };
-        let found = if exact {
-            (!ch.unexpected.is_empty()).then_some(0)
-        } else {
-            ch.unexpected.iter().position(|u| u.tag == tag)
-        };
-        if let Some(pos) = found {
-            let u = ch.unexpected.remove(pos).expect("position is valid");
-            match size_problem(src, u.tag, u.total, &op) {
-                Some(e) => {
-                    state = OpState::Failed(e);
-                    if !u.complete {
-                        // The rest of this message is still arriving: discard it.
-                        ch.incoming
-                            .as_mut()
-                            .expect("an incomplete message is incoming")
-                            .dest = Dest::Sink;
-                    }
-                }
-                None => {
-                    // SAFETY: the segments come from live `&mut` borrows held by the caller's
-                    // scope; `u.data` is engine-owned, so they cannot overlap.
-                    unsafe { scatter(&op.segs, 0, &u.data) };
-                    if u.complete {
-                        state = OpState::Done(u.total);
-                    } else {
-                        ch.incoming
-                            .as_mut()
-                            .expect("an incomplete message is incoming")
-                            .dest = Dest::Posted(id);
-                    }
-                }
-            }
-        } else {
-            ch.posted.push_back(id);
-        }
-        st.ops.insert(
-            id,
-            Op {
-                kind: Kind::Recv(op),
-                state,
-            },
-        );
-        Ok(id)
+        Ok(self.lock()?.add_recv(src, tag, segs, exact))
     }
 
     /// Moves every channel forward as far as possible without waiting. Messages nobody has
@@ -669,7 +367,7 @@ impl<'c> Engine<'c> {
     }
 
     /// One pass over every channel; true if any chunk moved.
-    fn pass(&self, st: &mut State, drain: bool) -> Result<bool> {
+    pub(super) fn pass(&self, st: &mut State, drain: bool) -> Result<bool> {
         st.undrained = false;
         let mut moved = false;
         for p in 0..self.comm.world_size() {
@@ -679,7 +377,7 @@ impl<'c> Engine<'c> {
         Ok(moved)
     }
 
-    fn progress_send(&self, st: &mut State, peer: usize) -> Result<bool> {
+    pub(super) fn progress_send(&self, st: &mut State, peer: usize) -> Result<bool> {
         let me = self.comm.rank();
         let mut moved = false;
         loop {
@@ -739,18 +437,13 @@ impl<'c> Engine<'c> {
         }
     }
 
-    fn progress_recv(&self, st: &mut State, src: usize, drain: bool) -> Result<bool> {
-        let State {
-            ops,
-            ch: chans,
-            undrained,
-            ..
-        } = st;
-        let ch = &mut chans[src];
+    /// Takes every chunk that has arrived from `src` (see [`State::take_chunk`]); true if
+    /// any moved.
+    pub(super) fn progress_recv(&self, st: &mut State, src: usize, drain: bool) -> Result<bool> {
         let mut moved = false;
         loop {
-            self.return_credits(ch, src)?;
-            let n = ch.consumed;
+            self.return_credits(&mut st.ch[src], src)?;
+            let n = st.ch[src].consumed;
             if !self.arrived(src, n)? {
                 return Ok(moved);
             }
@@ -762,216 +455,17 @@ impl<'c> Engine<'c> {
                 h.inline_bytes(&hb)
             } else {
                 // SAFETY: the sender wrote this slot before the header or head signal observed
-                // above and will not write it again before this rank's credit below; `slice`
+                // above and will not write it again before this rank's credit for it; `slice`
                 // checks the range.
                 unsafe {
                     self.own
                         .slice(self.payload_off(src, slot), h.len as usize)?
                 }
             };
-            if ch.incoming.is_none() {
-                if h.offset != 0 {
-                    return Err(Error::ProtocolViolation(format!(
-                        "rank {src} started a message at offset {}",
-                        h.offset
-                    )));
-                }
-                let pos = ch.posted.iter().position(|id| match &ops[id].kind {
-                    Kind::Recv(r) => r.exact || r.tag == h.tag,
-                    Kind::Send(_) => false,
-                });
-                if pos.is_none() && !drain {
-                    *undrained = true;
-                    return Ok(moved);
-                }
-                let dest = match pos {
-                    Some(pos) => {
-                        let id = ch.posted.remove(pos).expect("valid position");
-                        let op = ops.get_mut(&id).expect("posted op exists");
-                        let Kind::Recv(r) = &op.kind else {
-                            unreachable!("posted holds receives")
-                        };
-                        match size_problem(src, h.tag, h.total, r) {
-                            Some(e) => {
-                                op.state = OpState::Failed(e);
-                                Dest::Sink
-                            }
-                            None => Dest::Posted(id),
-                        }
-                    }
-                    None => {
-                        ch.unexpected.push_back(Unexpected {
-                            tag: h.tag,
-                            total: h.total,
-                            data: Vec::new(),
-                            complete: false,
-                        });
-                        Dest::Unexpected
-                    }
-                };
-                ch.incoming = Some(Incoming {
-                    dest,
-                    tag: h.tag,
-                    total: h.total,
-                    got: 0,
-                });
+            if st.take_chunk(src, &h, payload, drain)? == Taken::Parked {
+                return Ok(moved);
             }
-            let inc = ch.incoming.as_mut().expect("set above");
-            if h.tag != inc.tag || h.total != inc.total || h.offset != inc.got {
-                return Err(Error::ProtocolViolation(format!(
-                    "rank {src} sent chunk (tag {}, total {}, offset {}) inside message (tag {}, total {}, at {})",
-                    h.tag, h.total, h.offset, inc.tag, inc.total, inc.got
-                )));
-            }
-            match inc.dest {
-                Dest::Posted(id) => {
-                    let Kind::Recv(r) = &ops[&id].kind else {
-                        unreachable!("posted holds receives")
-                    };
-                    // SAFETY: the receive's segments are live `&mut` borrows of its scope and
-                    // do not overlap window memory.
-                    unsafe { scatter(&r.segs, inc.got, payload) };
-                }
-                Dest::Unexpected => ch
-                    .unexpected
-                    .back_mut()
-                    .expect("pushed above")
-                    .data
-                    .extend_from_slice(payload),
-                Dest::Sink => {}
-            }
-            inc.got += h.len;
-            ch.consumed += 1;
             moved = true;
-            if inc.got == inc.total {
-                match inc.dest {
-                    Dest::Posted(id) => {
-                        ops.get_mut(&id).expect("posted op exists").state =
-                            OpState::Done(inc.total);
-                    }
-                    Dest::Unexpected => {
-                        ch.unexpected.back_mut().expect("pushed above").complete = true
-                    }
-                    Dest::Sink => {}
-                }
-                ch.incoming = None;
-            }
-        }
-    }
-
-    /// Progresses once; `Some` when op `id` has ended (it is then removed).
-    pub(crate) fn test(&self, id: OpId) -> Result<Option<u64>> {
-        self.test_inner(id).map(|(r, _)| r)
-    }
-
-    /// As `test`, also telling whether a message is parked in a ring awaiting a receive.
-    fn test_inner(&self, id: OpId) -> Result<(Option<u64>, Wake)> {
-        let mut st = self.lock()?;
-        self.progress(&mut st)?;
-        let wake = match st.ops.get(&id) {
-            Some(Op {
-                kind: Kind::Recv(r),
-                state: OpState::Pending,
-            }) if st.ops.len() == 1 && !st.undrained => Wake::Focused(r.src, st.ch[r.src].consumed),
-            _ if st.undrained => Wake::Drain,
-            _ => Wake::Doorbell,
-        };
-        Ok((Self::collect(&mut st, id)?, wake))
-    }
-
-    fn collect(st: &mut State, id: OpId) -> Result<Option<u64>> {
-        match st.ops.get(&id).map(|o| &o.state) {
-            None => Err(Error::InvalidUsage(format!(
-                "request {id} already completed"
-            ))),
-            Some(OpState::Pending) => Ok(None),
-            Some(_) => match st.ops.remove(&id).expect("present").state {
-                OpState::Done(n) => Ok(Some(n)),
-                OpState::Failed(e) => Err(e),
-                OpState::Pending => unreachable!("checked above"),
-            },
-        }
-    }
-
-    /// Whether op `id` is still registered (not yet collected).
-    pub(crate) fn is_live(&self, id: OpId) -> bool {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .ops
-            .contains_key(&id)
-    }
-
-    /// Waits until op `id` ends or `deadline` passes, driving every channel meanwhile.
-    pub(crate) fn wait(&self, id: OpId, deadline: Instant) -> Result<u64> {
-        self.wait_inner(id, Some(deadline))
-    }
-
-    /// Waits with the communicator's timeout, starting the clock only if the op does not
-    /// complete at once (a blocking call on a short message reads no clock at all).
-    pub(crate) fn wait_default(&self, id: OpId) -> Result<u64> {
-        self.wait_inner(id, None)
-    }
-
-    fn wait_inner(&self, id: OpId, deadline: Option<Instant>) -> Result<u64> {
-        let mut fixed = deadline;
-        let mut deadline = || *fixed.get_or_insert_with(|| self.comm.deadline());
-        let t = self.t();
-        let mut slice = FOCUS_SLICE;
-        loop {
-            let (done, wake) = self.test_inner(id)?;
-            if let Some(n) = done {
-                return Ok(n);
-            }
-            if let Wake::Focused(src, consumed) = wake {
-                // Poll briefly before anything that reads the clock: most waits for a short
-                // message end here.
-                if self.arrives_soon(src, consumed) {
-                    continue;
-                }
-            }
-            // Where windows are mapped, senders announce chunks by marker and doorbell only:
-            // a receiver that must sleep arms the doorbell.
-            let wake = match wake {
-                Wake::Focused(src, _) if self.paths[src].is_mapped() => Wake::Doorbell,
-                w => w,
-            };
-            let (until, r) = match wake {
-                Wake::Focused(src, consumed) => {
-                    let until = deadline().min(Instant::now() + slice);
-                    slice = (slice * 2).min(Duration::from_millis(10));
-                    (
-                        until,
-                        t.wait(self.head_base + src, Cmp::Gt, consumed, until),
-                    )
-                }
-                Wake::Drain | Wake::Doorbell => {
-                    // Arm, so that peers ring the doorbell, then look once more for anything
-                    // that arrived before they could see this rank armed.
-                    let _armed = self.doorbell.arm()?;
-                    let seen = self.doorbell.seen()?;
-                    if let (Some(n), _) = self.test_inner(id)? {
-                        return Ok(n);
-                    }
-                    let until = match wake {
-                        // With a message parked in a ring, come back in time to drain it.
-                        Wake::Drain => deadline().min(Instant::now() + DRAIN_AFTER),
-                        _ => deadline(),
-                    };
-                    (until, self.doorbell.wait(seen, until))
-                }
-            };
-            match r {
-                Ok(_) => slice = FOCUS_SLICE,
-                Err(Error::Timeout { .. }) if until < deadline() => {}
-                Err(Error::Timeout { .. }) => {
-                    return Err(Error::Timeout {
-                        op: format!("point-to-point request {id}"),
-                        waited: self.comm.timeout(),
-                    })
-                }
-                Err(e) => return Err(e),
-            }
         }
     }
 
@@ -981,29 +475,7 @@ impl<'c> Engine<'c> {
     /// communicator is aborted (peers then fail instead of waiting for the rest).
     pub(crate) fn cancel(&self, ids: &[OpId]) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let mut must_abort = false;
-        for id in ids {
-            let Some(op) = st.ops.remove(id) else {
-                continue;
-            };
-            match op.kind {
-                Kind::Send(s) => {
-                    st.ch[s.peer].send_q.retain(|x| x != id);
-                    if s.started && s.sent < s.total {
-                        must_abort = true;
-                    }
-                }
-                Kind::Recv(r) => {
-                    let ch = &mut st.ch[r.src];
-                    ch.posted.retain(|x| x != id);
-                    if let Some(inc) = &mut ch.incoming {
-                        if matches!(inc.dest, Dest::Posted(p) if p == *id) {
-                            inc.dest = Dest::Sink;
-                        }
-                    }
-                }
-            }
-        }
+        let must_abort = st.cancel(ids);
         if must_abort {
             st.poisoned = Some("a message was abandoned half sent".into());
             drop(st);

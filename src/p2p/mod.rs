@@ -30,7 +30,9 @@
 //! ```
 
 mod engine;
+mod matching;
 mod request;
+mod wait;
 mod wire;
 
 pub use engine::P2pConfig;
