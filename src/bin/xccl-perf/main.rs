@@ -9,6 +9,7 @@ mod options;
 mod pingpong;
 mod report;
 mod sendrecv;
+mod session;
 mod tcp_baseline;
 
 use clap::Parser;

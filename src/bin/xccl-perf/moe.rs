@@ -9,10 +9,11 @@
 use crate::memcpy_baseline::Memcpy;
 use crate::options::{MoeArgs, Routing};
 use crate::report::{self, MoeFields, Row};
-use std::time::{Duration, Instant};
+use crate::session;
+use std::time::Instant;
 use xccl::coll::{Coll, ReduceOp};
-use xccl::moe::{Dtype, LowLatencyBuffer, MoeBuffer, MoeConfig};
-use xccl::{Backend, Communicator, Error, Result};
+use xccl::moe::{Dispatched, Dispatcher, Dtype, Mode, MoeConfig};
+use xccl::{Communicator, Error, Result};
 
 /// splitmix64: the routing and data of a seed, identical on every run.
 struct Rng(u64);
@@ -74,90 +75,55 @@ pub enum Phase {
     Both,
 }
 
-pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
-    let c = &a.common;
-    let dtype = match a.dtype.as_str() {
-        "f32" => Dtype::F32,
-        "f16" => Dtype::F16,
-        _ => Dtype::Bf16,
-    };
-    let comm = Communicator::builder()
-        .backend(c.backend.parse::<Backend>()?)
-        .timeout(Duration::from_secs_f64(c.timeout))
-        .build()?;
-    let (me, n) = (comm.rank(), comm.world_size());
-    if a.topk == 0 || a.topk > a.experts {
-        return Err(Error::InvalidArgument(format!(
-            "--topk {} with --experts {}",
-            a.topk, a.experts
-        )));
+/// One rank's inputs: seeded rows, routing and weights.
+struct Workload {
+    cfg: MoeConfig,
+    x: Vec<u8>,
+    idx: Vec<i64>,
+    w: Vec<f32>,
+}
+
+impl Workload {
+    fn new(a: &MoeArgs, dtype: Dtype, me: usize) -> Self {
+        let mut cfg = MoeConfig::new(a.experts, a.hidden, a.topk, a.tokens.max(1), dtype);
+        cfg.int8_dispatch = a.dtype == "int8";
+        let (t_count, h, k) = (a.tokens, a.hidden, a.topk);
+        let mut rng = Rng(a.seed ^ (me as u64).wrapping_mul(0x1234_5678_9abc));
+        let mut x = vec![0u8; t_count * cfg.row_bytes()];
+        for i in 0..t_count * h {
+            dtype.store(&mut x, i, rng.unit() * 2.0 - 1.0);
+        }
+        let idx = route(a.routing, &mut rng, t_count, k, a.experts);
+        let w: Vec<f32> = (0..t_count * k).map(|_| 0.1 + 0.9 * rng.unit()).collect();
+        Workload { cfg, x, idx, w }
     }
-    let mut cfg = MoeConfig::new(a.experts, a.hidden, a.topk, a.tokens.max(1), dtype);
-    cfg.int8_dispatch = a.dtype == "int8";
-    let ll = a.mode == "low-latency";
-    let mut buf = if ll {
-        None
-    } else {
-        Some(MoeBuffer::new(&comm, cfg.clone())?)
-    };
-    let mut llbuf = if ll {
-        Some(LowLatencyBuffer::new(&comm, cfg.clone())?)
-    } else {
-        None
-    };
-    let coll = Coll::new(&comm)?;
-    let (t_count, h, k) = (a.tokens, a.hidden, a.topk);
-    let mut rng = Rng(a.seed ^ (me as u64).wrapping_mul(0x1234_5678_9abc));
-    let mut x = vec![0u8; t_count * cfg.row_bytes()];
-    for i in 0..t_count * h {
-        dtype.store(&mut x, i, rng.unit() * 2.0 - 1.0);
+
+    /// Rows this rank sends to other ranks: once per (token, destination rank) in normal
+    /// mode, once per (token, expert) in low-latency mode.
+    fn rows_out(&self, placement: &[usize], me: usize, ll: bool) -> u64 {
+        let k = self.cfg.topk;
+        self.idx
+            .chunks(k)
+            .map(|choice| {
+                let mut ranks: Vec<usize> = choice.iter().map(|&e| placement[e as usize]).collect();
+                if !ll {
+                    ranks.sort_unstable();
+                    ranks.dedup();
+                }
+                ranks.iter().filter(|&&r| r != me).count() as u64
+            })
+            .sum()
     }
-    let idx = route(a.routing, &mut rng, t_count, k, a.experts);
-    let w: Vec<f32> = (0..t_count * k).map(|_| 0.1 + 0.9 * rng.unit()).collect();
-    let placement = cfg.placement_for(n)?;
-    // Rows this rank sends to other ranks (for GB/s), summed over ranks.
-    let mut cross = [(0..t_count)
-        .map(|t| {
-            let mut ranks: Vec<usize> = idx[t * k..(t + 1) * k]
-                .iter()
-                .map(|&e| placement[e as usize])
-                .collect();
-            if !ll {
-                // Normal mode sends a token once per destination rank.
-                ranks.sort_unstable();
-                ranks.dedup();
-            }
-            ranks.iter().filter(|&&r| r != me).count() as u64
-        })
-        .sum::<u64>()];
-    let my_bytes = cross[0] as usize * cfg.row_bytes();
-    coll.allreduce(&mut cross, ReduceOp::Sum)?;
-    let bytes = cross[0] as usize * cfg.row_bytes();
-    if me == 0 {
-        println!("{}", report::header("moe", &c.backend, n));
-        println!(
-            "# tokens {t_count} hidden {h} topk {k} experts {} ranks {n} mode {} dtype {} routing {}",
-            a.experts, a.mode, a.dtype, a.routing
-        );
-    }
-    let mut disp_times = Vec::with_capacity(a.reps);
-    let mut comb_times = Vec::with_capacity(a.reps);
-    let mut reduced: Vec<u8> = Vec::new();
-    let mut out = vec![0u8; x.len()];
-    let mut tmp = vec![0f32; h];
-    let in_window = c.api == "window";
-    let warm = c.warmup.unwrap_or(2);
-    for rep in 0..warm + a.reps {
-        comm.barrier()?;
-        let s = Instant::now();
-        let d;
-        reduced.clear();
-        if let Some(llb) = llbuf.as_mut() {
-            let mut view = llb.dispatch(&x, &idx, &w)?;
-            d = s.elapsed().as_secs_f64() * 1e6;
-            // Identity experts (untimed): each (token, expert) row comes back as it went,
-            // written into the window (`--api window`) or into a buffer of the caller's.
-            let rb = cfg.row_bytes();
+}
+
+/// Identity experts (untimed): each row comes back as it went (low-latency mode, the
+/// combine weights it) or times the sum of this rank's chosen experts' weights (normal
+/// mode), written into the window (`in_window`) or into `reduced`.
+fn run_experts(view: &mut Dispatched<'_>, in_window: bool, reduced: &mut Vec<u8>) -> Result<()> {
+    reduced.clear();
+    match view {
+        Dispatched::LowLatency(view) => {
+            let rb = view.config().row_bytes();
             for l in 0..view.local_experts().len() {
                 let rows = view.expert_rows(l)?;
                 if in_window {
@@ -166,24 +132,21 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
                         o[row.index * rb..(row.index + 1) * rb].copy_from_slice(row.data);
                     }
                 } else {
-                    for row in rows {
-                        reduced.extend_from_slice(row.data);
-                    }
+                    rows.iter()
+                        .for_each(|row| reduced.extend_from_slice(row.data));
                 }
             }
-        } else {
-            let mut view = buf.as_mut().expect("normal mode").dispatch(&x, &idx, &w)?;
-            d = s.elapsed().as_secs_f64() * 1e6;
-            // Identity experts (untimed): Σ over this rank's chosen experts of w · x, written
-            // into the window (`--api window`) or into a buffer of the caller's.
+        }
+        Dispatched::Normal(view) => {
+            let (dtype, rb) = (view.config().dtype, view.config().row_bytes());
             let rows = view.rows()?;
-            let rb = cfg.row_bytes();
             let dst: &mut [u8] = if in_window {
                 view.expert_output()?
             } else {
                 reduced.resize(rows.len() * rb, 0);
-                &mut reduced
+                reduced
             };
+            let mut tmp = vec![0f32; rb / dtype.size()];
             for (row, o) in rows.iter().zip(dst.chunks_mut(rb)) {
                 let ws: f32 = row.experts.iter().map(|&(_, wt)| wt).sum();
                 tmp.fill(0.0);
@@ -192,14 +155,36 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
                 dtype.store_row(o, &tmp);
             }
         }
+    }
+    Ok(())
+}
+
+/// The repetitions: per repetition a barrier, then dispatch and combine each timed and
+/// counted at the slowest rank. Returns both phases' times and the last output.
+fn time_reps(
+    moe: &mut Dispatcher<'_>,
+    comm: &Communicator,
+    coll: &Coll<'_>,
+    work: &Workload,
+    (warm, reps): (usize, usize),
+    in_window: bool,
+) -> Result<(Vec<f64>, Vec<f64>, Vec<u8>)> {
+    let mut disp_times = Vec::with_capacity(reps);
+    let mut comb_times = Vec::with_capacity(reps);
+    let mut reduced: Vec<u8> = Vec::new();
+    let mut out = vec![0u8; work.x.len()];
+    for rep in 0..warm + reps {
         comm.barrier()?;
         let s = Instant::now();
-        match (llbuf.as_mut(), buf.as_mut()) {
-            (Some(llb), _) if in_window => llb.combine_in_place(&mut out)?,
-            (Some(llb), _) => llb.combine(&reduced, &mut out)?,
-            (None, Some(b)) if in_window => b.combine_in_place(&mut out)?,
-            (None, Some(b)) => b.combine(&reduced, &mut out)?,
-            (None, None) => unreachable!("one buffer exists"),
+        let mut view = moe.dispatch(&work.x, &work.idx, &work.w)?;
+        let d = s.elapsed().as_secs_f64() * 1e6;
+        run_experts(&mut view, in_window, &mut reduced)?;
+        comm.barrier()?;
+        let s = Instant::now();
+        match moe {
+            _ if in_window => moe.combine_in_place(&mut out)?,
+            Dispatcher::LowLatency(b) => b.combine(&reduced, &mut out)?,
+            Dispatcher::Normal(b) => b.combine(&reduced, &mut out)?,
         }
         let cb = s.elapsed().as_secs_f64() * 1e6;
         let mut slow = [d, cb];
@@ -209,60 +194,61 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
             comb_times.push(slow[1]);
         }
     }
-    // Check: out[t] = (Σ_j w_j) x[t] within rounding of the dtype (twice: expert row, output).
+    Ok((disp_times, comb_times, out))
+}
+
+/// Elements of `out` off `(Σ_j w_j) · x[t]` by more than the dtype's rounding (twice:
+/// expert row, output) and, with INT8 dispatch, up to max|x| / 254 per element and expert
+/// (see `xccl::moe::quant`).
+fn count_wrong(work: &Workload, out: &[u8]) -> u64 {
+    let (cfg, k, h) = (&work.cfg, work.cfg.topk, work.cfg.hidden);
+    let dtype = cfg.dtype;
     let tol = match dtype {
         Dtype::F32 => 1e-5,
         Dtype::Bf16 => 2.0f32.powi(-6),
         Dtype::F16 => 2.0f32.powi(-9),
     };
-    if c.inject_error && t_count > 0 {
-        let v = dtype.load(&out, 0);
-        dtype.store(&mut out, 0, v + 1.0 + 2.0 * v.abs());
-    }
-    let mut wrong = [0u64];
-    // `--no-check`: no element is looked at (and none counted wrong).
-    let checked = if c.no_check { 0 } else { t_count };
-    for t in 0..checked {
-        let ws: f32 = w[t * k..(t + 1) * k].iter().sum();
-        let row = &x[t * cfg.row_bytes()..(t + 1) * cfg.row_bytes()];
-        // INT8 adds up to max|x| / 254 per element and expert (see xccl::moe::quant).
-        let int8_err = if cfg.int8_dispatch {
-            ws * (0..h)
-                .map(|i| dtype.load(row, i).abs())
-                .fold(0f32, f32::max)
-                / 254.0
-        } else {
-            0.0
+    let mut wrong = 0;
+    for (t, row) in work.x.chunks(cfg.row_bytes()).enumerate() {
+        let ws: f32 = work.w[t * k..(t + 1) * k].iter().sum();
+        let int8_err = match cfg.int8_dispatch {
+            true => {
+                ws * (0..h)
+                    .map(|i| dtype.load(row, i).abs())
+                    .fold(0f32, f32::max)
+                    / 254.0
+            }
+            false => 0.0,
         };
         for i in 0..h {
             let want = ws * dtype.load(row, i);
             let got = dtype.load(&out[t * cfg.row_bytes()..], i);
             if (got - want).abs() > tol * 4.0 * want.abs().max(1e-3) + int8_err {
-                wrong[0] += 1;
+                wrong += 1;
             }
         }
     }
-    coll.allreduce(&mut wrong, ReduceOp::Sum)?;
-    let checked = (!c.no_check).then_some(wrong[0]);
-    // Per repetition, before the statistics sort each phase's times.
-    let mut reported: Vec<f64> = match phase {
-        Phase::Dispatch => disp_times.clone(),
-        Phase::Combine => comb_times.clone(),
-        Phase::Both => disp_times
-            .iter()
-            .zip(&comb_times)
-            .map(|(d, c)| d + c)
-            .collect(),
-    };
-    // `--baseline`: one in-process memcpy of the bytes a rank sends to the others, timed after
-    // the repetitions (slowest rank).
-    let mut base = [0f64];
-    if c.baseline {
-        base[0] = Memcpy::new(my_bytes).time_us(my_bytes, a.reps);
-        coll.allreduce(&mut base, ReduceOp::Max)?;
-    }
-    let (dp50, dp99, dmin, dmax) = report::stats(&mut disp_times);
-    let (cp50, cp99, cmin, cmax) = report::stats(&mut comb_times);
+    wrong
+}
+
+/// What the run measured, for the report.
+struct Measured {
+    disp: Vec<f64>,
+    comb: Vec<f64>,
+    /// Rows and bytes all ranks sent to other ranks; bytes this rank sent.
+    rows: u64,
+    bytes: usize,
+    my_bytes: usize,
+    /// The slowest rank's memcpy of the bytes it sends (`--baseline`).
+    base_us: Option<f64>,
+    wrong: Option<u64>,
+}
+
+/// Prints each phase's figures and the totals (rank 0); returns the phases' medians.
+fn print_phases(phase: Phase, me: usize, m: &mut Measured) -> (f64, f64) {
+    let (dp50, dp99, dmin, dmax) = report::stats(&mut m.disp);
+    let (cp50, cp99, cmin, cmax) = report::stats(&mut m.comb);
+    let bytes = m.bytes;
     let gbps = |us: f64| {
         if us > 0.0 {
             bytes as f64 / (us * 1e3)
@@ -285,29 +271,55 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
         }
         println!(
             "# rows to other ranks {} ({} bytes), #wrong {}",
-            cross[0],
+            m.rows,
             bytes,
-            report::wrong_text(checked)
+            report::wrong_text(m.wrong)
         );
-        if c.baseline {
+        if let Some(base) = m.base_us {
             let x = |us: f64| {
-                if my_bytes > 0 && base[0] > 0.0 {
-                    us / base[0]
+                if m.my_bytes > 0 && base > 0.0 {
+                    us / base
                 } else {
                     0.0
                 }
             };
             println!(
-                "# baseline: memcpy of the bytes one rank sends (slowest rank) {:.1} us; \
+                "# baseline: memcpy of the bytes one rank sends (slowest rank) {base:.1} us; \
                  dispatch {:.2}x, combine {:.2}x of it",
-                base[0],
                 x(dp50),
                 x(cp50)
             );
         }
     }
+    (dp50, cp50)
+}
+
+/// Prints the phases' lines (rank 0) and returns the table's row.
+fn report_run(
+    a: &MoeArgs,
+    phase: Phase,
+    n: usize,
+    me: usize,
+    cfg: &MoeConfig,
+    m: &mut Measured,
+) -> Row {
+    let c = &a.common;
+    let mut reported: Vec<f64> = match phase {
+        Phase::Dispatch => m.disp.clone(),
+        Phase::Combine => m.comb.clone(),
+        Phase::Both => m.disp.iter().zip(&m.comb).map(|(d, c)| d + c).collect(),
+    };
+    let (dp50, cp50) = print_phases(phase, me, m);
+    let bytes = m.bytes;
+    let gbps = |us: f64| {
+        if us > 0.0 {
+            bytes as f64 / (us * 1e3)
+        } else {
+            0.0
+        }
+    };
     let (p50, p99, min, max) = report::stats(&mut reported);
-    let row = Row {
+    Row {
         op: match phase {
             Phase::Dispatch => "dispatch",
             Phase::Combine => "combine",
@@ -316,8 +328,8 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
         backend: c.backend.clone(),
         ranks: n,
         bytes,
-        count: t_count,
-        dtype: match dtype {
+        count: a.tokens,
+        dtype: match cfg.dtype {
             _ if cfg.int8_dispatch => "int8",
             Dtype::F32 => "f32",
             Dtype::Bf16 => "bf16",
@@ -329,21 +341,88 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
         max_us: max,
         algbw: gbps(p50),
         busbw: gbps(p50),
-        wrong: checked,
-        baseline_us: c.baseline.then_some(base[0]),
-        baseline_gbps: c.baseline.then(|| report::gbps(my_bytes, base[0])),
+        wrong: m.wrong,
+        baseline_us: m.base_us,
+        baseline_gbps: m.base_us.map(|us| report::gbps(m.my_bytes, us)),
         stream_gbps: None,
         moe: Some(MoeFields {
-            tokens: t_count,
-            hidden: h,
-            topk: k,
+            tokens: a.tokens,
+            hidden: a.hidden,
+            topk: a.topk,
             experts: a.experts,
-            mode: if ll { "low-latency" } else { "normal" },
+            mode: if a.mode == "low-latency" {
+                "low-latency"
+            } else {
+                "normal"
+            },
             routing: a.routing.to_string(),
             dispatch_us_p50: dp50,
             combine_us_p50: cp50,
         }),
+    }
+}
+
+pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
+    let c = &a.common;
+    let dtype = match a.dtype.as_str() {
+        "f32" => Dtype::F32,
+        "f16" => Dtype::F16,
+        _ => Dtype::Bf16,
     };
+    let comm = session::connect(c, "moe", 1)?;
+    let (me, n) = (comm.rank(), comm.world_size());
+    if a.topk == 0 || a.topk > a.experts {
+        return Err(Error::InvalidArgument(format!(
+            "--topk {} with --experts {}",
+            a.topk, a.experts
+        )));
+    }
+    let work = Workload::new(a, dtype, me);
+    let ll = a.mode == "low-latency";
+    let mode = if ll { Mode::LowLatency } else { Mode::Normal };
+    let mut moe = Dispatcher::new(&comm, work.cfg.clone(), mode)?;
+    let coll = Coll::new(&comm)?;
+    let placement = work.cfg.placement_for(n)?;
+    let mut cross = [work.rows_out(&placement, me, ll)];
+    let my_bytes = cross[0] as usize * work.cfg.row_bytes();
+    coll.allreduce(&mut cross, ReduceOp::Sum)?;
+    if me == 0 {
+        println!("{}", report::header("moe", &c.backend, n));
+        println!(
+            "# tokens {} hidden {} topk {} experts {} ranks {n} mode {} dtype {} routing {}",
+            a.tokens, a.hidden, a.topk, a.experts, a.mode, a.dtype, a.routing
+        );
+    }
+    let reps = (c.warmup.unwrap_or(2), a.reps);
+    let (disp, comb, mut out) = time_reps(&mut moe, &comm, &coll, &work, reps, c.api == "window")?;
+    if c.inject_error && a.tokens > 0 {
+        let v = dtype.load(&out, 0);
+        dtype.store(&mut out, 0, v + 1.0 + 2.0 * v.abs());
+    }
+    // `--no-check`: no element is looked at (and none counted wrong).
+    let mut wrong = [if c.no_check {
+        0
+    } else {
+        count_wrong(&work, &out)
+    }];
+    coll.allreduce(&mut wrong, ReduceOp::Sum)?;
+    // `--baseline`: one in-process memcpy of the bytes a rank sends to the others, timed after
+    // the repetitions (slowest rank).
+    let mut base = [0f64];
+    if c.baseline {
+        base[0] = Memcpy::new(my_bytes).time_us(my_bytes, a.reps);
+        coll.allreduce(&mut base, ReduceOp::Max)?;
+    }
+    let mut measured = Measured {
+        disp,
+        comb,
+        rows: cross[0],
+        bytes: cross[0] as usize * work.cfg.row_bytes(),
+        my_bytes,
+        base_us: c.baseline.then_some(base[0]),
+        wrong: (!c.no_check).then_some(wrong[0]),
+    };
+    let row = report_run(a, phase, n, me, &work.cfg, &mut measured);
     if me == 0 {
         if let Some(path) = &c.json {
             report::write_json(path, &[row])
@@ -356,12 +435,7 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
             wrong[0]
         )));
     }
-    if let Some(b) = buf {
-        b.close()?;
-    }
-    if let Some(b) = llbuf {
-        b.close()?;
-    }
+    moe.close()?;
     coll.close()?;
     comm.close()
 }

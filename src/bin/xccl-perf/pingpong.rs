@@ -12,10 +12,11 @@
 
 use crate::options::PingpongArgs;
 use crate::report::{self, Row};
+use crate::session::{self, Table};
 use crate::tcp_baseline::PlainTcp;
 use std::time::{Duration, Instant};
 use xccl::transport::{Cmp, SignalOp, Transport, Window};
-use xccl::{Backend, Communicator, Error, Result};
+use xccl::{Error, Result};
 
 const PAGE: usize = 4096;
 /// Puts per streaming batch (osu_bw uses 64).
@@ -194,152 +195,143 @@ fn memcpy_batch(
     Ok(s.elapsed().as_secs_f64() * 1e6 / count as f64)
 }
 
+/// Over tcp with `--baseline`, plain TCP between the same processes: its port travels
+/// through the window's status part and the third signal word.
+fn plain_tcp(p: &Pair<'_>, initiator: bool, timeout: Duration) -> Result<PlainTcp> {
+    let (t, win, partner, status, word) = (p.t, p.win, p.partner, p.lay.status(), p.pong + 1);
+    PlainTcp::connect(
+        initiator,
+        |port| {
+            t.put_signal(
+                partner,
+                &win,
+                status,
+                &(port as u64).to_le_bytes(),
+                word,
+                SignalOp::Add,
+                1,
+            )
+        },
+        || {
+            t.wait(word, Cmp::Ge, 1, Instant::now() + timeout)?;
+            let mut b = [0u8; 8];
+            t.read_local(&win, status, &mut b)?;
+            Ok(u64::from_le_bytes(b) as u16)
+        },
+    )
+}
+
+/// The streaming batches of one size (initiator: µs per put, and the memcpy baseline's when
+/// asked; responder: acknowledgements only).
+fn stream(
+    pair: &mut Pair<'_>,
+    size: usize,
+    batches: usize,
+    initiator: bool,
+    memcpy: bool,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let mut stream_times = Vec::with_capacity(batches);
+    let mut memcpy_times = Vec::with_capacity(batches);
+    for i in 0..batches + 1 {
+        if !initiator {
+            pair.stream_ack()?;
+            continue;
+        }
+        let s = Instant::now();
+        pair.stream(size, STREAM_WINDOW)?;
+        if i >= 1 {
+            stream_times.push(s.elapsed().as_secs_f64() * 1e6 / STREAM_WINDOW as f64);
+        }
+        if memcpy {
+            memcpy_times.push(memcpy_batch(
+                pair.t,
+                &pair.win,
+                &pair.lay,
+                size,
+                STREAM_WINDOW,
+            )?);
+        }
+    }
+    Ok((stream_times, memcpy_times))
+}
+
 pub fn run(args: &PingpongArgs) -> Result<()> {
     let c = &args.common;
     let sizes = c.sizes(64 << 20).map_err(Error::InvalidArgument)?;
     let timeout = Duration::from_secs_f64(c.timeout);
-    let comm = Communicator::builder()
-        .backend(c.backend.parse::<Backend>()?)
-        .timeout(timeout)
-        .build()?;
-    let (me, n) = (comm.rank(), comm.world_size());
-    if n < 2 {
-        return Err(Error::InvalidArgument(
-            "pingpong needs at least 2 ranks (-n 2)".into(),
-        ));
-    }
+    let comm = session::connect(c, "pingpong", 2)?;
+    let n = comm.world_size();
     let max = *sizes.iter().max().expect("at least one size");
     let lay = Layout {
         region: round_up(max),
     };
     let lease = comm.lease("the pingpong window", lay.total(), 3, "pingpong")?;
     let (win, sigs) = (*lease.window(), lease.signals().start);
-    let t = comm.transport();
-    let initiator = me % 2 == 0;
-    let partner = if initiator { me + 1 } else { me - 1 };
-    let active = partner < n;
+    let ranks = session::Pair::of(&comm);
+    let initiator = ranks.initiator;
     let mut pair = Pair {
-        t,
+        t: comm.transport(),
         win,
         lay,
-        partner,
+        partner: ranks.partner,
         ping: sigs,
         pong: sigs + 1,
         seq: 0,
         deadline: timeout,
     };
-    // Over tcp, the baseline is plain TCP between the same processes (its port travels
-    // through the window and a third signal word); over shm, an in-process memcpy.
-    let mut plain = if c.baseline && c.backend == "tcp" && active {
-        let status = pair.lay.status();
-        Some(PlainTcp::connect(
-            initiator,
-            |port| {
-                t.put_signal(
-                    partner,
-                    &win,
-                    status,
-                    &(port as u64).to_le_bytes(),
-                    sigs + 2,
-                    SignalOp::Add,
-                    1,
-                )
-            },
-            || {
-                t.wait(sigs + 2, Cmp::Ge, 1, Instant::now() + timeout)?;
-                let mut b = [0u8; 8];
-                t.read_local(&win, status, &mut b)?;
-                Ok(u64::from_le_bytes(b) as u16)
-            },
-        )?)
-    } else {
-        None
+    // Over tcp, the baseline is plain TCP between the same processes; over shm, an
+    // in-process memcpy.
+    let mut plain = match c.baseline && c.backend == "tcp" && ranks.active {
+        true => Some(plain_tcp(&pair, initiator, timeout)?),
+        false => None,
     };
-    let mut plain_buf = if plain.is_some() {
-        vec![0u8; *sizes.iter().max().expect("a size")]
-    } else {
-        Vec::new()
-    };
-    if me == 0 {
-        println!("{}", report::header("pingpong", &c.backend, n));
-        println!("{}", report::columns(true, c.baseline));
-    }
+    let mut plain_buf = vec![0u8; if plain.is_some() { max } else { 0 }];
+    let mut table = Table::start(c, &comm, "pingpong", true, &[]);
     comm.barrier()?;
-    let mut rows = Vec::new();
-    let mut total_wrong = 0;
-    if active {
-        for &size in &sizes {
-            let iters = c.iters_for(size);
-            let warm = c.warmup_for(iters);
-            if initiator {
-                pair.fill(size, 0)?;
+    for &size in sizes.iter().filter(|_| ranks.active) {
+        let iters = c.iters_for(size);
+        let warm = c.warmup_for(iters);
+        if initiator {
+            pair.fill(size, 0)?;
+        }
+        let mut times = match initiator {
+            true => session::timed(warm, iters, 2.0, || pair.ping(size))?,
+            false => (0..warm + iters)
+                .try_for_each(|_| pair.pong(size))
+                .map(|_| Vec::new())?,
+        };
+        // Streaming bandwidth: batches of STREAM_WINDOW puts, one signal and an ack each.
+        let batches = (iters / STREAM_WINDOW).max(8);
+        let (mut streamed, mut memcpy) = stream(&mut pair, size, batches, initiator, c.baseline)?;
+        let wrong = match c.no_check {
+            true => None,
+            false => Some(pair.check(size, initiator, c.inject_error)?),
+        };
+        table.count_wrong(wrong);
+        // Plain TCP, same sizes and counts, right after (same machine state).
+        let plain_base = match plain.as_mut() {
+            Some(p) => {
+                let buf = &mut plain_buf[..size];
+                p.measure(initiator, buf, warm, iters, STREAM_WINDOW, batches, timeout)?
             }
-            let mut times = Vec::with_capacity(iters);
-            // One clock read per round trip: each sample ends where the next begins.
-            let mut last = Instant::now();
-            for i in 0..warm + iters {
-                if initiator {
-                    pair.ping(size)?;
-                    let now = Instant::now();
-                    if i >= warm {
-                        times.push((now - last).as_secs_f64() * 1e6 / 2.0);
-                    }
-                    last = now;
-                } else {
-                    pair.pong(size)?;
+            None => None,
+        };
+        if initiator {
+            let stream_us = report::stats(&mut streamed).0;
+            let baseline = match (plain_base, c.baseline) {
+                (Some(b), _) => Some(b),
+                (None, true) => {
+                    let us = report::stats(&mut memcpy[1..]).0;
+                    Some((us, report::gbps(size, us)))
                 }
-            }
-            // Streaming bandwidth: batches of WINDOW puts, one signal and an ack per batch.
-            let batches = (iters / STREAM_WINDOW).max(8);
-            let mut stream_times = Vec::with_capacity(batches);
-            let mut memcpy_times = Vec::with_capacity(batches);
-            for i in 0..batches + 1 {
-                if initiator {
-                    let s = Instant::now();
-                    pair.stream(size, STREAM_WINDOW)?;
-                    if i >= 1 {
-                        stream_times.push(s.elapsed().as_secs_f64() * 1e6 / STREAM_WINDOW as f64);
-                    }
-                    if c.baseline {
-                        memcpy_times.push(memcpy_batch(t, &win, &pair.lay, size, STREAM_WINDOW)?);
-                    }
-                } else {
-                    pair.stream_ack()?;
-                }
-            }
-            let wrong = if c.no_check {
-                None
-            } else {
-                Some(pair.check(size, initiator, c.inject_error)?)
+                (None, false) => None,
             };
-            total_wrong += wrong.unwrap_or(0);
-            // Plain TCP, same sizes and counts, right after (same machine state).
-            let plain_base = match plain.as_mut() {
-                Some(p) => {
-                    let buf = &mut plain_buf[..size];
-                    p.measure(initiator, buf, warm, iters, STREAM_WINDOW, batches, timeout)?
-                }
-                None => None,
-            };
-            if initiator {
-                let stream_us = report::stats(&mut stream_times).0;
-                let baseline = match (plain_base, c.baseline) {
-                    (Some(b), _) => Some(b),
-                    (None, true) => {
-                        let us = report::stats(&mut memcpy_times[1..]).0;
-                        Some((us, report::gbps(size, us)))
-                    }
-                    (None, false) => None,
-                };
-                let row = Row::p2p(
-                    "pingpong", &c.backend, n, size, &mut times, stream_us, baseline, wrong,
-                );
-                report::emit(me, &mut rows, row);
-            }
+            table.row(Row::p2p(
+                "pingpong", &c.backend, n, size, &mut times, stream_us, baseline, wrong,
+            ));
         }
     }
-    comm.barrier()?;
-    report::finish(me, c, &rows, total_wrong)?;
+    table.finish(&comm)?;
     lease.close()?;
     comm.close()
 }
