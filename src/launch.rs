@@ -154,67 +154,20 @@ pub fn launch(spec: &LaunchSpec) -> Result<LaunchOutcome> {
     if spec.ranks == 0 {
         return Err(Error::InvalidArgument("need at least one rank".into()));
     }
-    // The job secret: the caller's, else a fresh one. It reaches the ranks only through
-    // their environment (readable by this user alone), never through the store, which
-    // demands it from every client.
-    let secret = spec
-        .env
-        .iter()
-        .find(|(k, _)| k == "XCCL_JOB_SECRET")
-        .map(|(_, v)| v.to_string_lossy().into_owned())
-        .or_else(|| std::env::var("XCCL_JOB_SECRET").ok())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(crate::bootstrap::random_job_id);
+    let secret = job_secret(spec);
     let store = TcpStoreServer::bind("127.0.0.1:0", Some(secret.as_bytes()))?;
     let store_url = format!("tcp://{}", store.addr());
     let (tx, rx) = mpsc::channel::<(usize, std::io::Result<ExitStatus>)>();
     let mut pids = Vec::with_capacity(spec.ranks);
     let mut pipes = Vec::new();
-    // SAFETY: getpid cannot fail.
-    let launcher_pid = unsafe { libc::getpid() };
     let cpus = allowed_cpus();
     // TCP ranks run progress threads beside the caller: pinning a rank to one CPU would make
     // them take turns, so only shared-memory ranks are pinned.
     let tcp = spec.backend.as_deref() == Some("tcp");
     let pin = spec.bind == Bind::Auto && !tcp && !cpus.is_empty() && spec.ranks <= cpus.len();
     for rank in 0..spec.ranks {
-        let mut cmd = Command::new(&spec.program);
-        cmd.args(&spec.args)
-            .env("XCCL_RANK", rank.to_string())
-            .env("XCCL_WORLD_SIZE", spec.ranks.to_string())
-            .env("XCCL_LOCAL_RANK", rank.to_string())
-            .env("XCCL_LOCAL_SIZE", spec.ranks.to_string())
-            .env("XCCL_STORE", &store_url)
-            .env("XCCL_STORE_SERVER", "external")
-            .env("XCCL_JOB_SECRET", &secret)
-            .stdin(Stdio::null());
-        if let Some(b) = &spec.backend {
-            cmd.env("XCCL_BACKEND", b);
-        }
-        for (k, v) in &spec.env {
-            cmd.env(k, v);
-        }
-        if spec.prefix_output {
-            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        }
         let cpu = cpus.get(rank).copied().filter(|_| pin);
-        // SAFETY: the closure runs in the child between fork and exec and only makes
-        // async-signal-safe calls (prctl, getppid, sched_setaffinity, _exit) on a stack value.
-        unsafe {
-            cmd.pre_exec(move || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                if libc::getppid() != launcher_pid {
-                    libc::_exit(127); // the launcher died before the death signal was armed
-                }
-                if let Some(cpu) = cpu {
-                    let mut set: libc::cpu_set_t = std::mem::zeroed();
-                    libc::CPU_SET(cpu, &mut set);
-                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-                }
-                Ok(())
-            });
-        }
-        let mut child = match cmd.spawn() {
+        let mut child = match rank_command(spec, rank, &store_url, &secret, cpu).spawn() {
             Ok(c) => c,
             Err(e) => {
                 pids.iter().for_each(|&p| send_signal(p, libc::SIGKILL));
@@ -243,12 +196,95 @@ pub fn launch(spec: &LaunchSpec) -> Result<LaunchOutcome> {
         });
     }
     drop(tx);
+    let outcome = supervise(spec, &rx, &pids);
+    for p in pipes {
+        let _ = p.join();
+    }
+    drop(store);
+    outcome
+}
 
+/// The job secret: the caller's, else a fresh one. It reaches the ranks only through their
+/// environment (readable by this user alone), never through the store, which demands it
+/// from every client.
+fn job_secret(spec: &LaunchSpec) -> String {
+    spec.env
+        .iter()
+        .find(|(k, _)| k == "XCCL_JOB_SECRET")
+        .map(|(_, v)| v.to_string_lossy().into_owned())
+        .or_else(|| std::env::var("XCCL_JOB_SECRET").ok())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(crate::bootstrap::random_job_id)
+}
+
+/// The command that starts `rank`: its environment, its output piped for prefixing, and in
+/// the child a death signal tied to this launcher and the CPU it is pinned to, if any.
+fn rank_command(
+    spec: &LaunchSpec,
+    rank: usize,
+    store_url: &str,
+    secret: &str,
+    cpu: Option<usize>,
+) -> Command {
+    let mut cmd = Command::new(&spec.program);
+    cmd.args(&spec.args)
+        .env("XCCL_RANK", rank.to_string())
+        .env("XCCL_WORLD_SIZE", spec.ranks.to_string())
+        .env("XCCL_LOCAL_RANK", rank.to_string())
+        .env("XCCL_LOCAL_SIZE", spec.ranks.to_string())
+        .env("XCCL_STORE", store_url)
+        .env("XCCL_STORE_SERVER", "external")
+        .env("XCCL_JOB_SECRET", secret)
+        .stdin(Stdio::null());
+    if let Some(b) = &spec.backend {
+        cmd.env("XCCL_BACKEND", b);
+    }
+    for (k, v) in &spec.env {
+        cmd.env(k, v);
+    }
+    if spec.prefix_output {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    }
+    // SAFETY: getpid cannot fail.
+    let launcher_pid = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the child between fork and exec and only makes
+    // async-signal-safe calls (prctl, getppid, sched_setaffinity, _exit) on a stack value.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if libc::getppid() != launcher_pid {
+                libc::_exit(127); // the launcher died before the death signal was armed
+            }
+            if let Some(cpu) = cpu {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Collects every rank's exit. The first failure, or the launch timeout, sends the others
+/// SIGTERM; those still running after the grace period get SIGKILL.
+fn supervise(
+    spec: &LaunchSpec,
+    rx: &mpsc::Receiver<(usize, std::io::Result<ExitStatus>)>,
+    pids: &[u32],
+) -> Result<LaunchOutcome> {
     let mut statuses: Vec<Option<ExitStatus>> = vec![None; spec.ranks];
     let mut first_failure = None;
     let mut timed_out = false;
     let mut stop_at: Option<Instant> = spec.timeout.map(|t| Instant::now() + t);
     let mut killed = false;
+    let signal_running = |statuses: &[Option<ExitStatus>], sig| {
+        for (r, &pid) in pids.iter().enumerate() {
+            if statuses[r].is_none() {
+                send_signal(pid, sig);
+            }
+        }
+    };
     let mut remaining = spec.ranks;
     while remaining > 0 {
         let wait = stop_at.map_or(Duration::from_secs(3600), |t| {
@@ -263,41 +299,25 @@ pub fn launch(spec: &LaunchSpec) -> Result<LaunchOutcome> {
                 if !status.success() && first_failure.is_none() && !timed_out {
                     first_failure = Some(rank);
                     tracing::warn!(rank, %status, "a rank failed; stopping the other ranks");
-                    for (r, &pid) in pids.iter().enumerate() {
-                        if statuses[r].is_none() {
-                            send_signal(pid, libc::SIGTERM);
-                        }
-                    }
+                    signal_running(&statuses, libc::SIGTERM);
                     stop_at = Some(Instant::now() + spec.grace);
                 }
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if first_failure.is_none() && !timed_out {
-                    timed_out = true;
-                    tracing::warn!("launch timeout; stopping every rank");
-                    for (r, &pid) in pids.iter().enumerate() {
-                        if statuses[r].is_none() {
-                            send_signal(pid, libc::SIGTERM);
-                        }
-                    }
-                    stop_at = Some(Instant::now() + spec.grace);
-                } else if !killed {
-                    killed = true;
-                    for (r, &pid) in pids.iter().enumerate() {
-                        if statuses[r].is_none() {
-                            send_signal(pid, libc::SIGKILL);
-                        }
-                    }
-                    stop_at = None;
-                }
+            Err(mpsc::RecvTimeoutError::Timeout) if first_failure.is_none() && !timed_out => {
+                timed_out = true;
+                tracing::warn!("launch timeout; stopping every rank");
+                signal_running(&statuses, libc::SIGTERM);
+                stop_at = Some(Instant::now() + spec.grace);
             }
+            Err(mpsc::RecvTimeoutError::Timeout) if !killed => {
+                killed = true;
+                signal_running(&statuses, libc::SIGKILL);
+                stop_at = None;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
-    for p in pipes {
-        let _ = p.join();
-    }
-    drop(store);
     Ok(LaunchOutcome {
         statuses: statuses
             .into_iter()

@@ -20,6 +20,7 @@
 //! ```
 
 pub mod bootstrap;
+mod builder;
 pub mod coll;
 mod comm;
 mod control;
@@ -36,6 +37,7 @@ mod size;
 mod split;
 pub mod transport;
 
-pub use comm::{Backend, CommBuilder, Communicator};
+pub use builder::{Backend, CommBuilder};
+pub use comm::Communicator;
 pub use error::{Error, Result};
 pub use lease::Lease;

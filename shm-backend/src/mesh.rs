@@ -102,66 +102,17 @@ impl Mesh {
         for (peer, slot) in links.iter_mut().enumerate().take(rank) {
             let s = UnixStream::connect_addr(&socket_name(job, peer)?)
                 .map_err(|e| Error::io(format!("connecting to local rank {peer}"), e))?;
-            fdpass::send(
-                &s,
-                &Msg {
-                    kind: KIND_HELLO,
-                    a: hash,
-                    b: rank as u64,
-                    c: world as u64,
-                },
-                None,
-            )?;
+            let hello = Msg {
+                kind: KIND_HELLO,
+                a: hash,
+                b: rank as u64,
+                c: world as u64,
+            };
+            fdpass::send(&s, &hello, None)?;
             *slot = Some(s);
         }
         // 2. Accept every higher rank and answer its hello.
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| Error::io("listener nonblocking", e))?;
-        let my_uid = unsafe_geteuid();
-        let mut accepted = 0;
-        while accepted < world - rank - 1 {
-            let s = accept_by(&listener, deadline, rank)?;
-            s.set_nonblocking(false)
-                .map_err(|e| Error::io("link blocking", e))?;
-            let uid = peer_uid(&s)?;
-            if uid != my_uid {
-                // Another user's process reached our socket name: refuse it and keep waiting.
-                continue;
-            }
-            let (m, fd) =
-                fdpass::recv(&s, deadline, "reading a peer's hello")?.ok_or_else(|| {
-                    Error::Protocol("a peer closed its link before saying hello".into())
-                })?;
-            drop(fd);
-            let peer = m.b as usize;
-            if m.kind != KIND_HELLO || m.a != hash {
-                continue; // not one of ours
-            }
-            if m.c != world as u64 {
-                return Err(Error::Protocol(format!(
-                    "rank {peer} says the world has {} ranks, rank {rank} says {world}",
-                    m.c
-                )));
-            }
-            if peer <= rank || peer >= world || links[peer].is_some() {
-                return Err(Error::Protocol(format!(
-                    "unexpected hello from rank {peer}"
-                )));
-            }
-            fdpass::send(
-                &s,
-                &Msg {
-                    kind: KIND_HELLO,
-                    a: hash,
-                    b: rank as u64,
-                    c: PROTOCOL_VERSION,
-                },
-                None,
-            )?;
-            links[peer] = Some(s);
-            accepted += 1;
-        }
+        accept_higher(&listener, &mut links, (rank, world), hash, deadline)?;
         drop(listener);
         // 3. Read every lower rank's answer.
         for (peer, link) in links.iter().enumerate().take(rank) {
@@ -406,6 +357,59 @@ impl Drop for Mesh {
             let _ = handle.join();
         }
     }
+}
+
+/// Setup step 2: accepts every rank above `rank` on `listener`, checks its hello (same user,
+/// same job, same world, a rank not seen yet), answers it and keeps its link. Connections
+/// from another user's process or another job are refused and the wait goes on.
+fn accept_higher(
+    listener: &UnixListener,
+    links: &mut [Option<UnixStream>],
+    (rank, world): (usize, usize),
+    hash: u64,
+    deadline: Instant,
+) -> Result<()> {
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io("listener nonblocking", e))?;
+    let my_uid = unsafe_geteuid();
+    let mut accepted = 0;
+    while accepted < world - rank - 1 {
+        let s = accept_by(listener, deadline, rank)?;
+        s.set_nonblocking(false)
+            .map_err(|e| Error::io("link blocking", e))?;
+        if peer_uid(&s)? != my_uid {
+            continue; // another user's process reached our socket name
+        }
+        let (m, fd) = fdpass::recv(&s, deadline, "reading a peer's hello")?
+            .ok_or_else(|| Error::Protocol("a peer closed its link before saying hello".into()))?;
+        drop(fd);
+        let peer = m.b as usize;
+        if m.kind != KIND_HELLO || m.a != hash {
+            continue; // not one of ours
+        }
+        if m.c != world as u64 {
+            return Err(Error::Protocol(format!(
+                "rank {peer} says the world has {} ranks, rank {rank} says {world}",
+                m.c
+            )));
+        }
+        if peer <= rank || peer >= world || links[peer].is_some() {
+            return Err(Error::Protocol(format!(
+                "unexpected hello from rank {peer}"
+            )));
+        }
+        let answer = Msg {
+            kind: KIND_HELLO,
+            a: hash,
+            b: rank as u64,
+            c: PROTOCOL_VERSION,
+        };
+        fdpass::send(&s, &answer, None)?;
+        links[peer] = Some(s);
+        accepted += 1;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -149,6 +149,44 @@ struct Shared {
 }
 
 impl Shared {
+    /// The state of a node with `cfg`, before any link.
+    fn new(cfg: Config) -> Result<Self> {
+        let n = cfg.world;
+        Ok(Shared {
+            signals: Signals::new(cfg.num_signals),
+            start: Instant::now(),
+            regions: RwLock::new(HashMap::new()),
+            writers: (0..n).map(|_| Mutex::new(None)).collect(),
+            rx: (0..n).map(|_| Mutex::new(None)).collect(),
+            closed: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            pollers: AtomicUsize::new(0),
+            poll_gate: Mutex::new(()),
+            poll_cv: Condvar::new(),
+            in_poll: AtomicUsize::new(0),
+            kick: new_eventfd()?,
+            kicked: AtomicBool::new(false),
+            last_sent: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            last_recv: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            first_failed: AtomicUsize::new(0),
+            departed: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            rx_fd: (0..n)
+                .map(|_| std::sync::atomic::AtomicI32::new(-1))
+                .collect(),
+            closing: AtomicBool::new(false),
+            abort_sent: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            bye_sent: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            finished: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            aborted: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            regs: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            flushed: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            changed: Condvar::new(),
+            next_req: AtomicU64::new(1),
+            cfg,
+        })
+    }
+
     /// Region `id`, if registered here.
     fn region(&self, id: u64) -> Option<Arc<Region>> {
         self.regions

@@ -44,39 +44,7 @@ impl Listening {
                 addrs.len()
             )));
         }
-        let shared = Arc::new(Shared {
-            signals: Signals::new(cfg.num_signals),
-            start: Instant::now(),
-            regions: RwLock::new(HashMap::new()),
-            writers: (0..n).map(|_| Mutex::new(None)).collect(),
-            rx: (0..n).map(|_| Mutex::new(None)).collect(),
-            closed: (0..n).map(|_| AtomicBool::new(false)).collect(),
-            pollers: AtomicUsize::new(0),
-            poll_gate: Mutex::new(()),
-            poll_cv: Condvar::new(),
-            in_poll: AtomicUsize::new(0),
-            kick: new_eventfd()?,
-            kicked: AtomicBool::new(false),
-            last_sent: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            last_recv: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            first_failed: AtomicUsize::new(0),
-            departed: (0..n).map(|_| AtomicBool::new(false)).collect(),
-            rx_fd: (0..n)
-                .map(|_| std::sync::atomic::AtomicI32::new(-1))
-                .collect(),
-            closing: AtomicBool::new(false),
-            abort_sent: (0..n).map(|_| AtomicBool::new(false)).collect(),
-            bye_sent: (0..n).map(|_| AtomicBool::new(false)).collect(),
-            finished: (0..n).map(|_| AtomicBool::new(false)).collect(),
-            aborted: AtomicU64::new(0),
-            stop: AtomicBool::new(false),
-            regs: Mutex::new(HashMap::new()),
-            pending: Mutex::new(HashMap::new()),
-            flushed: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            changed: Condvar::new(),
-            next_req: AtomicU64::new(1),
-            cfg,
-        });
+        let shared = Arc::new(Shared::new(cfg)?);
         let mut threads = Vec::new();
         // Acceptor: authenticates every incoming connection; links of the mesh go to setup,
         // anything else (duplicates, late or rogue clients) is refused.
@@ -92,49 +60,11 @@ impl Listening {
                 .spawn(move || accept_loop(listener, acc_shared, tx))
                 .map_err(|e| Error::io("spawning the acceptor", e))?,
         );
-        let mut links: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
-        for (peer, link) in links.iter_mut().enumerate().take(me) {
-            *link = Some(connect_to(&shared.cfg, peer, addrs[peer], deadline)?);
-        }
-        let mut missing = n - me - 1;
-        while missing > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok((peer, s)) if peer > me && links[peer].is_none() => {
-                    links[peer] = Some(s);
-                    missing -= 1;
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    shared.stop.store(true, Ordering::SeqCst);
-                    return Err(Error::Timeout(format!(
-                        "rank {me} waiting for {missing} higher ranks to connect"
-                    )));
-                }
-            }
-        }
-        drop(rx); // later connections are refused
+        let links = gather_links(&shared, addrs, rx, deadline)?;
         for (peer, link) in links.into_iter().enumerate() {
-            let Some(s) = link else { continue };
-            let _ = s.set_nodelay(true);
-            let reader = s.try_clone().map_err(|e| Error::io("cloning a link", e))?;
-            let _ = reader.set_read_timeout(Some(shared.cfg.heartbeat));
-            // Blocked writes wake this often to see whether they were interrupted.
-            s.set_write_timeout(Some(WRITE_SLICE))
-                .map_err(|e| Error::io("send timeout of a link", e))?;
-            *shared.writers[peer]
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = Some(s);
-            shared.rx_fd[peer].store(reader.as_raw_fd(), Ordering::Relaxed);
-            *shared.rx[peer].lock().unwrap_or_else(|p| p.into_inner()) = Some(RxLink::new(reader));
-            shared.last_recv[peer].store(shared.now_us(), Ordering::Relaxed);
-            let sh = shared.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("xccl-tcp-{me}<{peer}"))
-                    .spawn(move || progress(sh, peer))
-                    .map_err(|e| Error::io("spawning a progress thread", e))?,
-            );
+            if let Some(s) = link {
+                threads.push(start_link(&shared, peer, s)?);
+            }
         }
         let sh = shared.clone();
         threads.push(
@@ -260,4 +190,58 @@ pub(super) fn accept_loop(
     for h in auth_threads {
         let _ = h.join();
     }
+}
+
+/// The mesh's links, by peer: connections to every lower rank, and the authenticated ones
+/// the acceptor hands over from every higher rank, within `deadline`.
+fn gather_links(
+    shared: &Arc<Shared>,
+    addrs: &[SocketAddr],
+    rx: mpsc::Receiver<(usize, TcpStream)>,
+    deadline: Instant,
+) -> Result<Vec<Option<TcpStream>>> {
+    let (me, n) = (shared.cfg.rank, shared.cfg.world);
+    let mut links: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+    for (peer, link) in links.iter_mut().enumerate().take(me) {
+        *link = Some(connect_to(&shared.cfg, peer, addrs[peer], deadline)?);
+    }
+    let mut missing = n - me - 1;
+    while missing > 0 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((peer, s)) if peer > me && links[peer].is_none() => {
+                links[peer] = Some(s);
+                missing -= 1;
+            }
+            Ok(_) => {}
+            Err(_) => {
+                shared.stop.store(true, Ordering::SeqCst);
+                return Err(Error::Timeout(format!(
+                    "rank {me} waiting for {missing} higher ranks to connect"
+                )));
+            }
+        }
+    }
+    Ok(links) // dropping `rx`: later connections are refused
+}
+
+/// Puts `peer`'s link to work: its writer (woken every `WRITE_SLICE` to see whether a
+/// blocked write was interrupted), its reader, and the progress thread that reads it.
+fn start_link(shared: &Arc<Shared>, peer: usize, s: TcpStream) -> Result<JoinHandle<()>> {
+    let _ = s.set_nodelay(true);
+    let reader = s.try_clone().map_err(|e| Error::io("cloning a link", e))?;
+    let _ = reader.set_read_timeout(Some(shared.cfg.heartbeat));
+    s.set_write_timeout(Some(WRITE_SLICE))
+        .map_err(|e| Error::io("send timeout of a link", e))?;
+    *shared.writers[peer]
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(s);
+    shared.rx_fd[peer].store(reader.as_raw_fd(), Ordering::Relaxed);
+    *shared.rx[peer].lock().unwrap_or_else(|p| p.into_inner()) = Some(RxLink::new(reader));
+    shared.last_recv[peer].store(shared.now_us(), Ordering::Relaxed);
+    let sh = shared.clone();
+    std::thread::Builder::new()
+        .name(format!("xccl-tcp-{}<{peer}", shared.cfg.rank))
+        .spawn(move || progress(sh, peer))
+        .map_err(|e| Error::io("spawning a progress thread", e))
 }

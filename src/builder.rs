@@ -1,0 +1,355 @@
+//! Building a communicator: the builder and its settings (backend, timeout, signal words,
+//! store, name), the configuration every rank must agree on, and the transport it makes.
+
+use crate::bootstrap::{self, store_barrier, Prefixed, RankInfo, Rendezvous, Settings, Store};
+use crate::comm::{reserved_signals, BARRIER_SIGNALS};
+use crate::error::{Error, Result};
+use crate::transport::{loopback::Loopback, Transport};
+use crate::Communicator;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Communicators built from the environment by this process, for the store namespace of
+/// those built without a name.
+static BUILDS: AtomicU64 = AtomicU64::new(0);
+
+/// Which transport a communicator builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Shared memory between processes on one host.
+    Shm,
+    /// Threads of one process (only a single rank can be built from the environment).
+    Loopback,
+    /// RDMA-like one-sided memory over TCP, across hosts.
+    Tcp,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "shm" => Ok(Backend::Shm),
+            "loopback" => Ok(Backend::Loopback),
+            "tcp" => Ok(Backend::Tcp),
+            other => Err(Error::InvalidArgument(format!(
+                "backend {other:?} (expected shm, tcp or loopback)"
+            ))),
+        }
+    }
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Shm => "shm",
+            Backend::Loopback => "loopback",
+            Backend::Tcp => "tcp",
+        }
+    }
+}
+
+/// Builds a [`Communicator`]; every setting left unset comes from the environment.
+///
+/// ```no_run
+/// let comm = xccl::Communicator::builder().build().unwrap(); // rank/world from the launcher
+/// comm.barrier().unwrap();
+/// ```
+#[derive(Default)]
+pub struct CommBuilder {
+    explicit: Option<(usize, usize)>,
+    backend: Option<Backend>,
+    timeout: Option<Duration>,
+    num_signals: Option<usize>,
+    store: Option<Arc<dyn Store>>,
+    fingerprint: u64,
+    name: Option<String>,
+}
+
+impl CommBuilder {
+    /// Sets rank and world size explicitly (overrides launcher variables).
+    pub fn rank(mut self, rank: usize, world: usize) -> Self {
+        self.explicit = Some((rank, world));
+        self
+    }
+    /// Chooses the backend (else `XCCL_BACKEND`, else shm).
+    pub fn backend(mut self, b: Backend) -> Self {
+        self.backend = Some(b);
+        self
+    }
+    /// Deadline of every wait and of setup (else `XCCL_TIMEOUT_MS`, else 60 s).
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = Some(t);
+        self
+    }
+    /// Signal words per rank (else `XCCL_NUM_SIGNALS`, else 4096).
+    pub fn num_signals(mut self, n: usize) -> Self {
+        self.num_signals = Some(n);
+        self
+    }
+    /// Uses this rendezvous store instead of one from the environment.
+    pub fn store(mut self, s: Arc<dyn Store>) -> Self {
+        self.store = Some(s);
+        self
+    }
+    /// A hash of the caller's own configuration (buffer sizes, model shape...): ranks whose
+    /// fingerprints differ fail setup with `ConfigMismatch`.
+    pub fn fingerprint(mut self, f: u64) -> Self {
+        self.fingerprint = f;
+        self
+    }
+
+    /// Names the communicator's namespace in the rendezvous store (letters, digits, `-`,
+    /// `_`). Without a name, the n-th communicator this process builds from the environment
+    /// uses namespace `n`, which pairs it with the n-th of every other rank: enough when
+    /// communicators are built one after another. Communicators built at the same time from
+    /// several threads need names, the same on every rank.
+    ///
+    /// ```no_run
+    /// use xccl::Communicator;
+    /// let (a, b) = std::thread::scope(|s| {
+    ///     let a = s.spawn(|| Communicator::builder().name("experts").build());
+    ///     let b = s.spawn(|| Communicator::builder().name("kv").build());
+    ///     (a.join().unwrap(), b.join().unwrap())
+    /// });
+    /// ```
+    pub fn name(mut self, name: &str) -> Self {
+        self.name = Some(name.to_string());
+        self
+    }
+
+    /// Collective: connects every rank. Fails the same way on every rank when they disagree
+    /// on world size, library version, signal count, backend or fingerprint. Can be called
+    /// again after the communicator it built is dropped, or meanwhile (see
+    /// [`CommBuilder::name`]): each communicator sets up in its own namespace of the store.
+    pub fn build(self) -> Result<Communicator> {
+        let start = Instant::now();
+        self.connect().map_err(|e| e.waited_since(start))
+    }
+
+    fn connect(self) -> Result<Communicator> {
+        let settings = Settings::from_env()?;
+        let info = bootstrap::detect(self.explicit)?;
+        let timeout = self.timeout.unwrap_or(settings.timeout);
+        let deadline = Instant::now() + timeout;
+        let backend = match self.backend {
+            Some(b) => b,
+            None => settings.backend.as_deref().unwrap_or("shm").parse()?,
+        };
+        if backend == Backend::Shm && settings.shm_disable {
+            return Err(Error::InvalidUsage(
+                "XCCL_SHM_DISABLE is set and no other backend was chosen".into(),
+            ));
+        }
+        let num_signals = self.num_signals.or(settings.num_signals).unwrap_or(4096);
+        let reserved = reserved_signals(info.world_size);
+        if num_signals <= reserved {
+            return Err(Error::InvalidArgument(format!(
+                "num_signals {num_signals} must exceed {reserved} ({BARRIER_SIGNALS} for the \
+                 barrier and one per rank for the control exchange)"
+            )));
+        }
+        let name = namespace(self.name)?;
+        let rdv = match self.store {
+            Some(s) => Rendezvous::from_store(s),
+            None => Rendezvous::from_env(&info, &settings, deadline)?,
+        };
+        let ns = Prefixed::new(rdv.store.clone(), format!("xccl/{name}"));
+        let store: &dyn Store = &ns;
+        let config = format!(
+            "version={} world={} backend={} signals={} fingerprint={:#x}",
+            env!("CARGO_PKG_VERSION"),
+            info.world_size,
+            backend.name(),
+            num_signals,
+            self.fingerprint
+        );
+        let job_id = agree(store, &info, &config, deadline)?;
+        tracing::debug!(rank = info.rank, world = info.world_size, source = info.source, %job_id, "xccl init");
+
+        let made = Made {
+            info: &info,
+            settings: &settings,
+            store,
+            num_signals,
+            timeout,
+            deadline,
+        };
+        let transport = made.transport(backend, job_id)?;
+        store_barrier(store, "ready", info.world_size, deadline)?;
+        rdv.finish(&ns, info.rank, info.world_size, deadline)?;
+        Communicator::with_info(transport, info, timeout)
+    }
+}
+
+/// The store namespace of a communicator: `n-<name>` for a named one (letters, digits, '-'
+/// and '_'), else `g-<n>`, the n-th this process builds.
+fn namespace(name: Option<String>) -> Result<String> {
+    Ok(match name {
+        Some(n)
+            if !n.is_empty()
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+        {
+            format!("n-{n}")
+        }
+        Some(n) => {
+            return Err(Error::InvalidArgument(format!(
+                "communicator name {n:?}: use letters, digits, '-' and '_'"
+            )))
+        }
+        None => format!("g-{}", BUILDS.fetch_add(1, Ordering::Relaxed)),
+    })
+}
+
+/// What building a transport needs, once the ranks agreed on the configuration.
+#[cfg_attr(not(all(feature = "shm", feature = "tcp")), allow(dead_code))]
+struct Made<'a> {
+    info: &'a RankInfo,
+    settings: &'a Settings,
+    store: &'a dyn Store,
+    num_signals: usize,
+    timeout: Duration,
+    deadline: Instant,
+}
+
+impl Made<'_> {
+    /// The transport of `backend` for job `job_id`.
+    #[cfg_attr(not(feature = "shm"), allow(unused_variables))]
+    fn transport(&self, backend: Backend, job_id: String) -> Result<Box<dyn Transport>> {
+        Ok(match backend {
+            Backend::Loopback => {
+                if self.info.world_size != 1 {
+                    return Err(Error::InvalidUsage(
+                        "loopback ranks are threads of one process: build them with \
+                         Loopback::create and Communicator::from_transport"
+                            .into(),
+                    ));
+                }
+                let t = Loopback::create_with(1, self.num_signals, self.timeout)?;
+                Box::new(t.into_iter().next().expect("one rank"))
+            }
+            #[cfg(feature = "shm")]
+            Backend::Shm => {
+                use crate::transport::shm::{ShmOptions, ShmTransport};
+                if self.info.local_size != self.info.world_size {
+                    return Err(Error::InvalidUsage(format!(
+                        "the shm backend needs every rank on one host ({} of {} are local)",
+                        self.info.local_size, self.info.world_size
+                    )));
+                }
+                let mut opts = ShmOptions::new(job_id, self.info.rank, self.info.world_size);
+                opts.num_signals = self.num_signals;
+                opts.setup_timeout = self.timeout;
+                let world = self.info.world_size;
+                Box::new(ShmTransport::new(opts, &mut || {
+                    store_barrier(self.store, "mesh", world, self.deadline)
+                })?)
+            }
+            #[cfg(not(feature = "shm"))]
+            Backend::Shm => return Err(Error::Unsupported("built without the shm feature".into())),
+            #[cfg(feature = "tcp")]
+            Backend::Tcp => Box::new(tcp_from_env(
+                self.store,
+                self.info,
+                self.settings,
+                self.num_signals,
+                self.timeout,
+                self.deadline,
+            )?),
+            #[cfg(not(feature = "tcp"))]
+            Backend::Tcp => return Err(Error::Unsupported("built without the tcp feature".into())),
+        })
+    }
+}
+
+/// Builds the TCP transport: the secret from `XCCL_JOB_SECRET` (what `xccl-run` gives its
+/// ranks), else, when every rank is on this host, one rank 0 hands over outside the store
+/// ([`bootstrap::local_secret`]); a job across hosts without a secret is refused. A listener
+/// on `XCCL_SOCKET_IFNAME`'s address or loopback; every rank's address exchanged through the
+/// store (addresses are not secret: links authenticate with the secret).
+#[cfg(feature = "tcp")]
+fn tcp_from_env(
+    store: &dyn Store,
+    info: &RankInfo,
+    settings: &Settings,
+    num_signals: usize,
+    timeout: Duration,
+    deadline: Instant,
+) -> Result<crate::transport::tcp::TcpTransport> {
+    use crate::transport::tcp::{TcpOptions, TcpTransport};
+    let (secret, _held) = match settings.secret() {
+        Some(s) => (s.to_vec(), None),
+        None if info.local_size == info.world_size => {
+            bootstrap::local_secret::share(store, info.rank, deadline)?
+        }
+        None => {
+            return Err(Error::InvalidUsage(format!(
+                "a TCP job across hosts ({} of {} ranks on this one) needs XCCL_JOB_SECRET, \
+                 the same unguessable value on every rank (xccl-run sets it; with mpirun pass \
+                 -x XCCL_JOB_SECRET)",
+                info.local_size, info.world_size
+            )))
+        }
+    };
+    let mut opts = TcpOptions::new(info.rank, info.world_size, secret);
+    if let Some(ifname) = &settings.socket_ifname {
+        let ip = bootstrap::interface_ipv4(ifname)?;
+        opts.bind = std::net::SocketAddr::from((ip, 0));
+    }
+    opts.num_signals = num_signals;
+    opts.setup_timeout = timeout;
+    if let Some(h) = settings.tcp_heartbeat {
+        opts.heartbeat = h;
+    }
+    if let Some(t) = settings.tcp_peer_timeout {
+        opts.peer_timeout = t;
+    }
+    let (rank, world) = (info.rank, info.world_size);
+    TcpTransport::new(opts, &mut |addr| {
+        store.set(&format!("tcp/addr/{rank}"), addr.to_string().as_bytes())?;
+        (0..world)
+            .map(|r| {
+                let v = store.get(&format!("tcp/addr/{r}"), deadline)?;
+                String::from_utf8_lossy(&v).parse().map_err(|_| {
+                    Error::ProtocolViolation(format!("rank {r} published a bad address"))
+                })
+            })
+            .collect()
+    })
+}
+
+/// Checks every rank's configuration line against rank 0's and returns the job id rank 0
+/// chose. Any disagreement fails every rank with the same `ConfigMismatch`.
+fn agree(store: &dyn Store, info: &RankInfo, config: &str, deadline: Instant) -> Result<String> {
+    store.set(&format!("cfg/{}", info.rank), config.as_bytes())?;
+    let text = |v: Vec<u8>| String::from_utf8_lossy(&v).into_owned();
+    if info.rank == 0 {
+        let mut problems = Vec::new();
+        for r in 1..info.world_size {
+            let theirs = text(store.get(&format!("cfg/{r}"), deadline)?);
+            if theirs != config {
+                problems.push(format!("rank {r} has [{theirs}]"));
+            }
+        }
+        let verdict = if problems.is_empty() {
+            format!("ok {}", bootstrap::random_job_id())
+        } else {
+            format!("rank 0 has [{config}], {}", problems.join(", "))
+        };
+        store.set("verdict", verdict.as_bytes())?;
+    } else {
+        let zero = text(store.get("cfg/0", deadline)?);
+        if zero != config {
+            return Err(Error::ConfigMismatch(format!(
+                "rank 0 has [{zero}], rank {} has [{config}]",
+                info.rank
+            )));
+        }
+    }
+    let verdict = text(store.get("verdict", deadline)?);
+    match verdict.strip_prefix("ok ") {
+        Some(job) => Ok(job.to_string()),
+        None => Err(Error::ConfigMismatch(verdict)),
+    }
+}
