@@ -150,7 +150,10 @@ impl<'t> PeerPath<'t> {
 
     /// Completes streaming stores before whatever publishes them.
     fn fence_streamed(&self) {
-        if self.streamed.swap(false, Ordering::Relaxed) {
+        // A plain load first: most publishes follow no streaming store, and a swap would be
+        // a locked instruction on every signal.
+        if self.streamed.load(Ordering::Relaxed) {
+            self.streamed.store(false, Ordering::Relaxed);
             // Partner of the streaming stores in `put`: they complete before the publishing
             // Release store (a signal or `publish`) that follows.
             crate::copy::store_fence();

@@ -64,6 +64,8 @@ pub struct LowLatencyBuffer<'c> {
     /// Stride of INT8 rows as they cross (`hidden` rounded up to a cache line).
     qstride: usize,
     half: usize,
+    /// Where the two halves start (after the mailbox).
+    halves_at: usize,
     data_at: usize,
     out_at: usize,
     comb_at: usize,
@@ -159,11 +161,14 @@ impl<'c> LowLatencyBuffer<'c> {
         };
         let half = size.add(&[data, outs, comb])?;
         let records = size.mul(&[cfg.max_tokens, SlotRecord::LEN])?;
-        let mailbox = Mailbox::new(&size, size.mul(&[half, 2])?, max_local, n, 1, records)?;
+        // Packed, as one slot per (expert, source) is small: fewer lines to pull at decode sizes.
+        let mailbox = Mailbox::new(&size, 0, max_local, n, 1, records)?.packed();
+        // The mailbox first, then the two halves from the next line.
+        let halves_at = size.round_up(mailbox.len(), LINE)?;
         debug_assert_eq!(mailbox.header_len(), HDR);
         let lease = comm.lease(
             &what,
-            size.add(&[2 * half, mailbox.len()])?,
+            size.add(&[halves_at, size.mul(&[half, 2])?])?,
             mailbox.signal_count() + n,
             &format!("low-latency {cfg:?}"),
         )?;
@@ -183,6 +188,7 @@ impl<'c> LowLatencyBuffer<'c> {
             row,
             qstride: cfg.hidden.div_ceil(LINE) * LINE,
             half,
+            halves_at,
             data_at: 0,
             out_at: data,
             comb_at: data + outs,
@@ -218,7 +224,7 @@ impl<'c> LowLatencyBuffer<'c> {
     }
 
     fn epoch_base(&self, epoch: u64) -> usize {
-        (epoch % 2) as usize * self.half
+        self.halves_at + (epoch % 2) as usize * self.half
     }
 
     /// Where metadata record `slot` from `src` for `local` lands: after the header of its
