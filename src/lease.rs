@@ -3,7 +3,7 @@
 
 use crate::control::Kind;
 use crate::error::Result;
-use crate::transport::{SignalOp, Window};
+use crate::transport::{MappedMem, PeerPath, SignalOp, Window};
 use crate::Communicator;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -112,6 +112,13 @@ impl<'c> Lease<'c> {
     /// The signal words, the same range on every rank.
     pub fn signals(&self) -> Range<usize> {
         self.signals.clone()
+    }
+
+    /// This rank's path to every rank's copy of the window (by rank), and its own copy: what
+    /// an object reads and writes the window through.
+    pub(crate) fn views(&self) -> Result<(Vec<PeerPath<'c>>, MappedMem)> {
+        let t = self.comm.transport();
+        Ok((t.paths(self.window())?, t.local_mem(self.window())?))
     }
 
     /// Marks the start of a call that talks to peers; until [`Lease::leave`], the object is

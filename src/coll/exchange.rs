@@ -76,8 +76,7 @@ impl<'c> Exchange<'c> {
             "exchange",
         )?;
         let mailbox = mailbox.at_signals(lease.signals().start);
-        let paths = comm.transport().paths(lease.window())?;
-        let own = comm.transport().local_mem(lease.window())?;
+        let (paths, own) = lease.views()?;
         Ok(Exchange {
             comm,
             lease,

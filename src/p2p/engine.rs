@@ -92,8 +92,7 @@ impl<'c> Engine<'c> {
         )?;
         let head_base = lease.signals().start;
         let t = comm.transport();
-        let paths = t.paths(lease.window())?;
-        let own = t.local_mem(lease.window())?;
+        let (paths, own) = lease.views()?;
         let doorbell = Doorbell::new(t, lease.window(), ring_bytes + hdr_bytes, head_base + 2 * n)?;
         Ok(Engine {
             comm,

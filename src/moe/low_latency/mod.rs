@@ -174,8 +174,7 @@ impl<'c> LowLatencyBuffer<'c> {
         )?;
         let mailbox = mailbox.at_signals(lease.signals().start);
         let sig_comb = lease.signals().start + mailbox.signal_count();
-        let paths = comm.transport().paths(lease.window())?;
-        let own = comm.transport().local_mem(lease.window())?;
+        let (paths, own) = lease.views()?;
         Ok(LowLatencyBuffer {
             comm,
             placement,

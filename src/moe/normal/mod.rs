@@ -160,8 +160,7 @@ impl<'c> MoeBuffer<'c> {
         )?;
         let mailbox = mailbox.at_signals(lease.signals().start);
         let sig_rows = lease.signals().start + mailbox.signal_count();
-        let paths = comm.transport().paths(lease.window())?;
-        let own = comm.transport().local_mem(lease.window())?;
+        let (paths, own) = lease.views()?;
         Ok(MoeBuffer {
             comm,
             placement,
