@@ -38,6 +38,7 @@ pub mod conformance;
 mod doorbell;
 #[cfg(test)]
 mod doorbell_model;
+mod forward;
 pub mod loopback;
 mod mem;
 pub mod partly_mapped;

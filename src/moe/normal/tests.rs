@@ -2,10 +2,10 @@
 
 use super::*;
 use crate::moe::{Dtype, MoeConfig};
-use crate::transport::{loopback::Loopback, Caps, MappedMem, PathKind, Transport, Window};
+use crate::transport::{loopback::Loopback, Transport, Window};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A loopback rank whose reads of one window offset see what a hostile peer wrote there
 /// (a count of `forged` rows) instead of what this rank stored.
@@ -16,54 +16,8 @@ struct Tampered {
 }
 
 impl Transport for Tampered {
-    fn rank(&self) -> usize {
-        self.inner.rank()
-    }
-    fn world_size(&self) -> usize {
-        self.inner.world_size()
-    }
-    fn caps(&self) -> Caps {
-        self.inner.caps()
-    }
-    fn register(&self, len: usize) -> Result<Window> {
-        self.inner.register(len)
-    }
-    fn deregister(&self, win: Window) -> Result<()> {
-        self.inner.deregister(win)
-    }
-    fn put(&self, peer: usize, win: &Window, offset: usize, data: &[u8]) -> Result<()> {
-        self.inner.put(peer, win, offset, data)
-    }
-    fn get(&self, peer: usize, win: &Window, offset: usize, out: &mut [u8]) -> Result<()> {
-        self.inner.get(peer, win, offset, out)
-    }
-    fn signal(&self, peer: usize, index: usize, op: SignalOp, value: u64) -> Result<()> {
-        self.inner.signal(peer, index, op, value)
-    }
-    fn wait(&self, index: usize, cmp: Cmp, value: u64, deadline: Instant) -> Result<u64> {
-        self.inner.wait(index, cmp, value, deadline)
-    }
-    fn signal_value(&self, index: usize) -> Result<u64> {
-        self.inner.signal_value(index)
-    }
-    fn flush(&self, peer: usize) -> Result<()> {
-        self.inner.flush(peer)
-    }
-    fn abort(&self) {
-        self.inner.abort()
-    }
-    fn close(&self, deadline: Instant) -> Result<()> {
-        self.inner.close(deadline)
-    }
-    fn local_mem(&self, win: &Window) -> Result<MappedMem> {
-        self.inner.local_mem(win)
-    }
-    fn path_kind(&self, peer: usize) -> Result<PathKind> {
-        self.inner.path_kind(peer)
-    }
-    fn map_peer(&self, peer: usize, win: &Window) -> Result<Option<MappedMem>> {
-        self.inner.map_peer(peer, win)
-    }
+    crate::forward_transport!(inner; rank, world_size, caps, register, deregister, put, get,
+        signal, wait, signal_value, flush, abort, close, local_mem, path_kind, map_peer);
     fn put_signal(
         &self,
         peer: usize,
