@@ -244,18 +244,22 @@ struct Measured {
     wrong: Option<u64>,
 }
 
+impl Measured {
+    /// GB/s of the bytes all ranks sent to others, moved in `us` µs.
+    fn gbps(&self, us: f64) -> f64 {
+        if us > 0.0 {
+            self.bytes as f64 / (us * 1e3)
+        } else {
+            0.0
+        }
+    }
+}
+
 /// Prints each phase's figures and the totals (rank 0); returns the phases' medians.
 fn print_phases(phase: Phase, me: usize, m: &mut Measured) -> (f64, f64) {
     let (dp50, dp99, dmin, dmax) = report::stats(&mut m.disp);
     let (cp50, cp99, cmin, cmax) = report::stats(&mut m.comb);
-    let bytes = m.bytes;
-    let gbps = |us: f64| {
-        if us > 0.0 {
-            bytes as f64 / (us * 1e3)
-        } else {
-            0.0
-        }
-    };
+    let gbps = |us: f64| m.gbps(us);
     if me == 0 {
         if phase != Phase::Combine {
             println!(
@@ -272,7 +276,7 @@ fn print_phases(phase: Phase, me: usize, m: &mut Measured) -> (f64, f64) {
         println!(
             "# rows to other ranks {} ({} bytes), #wrong {}",
             m.rows,
-            bytes,
+            m.bytes,
             report::wrong_text(m.wrong)
         );
         if let Some(base) = m.base_us {
@@ -310,14 +314,7 @@ fn report_run(
         Phase::Both => m.disp.iter().zip(&m.comb).map(|(d, c)| d + c).collect(),
     };
     let (dp50, cp50) = print_phases(phase, me, m);
-    let bytes = m.bytes;
-    let gbps = |us: f64| {
-        if us > 0.0 {
-            bytes as f64 / (us * 1e3)
-        } else {
-            0.0
-        }
-    };
+    let (bytes, gbps) = (m.bytes, |us: f64| m.gbps(us));
     let (p50, p99, min, max) = report::stats(&mut reported);
     Row {
         op: match phase {
