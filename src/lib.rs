@@ -29,6 +29,8 @@ mod error;
 mod id_map;
 pub mod launch;
 mod lease;
+#[cfg(feature = "log")]
+pub mod logging;
 mod mailbox;
 pub mod moe;
 pub mod p2p;

@@ -196,30 +196,24 @@ fn config_mismatch_fails_every_rank() {
 fn launcher_stops_the_other_ranks_when_one_fails() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mark = format!("launcher-{}", xccl::bootstrap::random_job_id());
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_xccl-run"));
-    cmd.args(["-n", "3", "--"])
-        .arg(std::env::current_exe().unwrap())
-        .args(common::worker_args());
-    for v in common::LAUNCHER_VARS {
-        cmd.env_remove(v);
-    }
-    cmd.env(SCENARIO, "fail_rank1").env(common::MARK, &mark);
-    let start = Instant::now();
-    let mut child = cmd.spawn().unwrap();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > Duration::from_secs(45) {
-            let _ = child.kill();
-            panic!("xccl-run did not stop the ranks");
-        }
-        std::thread::sleep(Duration::from_millis(10)); // polling child exit
-    };
+    let mut spec = xccl::launch::LaunchSpec::new(
+        3,
+        std::env::current_exe().unwrap(),
+        common::worker_args().into_iter().map(Into::into).collect(),
+    );
+    spec.env = vec![
+        (SCENARIO.into(), "fail_rank1".into()),
+        (common::MARK.into(), mark.clone().into()),
+    ];
+    // The launcher's own limit stands in for a watchdog: past it every rank is stopped.
+    spec.timeout = Some(Duration::from_secs(45));
+    let outcome = xccl::launch::launch(&spec).expect("launch");
+    assert!(!outcome.timed_out, "the launcher did not stop the ranks");
+    assert_eq!(outcome.first_failure, Some(1), "{:?}", outcome.statuses);
     assert_eq!(
-        status.code(),
-        Some(3),
-        "xccl-run should exit with the failing rank's code"
+        outcome.exit_code(),
+        3,
+        "the launch should end with the failing rank's code"
     );
     assert_no_leaks(&mark);
 }

@@ -3,6 +3,7 @@
 //! Every run must finish and pass its own result check; a live but starved rank must never be
 //! declared dead. Ends with a leak check.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use common::{assert_no_leaks, BusyLoops, LAUNCHER_VARS, MARK, SERIAL};

@@ -19,15 +19,11 @@ use xccl::launch::{launch, LaunchSpec};
 fn main() {
     let cli = Cli::parse();
     let common = cli.command.common();
-    let filter = common
-        .log
-        .clone()
-        .or_else(|| std::env::var("XCCL_DEBUG").ok())
-        .unwrap_or_else(|| "warn".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .init();
+    if let Some(filter) = &common.log {
+        // Before any thread starts; the ranks it launches inherit it.
+        std::env::set_var("XCCL_DEBUG", filter);
+    }
+    xccl::logging::init();
 
     let launched = xccl::bootstrap::detect(None)
         .map(|i| i.source != "single")

@@ -33,11 +33,7 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    let filter = std::env::var("XCCL_DEBUG").unwrap_or_else(|_| "warn".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .init();
+    xccl::logging::init_labelled("[xccl-run] ");
     let mut spec = LaunchSpec::new(args.ranks, &args.command[0], args.command[1..].to_vec());
     spec.backend = args.backend;
     spec.prefix_output = !args.no_prefix;

@@ -3,6 +3,7 @@
 //! one process (the example checks and fails otherwise). Each run is under a watchdog and
 //! followed by a leak check.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use common::{assert_no_leaks, LAUNCHER_VARS, MARK, SERIAL};

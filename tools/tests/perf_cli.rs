@@ -1,6 +1,7 @@
 //! The harness as a user runs it: `xccl-perf` launches its own ranks, prints a checked table,
 //! writes JSON, and fails clearly on a bad option or a missing peer.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::process::{Command, Output};
