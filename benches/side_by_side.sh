@@ -46,29 +46,29 @@ for rep in $(seq 1 "$REPS"); do
       p2p)
         "$B/memcpy_bw" 3 1e9 > "$TMP/memcpy.$rep"
         $OMPI -np 2 "$B/mpi_p2p16" ompi_shm 3 0.02 > "$TMP/mpi_p2p.$rep"
-        "$PERF" pingpong -n 2 --baseline -e 16M --json "$TMP/pingpong.$rep.json" > /dev/null
-        "$PERF" sendrecv -n 2 -e 16M --json "$TMP/sendrecv.$rep.json" > /dev/null ;;
+        "$PERF" pingpong --np 2 --baseline -e 16M --json "$TMP/pingpong.$rep.json" > /dev/null
+        "$PERF" sendrecv --np 2 -e 16M --json "$TMP/sendrecv.$rep.json" > /dev/null ;;
       a2a)
         for P in 2 4 8; do
           $OMPI -np $P "$B/mpi_a2a" ompi_shm 3 0.05 > "$TMP/mpi_a2a.$P.$rep"
-          "$PERF" alltoallv -n $P -b 1K -e 1M --json "$TMP/a2a.$P.$rep.json" > /dev/null
+          "$PERF" alltoallv --np $P -b 1K -e 1M --json "$TMP/a2a.$P.$rep.json" > /dev/null
         done ;;
       tcp)
         "$B/tcp_bench" 3 pin spin 3000 > "$TMP/tcp_bench.$rep"
         $OMPI_TCP -np 2 "$B/mpi_p2p16" ompi_tcp 3 0.02 > "$TMP/mpi_p2p_tcp.$rep"
         $OMPI_TCP -np 2 "$B/mpi_a2a" ompi_tcp 3 0.05 > "$TMP/mpi_a2a_tcp.$rep"
-        "$PERF" pingpong -n 2 --backend tcp --baseline -e 16M --json "$TMP/pingpong_tcp.$rep.json" > /dev/null
-        "$PERF" alltoallv -n 2 --backend tcp -b 1M -e 1M --json "$TMP/a2a_tcp.$rep.json" > /dev/null ;;
+        "$PERF" pingpong --np 2 --backend tcp --baseline -e 16M --json "$TMP/pingpong_tcp.$rep.json" > /dev/null
+        "$PERF" alltoallv --np 2 --backend tcp -b 1M -e 1M --json "$TMP/a2a_tcp.$rep.json" > /dev/null ;;
       moe)
         for P in 2 4; do
           for T in 128 4096; do
             $OMPI -np $P "$B/moe_mpi" ompi_shm $T 7168 8 64 5 1 42 selfcopy > "$TMP/moe_mpi.$P.$T.$rep"
-            "$PERF" moe -n $P --tokens $T --reps 5 --json "$TMP/moe.$P.$T.$rep.json" > /dev/null
+            "$PERF" moe --np $P --tokens $T -n 5 --json "$TMP/moe.$P.$T.$rep.json" > /dev/null
           done
         done
-        "$PERF" moe -n 2 --tokens 128 --reps 5 --mode low-latency --json "$TMP/moe_ll.$rep.json" > /dev/null
+        "$PERF" moe --np 2 --tokens 128 -n 5 --mode low-latency --json "$TMP/moe_ll.$rep.json" > /dev/null
         $OMPI_TCP -np 2 "$B/moe_mpi" ompi_tcp 4096 7168 8 64 5 1 42 selfcopy > "$TMP/moe_mpi_tcp.$rep"
-        "$PERF" moe -n 2 --backend tcp --tokens 4096 --reps 5 --json "$TMP/moe_tcp.$rep.json" > /dev/null ;;
+        "$PERF" moe --np 2 --backend tcp --tokens 4096 -n 5 --json "$TMP/moe_tcp.$rep.json" > /dev/null ;;
       *) echo "unknown section $s" >&2; exit 2 ;;
     esac
   done

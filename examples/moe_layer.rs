@@ -3,8 +3,8 @@
 //! spent in dispatch and combine.
 //!
 //! ```sh
-//! cargo build --release --example moe_layer
-//! target/release/xccl-run -n 2 -- target/release/examples/moe_layer [tokens] [hidden] [experts] [topk] [mode]
+//! cargo build --release --example moe_layer --bin xccl-run
+//! target/release/xccl-run --np 2 -- target/release/examples/moe_layer [tokens] [hidden] [experts] [topk] [mode]
 //! ```
 //!
 //! `mode` is `normal` (default: one row per token and expert rank, each rank's experts reduce
@@ -12,22 +12,17 @@
 //! out per expert as a `[rows, hidden]` batch the expert multiplies at once; the home weights
 //! the outputs).
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use xccl::moe::{Dispatcher, Dtype, Mode, MoeConfig};
 use xccl::Communicator;
 
-/// Deterministic pseudo-random numbers in [-1, 1) from a seed (splitmix64).
+/// Deterministic pseudo-random numbers in [-1, 1) from a seed.
 fn values(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
 }
 
 /// `x [rows × k] · w [k × n]`.
@@ -114,23 +109,70 @@ impl Layer {
     }
 }
 
-fn main() -> xccl::Result<()> {
-    let arg = |i: usize, d: usize| {
-        std::env::args()
-            .nth(i)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(d)
+const USAGE: &str = "usage: moe_layer [tokens (256)] [hidden (256)] [experts (8)] [topk (2)] \
+[normal|low-latency]\n\
+A whole expert-parallel MoE layer on every rank, checked against one process.\n\
+Start it under a launcher: xccl-run --np 2 -- moe_layer (or mpirun, srun, torchrun).";
+
+/// The layer's shape and mode, from the command line.
+struct Args {
+    tokens: usize,
+    hidden: usize,
+    experts: usize,
+    topk: usize,
+    low_latency: bool,
+}
+
+/// Parses `[tokens] [hidden] [experts] [topk] [mode]`; every value given must be valid.
+fn parse_args(args: &[String]) -> Result<Args, String> {
+    if args.len() > 5 {
+        return Err(format!("{} arguments; at most 5", args.len()));
+    }
+    let number = |i: usize, name: &str, default: usize| match args.get(i) {
+        None => Ok(default),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!("{name} {v:?} is not a positive number")),
+        },
     };
-    let (tokens, hidden, experts, topk) = (arg(1, 256), arg(2, 256), arg(3, 8), arg(4, 2));
-    let low_latency = match std::env::args().nth(5).as_deref() {
-        None | Some("normal") => false,
-        Some("low-latency") => true,
-        Some(other) => {
-            return Err(xccl::Error::InvalidArgument(format!(
-                "mode {other:?}: normal or low-latency"
-            )))
+    Ok(Args {
+        tokens: number(0, "tokens", 256)?,
+        hidden: number(1, "hidden", 256)?,
+        experts: number(2, "experts", 8)?,
+        topk: number(3, "topk", 2)?,
+        low_latency: match args.get(4).map(String::as_str) {
+            None | Some("normal") => false,
+            Some("low-latency") => true,
+            Some(other) => return Err(format!("mode {other:?}: normal or low-latency")),
+        },
+    })
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let args = match parse_args(&args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("moe_layer: error: {e}\n{USAGE}");
+            return ExitCode::from(2);
         }
     };
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("moe_layer: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> xccl::Result<()> {
+    let (tokens, hidden, experts, topk) = (args.tokens, args.hidden, args.experts, args.topk);
+    let low_latency = args.low_latency;
     let comm = Communicator::builder()
         .timeout(Duration::from_secs(120))
         .build()?;

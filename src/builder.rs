@@ -294,7 +294,7 @@ fn tcp_from_env(
     };
     let mut opts = TcpOptions::new(info.rank, info.world_size, secret);
     if let Some(ifname) = &settings.socket_ifname {
-        let ip = bootstrap::interface_ipv4(ifname)?;
+        let ip = bootstrap::interface::interface_addr(ifname, settings.socket_family)?;
         opts.bind = std::net::SocketAddr::from((ip, 0));
     }
     opts.num_signals = num_signals;
@@ -307,6 +307,7 @@ fn tcp_from_env(
     }
     let (rank, world) = (info.rank, info.world_size);
     TcpTransport::new(opts, &mut |addr| {
+        tracing::debug!(rank, %addr, "TCP transport listening");
         store.set(&format!("tcp/addr/{rank}"), addr.to_string().as_bytes())?;
         (0..world)
             .map(|r| {

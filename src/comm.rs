@@ -24,6 +24,31 @@ pub(crate) fn reserved_signals(world: usize) -> usize {
 ///
 /// Collective calls on one communicator (building objects on it, `barrier`, `split`, closing
 /// objects) are made from one thread at a time, in the same order on every rank.
+///
+/// A launched program builds it with [`Communicator::from_env`]; here two ranks run as
+/// threads of one process over the loopback backend:
+///
+/// ```
+/// use std::time::Duration;
+/// use xccl::{transport::loopback::Loopback, Communicator};
+///
+/// let ranks: Vec<_> = Loopback::create(2)?
+///     .into_iter()
+///     .map(|t| {
+///         std::thread::spawn(move || -> xccl::Result<(usize, usize)> {
+///             let comm = Communicator::from_transport(Box::new(t), Duration::from_secs(10))?;
+///             comm.barrier()?; // every rank is here
+///             let who = (comm.rank(), comm.world_size());
+///             comm.close()?; // collective: returns once every rank has closed
+///             Ok(who)
+///         })
+///     })
+///     .collect();
+/// for (i, rank) in ranks.into_iter().enumerate() {
+///     assert_eq!(rank.join().unwrap()?, (i, 2));
+/// }
+/// # Ok::<(), xccl::Error>(())
+/// ```
 pub struct Communicator {
     pub(crate) transport: Box<dyn Transport>,
     info: RankInfo,

@@ -3,12 +3,16 @@
 
 use crate::bootstrap::TcpStoreServer;
 use crate::error::{Error, Result};
+use rustix::process::{
+    getpid, getppid, kill_process, set_parent_process_death_signal, Pid, Signal,
+};
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 /// What to launch.
@@ -24,7 +28,8 @@ pub struct LaunchSpec {
     pub backend: Option<String>,
     /// Extra environment for every rank.
     pub env: Vec<(OsString, OsString)>,
-    /// Prefix each output line with `[rank] `.
+    /// Prefix each output line with `[rank] `. Either way the ranks' output passes through
+    /// the launcher, which ends the job quietly when its own stdout is closed.
     pub prefix_output: bool,
     /// Stop every rank after this long.
     pub timeout: Option<Duration>,
@@ -32,7 +37,13 @@ pub struct LaunchSpec {
     pub grace: Duration,
     /// Pin each rank to one CPU.
     pub bind: Bind,
+    /// Allow more than [`MAX_RANKS_PER_CPU`] ranks per CPU (refused otherwise).
+    pub oversubscribe: bool,
 }
+
+/// Ranks per usable CPU a launch accepts unless told to oversubscribe: beyond it ranks
+/// mostly wait their turn (and a typo like `--np 1000` would start a thousand processes).
+pub const MAX_RANKS_PER_CPU: usize = 4;
 
 /// CPU binding of the ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,18 +70,12 @@ impl std::str::FromStr for Bind {
 
 /// The CPUs this process may run on, in order.
 fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills at most its size.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer and size for the calling thread's mask.
-    let rc =
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-    if rc != 0 {
-        return Vec::new();
+    match rustix::thread::sched_getaffinity(None) {
+        Ok(set) => (0..rustix::thread::CpuSet::MAX_CPU)
+            .filter(|&c| set.is_set(c))
+            .collect(),
+        Err(_) => Vec::new(),
     }
-    // SAFETY: CPU_ISSET reads the initialized set for indices below CPU_SETSIZE.
-    (0..libc::CPU_SETSIZE as usize)
-        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-        .collect()
 }
 
 impl LaunchSpec {
@@ -86,6 +91,7 @@ impl LaunchSpec {
             timeout: None,
             grace: Duration::from_secs(3),
             bind: Bind::Auto,
+            oversubscribe: false,
         }
     }
 }
@@ -99,12 +105,23 @@ pub struct LaunchOutcome {
     pub first_failure: Option<usize>,
     /// The launcher stopped the ranks because the timeout passed.
     pub timed_out: bool,
+    /// A rank ended because its output was closed (killed by SIGPIPE, or exited with
+    /// [`OUTPUT_CLOSED`], as a reader like `head` going away makes it); the launcher stopped
+    /// the others quietly.
+    pub output_closed: bool,
 }
+
+/// The exit code of a program whose output was closed: that of a SIGPIPE death (128 + 13),
+/// which shells do not report.
+pub const OUTPUT_CLOSED: i32 = 141;
 
 impl LaunchOutcome {
     /// A process exit code summarizing the launch: 0 on success, else the failing rank's
     /// code (128 + signal for a signal), 124 on timeout.
     pub fn exit_code(&self) -> i32 {
+        if self.output_closed {
+            return OUTPUT_CLOSED;
+        }
         if self.timed_out {
             return 124;
         }
@@ -120,7 +137,24 @@ impl LaunchOutcome {
     }
 }
 
-fn copy_lines(src: impl Read, prefix: String, to_stderr: bool) {
+/// What the launcher hears while ranks run.
+enum Event {
+    /// A rank's exit.
+    Exit(usize, std::io::Result<ExitStatus>),
+    /// The launcher's own stdout was closed (its reader went away).
+    OutputClosed,
+}
+
+/// Forwards `src` line by line to the launcher's stdout (or stderr), each line after
+/// `prefix`. Once the stdout is closed (`| head` is done) nothing more is written, to either
+/// stream, and the rest is drained so no rank blocks on a full pipe.
+fn copy_lines(
+    src: impl Read,
+    prefix: String,
+    to_stderr: bool,
+    closed: &AtomicBool,
+    events: &mpsc::Sender<Event>,
+) {
     let mut reader = BufReader::new(src);
     let mut line = Vec::new();
     while reader
@@ -131,21 +165,34 @@ fn copy_lines(src: impl Read, prefix: String, to_stderr: bool) {
         if !line.ends_with(b"\n") {
             line.push(b'\n');
         }
-        let mut out: Box<dyn Write> = if to_stderr {
-            Box::new(std::io::stderr().lock())
-        } else {
-            Box::new(std::io::stdout().lock())
-        };
-        let _ = out.write_all(prefix.as_bytes());
-        let _ = out.write_all(&line);
-        let _ = out.flush();
+        if !closed.load(Ordering::Relaxed) {
+            let written = if to_stderr {
+                write_line(&mut std::io::stderr().lock(), &prefix, &line)
+            } else {
+                write_line(&mut std::io::stdout().lock(), &prefix, &line)
+            };
+            if let Err(e) = written {
+                if !to_stderr && e.kind() == std::io::ErrorKind::BrokenPipe {
+                    closed.store(true, Ordering::Relaxed);
+                    let _ = events.send(Event::OutputClosed);
+                }
+            }
+        }
         line.clear();
     }
 }
 
-fn send_signal(pid: u32, sig: libc::c_int) {
-    // SAFETY: plain kill(2) on a child we spawned and have not yet seen reaped.
-    unsafe { libc::kill(pid as libc::pid_t, sig) };
+fn write_line(out: &mut impl Write, prefix: &str, line: &[u8]) -> std::io::Result<()> {
+    out.write_all(prefix.as_bytes())?;
+    out.write_all(line)?;
+    out.flush()
+}
+
+fn send_signal(pid: u32, sig: Signal) {
+    if let Some(pid) = Pid::from_raw(pid as i32) {
+        // A child we spawned and have not yet seen reaped; one already gone is no error.
+        let _ = kill_process(pid, sig);
+    }
 }
 
 /// Runs the ranks to completion. The launcher serves the job's rendezvous store itself, so
@@ -154,13 +201,24 @@ pub fn launch(spec: &LaunchSpec) -> Result<LaunchOutcome> {
     if spec.ranks == 0 {
         return Err(Error::InvalidArgument("need at least one rank".into()));
     }
+    let cpus = allowed_cpus();
+    let limit = MAX_RANKS_PER_CPU * cpus.len().max(1);
+    if spec.ranks > limit && !spec.oversubscribe {
+        return Err(Error::InvalidArgument(format!(
+            "{} ranks on {} CPUs is more than {MAX_RANKS_PER_CPU} per CPU (at most {limit}): \
+             they would mostly wait their turn; to run them anyway, oversubscribe \
+             (--oversubscribe)",
+            spec.ranks,
+            cpus.len()
+        )));
+    }
     let secret = job_secret(spec);
     let store = TcpStoreServer::bind("127.0.0.1:0", Some(secret.as_bytes()))?;
     let store_url = format!("tcp://{}", store.addr());
-    let (tx, rx) = mpsc::channel::<(usize, std::io::Result<ExitStatus>)>();
+    let (tx, rx) = mpsc::channel::<Event>();
+    let closed = Arc::new(AtomicBool::new(false));
     let mut pids = Vec::with_capacity(spec.ranks);
     let mut pipes = Vec::new();
-    let cpus = allowed_cpus();
     // TCP ranks run progress threads beside the caller: pinning a rank to one CPU would make
     // them take turns, so only shared-memory ranks are pinned.
     let tcp = spec.backend.as_deref() == Some("tcp");
@@ -170,7 +228,7 @@ pub fn launch(spec: &LaunchSpec) -> Result<LaunchOutcome> {
         let mut child = match rank_command(spec, rank, &store_url, &secret, cpu).spawn() {
             Ok(c) => c,
             Err(e) => {
-                pids.iter().for_each(|&p| send_signal(p, libc::SIGKILL));
+                pids.iter().for_each(|&p| send_signal(p, Signal::KILL));
                 return Err(Error::system(
                     format!("starting rank {rank}: {}", spec.program.display()),
                     e,
@@ -178,21 +236,26 @@ pub fn launch(spec: &LaunchSpec) -> Result<LaunchOutcome> {
             }
         };
         pids.push(child.id());
-        if spec.prefix_output {
-            let (out, err) = (
-                child.stdout.take().expect("piped"),
-                child.stderr.take().expect("piped"),
-            );
+        let (out, err) = (
+            child.stdout.take().expect("piped"),
+            child.stderr.take().expect("piped"),
+        );
+        let prefix = match spec.prefix_output {
+            true => format!("[{rank}] "),
+            false => String::new(),
+        };
+        for (src, to_stderr) in [
+            (Box::new(out) as Box<dyn Read + Send>, false),
+            (Box::new(err), true),
+        ] {
+            let (prefix, closed, tx) = (prefix.clone(), closed.clone(), tx.clone());
             pipes.push(std::thread::spawn(move || {
-                copy_lines(out, format!("[{rank}] "), false)
-            }));
-            pipes.push(std::thread::spawn(move || {
-                copy_lines(err, format!("[{rank}] "), true)
+                copy_lines(src, prefix, to_stderr, &closed, &tx)
             }));
         }
         let tx = tx.clone();
         std::thread::spawn(move || {
-            let _ = tx.send((rank, child.wait()));
+            let _ = tx.send(Event::Exit(rank, child.wait()));
         });
     }
     drop(tx);
@@ -242,23 +305,22 @@ fn rank_command(
     for (k, v) in &spec.env {
         cmd.env(k, v);
     }
-    if spec.prefix_output {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    }
-    // SAFETY: getpid cannot fail.
-    let launcher_pid = unsafe { libc::getpid() };
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let launcher_pid = getpid();
     // SAFETY: the closure runs in the child between fork and exec and only makes
-    // async-signal-safe calls (prctl, getppid, sched_setaffinity, _exit) on a stack value.
+    // async-signal-safe calls (raw prctl, getppid and sched_setaffinity system calls through
+    // rustix, _exit) on values it owns.
     unsafe {
         cmd.pre_exec(move || {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            if libc::getppid() != launcher_pid {
+            set_parent_process_death_signal(Some(Signal::KILL))?;
+            if getppid() != Some(launcher_pid) {
                 libc::_exit(127); // the launcher died before the death signal was armed
             }
             if let Some(cpu) = cpu {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(cpu, &mut set);
-                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                let mut set = rustix::thread::CpuSet::new();
+                set.set(cpu);
+                // Unpinned is still correct, only noisier.
+                let _ = rustix::thread::sched_setaffinity(None, &set);
             }
             Ok(())
         });
@@ -268,14 +330,11 @@ fn rank_command(
 
 /// Collects every rank's exit. The first failure, or the launch timeout, sends the others
 /// SIGTERM; those still running after the grace period get SIGKILL.
-fn supervise(
-    spec: &LaunchSpec,
-    rx: &mpsc::Receiver<(usize, std::io::Result<ExitStatus>)>,
-    pids: &[u32],
-) -> Result<LaunchOutcome> {
+fn supervise(spec: &LaunchSpec, rx: &mpsc::Receiver<Event>, pids: &[u32]) -> Result<LaunchOutcome> {
     let mut statuses: Vec<Option<ExitStatus>> = vec![None; spec.ranks];
     let mut first_failure = None;
     let mut timed_out = false;
+    let mut output_closed = false;
     let mut stop_at: Option<Instant> = spec.timeout.map(|t| Instant::now() + t);
     let mut killed = false;
     let signal_running = |statuses: &[Option<ExitStatus>], sig| {
@@ -291,27 +350,46 @@ fn supervise(
             t.saturating_duration_since(Instant::now())
         });
         match rx.recv_timeout(wait) {
-            Ok((rank, status)) => {
+            Ok(Event::OutputClosed) => {
+                if !output_closed && first_failure.is_none() && !timed_out {
+                    // The reader of the output went away (`| head`): nothing failed, the job
+                    // is over; the ranks stop without a word.
+                    output_closed = true;
+                    signal_running(&statuses, Signal::TERM);
+                    stop_at = Some(Instant::now() + spec.grace);
+                }
+            }
+            Ok(Event::Exit(rank, status)) => {
                 remaining -= 1;
                 let status =
                     status.map_err(|e| Error::system(format!("waiting for rank {rank}"), e))?;
                 statuses[rank] = Some(status);
-                if !status.success() && first_failure.is_none() && !timed_out {
+                let closed =
+                    status.signal() == Some(libc::SIGPIPE) || status.code() == Some(OUTPUT_CLOSED);
+                if output_closed || first_failure.is_some() || timed_out || status.success() {
+                    continue;
+                }
+                if closed {
+                    // The rank's own output was closed (started with another stdout).
+                    output_closed = true;
+                } else {
                     first_failure = Some(rank);
                     tracing::warn!(rank, %status, "a rank failed; stopping the other ranks");
-                    signal_running(&statuses, libc::SIGTERM);
-                    stop_at = Some(Instant::now() + spec.grace);
                 }
+                signal_running(&statuses, Signal::TERM);
+                stop_at = Some(Instant::now() + spec.grace);
             }
-            Err(mpsc::RecvTimeoutError::Timeout) if first_failure.is_none() && !timed_out => {
+            Err(mpsc::RecvTimeoutError::Timeout)
+                if first_failure.is_none() && !timed_out && !output_closed =>
+            {
                 timed_out = true;
                 tracing::warn!("launch timeout; stopping every rank");
-                signal_running(&statuses, libc::SIGTERM);
+                signal_running(&statuses, Signal::TERM);
                 stop_at = Some(Instant::now() + spec.grace);
             }
             Err(mpsc::RecvTimeoutError::Timeout) if !killed => {
                 killed = true;
-                signal_running(&statuses, libc::SIGKILL);
+                signal_running(&statuses, Signal::KILL);
                 stop_at = None;
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -325,5 +403,6 @@ fn supervise(
             .collect(),
         first_failure,
         timed_out,
+        output_closed,
     })
 }

@@ -43,3 +43,8 @@ pub use builder::{Backend, CommBuilder};
 pub use comm::Communicator;
 pub use error::{Error, Result};
 pub use lease::Lease;
+
+/// The README's code blocks, compiled (and run, unless marked otherwise) as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -23,12 +23,10 @@ scenarios! {
     "soak" => soak,
 }
 
-/// splitmix64: the same numbers on every rank for the same seed.
+/// A hash of `seed`: the same number on every rank for the same seed.
 fn mix(seed: u64) -> u64 {
-    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    use rand::{RngCore, SeedableRng};
+    rand::rngs::SmallRng::seed_from_u64(seed).next_u64()
 }
 
 /// The bytes rank `from` sends rank `to` in iteration `it`.

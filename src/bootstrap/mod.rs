@@ -3,6 +3,7 @@
 
 mod env;
 mod file_store;
+pub mod interface;
 pub mod local_secret;
 mod prefixed;
 mod settings;
@@ -23,57 +24,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Fills `buf` from the kernel's random source.
+/// Fills `buf` from the operating system's random source; panics only if the system has
+/// none to give (no `getrandom` system call and no `/dev/urandom`).
 pub fn fill_random(buf: &mut [u8]) {
-    let mut done = 0;
-    while done < buf.len() {
-        // SAFETY: writes at most `len - done` bytes into the live buffer's tail.
-        let n = unsafe {
-            libc::getrandom(
-                buf[done..].as_mut_ptr() as *mut libc::c_void,
-                buf.len() - done,
-                0,
-            )
-        };
-        if n > 0 {
-            done += n as usize;
-        }
-    }
-}
-
-/// The IPv4 address of network interface `name` (for `XCCL_SOCKET_IFNAME`).
-pub fn interface_ipv4(name: &str) -> Result<std::net::Ipv4Addr> {
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `list` with a linked list freed below with freeifaddrs.
-    if unsafe { libc::getifaddrs(&mut list) } != 0 {
-        return Err(Error::system("getifaddrs", std::io::Error::last_os_error()));
-    }
-    let mut found = None;
-    let mut cur = list;
-    while !cur.is_null() {
-        // SAFETY: `cur` is a node of the list getifaddrs returned; its name is a C string and
-        // an AF_INET address is a sockaddr_in.
-        unsafe {
-            let ifa = &*cur;
-            let n = std::ffi::CStr::from_ptr(ifa.ifa_name).to_string_lossy();
-            if n == name
-                && !ifa.ifa_addr.is_null()
-                && (*ifa.ifa_addr).sa_family as i32 == libc::AF_INET
-            {
-                let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                found = Some(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-                break;
-            }
-            cur = ifa.ifa_next;
-        }
-    }
-    // SAFETY: frees the list returned above, once.
-    unsafe { libc::freeifaddrs(list) };
-    found.ok_or_else(|| {
-        Error::InvalidArgument(format!(
-            "XCCL_SOCKET_IFNAME={name:?}: no IPv4 address on that interface"
-        ))
-    })
+    getrandom::fill(buf).expect("the operating system's random source")
 }
 
 /// A fresh unguessable job id (128 random bits, hex).

@@ -18,13 +18,16 @@ pub struct Settings {
     pub num_signals: Option<usize>,
     /// `XCCL_SHM_DISABLE`: refuse the shared-memory backend.
     pub shm_disable: bool,
-    /// `XCCL_DEBUG`: a `tracing` filter for the binaries (`info`, `debug`, ...).
+    /// `XCCL_DEBUG`: the log filter of `xccl::logging` (`info`, `debug`, ...).
     pub debug: Option<String>,
     /// `XCCL_JOB_SECRET`: the secret TCP peers and TCP store clients prove they know (set by
     /// `xccl-run` for its ranks; required for a TCP job across hosts).
     pub job_secret: Option<String>,
-    /// `XCCL_SOCKET_IFNAME`: the interface TCP listeners bind to (else loopback).
+    /// `XCCL_SOCKET_IFNAME`: the interfaces TCP listeners may bind to, in NCCL's syntax
+    /// (`eth` prefix, `=eth0` exact, `^docker,lo` excluded; else loopback).
     pub socket_ifname: Option<String>,
+    /// `XCCL_SOCKET_FAMILY`: `AF_INET` or `AF_INET6` (else IPv4 first, then IPv6).
+    pub socket_family: Option<super::interface::Family>,
     /// `XCCL_TCP_HEARTBEAT_MS`: idle TCP links get a heartbeat this often (default 200).
     pub tcp_heartbeat: Option<Duration>,
     /// `XCCL_TCP_PEER_TIMEOUT_MS`: a TCP peer silent this long has failed (default 3000).
@@ -62,6 +65,7 @@ impl Settings {
             debug: var("XCCL_DEBUG"),
             job_secret: var("XCCL_JOB_SECRET"),
             socket_ifname: var("XCCL_SOCKET_IFNAME"),
+            socket_family: var("XCCL_SOCKET_FAMILY").map(|f| f.parse()).transpose()?,
             tcp_heartbeat: number("XCCL_TCP_HEARTBEAT_MS")?.map(Duration::from_millis),
             tcp_peer_timeout: number("XCCL_TCP_PEER_TIMEOUT_MS")?.map(Duration::from_millis),
         };

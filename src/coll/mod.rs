@@ -34,6 +34,34 @@ const KIND_ALLGATHER: u64 = 2;
 const KIND_ALLREDUCE: u64 = 3;
 
 /// Collective operations over a communicator.
+///
+/// Every rank adds its rank number into a sum (three ranks as threads over the loopback
+/// backend):
+///
+/// ```
+/// use std::time::Duration;
+/// use xccl::coll::{Coll, ReduceOp};
+/// use xccl::{transport::loopback::Loopback, Communicator};
+///
+/// let ranks: Vec<_> = Loopback::create(3)?
+///     .into_iter()
+///     .map(|t| {
+///         std::thread::spawn(move || -> xccl::Result<u64> {
+///             let comm = Communicator::from_transport(Box::new(t), Duration::from_secs(10))?;
+///             let coll = Coll::new(&comm)?;
+///             let mut sum = [comm.rank() as u64];
+///             coll.allreduce(&mut sum, ReduceOp::Sum)?;
+///             coll.close()?;
+///             comm.close()?;
+///             Ok(sum[0])
+///         })
+///     })
+///     .collect();
+/// for r in ranks {
+///     assert_eq!(r.join().unwrap()?, 0 + 1 + 2);
+/// }
+/// # Ok::<(), xccl::Error>(())
+/// ```
 pub struct Coll<'c> {
     p2p: P2p<'c>,
     epoch: AtomicU64,

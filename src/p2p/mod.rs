@@ -46,6 +46,38 @@ use std::sync::Mutex;
 
 /// Point-to-point messaging over a communicator. Dropping it (or [`P2p::close`]) gives its
 /// window and signal words back; both are collective.
+///
+/// Rank 0 sends a tagged message to rank 1 (two ranks as threads over the loopback backend):
+///
+/// ```
+/// use std::time::Duration;
+/// use xccl::p2p::{P2p, P2pConfig};
+/// use xccl::{transport::loopback::Loopback, Communicator};
+///
+/// let ranks: Vec<_> = Loopback::create(2)?
+///     .into_iter()
+///     .map(|t| {
+///         std::thread::spawn(move || -> xccl::Result<Vec<u8>> {
+///             let comm = Communicator::from_transport(Box::new(t), Duration::from_secs(10))?;
+///             let p2p = P2p::new(&comm, P2pConfig::default())?; // collective
+///             let mut got = vec![0u8; 16];
+///             if comm.rank() == 0 {
+///                 p2p.send(1, 7, b"hello")?;
+///                 got.clear();
+///             } else {
+///                 let n = p2p.recv(0, 7, &mut got)?; // tag 7 from rank 0
+///                 got.truncate(n);
+///             }
+///             p2p.close()?;
+///             comm.close()?;
+///             Ok(got)
+///         })
+///     })
+///     .collect();
+/// let got: Vec<Vec<u8>> = ranks.into_iter().map(|r| r.join().unwrap()).collect::<Result<_, _>>()?;
+/// assert_eq!(got[1], b"hello");
+/// # Ok::<(), xccl::Error>(())
+/// ```
 pub struct P2p<'c> {
     engine: Engine<'c>,
 }

@@ -154,8 +154,17 @@ pub fn check_peer(peer: usize, world: usize) -> Result<()> {
     if peer < world {
         Ok(())
     } else {
+        // A job of one rank addressing another is most often a program started on its own.
+        let hint = match world {
+            1 => {
+                ": this job has one rank (a program started without a launcher runs alone); \
+                 start N ranks with `xccl-run --np N -- PROGRAM`, or under mpirun, srun or \
+                 torchrun"
+            }
+            _ => "",
+        };
         Err(Error::InvalidArgument(format!(
-            "peer rank {peer} >= world size {world}"
+            "peer rank {peer} >= world size {world}{hint}"
         )))
     }
 }

@@ -5,6 +5,8 @@
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
+#[allow(dead_code)]
+mod support;
 
 use common::{assert_no_leaks, LAUNCHER_VARS, MARK, SERIAL};
 use std::path::PathBuf;
@@ -42,7 +44,7 @@ fn moe_layer_example_matches_one_process() {
     {
         let mark = format!("{}-example-{i}", std::process::id());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_xccl-run"));
-        cmd.args(["-n", ranks, "--backend", backend, "--"])
+        cmd.args(["--np", ranks, "--backend", backend, "--"])
             .arg(&bin)
             .args(["24", "32", experts, "2", mode]);
         for v in LAUNCHER_VARS {
@@ -86,4 +88,91 @@ fn moe_layer_example_matches_one_process() {
         }
         assert_no_leaks(&mark);
     }
+}
+
+/// The example checks its command line: `--help` prints the usage and runs nothing; a value
+/// that does not parse is an error that says which, not a run with defaults.
+#[test]
+fn moe_layer_example_checks_its_arguments() {
+    let bin = example();
+    assert!(bin.exists(), "{} not built", bin.display());
+    let bin = bin.to_str().unwrap();
+    let out = support::run(bin, &["--help"], &[]);
+    let (stdout, stderr) = support::text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("usage: moe_layer") && stdout.contains("xccl-run --np 2"));
+    for (args, says) in [
+        (&["abc"][..], "tokens \"abc\" is not a positive number"),
+        (&["8", "16", "4", "2", "fast"], "mode \"fast\""),
+        (&["8", "0"], "hidden \"0\""),
+    ] {
+        let out = support::run(bin, args, &[]);
+        let (_, stderr) = support::text(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(says) && stderr.contains("usage:"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("InvalidArgument("), "{stderr}");
+    }
+}
+
+/// The README's commands, followed in order on a fresh clone, run only what an earlier
+/// command built: every `target/release/...` program a line runs is built by a `cargo`
+/// command on that line or before it, and the harness's and launcher's arguments in the
+/// README parse.
+#[test]
+fn readme_commands_run_what_they_build() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let mut commands: Vec<&str> = Vec::new();
+    let mut in_sh = false;
+    for line in readme.lines() {
+        match line.trim() {
+            "```sh" => in_sh = true,
+            "```" => in_sh = false,
+            l if in_sh => commands.push(l),
+            _ => {}
+        }
+    }
+    // Commands quoted in the text, in backticks, that build or run something.
+    for quoted in readme.split('`').skip(1).step_by(2) {
+        if quoted.starts_with("cargo ") || quoted.starts_with("target/release/") {
+            commands.push(quoted);
+        }
+    }
+    assert!(commands[0].starts_with("cargo run --release --bin xccl-perf -- pingpong"));
+    assert!(commands[1].starts_with("cargo test"), "{commands:?}");
+    let mut built: Vec<String> = Vec::new();
+    for cmd in &commands {
+        for part in cmd.split("&&").map(str::trim) {
+            let words: Vec<&str> = part.split_whitespace().collect();
+            if words.first() == Some(&"cargo") {
+                for (flag, dir) in [("--bin", ""), ("--example", "examples/")] {
+                    for w in words.windows(2).filter(|w| w[0] == flag) {
+                        built.push(format!("target/release/{dir}{}", w[1]));
+                    }
+                }
+            }
+            for w in words.iter().filter(|w| w.starts_with("target/release/")) {
+                assert!(
+                    built.iter().any(|b| b == w),
+                    "{part:?} runs {w}, which no command before it builds"
+                );
+            }
+        }
+    }
+    assert!(built.iter().any(|b| b.ends_with("xccl-run")), "{built:?}");
+    // The first command's harness arguments parse (checked with --help appended: no run).
+    let first = commands[0];
+    let args: Vec<&str> = first
+        .split(" -- ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let mut with_help = args.clone();
+    with_help.push("--help");
+    let out = support::perf(&with_help, &[]);
+    assert!(out.status.success(), "{first}: {:?}", support::text(&out));
 }

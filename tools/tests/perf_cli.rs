@@ -4,37 +4,10 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
-use std::process::{Command, Output};
-use std::time::Duration;
+#[allow(dead_code)]
+mod support;
 
-fn perf(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xccl-perf"));
-    cmd.args(args);
-    for v in common::LAUNCHER_VARS {
-        cmd.env_remove(v);
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(Duration::from_secs(120)) {
-        Ok(out) => out.unwrap(),
-        Err(_) => {
-            // SAFETY: kill(2) on the harness process we started.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            panic!("xccl-perf {args:?} hung");
-        }
-    }
-}
+use support::perf;
 
 /// Runs `xccl-perf` with `args` plus `--json`, asserts success and that stdout contains
 /// `marker`; returns stdout and the parsed JSON rows.
@@ -59,7 +32,7 @@ fn pingpong_prints_a_checked_table_and_json() {
         "pingpong",
         &[
             "pingpong",
-            "-n",
+            "--np",
             "2",
             "-b",
             "8",
@@ -110,11 +83,11 @@ fn moe_subcommands_run_checked() {
             op,
             "--mode",
             mode,
-            "--dtype",
+            "-d",
             dtype,
             "--routing",
             routing,
-            "-n",
+            "--np",
             ranks,
             "--tokens",
             "32",
@@ -124,10 +97,10 @@ fn moe_subcommands_run_checked() {
             "2",
             "--experts",
             "8",
-            "--reps",
+            "-n",
             "3",
         ];
-        let (_, rows) = perf_json(op, &args, "#wrong 0");
+        let (_, rows) = perf_json(op, &args, "# Out of bounds values : 0 OK");
         let r = &rows[0];
         assert_eq!(r["op"], op);
         assert_eq!(
@@ -156,7 +129,7 @@ fn sendrecv_and_alltoall_subcommands_run_checked() {
         ("alltoall", "3", 8),
         ("alltoallv", "4", 8),
     ] {
-        let args = [op, "-n", ranks, "-b", "16", "-e", "2K", "--iters", "50"];
+        let args = [op, "--np", ranks, "-b", "16", "-e", "2K", "--iters", "50"];
         let (_, rows) = perf_json(op, &args, "# Out of bounds values : 0 OK");
         assert_eq!(rows.len(), expect_rows, "{op}: 16 B .. 2 KiB");
         for r in &rows {
@@ -174,7 +147,7 @@ fn sendrecv_and_alltoall_subcommands_run_checked() {
 fn failed_check_fails_with_a_message() {
     let _g = common::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let small = [
-        "-n",
+        "--np",
         "2",
         "-b",
         "8",
@@ -185,7 +158,7 @@ fn failed_check_fails_with_a_message() {
         "--inject-error",
     ];
     let moe = [
-        "-n",
+        "--np",
         "2",
         "--tokens",
         "16",
@@ -195,7 +168,7 @@ fn failed_check_fails_with_a_message() {
         "2",
         "--experts",
         "8",
-        "--reps",
+        "-n",
         "2",
         "--inject-error",
     ];
@@ -221,7 +194,7 @@ fn failed_check_fails_with_a_message() {
         // With `--no-check` the same corruption goes unseen, and the output says nothing was
         // checked (N/A, JSON null) rather than "0 wrong".
         let mut unchecked = args.clone();
-        unchecked.push("--no-check");
+        unchecked.extend(["-c", "0"]);
         let (text, rows) = perf_json(&format!("{op}-unchecked"), &unchecked, "N/A");
         assert!(!text.contains(" OK"), "{op}: {text}");
         assert!(rows.iter().all(|r| r["wrong"].is_null()), "{op}: {rows:?}");
@@ -241,7 +214,7 @@ fn baselines_are_measured_beside_each_row() {
     ] {
         let args = [
             op,
-            "-n",
+            "--np",
             "2",
             "--backend",
             backend,
@@ -274,7 +247,7 @@ fn baselines_are_measured_beside_each_row() {
 
 #[test]
 fn bad_option_fails_with_a_message() {
-    let out = perf(&["pingpong", "-n", "2", "-b", "1M", "-e", "1K"], &[]);
+    let out = perf(&["pingpong", "--np", "2", "-b", "1M", "-e", "1K"], &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("-b 1048576 is larger than -e 1024"), "{err}");

@@ -11,10 +11,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const TABLE_OK: &str = "# Out of bounds values : 0 OK";
-const MOE_OK: &str = "#wrong 0";
-const SMALL: &[&str] = &[
-    "-b", "8", "-e", "64K", "-f", "32", "--iters", "20", "--warmup", "2",
-];
+const MOE_OK: &str = "# Out of bounds values : 0 OK";
+const SMALL: &[&str] = &["-b", "8", "-e", "64K", "-f", "32", "-n", "20", "-w", "2"];
 const MOE: &[&str] = &[
     "--tokens",
     "32",
@@ -60,7 +58,7 @@ fn run(
 ) -> Result<(), String> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_xccl-perf"));
     cmd.args(args).args([
-        "-n",
+        "--np",
         &ranks.to_string(),
         "--backend",
         backend,

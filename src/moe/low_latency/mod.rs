@@ -45,6 +45,39 @@ const STREAM_BYTES: usize = 1 << 20;
 /// Low-latency dispatch/combine state of one rank. Dropping it (or
 /// [`LowLatencyBuffer::close`]) gives its window and signal words back to the communicator;
 /// both are collective.
+///
+/// A decode step: each token's row goes to each of its top-k experts (fixed slots, one
+/// round); each expert writes its output in place; combine weights and sums them at home.
+///
+/// ```no_run
+/// use xccl::moe::{Dtype, LowLatencyBuffer, MoeConfig};
+///
+/// let comm = xccl::Communicator::from_env()?;
+/// let cfg = MoeConfig::new(64, 7168, 8, 16, Dtype::Bf16); // at most 16 tokens per call
+/// let mut ll = LowLatencyBuffer::new(&comm, cfg.clone())?; // collective
+/// let tokens = 16;
+/// let x = vec![0u8; tokens * cfg.row_bytes()];
+/// let idx: Vec<i64> = (0..tokens * 8).map(|i| (i % 64) as i64).collect();
+/// let w = vec![0.125f32; tokens * 8];
+/// let rb = cfg.row_bytes();
+/// let mut view = ll.dispatch(&x, &idx, &w)?;
+/// for l in 0..view.local_experts().len() {
+///     let rows: Vec<(usize, Vec<u8>)> = view
+///         .expert_rows(l)?
+///         .iter()
+///         .map(|r| (r.index, r.data.to_vec()))
+///         .collect();
+///     let out = view.expert_output(l)?; // this expert's output slots, in the window
+///     for (i, data) in rows {
+///         out[i * rb..(i + 1) * rb].copy_from_slice(&data); // an identity expert
+///     }
+/// }
+/// let mut y = vec![0u8; x.len()];
+/// ll.combine_in_place(&mut y)?; // y[t] = sum of w_j * expert_j(x[t])
+/// ll.close()?;
+/// comm.close()?;
+/// # Ok::<(), xccl::Error>(())
+/// ```
 pub struct LowLatencyBuffer<'c> {
     comm: &'c Communicator,
     cfg: MoeConfig,

@@ -62,6 +62,38 @@ pub struct RecvRow<'a> {
 
 /// MoE dispatch/combine state of one rank. Dropping it (or [`MoeBuffer::close`]) gives its
 /// window and signal words back to the communicator; both are collective.
+///
+/// One MoE layer on every rank: each token's row goes once to each rank holding one of its
+/// top-k experts; that rank computes its experts' weighted sum per row; combine brings the
+/// sums home and adds them up.
+///
+/// ```no_run
+/// use xccl::moe::{Dtype, MoeBuffer, MoeConfig};
+///
+/// let comm = xccl::Communicator::from_env()?;
+/// // 64 experts spread over the ranks, hidden 7168, top-8, at most 128 tokens per call.
+/// let cfg = MoeConfig::new(64, 7168, 8, 128, Dtype::F32);
+/// let mut moe = MoeBuffer::new(&comm, cfg.clone())?; // collective
+/// let tokens = 128;
+/// let x = vec![0u8; tokens * cfg.row_bytes()]; // this rank's tokens, f32 rows
+/// let idx: Vec<i64> = (0..tokens * 8).map(|i| (i % 64) as i64).collect(); // top-k experts
+/// let w = vec![0.125f32; tokens * 8]; // their gate weights
+/// let view = moe.dispatch(&x, &idx, &w)?;
+/// let mut reduced = Vec::new();
+/// for row in view.rows()? {
+///     // Expert FFNs here; identity experts return the weighted sum of the row itself.
+///     let ws: f32 = row.experts.iter().map(|&(_, w)| w).sum();
+///     for v in row.data.chunks(4) {
+///         let v = f32::from_ne_bytes(v.try_into().unwrap()) * ws;
+///         reduced.extend_from_slice(&v.to_ne_bytes());
+///     }
+/// }
+/// let mut out = vec![0u8; x.len()];
+/// moe.combine(&reduced, &mut out)?; // out[t] = sum over t's experts
+/// moe.close()?;
+/// comm.close()?;
+/// # Ok::<(), xccl::Error>(())
+/// ```
 pub struct MoeBuffer<'c> {
     comm: &'c Communicator,
     cfg: MoeConfig,

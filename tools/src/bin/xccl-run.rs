@@ -5,16 +5,29 @@ use std::ffi::OsString;
 use std::time::Duration;
 use xccl::launch::{launch, LaunchSpec};
 
-/// Starts N local ranks of PROGRAM; prefixes their output with the rank; when one rank fails,
-/// stops the others and exits non-zero.
+/// Starts N local ranks of an xccl program (as `mpirun -np N` does), each with its rank, the
+/// world size, a rendezvous store and a job secret in its environment; prefixes their output
+/// with the rank; when one rank fails, stops the others and exits with its code.
+///
+/// Example: xccl-run --np 2 --backend tcp -- target/release/examples/moe_layer
 #[derive(Parser, Debug)]
-#[command(name = "xccl-run", version, about)]
+#[command(name = "xccl-run", version, verbatim_doc_comment)]
 struct Args {
-    /// Number of ranks.
-    #[arg(short = 'n', long = "ranks", default_value_t = 2)]
+    /// Number of ranks (at most 4 per CPU unless --oversubscribe).
+    #[arg(
+        short = 'n',
+        long = "np",
+        visible_alias = "ranks",
+        default_value_t = 2,
+        value_name = "N"
+    )]
     ranks: usize,
-    /// Transport backend for the ranks (sets XCCL_BACKEND).
+    /// Allow more than 4 ranks per CPU.
     #[arg(long)]
+    oversubscribe: bool,
+    /// Transport backend for the ranks: shm or tcp (sets XCCL_BACKEND; default: the
+    /// environment's, else shm).
+    #[arg(long, value_parser = ["shm", "tcp"])]
     backend: Option<String>,
     /// Stop every rank after this many seconds (exit code 124).
     #[arg(long)]
@@ -39,6 +52,7 @@ fn main() {
     spec.prefix_output = !args.no_prefix;
     spec.timeout = args.timeout.map(Duration::from_secs_f64);
     spec.bind = args.bind;
+    spec.oversubscribe = args.oversubscribe;
     match launch(&spec) {
         Ok(outcome) => {
             if let Some(r) = outcome.first_failure {
@@ -46,13 +60,15 @@ fn main() {
                     "xccl-run: rank {r} failed ({}); the other ranks were stopped",
                     outcome.statuses[r]
                 );
+            } else if outcome.output_closed {
+                // Its reader went away (`| head`): a quiet end.
             } else if outcome.timed_out {
                 eprintln!("xccl-run: timeout; every rank was stopped");
             }
             std::process::exit(outcome.exit_code())
         }
         Err(e) => {
-            eprintln!("xccl-run: {e}");
+            eprintln!("xccl-run: error: {e}");
             std::process::exit(2);
         }
     }

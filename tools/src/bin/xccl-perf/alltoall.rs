@@ -10,7 +10,7 @@
 //! runs the MPI-style [`Coll`] calls that deliver into the caller's receive buffer.
 
 use crate::memcpy_baseline::Memcpy;
-use crate::options::Common;
+use crate::options::ByteArgs;
 use crate::report::{self, Row};
 use crate::session::{self, Table};
 use std::time::Instant;
@@ -110,18 +110,20 @@ impl Calls<'_, '_> {
 /// The table's figures from every rank's call times (`all`, rank by rank, `calls` each):
 /// the Open MPI benchmark's time (each rank's mean over back-to-back calls, slowest rank),
 /// then p99, min and max per call, each call counted at its slowest rank.
-fn figures(all: &[f64], n: usize, calls: usize) -> (f64, f64, f64, f64) {
-    let mut per_call: Vec<f64> = (0..calls)
+fn figures(all: &[f64], n: usize, calls: usize) -> report::Stats {
+    let per_call: Vec<f64> = (0..calls)
         .map(|i| (0..n).map(|r| all[r * calls + i]).fold(0.0, f64::max))
         .collect();
     let mean = (0..n)
         .map(|r| all[r * calls..(r + 1) * calls].iter().sum::<f64>() / calls as f64)
         .fold(0.0, f64::max);
-    let (_, p99, min, max) = report::stats(&mut per_call);
-    (mean, p99, min, max)
+    report::Stats {
+        p50: mean,
+        ..report::stats(&per_call)
+    }
 }
 
-pub fn run(c: &Common, v: bool) -> Result<()> {
+pub fn run(c: &ByteArgs, v: bool) -> Result<()> {
     let sizes = c.sizes(1 << 20).map_err(Error::InvalidArgument)?;
     let op = if v { "alltoallv" } else { "alltoall" };
     let comm = session::connect(c, op, 1)?;
@@ -160,7 +162,7 @@ pub fn run(c: &Common, v: bool) -> Result<()> {
         }
         let mut all = vec![0f64; times.len() * n];
         coll.allgather(&times, &mut all)?;
-        let checked = match c.no_check {
+        let checked = match c.no_check() {
             true => None,
             false => Some(calls.check(me, block, c.inject_error)?),
         };

@@ -1,12 +1,14 @@
 //! `xccl-perf`: the microbenchmark harness. Launches its own local ranks (or joins ranks
 //! started by `xccl-run`, `mpirun`, `srun`, `torchrun`), runs one primitive over a size sweep,
-//! checks every result and prints an nccl-tests-style table.
+//! checks every result and prints an nccl-tests-style table; `plot` draws its JSON files.
 
 mod alltoall;
 mod memcpy_baseline;
 mod moe;
+mod moe_work;
 mod options;
 mod pingpong;
+mod plot;
 mod report;
 mod sendrecv;
 mod session;
@@ -16,46 +18,91 @@ use clap::Parser;
 use options::{Cli, Command};
 use xccl::launch::{launch, LaunchSpec};
 
+/// Exit code of a bad command line (as clap's own).
+const USAGE: i32 = 2;
+
 fn main() {
     let cli = Cli::parse();
-    let common = cli.command.common();
-    if let Some(filter) = &common.log {
+    let Some(job) = cli.command.job() else {
+        let Command::Plot(a) = &cli.command else {
+            unreachable!("only plot has no job")
+        };
+        if let Err(e) = plot::run(a) {
+            eprintln!("xccl-perf plot: {e}");
+            std::process::exit(1);
+        }
+        return;
+    };
+    if let Some(filter) = &job.log {
         // Before any thread starts; the ranks it launches inherit it.
         std::env::set_var("XCCL_DEBUG", filter);
     }
     xccl::logging::init();
 
+    // Who launched this process, if anyone, and so how many ranks the job has.
     let launched = xccl::bootstrap::detect(None)
-        .map(|i| i.source != "single")
-        .unwrap_or(true);
-    if !launched && common.ranks > 1 {
+        .ok()
+        .filter(|i| i.source != "single");
+    let ranks = match &launched {
+        Some(info) => {
+            if let Some(np) = job.np.filter(|&np| np != info.world_size) {
+                usage_error(
+                    info.rank,
+                    &format!(
+                        "--np {np}, but the launcher ({}) started {} ranks: drop --np or give the \
+                         launcher's count",
+                        info.source, info.world_size
+                    ),
+                );
+            }
+            info.world_size
+        }
+        None => job.np(),
+    };
+    let rank = launched.as_ref().map_or(0, |i| i.rank);
+    if let Err(msg) = cli.command.check(ranks) {
+        usage_error(rank, &msg);
+    }
+
+    if launched.is_none() && ranks > 1 {
         // Not started by a launcher: become one, running this same command on every rank.
         let exe = std::env::current_exe().expect("path of this executable");
-        let mut spec = LaunchSpec::new(common.ranks, exe, std::env::args_os().skip(1).collect());
-        spec.backend = Some(common.backend.clone());
+        let mut spec = LaunchSpec::new(ranks, exe, std::env::args_os().skip(1).collect());
+        spec.backend = Some(job.backend.clone());
         spec.prefix_output = false;
-        spec.bind = common.bind;
-        spec.timeout = Some(std::time::Duration::from_secs_f64(common.timeout));
+        spec.bind = job.bind;
+        spec.oversubscribe = job.oversubscribe;
+        spec.timeout = Some(std::time::Duration::from_secs_f64(job.timeout));
         match launch(&spec) {
             Ok(outcome) => std::process::exit(outcome.exit_code()),
+            Err(e @ xccl::Error::InvalidArgument(_)) => usage_error(0, &e.to_string()),
             Err(e) => {
                 eprintln!("xccl-perf: {e}");
-                std::process::exit(2);
+                std::process::exit(1);
             }
         }
     }
 
     let result = match &cli.command {
         Command::Pingpong(a) => pingpong::run(a),
-        Command::Sendrecv(a) => sendrecv::run(&a.common),
-        Command::Alltoall(a) => alltoall::run(&a.common, false),
-        Command::Alltoallv(a) => alltoall::run(&a.common, true),
+        Command::Sendrecv(a) => sendrecv::run(a),
+        Command::Alltoall(a) => alltoall::run(a, false),
+        Command::Alltoallv(a) => alltoall::run(a, true),
         Command::Moe(a) => moe::run(a, moe::Phase::Both),
         Command::Dispatch(a) => moe::run(a, moe::Phase::Dispatch),
         Command::Combine(a) => moe::run(a, moe::Phase::Combine),
+        Command::Plot(_) => unreachable!("handled above"),
     };
     if let Err(e) = result {
         eprintln!("xccl-perf: {e}");
         std::process::exit(1);
     }
+}
+
+/// Ends the program over a bad command line: rank 0 says why, once; every rank exits 2.
+fn usage_error(rank: usize, msg: &str) -> ! {
+    if rank == 0 {
+        eprintln!("xccl-perf: error: {msg}\n\nFor more information, try '--help'.");
+    }
+    std::process::exit(USAGE)
 }

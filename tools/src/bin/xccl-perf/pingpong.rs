@@ -10,7 +10,7 @@
 //! partner's recv part, one signal and an acknowledgement per batch, like osu_bw).
 //! `--baseline` adds a plain memcpy of the same bytes and the ratio `put_bw / memcpy_bw`.
 
-use crate::options::PingpongArgs;
+use crate::options::ByteArgs;
 use crate::report::{self, Row};
 use crate::session::{self, Table};
 use crate::tcp_baseline::PlainTcp;
@@ -255,8 +255,8 @@ fn stream(
     Ok((stream_times, memcpy_times))
 }
 
-pub fn run(args: &PingpongArgs) -> Result<()> {
-    let c = &args.common;
+pub fn run(args: &ByteArgs) -> Result<()> {
+    let c = args;
     let sizes = c.sizes(64 << 20).map_err(Error::InvalidArgument)?;
     let timeout = Duration::from_secs_f64(c.timeout);
     let comm = session::connect(c, "pingpong", 2)?;
@@ -294,7 +294,7 @@ pub fn run(args: &PingpongArgs) -> Result<()> {
         if initiator {
             pair.fill(size, 0)?;
         }
-        let mut times = match initiator {
+        let times = match initiator {
             true => session::timed(warm, iters, 2.0, || pair.ping(size))?,
             false => (0..warm + iters)
                 .try_for_each(|_| pair.pong(size))
@@ -302,8 +302,8 @@ pub fn run(args: &PingpongArgs) -> Result<()> {
         };
         // Streaming bandwidth: batches of STREAM_WINDOW puts, one signal and an ack each.
         let batches = (iters / STREAM_WINDOW).max(8);
-        let (mut streamed, mut memcpy) = stream(&mut pair, size, batches, initiator, c.baseline)?;
-        let wrong = match c.no_check {
+        let (streamed, memcpy) = stream(&mut pair, size, batches, initiator, c.baseline)?;
+        let wrong = match c.no_check() {
             true => None,
             false => Some(pair.check(size, initiator, c.inject_error)?),
         };
@@ -317,17 +317,17 @@ pub fn run(args: &PingpongArgs) -> Result<()> {
             None => None,
         };
         if initiator {
-            let stream_us = report::stats(&mut streamed).0;
+            let stream_us = report::stats(&streamed).p50;
             let baseline = match (plain_base, c.baseline) {
                 (Some(b), _) => Some(b),
                 (None, true) => {
-                    let us = report::stats(&mut memcpy[1..]).0;
+                    let us = report::stats(&memcpy[1..]).p50;
                     Some((us, report::gbps(size, us)))
                 }
                 (None, false) => None,
             };
             table.row(Row::p2p(
-                "pingpong", &c.backend, n, size, &mut times, stream_us, baseline, wrong,
+                "pingpong", &c.backend, n, size, &times, stream_us, baseline, wrong,
             ));
         }
     }

@@ -1,34 +1,64 @@
-//! Output of `xccl-perf`: the header line, nccl-tests-style table rows, footer and JSON.
+//! Output of `xccl-perf`: the header line, nccl-tests-style table rows, footer, statistics
+//! and the JSON rows (with what ran where and when).
 
+use serde::Serialize;
 use std::fmt::Write as _;
 use std::io::Write;
 
 /// One measured row.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Row {
     pub op: &'static str,
     pub backend: String,
     pub ranks: usize,
-    /// Bytes per rank per call.
+    /// Bytes per rank per call (MoE: token rows all ranks sent to other ranks).
     pub bytes: usize,
-    pub count: usize,
+    /// Elements of `dtype` per call (byte sweeps only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<usize>,
     pub dtype: &'static str,
+    #[serde(rename = "time_us_p50")]
     pub p50_us: f64,
-    pub p99_us: f64,
+    /// `None` (null) when there were too few samples for a 99th percentile.
+    #[serde(rename = "time_us_p99")]
+    pub p99_us: Option<f64>,
+    #[serde(rename = "time_us_min")]
     pub min_us: f64,
+    #[serde(rename = "time_us_max")]
     pub max_us: f64,
+    /// Timed samples behind the figures.
+    pub samples: usize,
+    #[serde(rename = "algbw_gbps")]
     pub algbw: f64,
+    #[serde(rename = "busbw_gbps")]
     pub busbw: f64,
-    /// Wrong elements found by the check; `None` under `--no-check`.
+    /// Wrong elements found by the check; `None` under `-c 0`.
     pub wrong: Option<u64>,
     /// Baseline median time: one memcpy of the bytes (shm), or a plain TCP one-way trip (tcp).
+    #[serde(rename = "baseline_us_p50", skip_serializing_if = "Option::is_none")]
     pub baseline_us: Option<f64>,
     /// Baseline bandwidth: memcpy (shm) or a plain TCP stream (tcp) of the same messages.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub baseline_gbps: Option<f64>,
     /// Streaming put bandwidth, for point-to-point ops.
+    #[serde(rename = "put_bw_gbps", skip_serializing_if = "Option::is_none")]
     pub stream_gbps: Option<f64>,
     /// MoE shape and split timings, for dispatch/combine rows.
+    #[serde(flatten)]
     pub moe: Option<MoeFields>,
+}
+
+/// Prints `line` on stdout. A closed stdout (its reader went away, as `| head` does) ends
+/// the program quietly with the exit code of a SIGPIPE death, which the launcher takes as
+/// the end of the job, not a failure.
+pub fn out(line: impl std::fmt::Display) {
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = writeln!(o, "{line}").and_then(|()| o.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(xccl::launch::OUTPUT_CLOSED);
+        }
+        panic!("writing to stdout: {e}");
+    }
 }
 
 /// GB/s of `bytes` in `us` microseconds (0 for a zero time).
@@ -41,14 +71,19 @@ pub fn gbps(bytes: usize, us: f64) -> f64 {
 }
 
 impl Row {
-    /// A byte-typed row: `bytes` per rank per call, time statistics `(p50, p99, min, max)` in
-    /// µs, bus bandwidth = algbw × `bus_factor`.
+    /// A byte-typed row: `bytes` per rank per call, time statistics in µs, bus bandwidth = algbw × `bus_factor`.
     pub fn bytes(
         op: &'static str,
         backend: &str,
         ranks: usize,
         bytes: usize,
-        (p50, p99, min, max): (f64, f64, f64, f64),
+        Stats {
+            p50,
+            p99,
+            min,
+            max,
+            samples,
+        }: Stats,
         bus_factor: f64,
         wrong: Option<u64>,
     ) -> Row {
@@ -58,12 +93,13 @@ impl Row {
             backend: backend.to_string(),
             ranks,
             bytes,
-            count: bytes,
+            count: Some(bytes),
             dtype: "uint8",
             p50_us: p50,
             p99_us: p99,
             min_us: min,
             max_us: max,
+            samples,
             algbw,
             busbw: algbw * bus_factor,
             wrong,
@@ -81,7 +117,7 @@ impl Row {
         backend: &str,
         ranks: usize,
         size: usize,
-        times: &mut [f64],
+        times: &[f64],
         stream_us: f64,
         baseline: Option<(f64, f64)>,
         wrong: Option<u64>,
@@ -96,7 +132,7 @@ impl Row {
 }
 
 /// The MoE part of a row.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct MoeFields {
     pub tokens: usize,
     pub hidden: usize,
@@ -107,35 +143,95 @@ pub struct MoeFields {
     pub routing: String,
     pub dispatch_us_p50: f64,
     pub combine_us_p50: f64,
+    pub dispatch_gbps: f64,
+    pub combine_gbps: f64,
+    /// Token rows all ranks sent to other ranks per call.
+    pub rows_out: u64,
 }
 
-/// Median, 99th percentile, min and max of `v` (sorted in place).
-pub fn stats(v: &mut [f64]) -> (f64, f64, f64, f64) {
-    if v.is_empty() {
-        return (0.0, 0.0, 0.0, 0.0);
+/// Samples needed before a 99th percentile is reported (fewer: it would be the maximum).
+pub const MIN_SAMPLES_FOR_P99: usize = 100;
+
+/// Summary of timed samples (µs).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Stats {
+    pub p50: f64,
+    /// `None` with fewer than [`MIN_SAMPLES_FOR_P99`] samples.
+    pub p99: Option<f64>,
+    pub min: f64,
+    pub max: f64,
+    pub samples: usize,
+}
+
+/// Median, 99th percentile, min and max of samples in µs, from a histogram with three
+/// significant digits (0.1%) over nanoseconds.
+pub fn stats(v: &[f64]) -> Stats {
+    // 1 ns to a day, 0.1% resolution.
+    let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 86_400_000_000_000, 3)
+        .expect("valid bounds and precision");
+    for &us in v.iter().filter(|x| x.is_finite()) {
+        h.saturating_record((us * 1e3).round().max(1.0) as u64);
     }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let pick = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-    (pick(0.5), pick(0.99), v[0], v[v.len() - 1])
+    if h.is_empty() {
+        return Stats::default();
+    }
+    let us = |ns: u64| ns as f64 / 1e3;
+    Stats {
+        p50: us(h.value_at_quantile(0.5)),
+        p99: (v.len() >= MIN_SAMPLES_FOR_P99).then(|| us(h.value_at_quantile(0.99))),
+        min: us(h.min()),
+        max: us(h.max()),
+        samples: v.len(),
+    }
+}
+
+/// What ran where and when: the first line of a table, and fields of every JSON row.
+#[derive(Debug, Clone, Serialize)]
+pub struct Meta {
+    pub xccl_version: &'static str,
+    pub host: String,
+    pub cpu: String,
+    pub cores: usize,
+    /// The command line, arguments separated by spaces.
+    pub command: String,
+    /// When the run started, UTC (RFC 3339).
+    pub time: String,
+}
+
+impl Meta {
+    /// This run's (read once).
+    pub fn get() -> &'static Meta {
+        static META: std::sync::OnceLock<Meta> = std::sync::OnceLock::new();
+        META.get_or_init(|| Meta {
+            xccl_version: env!("CARGO_PKG_VERSION"),
+            host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default(),
+            cpu: std::fs::read_to_string("/proc/cpuinfo")
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("model name"))
+                        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+                })
+                .unwrap_or_else(|| "unknown cpu".into()),
+            // CPUs online (a rank pinned to one CPU would see only its own).
+            cores: std::fs::read_to_string("/proc/cpuinfo")
+                .map(|s| s.lines().filter(|l| l.starts_with("processor")).count())
+                .unwrap_or(0)
+                .max(1),
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        })
+    }
 }
 
 /// The first line: what ran where.
 pub fn header(op: &str, backend: &str, ranks: usize) -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown cpu".into());
-    // SAFETY: sysconf has no preconditions.
-    let cores = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1);
+    let m = Meta::get();
     format!(
-        "# xccl-perf {op} | xccl {} | backend {backend} | ranks {ranks} | host {} | {cpu} x {cores} cores",
-        env!("CARGO_PKG_VERSION"),
-        host.trim()
+        "# xccl-perf {op} | xccl {} | backend {backend} | ranks {ranks} | host {} | {} x {} cores",
+        m.xccl_version, m.host, m.cpu, m.cores
     )
 }
 
@@ -164,7 +260,7 @@ pub fn line(r: &Row) -> String {
     let mut s = format!(
         " {:>12} {:>12} {:>7} {:>10.2} {:>11.2} {:>11.2} {:>7}",
         r.bytes,
-        r.count,
+        r.count.unwrap_or(0),
         r.dtype,
         r.p50_us,
         r.algbw,
@@ -199,7 +295,7 @@ pub fn footer(rows: &[Row]) -> String {
     };
     let checked = rows.iter().filter_map(|r| r.wrong).collect::<Vec<u64>>();
     let verdict = if checked.is_empty() && !rows.is_empty() {
-        "N/A (--no-check)".to_string()
+        "N/A (-c 0)".to_string()
     } else {
         let wrong: u64 = checked.iter().sum();
         format!("{wrong} {}", if wrong == 0 { "OK" } else { "FAILED" })
@@ -207,95 +303,35 @@ pub fn footer(rows: &[Row]) -> String {
     format!("# Out of bounds values : {verdict}\n# Avg bus bandwidth    : {avg:.4}")
 }
 
-fn json_escape(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| match c {
-            '"' => "\\\"".chars().collect::<Vec<_>>(),
-            '\\' => "\\\\".chars().collect(),
-            c if (c as u32) < 0x20 => format!("\\u{:04x}", c as u32).chars().collect(),
-            c => vec![c],
-        })
-        .collect()
-}
-
-/// Writes the rows as a JSON array of objects.
+/// Writes the rows as a JSON array of objects, each with this run's [`Meta`].
 pub fn write_json(path: &std::path::Path, rows: &[Row]) -> std::io::Result<()> {
-    let mut out = String::from("[\n");
-    for (i, r) in rows.iter().enumerate() {
-        let num = |x: f64| {
-            if x.is_finite() {
-                format!("{x:.4}")
-            } else {
-                "null".into()
-            }
-        };
-        let _ = write!(
-            out,
-            "  {{\"op\": \"{}\", \"backend\": \"{}\", \"ranks\": {}, \"bytes\": {}, \"count\": {}, \
-             \"dtype\": \"{}\", \"time_us_p50\": {}, \"time_us_p99\": {}, \"time_us_min\": {}, \
-             \"time_us_max\": {}, \"algbw_gbps\": {}, \"busbw_gbps\": {}, \"wrong\": {}",
-            json_escape(r.op),
-            json_escape(&r.backend),
-            r.ranks,
-            r.bytes,
-            r.count,
-            json_escape(r.dtype),
-            num(r.p50_us),
-            num(r.p99_us),
-            num(r.min_us),
-            num(r.max_us),
-            num(r.algbw),
-            num(r.busbw),
-            r.wrong.map_or_else(|| "null".into(), |w| w.to_string())
-        );
-        if let Some(b) = r.baseline_us {
-            let _ = write!(out, ", \"baseline_us_p50\": {}", num(b));
-        }
-        if let Some(b) = r.baseline_gbps {
-            let _ = write!(out, ", \"baseline_gbps\": {}", num(b));
-        }
-        if let Some(bw) = r.stream_gbps {
-            let _ = write!(out, ", \"put_bw_gbps\": {}", num(bw));
-        }
-        if let Some(m) = &r.moe {
-            let _ = write!(
-                out,
-                ", \"tokens\": {}, \"hidden\": {}, \"topk\": {}, \"experts\": {}, \"mode\": \"{}\", \
-                 \"routing\": \"{}\", \"dispatch_us_p50\": {}, \"combine_us_p50\": {}",
-                m.tokens,
-                m.hidden,
-                m.topk,
-                m.experts,
-                m.mode,
-                m.routing,
-                num(m.dispatch_us_p50),
-                num(m.combine_us_p50)
-            );
-        }
-        out.push('}');
-        out.push_str(if i + 1 < rows.len() { ",\n" } else { "\n" });
+    #[derive(Serialize)]
+    struct WithMeta<'a> {
+        #[serde(flatten)]
+        row: &'a Row,
+        #[serde(flatten)]
+        meta: &'a Meta,
     }
-    out.push_str("]\n");
-    std::fs::File::create(path)?.write_all(out.as_bytes())
+    let meta = Meta::get();
+    let rows: Vec<WithMeta> = rows.iter().map(|row| WithMeta { row, meta }).collect();
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    serde_json::to_writer_pretty(&mut f, &rows)?;
+    writeln!(f)?;
+    f.flush()
 }
 
 /// Keeps `row`, printing its table line on rank 0.
 pub fn emit(rank: usize, rows: &mut Vec<Row>, row: Row) {
     if rank == 0 {
-        println!("{}", line(&row));
+        out(line(&row));
     }
     rows.push(row);
 }
 
 /// Prints the footer and writes the JSON on rank 0; fails on any wrong result.
-pub fn finish(
-    rank: usize,
-    c: &crate::options::Common,
-    rows: &[Row],
-    wrong: u64,
-) -> xccl::Result<()> {
+pub fn finish(rank: usize, c: &crate::options::Job, rows: &[Row], wrong: u64) -> xccl::Result<()> {
     if rank == 0 {
-        println!("{}", footer(rows));
+        out(footer(rows));
         if let Some(path) = &c.json {
             write_json(path, rows)
                 .map_err(|e| xccl::Error::system(format!("writing {}", path.display()), e))?;

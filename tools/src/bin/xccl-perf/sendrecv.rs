@@ -4,7 +4,7 @@
 //! bytes.
 
 use crate::memcpy_baseline::Memcpy;
-use crate::options::Common;
+use crate::options::ByteArgs;
 use crate::report::{self, Row};
 use crate::session::{self, Pair, Table};
 use crate::tcp_baseline::PlainTcp;
@@ -136,7 +136,7 @@ fn check(
     Ok(bad + (got != size) as u64)
 }
 
-pub fn run(c: &Common) -> Result<()> {
+pub fn run(c: &ByteArgs) -> Result<()> {
     let sizes = c.sizes(64 << 20).map_err(Error::InvalidArgument)?;
     let comm = session::connect(c, "sendrecv", 2)?;
     let (me, n) = (comm.rank(), comm.world_size());
@@ -167,11 +167,10 @@ pub fn run(c: &Common) -> Result<()> {
     for &size in sizes.iter().filter(|_| pair.active) {
         let iters = c.iters_for(size);
         let warm = c.warmup_for(iters);
-        let mut times =
-            session::timed(warm, iters, 2.0, || round_trip(&p2p, pair, &mut bufs, size))?;
+        let times = session::timed(warm, iters, 2.0, || round_trip(&p2p, pair, &mut bufs, size))?;
         let batches = (iters / WINDOW).max(8);
-        let mut streamed = stream(&p2p, pair, &mut bufs, size, batches)?;
-        let wrong = match c.no_check {
+        let streamed = stream(&p2p, pair, &mut bufs, size, batches)?;
+        let wrong = match c.no_check() {
             true => None,
             false => Some(check(&p2p, pair, &mut bufs, size, me, c.inject_error)?),
         };
@@ -186,9 +185,9 @@ pub fn run(c: &Common) -> Result<()> {
             baseline = Some((us, report::gbps(size, us)));
         }
         if pair.initiator {
-            let s50 = report::stats(&mut streamed).0;
+            let s50 = report::stats(&streamed).p50;
             table.row(Row::p2p(
-                "sendrecv", &c.backend, n, size, &mut times, s50, baseline, wrong,
+                "sendrecv", &c.backend, n, size, &times, s50, baseline, wrong,
             ));
         }
     }

@@ -3,21 +3,21 @@
 //! read per iteration, keep the sweep's rows and wrong-byte count, and finish (footer, JSON,
 //! failure on any wrong byte).
 
-use crate::options::Common;
+use crate::options::{ByteArgs, Job};
 use crate::report::{self, Row};
 use std::time::{Duration, Instant};
 use xccl::{Backend, Communicator, Error, Result};
 
 /// A communicator on the backend and with the timeout the options name; `op` needs at least
 /// `min_ranks` ranks.
-pub fn connect(c: &Common, op: &str, min_ranks: usize) -> Result<Communicator> {
+pub fn connect(c: &Job, op: &str, min_ranks: usize) -> Result<Communicator> {
     let comm = Communicator::builder()
         .backend(c.backend.parse::<Backend>()?)
         .timeout(Duration::from_secs_f64(c.timeout))
         .build()?;
     if comm.world_size() < min_ranks {
         return Err(Error::InvalidArgument(format!(
-            "{op} needs at least {min_ranks} ranks (-n {min_ranks})"
+            "{op} needs at least {min_ranks} ranks (--np {min_ranks})"
         )));
     }
     Ok(comm)
@@ -73,7 +73,7 @@ pub fn timed(
 
 /// The table of one sweep: its rows and the wrong bytes its checks found on this rank.
 pub struct Table<'o> {
-    c: &'o Common,
+    c: &'o ByteArgs,
     rank: usize,
     rows: Vec<Row>,
     wrong: u64,
@@ -83,17 +83,17 @@ impl<'o> Table<'o> {
     /// Prints the header of `op` (with the streaming column for point-to-point tests, and
     /// `notes`) on rank 0.
     pub fn start(
-        c: &'o Common,
+        c: &'o ByteArgs,
         comm: &Communicator,
         op: &str,
         stream: bool,
         notes: &[&str],
     ) -> Self {
         if comm.rank() == 0 {
-            println!("{}", report::header(op, &c.backend, comm.world_size()));
-            println!("{}", report::columns(stream, c.baseline));
+            report::out(report::header(op, &c.backend, comm.world_size()));
+            report::out(report::columns(stream, c.baseline));
             for note in notes {
-                println!("#  {note}");
+                report::out(format_args!("#  {note}"));
             }
         }
         Table {
@@ -109,8 +109,11 @@ impl<'o> Table<'o> {
         self.wrong += wrong.unwrap_or(0);
     }
 
-    /// Keeps `row`, printing its line on rank 0.
-    pub fn row(&mut self, row: Row) {
+    /// Keeps `row`, printing its line on rank 0; its `count` and `type` are in `-d` elements.
+    pub fn row(&mut self, mut row: Row) {
+        let (name, size) = self.c.element();
+        row.dtype = name;
+        row.count = Some(row.bytes / size);
         report::emit(self.rank, &mut self.rows, row);
     }
 

@@ -149,11 +149,11 @@ impl PlainTcp {
         batches: usize,
         limit: Duration,
     ) -> Result<Option<(f64, f64)>> {
-        let mut lat = self.pingpong(initiator, buf, warm, iters, limit)?;
-        let mut per_msg = self.stream(initiator, buf, window, batches, limit)?;
+        let lat = self.pingpong(initiator, buf, warm, iters, limit)?;
+        let per_msg = self.stream(initiator, buf, window, batches, limit)?;
         Ok(initiator.then(|| {
-            let bw = crate::report::gbps(buf.len(), crate::report::stats(&mut per_msg).0);
-            (crate::report::stats(&mut lat).0, bw)
+            let bw = crate::report::gbps(buf.len(), crate::report::stats(&per_msg).p50);
+            (crate::report::stats(&lat).p50, bw)
         }))
     }
 }

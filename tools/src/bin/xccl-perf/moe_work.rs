@@ -1,0 +1,192 @@
+//! The MoE harness's workload: seeded token rows, routing (uniform or Zipf, top-k distinct
+//! experts per token) and weights; identity experts; and the check of the combined output,
+//! `out[t] ≈ (Σ_j w_j) · x[t]` within the dtype's rounding.
+
+use crate::options::{MoeArgs, Routing};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use xccl::moe::{Dispatched, Dtype, MoeConfig};
+use xccl::Result;
+
+/// Top-k distinct experts for each of `tokens` tokens, drawn without replacement from the
+/// routing's distribution over experts (weighted sampling without replacement).
+pub fn route(
+    routing: Routing,
+    rng: &mut StdRng,
+    tokens: usize,
+    k: usize,
+    experts: usize,
+) -> Vec<i64> {
+    let weight: Vec<f64> = (0..experts)
+        .map(|e| match routing {
+            Routing::Uniform => 1.0,
+            Routing::Zipf(s) => 1.0 / ((e + 1) as f64).powf(s),
+        })
+        .collect();
+    let mut idx = Vec::with_capacity(tokens * k);
+    for _ in 0..tokens {
+        let picked = rand::seq::index::sample_weighted(rng, experts, |e| weight[e], k)
+            .expect("positive weights and top-k at most the number of experts");
+        idx.extend(picked.iter().map(|e| e as i64));
+    }
+    idx
+}
+
+/// One rank's inputs: seeded rows, routing and weights.
+pub struct Workload {
+    pub cfg: MoeConfig,
+    pub x: Vec<u8>,
+    pub idx: Vec<i64>,
+    pub w: Vec<f32>,
+}
+
+impl Workload {
+    /// Rank `me`'s inputs for `tokens` tokens of `dtype`.
+    pub fn new(a: &MoeArgs, tokens: usize, dtype: Dtype, me: usize) -> Self {
+        let mut cfg = MoeConfig::new(a.experts, a.hidden, a.topk, tokens.max(1), dtype);
+        cfg.int8_dispatch = a.dtype == "int8";
+        let (t_count, h, k) = (tokens, a.hidden, a.topk);
+        let mut rng = StdRng::seed_from_u64(a.seed ^ (me as u64).wrapping_mul(0x1234_5678_9abc));
+        let mut x = vec![0u8; t_count * cfg.row_bytes()];
+        for i in 0..t_count * h {
+            dtype.store(&mut x, i, rng.random::<f32>() * 2.0 - 1.0);
+        }
+        let idx = route(a.routing, &mut rng, t_count, k, a.experts);
+        let w: Vec<f32> = (0..t_count * k)
+            .map(|_| 0.1 + 0.9 * rng.random::<f32>())
+            .collect();
+        Workload { cfg, x, idx, w }
+    }
+
+    /// Rows this rank sends to other ranks: once per (token, destination rank) in normal
+    /// mode, once per (token, expert) in low-latency mode.
+    pub fn rows_out(&self, placement: &[usize], me: usize, ll: bool) -> u64 {
+        let k = self.cfg.topk;
+        self.idx
+            .chunks(k)
+            .map(|choice| {
+                let mut ranks: Vec<usize> = choice.iter().map(|&e| placement[e as usize]).collect();
+                if !ll {
+                    ranks.sort_unstable();
+                    ranks.dedup();
+                }
+                ranks.iter().filter(|&&r| r != me).count() as u64
+            })
+            .sum()
+    }
+}
+
+/// Identity experts (untimed): each row comes back as it went (low-latency mode, the
+/// combine weights it) or times the sum of this rank's chosen experts' weights (normal
+/// mode), written into the window (`in_window`) or into `reduced`.
+pub fn run_experts(
+    view: &mut Dispatched<'_>,
+    in_window: bool,
+    reduced: &mut Vec<u8>,
+) -> Result<()> {
+    reduced.clear();
+    match view {
+        Dispatched::LowLatency(view) => {
+            let rb = view.config().row_bytes();
+            for l in 0..view.local_experts().len() {
+                let rows = view.expert_rows(l)?;
+                if in_window {
+                    let o = view.expert_output(l)?;
+                    for row in rows {
+                        o[row.index * rb..(row.index + 1) * rb].copy_from_slice(row.data);
+                    }
+                } else {
+                    rows.iter()
+                        .for_each(|row| reduced.extend_from_slice(row.data));
+                }
+            }
+        }
+        Dispatched::Normal(view) => {
+            let (dtype, rb) = (view.config().dtype, view.config().row_bytes());
+            let rows = view.rows()?;
+            let dst: &mut [u8] = if in_window {
+                view.expert_output()?
+            } else {
+                reduced.resize(rows.len() * rb, 0);
+                reduced
+            };
+            let mut tmp = vec![0f32; rb / dtype.size()];
+            for (row, o) in rows.iter().zip(dst.chunks_mut(rb)) {
+                let ws: f32 = row.experts.iter().map(|&(_, wt)| wt).sum();
+                tmp.fill(0.0);
+                dtype.accumulate(&mut tmp, row.data);
+                tmp.iter_mut().for_each(|v| *v *= ws);
+                dtype.store_row(o, &tmp);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Elements of `out` off `(Σ_j w_j) · x[t]` by more than the dtype's rounding (twice:
+/// expert row, output) and, with INT8 dispatch, up to max|x| / 254 per element and expert
+/// (see `xccl::moe::quant`).
+pub fn count_wrong(work: &Workload, out: &[u8]) -> u64 {
+    let (cfg, k, h) = (&work.cfg, work.cfg.topk, work.cfg.hidden);
+    let dtype = cfg.dtype;
+    let tol = match dtype {
+        Dtype::F32 => 1e-5,
+        Dtype::Bf16 => 2.0f32.powi(-6),
+        Dtype::F16 => 2.0f32.powi(-9),
+    };
+    let mut wrong = 0;
+    for (t, row) in work.x.chunks(cfg.row_bytes()).enumerate() {
+        let ws: f32 = work.w[t * k..(t + 1) * k].iter().sum();
+        let int8_err = match cfg.int8_dispatch {
+            true => {
+                ws * (0..h)
+                    .map(|i| dtype.load(row, i).abs())
+                    .fold(0f32, f32::max)
+                    / 254.0
+            }
+            false => 0.0,
+        };
+        for i in 0..h {
+            let want = ws * dtype.load(row, i);
+            let got = dtype.load(&out[t * cfg.row_bytes()..], i);
+            if (got - want).abs() > tol * 4.0 * want.abs().max(1e-3) + int8_err {
+                wrong += 1;
+            }
+        }
+    }
+    wrong
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(routing: Routing) -> Vec<usize> {
+        let (tokens, k, experts) = (2000, 4, 16);
+        let idx = route(routing, &mut StdRng::seed_from_u64(7), tokens, k, experts);
+        assert_eq!(idx.len(), tokens * k);
+        let mut c = vec![0; experts];
+        for row in idx.chunks(k) {
+            for (j, &e) in row.iter().enumerate() {
+                assert!(!row[..j].contains(&e), "expert {e} twice in {row:?}");
+                c[e as usize] += 1;
+            }
+        }
+        c
+    }
+
+    /// Uniform routing spreads tokens evenly; zipf favours low ids, more so for larger S, and
+    /// a huge S always picks the first k experts.
+    #[test]
+    fn routing_follows_its_distribution() {
+        let u = counts(Routing::Uniform);
+        assert!(u.iter().all(|&c| (400..600).contains(&c)), "{u:?}");
+        let z1 = counts(Routing::Zipf(1.0));
+        let z2 = counts(Routing::Zipf(2.0));
+        assert!(z1[0] > 3 * z1[15] && z1.windows(2).filter(|w| w[0] < w[1]).count() < 6);
+        assert!(z2[15] < z1[15], "{z1:?} {z2:?}");
+        let z = counts(Routing::Zipf(100.0));
+        assert_eq!(&z[..4], &[2000; 4]);
+        assert!(z[4..].iter().all(|&c| c == 0));
+    }
+}
