@@ -37,14 +37,6 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    /// Wraps the last OS error with context.
-    pub(crate) fn last_os(context: impl Into<String>) -> Self {
-        Error::Io {
-            context: context.into(),
-            source: io::Error::last_os_error(),
-        }
-    }
-
     /// Wraps an I/O error with context.
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
         Error::Io {

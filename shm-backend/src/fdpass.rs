@@ -1,7 +1,14 @@
 //! Fixed-size messages with an optional descriptor (`SCM_RIGHTS`) over a Unix stream socket.
 
 use crate::error::{Error, Result};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::net::{
+    recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags,
+};
+use std::io::{IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
@@ -53,38 +60,22 @@ impl Msg {
 /// Sends `msg`, with `fd` attached when given. Blocks only while the socket buffer is full.
 pub(crate) fn send(sock: &UnixStream, msg: &Msg, fd: Option<BorrowedFd<'_>>) -> Result<()> {
     let bytes = msg.encode();
-    let mut iov = libc::iovec {
-        iov_base: bytes.as_ptr() as *mut libc::c_void,
-        iov_len: MSG_LEN,
-    };
-    // u64-aligned room for one control message carrying one descriptor.
-    let mut cbuf = [0u64; 4];
-    // SAFETY: a zeroed msghdr is a valid empty header.
-    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-    hdr.msg_iov = &mut iov;
-    hdr.msg_iovlen = 1;
-    if let Some(fd) = fd {
-        // SAFETY: CMSG_SPACE only computes a size.
-        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-        debug_assert!(space <= std::mem::size_of_val(&cbuf));
-        hdr.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
-        hdr.msg_controllen = space as _;
-        // SAFETY: msg_control points at `space` writable, aligned bytes, so CMSG_FIRSTHDR is
-        // non-null and the header and its one-descriptor payload fit inside `cbuf`.
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&hdr);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
-            std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut RawFd, fd.as_raw_fd());
-        }
+    let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(Error::Protocol(
+            "no room for a descriptor in a mesh message".into(),
+        ));
     }
-    // SAFETY: `hdr` points at live buffers (`bytes`, `cbuf`) for the duration of the call.
-    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &hdr, libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        return Err(Error::last_os("sending on a mesh link"));
-    }
-    if n as usize != MSG_LEN {
+    let n = sendmsg(
+        sock,
+        &[IoSlice::new(&bytes)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )
+    .map_err(|e| Error::io("sending on a mesh link", e.into()))?;
+    if n != MSG_LEN {
         return Err(Error::Protocol(format!(
             "short send of a mesh message ({n} bytes)"
         )));
@@ -99,23 +90,16 @@ pub(crate) fn wait_readable(sock: &UnixStream, deadline: Instant, what: &str) ->
         if now >= deadline {
             return Err(Error::Timeout(what.to_string()));
         }
-        let ms = (deadline - now).as_millis().clamp(1, i32::MAX as u128) as i32;
-        let mut p = libc::pollfd {
-            fd: sock.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let rc = unsafe { libc::poll(&mut p, 1, ms) };
-        if rc < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(Error::io(format!("poll while {what}"), e));
-        }
-        if rc > 0 {
-            return Ok(());
+        let left = Timespec::try_from(deadline - now).unwrap_or(Timespec {
+            tv_sec: i64::MAX,
+            tv_nsec: 0,
+        });
+        let mut fds = [PollFd::new(sock, PollFlags::IN)];
+        match poll(&mut fds, Some(&left)) {
+            Ok(0) => {}
+            Ok(_) => return Ok(()),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(Error::io(format!("poll while {what}"), e.into())),
         }
     }
 }
@@ -129,60 +113,34 @@ pub(crate) fn recv(
 ) -> Result<Option<(Msg, Option<OwnedFd>)>> {
     wait_readable(sock, deadline, what)?;
     let mut bytes = [0u8; MSG_LEN];
-    let mut iov = libc::iovec {
-        iov_base: bytes.as_mut_ptr() as *mut libc::c_void,
-        iov_len: MSG_LEN,
-    };
     // Room for more descriptors than expected, so extra ones are received (and closed) rather
     // than silently dropped with MSG_CTRUNC.
-    let mut cbuf = [0u64; 16];
-    // SAFETY: a zeroed msghdr is a valid empty header.
-    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-    hdr.msg_iov = &mut iov;
-    hdr.msg_iovlen = 1;
-    hdr.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
-    hdr.msg_controllen = std::mem::size_of_val(&cbuf) as _;
-    // SAFETY: `hdr` points at live writable buffers of the sizes given.
-    let n = unsafe {
-        libc::recvmsg(
-            sock.as_raw_fd(),
-            &mut hdr,
-            libc::MSG_WAITALL | libc::MSG_CMSG_CLOEXEC,
-        )
-    };
-    if n < 0 {
-        return Err(Error::last_os(format!(
-            "receiving on a mesh link while {what}"
-        )));
-    }
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(8))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got = recvmsg(
+        sock,
+        &mut [IoSliceMut::new(&mut bytes)],
+        &mut control,
+        RecvFlags::WAITALL | RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(|e| Error::io(format!("receiving on a mesh link while {what}"), e.into()))?;
     // Take ownership of every received descriptor first, so none leaks on an error below.
     let mut fds: Vec<OwnedFd> = Vec::new();
-    // SAFETY: the kernel filled `hdr.msg_control` with `msg_controllen` bytes of well-formed
-    // control messages; CMSG_FIRSTHDR/NXTHDR walk only within them. Each SCM_RIGHTS payload is
-    // an array of descriptors now owned by this process.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&hdr);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c);
-                let payload = (*c).cmsg_len as usize - (data as usize - c as usize);
-                for k in 0..payload / std::mem::size_of::<RawFd>() {
-                    let fd = std::ptr::read_unaligned((data as *const RawFd).add(k));
-                    fds.push(OwnedFd::from_raw_fd(fd));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&hdr, c);
+    for m in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = m {
+            fds.extend(received);
         }
     }
-    if n == 0 {
+    if got.bytes == 0 {
         return Ok(None);
     }
-    if n as usize != MSG_LEN {
+    if got.bytes != MSG_LEN {
         return Err(Error::Protocol(format!(
-            "short mesh message ({n} of {MSG_LEN} bytes)"
+            "short mesh message ({} of {MSG_LEN} bytes)",
+            got.bytes
         )));
     }
-    if hdr.msg_flags & libc::MSG_CTRUNC != 0 || fds.len() > 1 {
+    if got.flags.contains(ReturnFlags::CTRUNC) || fds.len() > 1 {
         return Err(Error::Protocol(
             "mesh message carried unexpected descriptors".into(),
         ));

@@ -1,5 +1,6 @@
 //! Shared (cross-process) futex wait and wake on a 32-bit word in shared memory.
 
+use rustix::thread::futex;
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
@@ -7,27 +8,15 @@ use std::time::Duration;
 /// callers re-check their condition. Uses the shared futex (no `FUTEX_PRIVATE_FLAG`), so a
 /// waker in another process that maps the same memory reaches it.
 pub(crate) fn wait(word: &AtomicU32, expected: u32, timeout: Duration) {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    let ts = futex::Timespec {
+        tv_sec: timeout.as_secs().min(i64::MAX as u64) as i64,
+        tv_nsec: timeout.subsec_nanos().into(),
     };
-    // SAFETY: `word` is a valid, aligned 32-bit location for the duration of the call; the
-    // kernel only reads it. A relative timeout is passed by pointer to a live local.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT,
-            expected,
-            &ts as *const libc::timespec,
-        );
-    }
+    // A changed word (EAGAIN), a signal (EINTR) or the timeout all mean: re-check.
+    let _ = futex::wait(word, futex::Flags::empty(), expected, Some(&ts));
 }
 
 /// Wakes every waiter parked on `word`, in any process.
 pub(crate) fn wake_all(word: &AtomicU32) {
-    // SAFETY: `word` is a valid aligned 32-bit location; FUTEX_WAKE does not dereference more.
-    unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX);
-    }
+    let _ = futex::wake(word, futex::Flags::empty(), i32::MAX as u32);
 }

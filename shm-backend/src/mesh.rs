@@ -3,12 +3,13 @@
 
 use crate::error::{Error, Result};
 use crate::fdpass::{self, Msg};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 const KIND_HELLO: u32 = 1;
 const KIND_SEGMENT: u32 = 2;
@@ -32,9 +33,9 @@ pub struct Mesh {
 fn job_hash(job: &str) -> u64 {
     // FNV-1a: only has to tell two jobs apart, not resist an adversary (the peer's uid is
     // checked separately).
-    job.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    })
+    let mut h = fnv::FnvHasher::default();
+    std::hash::Hasher::write(&mut h, job.as_bytes());
+    std::hash::Hasher::finish(&h)
 }
 
 fn socket_name(job: &str, rank: usize) -> Result<SocketAddr> {
@@ -43,23 +44,9 @@ fn socket_name(job: &str, rank: usize) -> Result<SocketAddr> {
 }
 
 fn peer_uid(sock: &UnixStream) -> Result<u32> {
-    // SAFETY: a zeroed ucred is valid; getsockopt writes at most `len` bytes into it.
-    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: valid socket, output buffer and length pointers for the call's duration.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            &mut cred as *mut libc::ucred as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(Error::last_os("SO_PEERCRED on a mesh link"));
-    }
-    Ok(cred.uid)
+    rustix::net::sockopt::socket_peercred(sock)
+        .map(|cred| cred.uid.as_raw())
+        .map_err(|e| Error::io("SO_PEERCRED on a mesh link", e.into()))
 }
 
 impl Mesh {
@@ -255,51 +242,47 @@ impl Mesh {
         if self.watcher.is_some() {
             return Err(Error::Invalid("the mesh is already watched".into()));
         }
-        // SAFETY: plain syscall; the result is checked and then owned.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(Error::last_os("eventfd for the mesh watcher"));
+        let efd = eventfd(0, EventfdFlags::CLOEXEC)
+            .map_err(|e| Error::io("eventfd for the mesh watcher", e.into()))?;
+        let stop = efd
+            .try_clone()
+            .map_err(|e| Error::io("eventfd for the mesh watcher", e))?;
+        // The watcher holds its own handles on the links: each stays open (and watched) until
+        // the watcher ends, which `Drop` waits for.
+        let mut watched: Vec<(usize, OwnedFd)> = Vec::new();
+        for (r, l) in self.links.iter().enumerate() {
+            if let Some(s) = l {
+                let fd = s
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| Error::io("duplicating a mesh link for the watcher", e))?;
+                watched.push((r, fd));
+            }
         }
-        // SAFETY: `efd` is a fresh descriptor owned by nobody else.
-        let efd = unsafe { OwnedFd::from_raw_fd(efd) };
-        let stop = efd.as_raw_fd();
-        let mut watched: Vec<(usize, i32)> = self
-            .links
-            .iter()
-            .enumerate()
-            .filter_map(|(r, l)| l.as_ref().map(|s| (r, s.as_raw_fd())))
-            .collect();
-        // The raw descriptors stay valid: `Drop` stops and joins this thread before the links
-        // and the eventfd are closed.
         let handle = std::thread::Builder::new()
             .name(format!("xccl-shm-watch-{}", self.rank))
             .spawn(move || loop {
-                let mut fds: Vec<libc::pollfd> = std::iter::once(libc::pollfd {
-                    fd: stop,
-                    events: libc::POLLIN,
-                    revents: 0,
-                })
-                .chain(watched.iter().map(|&(_, fd)| libc::pollfd {
-                    fd,
-                    events: libc::POLLRDHUP,
-                    revents: 0,
-                }))
-                .collect();
-                // SAFETY: `fds` is a valid array of pollfd of the given length.
-                let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-                if rc < 0 {
+                let mut fds: Vec<PollFd<'_>> = std::iter::once(PollFd::new(&stop, PollFlags::IN))
+                    .chain(
+                        watched
+                            .iter()
+                            .map(|(_, fd)| PollFd::new(fd, PollFlags::RDHUP)),
+                    )
+                    .collect();
+                if poll(&mut fds, None).is_err() {
                     continue; // EINTR
                 }
-                if fds[0].revents != 0 {
+                if !fds[0].revents().is_empty() {
                     return;
                 }
-                let down = libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL;
+                let down = PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL;
                 let mut gone = Vec::new();
                 for (k, p) in fds[1..].iter().enumerate() {
-                    if p.revents & down != 0 {
+                    if p.revents().intersects(down) {
                         gone.push(k);
                     }
                 }
+                drop(fds);
                 for k in gone.into_iter().rev() {
                     let (peer, _) = watched.remove(k);
                     hook(peer);
@@ -309,11 +292,6 @@ impl Mesh {
         self.watcher = Some((handle, efd));
         Ok(())
     }
-}
-
-fn unsafe_geteuid() -> u32 {
-    // SAFETY: geteuid cannot fail and has no preconditions.
-    unsafe { libc::geteuid() }
 }
 
 fn accept_by(listener: &UnixListener, deadline: Instant, rank: usize) -> Result<UnixStream> {
@@ -327,14 +305,11 @@ fn accept_by(listener: &UnixListener, deadline: Instant, rank: usize) -> Result<
                         "rank {rank} waiting for higher local ranks to connect"
                     )));
                 }
-                let ms = (deadline - now).as_millis().clamp(1, 100) as i32;
-                let mut p = libc::pollfd {
-                    fd: listener.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd.
-                unsafe { libc::poll(&mut p, 1, ms) };
+                let wait =
+                    (deadline - now).clamp(Duration::from_millis(1), Duration::from_millis(100));
+                let wait = Timespec::try_from(wait).expect("at most 100 ms");
+                // Readable, interrupted or timed out: accept again either way.
+                let _ = poll(&mut [PollFd::new(listener, PollFlags::IN)], Some(&wait));
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(Error::io("accepting a mesh link", e)),
@@ -345,15 +320,9 @@ fn accept_by(listener: &UnixListener, deadline: Instant, rank: usize) -> Result<
 impl Drop for Mesh {
     fn drop(&mut self) {
         if let Some((handle, efd)) = self.watcher.take() {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
-            unsafe {
-                libc::write(
-                    efd.as_raw_fd(),
-                    &one as *const u64 as *const libc::c_void,
-                    8,
-                )
-            };
+            // Wakes the watcher's poll; an eventfd write of 8 bytes does not fail short of an
+            // overflowing counter, which one write cannot reach.
+            let _ = rustix::io::write(&efd, &1u64.to_ne_bytes());
             let _ = handle.join();
         }
     }
@@ -372,7 +341,7 @@ fn accept_higher(
     listener
         .set_nonblocking(true)
         .map_err(|e| Error::io("listener nonblocking", e))?;
-    let my_uid = unsafe_geteuid();
+    let my_uid = rustix::process::geteuid().as_raw();
     let mut accepted = 0;
     while accepted < world - rank - 1 {
         let s = accept_by(listener, deadline, rank)?;

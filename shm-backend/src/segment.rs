@@ -2,9 +2,12 @@
 
 use crate::error::{Error, Result};
 use memmap2::{MmapOptions, MmapRaw};
-use std::ffi::CString;
+use rustix::fs::{
+    fallocate, fcntl_add_seals, fcntl_get_seals, memfd_create, FallocateFlags, MemfdFlags,
+    SealFlags,
+};
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// Bytes before the data area: one page, so data is page-aligned in every mapping.
@@ -65,35 +68,30 @@ impl Segment {
             .checked_add(data_len)
             .ok_or_else(|| Error::Invalid(format!("segment size {data_len} overflows")))?;
         check_available(name, total)?;
-        let cname = CString::new(format!("xccl-{name}"))
-            .map_err(|_| Error::Invalid(format!("segment name {name:?} contains NUL")))?;
-        // SAFETY: `cname` is a valid NUL-terminated string; flags are constants.
-        let fd = unsafe {
-            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-        };
-        if fd < 0 {
-            return Err(Error::last_os(format!("memfd_create(memfd:xccl-{name})")));
+        if name.contains('\0') {
+            return Err(Error::Invalid(format!(
+                "segment name {name:?} contains NUL"
+            )));
         }
-        // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
-        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        // SAFETY: plain syscall on a descriptor we own.
-        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, total as libc::off_t) };
-        if rc != 0 {
-            let err = std::io::Error::last_os_error();
+        let file = File::from(
+            memfd_create(
+                format!("xccl-{name}"),
+                MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+            )
+            .map_err(|e| Error::io(format!("memfd_create(memfd:xccl-{name})"), e.into()))?,
+        );
+        if let Err(err) = fallocate(&file, FallocateFlags::empty(), 0, total as u64) {
             return Err(Error::io(
                 format!(
                     "cannot reserve {total} bytes ({:.1} MiB) of shared memory for memfd:xccl-{name} \
                      (is the memory or the memory cgroup full?)",
                     total as f64 / (1 << 20) as f64
                 ),
-                err,
+                err.into(),
             ));
         }
-        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-        // SAFETY: plain fcntl on a descriptor we own.
-        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
-            return Err(Error::last_os(format!("sealing memfd:xccl-{name}")));
-        }
+        fcntl_add_seals(&file, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
+            .map_err(|e| Error::io(format!("sealing memfd:xccl-{name}"), e.into()))?;
         let map = map_file(&file, total)?;
         let seg = Segment {
             file: Some(file),
@@ -122,15 +120,17 @@ impl Segment {
             fd.try_clone_to_owned()
                 .map_err(|e| Error::io("duplicating a segment descriptor", e))?,
         );
-        // SAFETY: plain fcntl query on a valid descriptor.
-        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
         // Both seals: a segment the sender could still shrink would turn our next access past
         // its new end into SIGBUS.
-        let needed = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
-        if seals < 0 || seals & needed != needed {
-            return Err(Error::Protocol(format!(
-                "received segment is not a memfd sealed against shrinking and growing (seals {seals:#x})"
-            )));
+        let needed = SealFlags::SHRINK | SealFlags::GROW;
+        match fcntl_get_seals(&file) {
+            Ok(seals) if seals.contains(needed) => {}
+            seals => {
+                return Err(Error::Protocol(format!(
+                    "received segment is not a memfd sealed against shrinking and growing \
+                     (seals {seals:?})"
+                )))
+            }
         }
         let actual = file
             .metadata()
@@ -226,7 +226,7 @@ fn check_available(name: &str, total: usize) -> Result<()> {
                 total as f64 / (1 << 20) as f64,
                 bytes as f64 / (1 << 20) as f64
             ),
-            std::io::Error::from_raw_os_error(libc::ENOMEM),
+            rustix::io::Errno::NOMEM.into(),
         )),
         _ => Ok(()),
     }
@@ -277,15 +277,9 @@ mod tests {
     /// this process with SIGBUS) is refused.
     #[test]
     fn open_rejects_a_memfd_that_can_still_shrink() {
-        for seals in [libc::F_SEAL_GROW, libc::F_SEAL_SHRINK, 0] {
-            let name = CString::new("xccl-test-seal").unwrap();
-            // SAFETY: valid NUL-terminated name, constant flags.
-            let fd = unsafe {
-                libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-            };
-            assert!(fd >= 0);
-            // SAFETY: `fd` is fresh and owned by nobody else.
-            let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        for seals in [SealFlags::GROW, SealFlags::SHRINK, SealFlags::empty()] {
+            let flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
+            let file = File::from(memfd_create("xccl-test-seal", flags).unwrap());
             file.set_len((HEADER_LEN + 4096) as u64).unwrap();
             // A valid header, so that the seals are all that is wrong with it.
             let genuine = Segment::create("test-seal-header", 4096).unwrap();
@@ -294,12 +288,11 @@ mod tests {
             std::os::unix::fs::FileExt::write_all_at(&file, header, 0).unwrap();
             let ok = Segment::open(genuine.fd().unwrap(), 4096);
             assert!(ok.is_ok(), "the genuine segment opens");
-            if seals != 0 {
-                // SAFETY: plain fcntl on a descriptor we own.
-                assert_eq!(unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) }, 0);
+            if !seals.is_empty() {
+                fcntl_add_seals(&file, seals).unwrap();
             }
             let err = Segment::open(file.as_fd(), 4096).err().expect("refused");
-            assert!(matches!(err, Error::Protocol(_)), "seals {seals:#x}: {err}");
+            assert!(matches!(err, Error::Protocol(_)), "seals {seals:?}: {err}");
         }
     }
 

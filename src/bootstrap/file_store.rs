@@ -5,7 +5,6 @@ use super::store::{parse_counter, Store};
 use crate::error::{Error, Result};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -143,10 +142,9 @@ impl Store for FileStore {
             )
         };
         let mut f: File = self.create_file(&path, false).map_err(io)?;
-        // SAFETY: flock on a descriptor we own; released when `f` closes.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io(std::io::Error::last_os_error()));
-        }
+        // Released when `f` closes.
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| io(e.into()))?;
         let mut cur = String::new();
         f.read_to_string(&mut cur).map_err(io)?;
         let cur = if cur.is_empty() {

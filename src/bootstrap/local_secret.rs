@@ -6,9 +6,8 @@
 
 use super::Store;
 use crate::error::{Error, Result};
-use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::time::Instant;
 
@@ -25,17 +24,8 @@ pub fn share(store: &dyn Store, rank: usize, deadline: Instant) -> Result<(Vec<u
     if rank == 0 {
         let mut secret = vec![0u8; LEN];
         super::fill_random(&mut secret);
-        let name = CString::new(NAME).expect("no NUL");
-        // SAFETY: valid NUL-terminated name and flags; the result is checked.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(Error::system(
-                "memfd for the job secret",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        // SAFETY: a fresh descriptor owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = rustix::fs::memfd_create(NAME, rustix::fs::MemfdFlags::CLOEXEC)
+            .map_err(|e| Error::system("memfd for the job secret", e.into()))?;
         std::fs::File::from(fd.try_clone().map_err(|e| Error::system("dup", e))?)
             .write_all(&secret)
             .map_err(|e| Error::system("writing the job secret", e))?;
@@ -56,8 +46,7 @@ pub fn share(store: &dyn Store, rank: usize, deadline: Instant) -> Result<(Vec<u
         .ok_or_else(|| bad(format!("the store says {at:?}")))?;
     let path = format!("/proc/{pid}/fd/{fd}");
     // Only a descriptor of our own user's process, and only the secret's memfd.
-    // SAFETY: geteuid cannot fail.
-    let me = unsafe { libc::geteuid() };
+    let me = rustix::process::geteuid().as_raw();
     let owner = std::fs::metadata(format!("/proc/{pid}"))
         .map_err(|e| bad(format!("process {pid}: {e}")))?
         .uid();

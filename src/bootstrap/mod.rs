@@ -118,8 +118,7 @@ impl Rendezvous {
                 }
             })
             .collect();
-        // SAFETY: getuid cannot fail.
-        let uid = unsafe { libc::getuid() };
+        let uid = rustix::process::getuid().as_raw();
         let dir = std::env::temp_dir().join(format!("xccl-store-{uid}-{safe}"));
         Ok(Rendezvous {
             store: Arc::new(FileStore::new(&dir)?),

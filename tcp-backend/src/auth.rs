@@ -6,7 +6,7 @@
 use crate::error::{Error, Result};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -40,7 +40,22 @@ fn write_by(s: &mut TcpStream, data: &[u8], deadline: Instant, what: &str) -> Re
     let left = deadline.saturating_duration_since(Instant::now());
     s.set_write_timeout(Some(left.max(Duration::from_millis(1))))
         .map_err(io("socket timeout"))?;
-    s.write_all(data).map_err(io(what))
+    let mut done = 0;
+    while done < data.len() {
+        // Never SIGPIPE: a client gone mid-handshake is an error, not the end of the process.
+        match rustix::net::send(&*s, &data[done..], rustix::net::SendFlags::NOSIGNAL) {
+            Ok(0) => {
+                return Err(Error::io(
+                    what.to_string(),
+                    std::io::ErrorKind::WriteZero.into(),
+                ))
+            }
+            Ok(n) => done += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(Error::io(what.to_string(), e.into())),
+        }
+    }
+    Ok(())
 }
 
 /// Leaves the socket as the handshake found it (no timeouts).
@@ -59,20 +74,7 @@ fn mac(secret: &[u8], parts: &[&[u8]]) -> [u8; 32] {
 
 fn nonce() -> [u8; 16] {
     let mut n = [0u8; 16];
-    let mut done = 0;
-    while done < n.len() {
-        // SAFETY: writes at most the remaining bytes of the local array.
-        let r = unsafe {
-            libc::getrandom(
-                n[done..].as_mut_ptr() as *mut libc::c_void,
-                n.len() - done,
-                0,
-            )
-        };
-        if r > 0 {
-            done += r as usize;
-        }
-    }
+    getrandom::fill(&mut n).expect("the operating system's random source");
     n
 }
 

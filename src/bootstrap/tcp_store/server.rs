@@ -79,14 +79,15 @@ impl TcpStoreServer {
                             c
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            let mut p = libc::pollfd {
-                                fd: listener.as_raw_fd(),
-                                events: libc::POLLIN,
-                                revents: 0,
+                            // 50 ms bounds how late `stop` is seen and ended clients are
+                            // joined.
+                            let wait = rustix::event::Timespec {
+                                tv_sec: 0,
+                                tv_nsec: 50_000_000,
                             };
-                            // SAFETY: one valid pollfd; 50 ms bounds how late `stop` is seen
-                            // and ended clients are joined.
-                            unsafe { libc::poll(&mut p, 1, 50) };
+                            let readable = rustix::event::PollFlags::IN;
+                            let mut p = [rustix::event::PollFd::new(&listener, readable)];
+                            let _ = rustix::event::poll(&mut p, Some(&wait));
                             continue;
                         }
                         Err(e) => {

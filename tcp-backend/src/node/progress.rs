@@ -2,6 +2,7 @@
 //! waiter that spins, and the eventfds that wake them.
 
 use super::*;
+use rustix::event::EventfdFlags;
 
 /// Marks a caller as polling the links for as long as it lives.
 pub(super) struct Polling<'a>(pub(super) &'a Shared);
@@ -46,27 +47,18 @@ impl Drop for Polling<'_> {
 }
 
 pub(super) fn new_eventfd() -> Result<OwnedFd> {
-    // SAFETY: plain system call; a non-negative result is a new descriptor we own.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(Error::io("eventfd", std::io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` is a fresh descriptor owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    rustix::event::eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)
+        .map_err(|e| Error::io("eventfd", e.into()))
 }
 
 pub(super) fn eventfd_add(fd: &OwnedFd) {
-    let one = 1u64;
-    // SAFETY: writes 8 bytes from a live u64 to an eventfd (non-blocking; a full counter
-    // only means it is readable already).
-    let _ = unsafe { libc::write(fd.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+    // Non-blocking; a full counter only means it is readable already.
+    let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
 }
 
 pub(super) fn eventfd_clear(fd: &OwnedFd) {
-    let mut v = 0u64;
-    // SAFETY: reads 8 bytes into a live u64 from an eventfd (non-blocking; nothing to read
-    // means it is clear already).
-    let _ = unsafe { libc::read(fd.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+    // Non-blocking; nothing to read means it is clear already.
+    let _ = rustix::io::read(fd, &mut [0u8; 8]);
 }
 
 /// Drains every link nobody else is reading right now (for callers that wait anyway).

@@ -22,23 +22,16 @@ pub(super) fn read_exact_timed(
     let mut last_byte = Instant::now();
     while got < buf.len() {
         let rest = &mut buf[got..];
-        // SAFETY: reads at most `rest.len()` bytes into the live buffer.
-        let n = unsafe {
-            libc::recv(
-                s.as_raw_fd(),
-                rest.as_mut_ptr() as *mut libc::c_void,
-                rest.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n > 0 {
-            got += n as usize;
-            spin_since = None;
-            last_byte = Instant::now();
-            continue;
-        }
-        if n == 0 {
-            return Err(ReadEnd::Eof);
+        match recv_now(s, rest) {
+            Ok(0) => return Err(ReadEnd::Eof),
+            Ok(n) => {
+                got += n;
+                spin_since = None;
+                last_byte = Instant::now();
+                continue;
+            }
+            // Nothing yet, or an error the blocking read below reports.
+            Err(_) => {}
         }
         let since = *spin_since.get_or_insert_with(Instant::now);
         if since.elapsed() < READ_SPIN {
@@ -107,28 +100,16 @@ impl RxLink {
             self.start = 0;
         }
         let room = &mut self.buf[self.end..];
-        // SAFETY: reads at most `room.len()` bytes into the live staging buffer.
-        let n = unsafe {
-            libc::recv(
-                self.s.as_raw_fd(),
-                room.as_mut_ptr() as *mut libc::c_void,
-                room.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        match n {
-            0 => Err(ReadEnd::Eof),
-            n if n > 0 => {
-                self.end += n as usize;
+        match recv_now(&self.s, room) {
+            Ok(0) => Err(ReadEnd::Eof),
+            Ok(n) => {
+                self.end += n;
                 Ok(true)
             }
-            _ => {
-                let e = std::io::Error::last_os_error();
-                match e.kind() {
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(false),
-                    _ => Err(ReadEnd::Err(e)),
-                }
-            }
+            Err(e) => match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(false),
+                _ => Err(ReadEnd::Err(e)),
+            },
         }
     }
 
@@ -143,10 +124,8 @@ impl RxLink {
         if staged >= payload {
             return true;
         }
-        let mut waiting: libc::c_int = 0;
-        // SAFETY: FIONREAD writes one int; the socket is open while the link lives.
-        let rc = unsafe { libc::ioctl(self.s.as_raw_fd(), libc::FIONREAD, &mut waiting) };
-        rc == 0 && staged + waiting.max(0) as usize >= payload
+        let waiting = rustix::io::ioctl_fionread(&self.s).unwrap_or(0);
+        staged as u64 + waiting >= payload as u64
     }
 
     /// Fills `dst` from the staging buffer, then (blocking) from the socket.
@@ -225,4 +204,11 @@ pub(super) fn drain(sh: &Shared, peer: usize, link: &mut RxLink, may_block: bool
             Err(e) => return fail(e.to_string()),
         }
     }
+}
+
+/// One read of what has arrived, without blocking (`WouldBlock` when nothing has).
+fn recv_now(s: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    rustix::net::recv(s, buf, rustix::net::RecvFlags::DONTWAIT)
+        .map(|(n, _)| n)
+        .map_err(Into::into)
 }

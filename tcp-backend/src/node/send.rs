@@ -2,6 +2,7 @@
 //! and the goodbye half-close.
 
 use super::*;
+use rustix::net::{send, sendmsg, SendAncillaryBuffer, SendFlags};
 
 impl Shared {
     pub(super) fn send(&self, peer: usize, f: &Frame, payload: &[u8]) -> Result<()> {
@@ -152,6 +153,18 @@ impl Shared {
     }
 }
 
+/// One vectored write that never raises SIGPIPE: a peer gone is an error for the caller, not
+/// a signal that ends a process whose SIGPIPE is not ignored.
+fn send_parts(s: &TcpStream, parts: &[IoSlice<'_>]) -> std::io::Result<usize> {
+    let mut no_control = SendAncillaryBuffer::default();
+    sendmsg(s, parts, &mut no_control, SendFlags::NOSIGNAL).map_err(Into::into)
+}
+
+/// One plain write that never raises SIGPIPE (see [`send_parts`]).
+pub(crate) fn send_bytes(s: &TcpStream, bytes: &[u8]) -> std::io::Result<usize> {
+    send(s, bytes, SendFlags::NOSIGNAL).map_err(Into::into)
+}
+
 /// Writes a header and its payload (`stopped` as in [`retrying`]).
 pub(super) fn write_all_vectored(
     s: &mut TcpStream,
@@ -171,11 +184,11 @@ pub(super) fn write_all_vectored(
     while done < total {
         done += if done < hdr.len() {
             retrying(
-                || s.write_vectored(&[IoSlice::new(&hdr[done..]), IoSlice::new(payload)]),
+                || send_parts(s, &[IoSlice::new(&hdr[done..]), IoSlice::new(payload)]),
                 stopped,
             )?
         } else {
-            retrying(|| s.write(&payload[done - hdr.len()..]), stopped)?
+            retrying(|| send_bytes(s, &payload[done - hdr.len()..]), stopped)?
         };
     }
     Ok(())
@@ -196,7 +209,7 @@ pub(super) fn write_all_parts(
         .collect();
     let mut rest = &mut slices[..];
     while !rest.is_empty() {
-        let n = retrying(|| s.write_vectored(rest), stopped)?;
+        let n = retrying(|| send_parts(s, rest), stopped)?;
         IoSlice::advance_slices(&mut rest, n);
     }
     Ok(())

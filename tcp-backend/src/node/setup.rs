@@ -170,13 +170,16 @@ pub(super) fn accept_loop(
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let mut p = libc::pollfd {
-                    fd: listener.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
+                // A 50 ms timeout bounds how late `stop` is seen.
+                let wait = rustix::event::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 50_000_000,
                 };
-                // SAFETY: one valid pollfd; a 50 ms timeout bounds how late `stop` is seen.
-                unsafe { libc::poll(&mut p, 1, 50) };
+                let mut p = [rustix::event::PollFd::new(
+                    &listener,
+                    rustix::event::PollFlags::IN,
+                )];
+                let _ = rustix::event::poll(&mut p, Some(&wait));
             }
             Err(e) => {
                 // Out of descriptors or memory: the connection stays queued, so retrying at

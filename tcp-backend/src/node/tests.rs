@@ -2,6 +2,7 @@
 
 use super::setup::handshake_limit;
 use super::*;
+use std::io::Write;
 
 /// Runs `body` on its own thread and fails the test if it has not finished in 30 s (the
 /// hangs these tests look for must fail them, not stall the suite).
