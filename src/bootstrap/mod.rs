@@ -34,7 +34,7 @@ pub fn fill_random(buf: &mut [u8]) {
 pub fn random_job_id() -> String {
     let mut b = [0u8; 16];
     fill_random(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    hex::encode(b)
 }
 
 /// A rendezvous store plus what must be cleaned up once setup is over.
