@@ -14,8 +14,10 @@ cd "$TOP"
 cargo build --release --quiet --bin xccl-perf
 PERF=target/release/xccl-perf
 OUT=$(mktemp)
-JSON=$(mktemp -d)
-trap 'rm -rf "$OUT" "$JSON"' EXIT
+# The runs drawn in the picture are kept beside it, so it can be drawn again.
+JSON=benches/plots
+mkdir -p "$JSON"
+trap 'rm -f "$OUT"' EXIT
 fence='```'
 open="${fence}text"
 {
@@ -35,16 +37,14 @@ open="${fence}text"
   "$PERF" moe --np 2 --tokens 1,8,128,1024,4096 --json "$JSON/shm_moe.json"
   echo "$fence"
   echo
-  "$PERF" pingpong --np 2 --backend tcp -n 2000 --json "$JSON/tcp_pingpong.json" > /dev/null
-  mkdir -p benches/plots
+  "$PERF" pingpong --np 2 --backend tcp -e 16M --json "$JSON/tcp_pingpong.json" > /dev/null
   "$PERF" plot "$JSON/shm_pingpong.json" "$JSON/tcp_pingpong.json" "$JSON/shm_moe.json" \
     --title "xccl-perf on $(nproc) CPUs: ping-pong over shm and tcp, MoE over shm" \
     -o benches/plots/perf.svg
   echo "![Ping-pong latency and bandwidth over shm and tcp, MoE phase times against tokens](benches/plots/perf.svg)"
   echo
-  echo "(\`xccl-perf plot shm_pingpong.json tcp_pingpong.json shm_moe.json -o perf.svg\` of the runs above"
-  echo "and \`xccl-perf pingpong --np 2 --backend tcp -n 2000\`.)"
-  echo
+  echo "(\`xccl-perf plot benches/plots/{shm_pingpong,tcp_pingpong,shm_moe}.json -o perf.svg\`: the"
+  echo "runs above and \`xccl-perf pingpong --np 2 --backend tcp -e 16M\`, whose rows are kept there.)"
   echo
   echo "\`benches/side_by_side.sh $REPS\` (medians over the repetitions; speedup > 1: xccl faster;"
   echo "fraction: of the reference bandwidth):"

@@ -12,26 +12,13 @@ mod support;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use support::{perf, run, text, PERF, RUN};
+use support::{perf, perf_json, run, text, PERF, RUN};
 
 /// A quick ping-pong: 8 bytes only.
 const TINY: &[&str] = &["pingpong", "-e", "8", "-n", "20"];
 
 fn temp(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("xccl-cli-{}-{name}", std::process::id()))
-}
-
-/// Runs the harness with `--json` into a temporary file; returns stdout and the rows.
-fn perf_json(name: &str, args: &[&str]) -> (String, Vec<serde_json::Value>) {
-    let path = temp(&format!("{name}.json"));
-    let mut all = args.to_vec();
-    all.extend(["--json", path.to_str().unwrap()]);
-    let out = perf(&all, &[]);
-    let (stdout, stderr) = text(&out);
-    assert!(out.status.success(), "{args:?}: {stdout}{stderr}");
-    let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    std::fs::remove_file(&path).unwrap();
-    (stdout, rows.as_array().unwrap().clone())
 }
 
 #[test]

@@ -9,20 +9,11 @@ mod support;
 
 use support::perf;
 
-/// Runs `xccl-perf` with `args` plus `--json`, asserts success and that stdout contains
-/// `marker`; returns stdout and the parsed JSON rows.
+/// [`support::perf_json`], and stdout contains `marker`.
 fn perf_json(name: &str, args: &[&str], marker: &str) -> (String, Vec<serde_json::Value>) {
-    let json = std::env::temp_dir().join(format!("xccl-perf-{name}-{}.json", std::process::id()));
-    let mut all: Vec<&str> = args.to_vec();
-    all.extend(["--json", json.to_str().unwrap()]);
-    let out = perf(&all, &[]);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{name}: {:?}", out.status);
-    assert!(text.contains(marker), "{name}: no {marker:?}");
-    let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    std::fs::remove_file(&json).unwrap();
-    (text, rows.as_array().unwrap().clone())
+    let (text, rows) = support::perf_json(name, args);
+    assert!(text.contains(marker), "{name}: no {marker:?} in {text}");
+    (text, rows)
 }
 
 #[test]

@@ -59,3 +59,17 @@ pub fn text(out: &Output) -> (String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Runs the harness with `args` and `--json` into a temporary file named after `name`;
+/// asserts success; returns stdout and the JSON rows.
+pub fn perf_json(name: &str, args: &[&str]) -> (String, Vec<serde_json::Value>) {
+    let path = std::env::temp_dir().join(format!("xccl-perf-{name}-{}.json", std::process::id()));
+    let mut all = args.to_vec();
+    all.extend(["--json", path.to_str().unwrap()]);
+    let out = perf(&all, &[]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{name} {args:?}: {stdout}{stderr}");
+    let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    (stdout, rows.as_array().unwrap().clone())
+}

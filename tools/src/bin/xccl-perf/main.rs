@@ -37,8 +37,6 @@ fn main() {
         // Before any thread starts; the ranks it launches inherit it.
         std::env::set_var("XCCL_DEBUG", filter);
     }
-    xccl::logging::init();
-
     // Who launched this process, if anyone, and so how many ranks the job has.
     let launched = xccl::bootstrap::detect(None)
         .ok()
@@ -60,6 +58,11 @@ fn main() {
         None => job.np(),
     };
     let rank = launched.as_ref().map_or(0, |i| i.rank);
+    // Log lines say which rank wrote them; a harness launching its own ranks says so.
+    match launched.is_none() && ranks > 1 {
+        true => xccl::logging::init_labelled("[xccl-perf] "),
+        false => xccl::logging::init(),
+    };
     if let Err(msg) = cli.command.check(ranks) {
         usage_error(rank, &msg);
     }
@@ -74,7 +77,16 @@ fn main() {
         spec.oversubscribe = job.oversubscribe;
         spec.timeout = Some(std::time::Duration::from_secs_f64(job.timeout));
         match launch(&spec) {
-            Ok(outcome) => std::process::exit(outcome.exit_code()),
+            Ok(outcome) => {
+                if outcome.timed_out {
+                    eprintln!(
+                        "xccl-perf: the run took longer than --timeout {} s; every rank was \
+                         stopped (raise --timeout, or lower -n or -e)",
+                        job.timeout
+                    );
+                }
+                std::process::exit(outcome.exit_code())
+            }
             Err(e @ xccl::Error::InvalidArgument(_)) => usage_error(0, &e.to_string()),
             Err(e) => {
                 eprintln!("xccl-perf: {e}");

@@ -80,14 +80,15 @@ fn span(v: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
     lo / 1.5..hi * 1.5
 }
 
-/// `bytes` as 8, 4K, 16M.
-fn size_label(bytes: &f64) -> String {
-    let b = *bytes;
-    match b {
-        _ if b >= (1u64 << 30) as f64 => format!("{:.0}G", b / (1u64 << 30) as f64),
-        _ if b >= (1u64 << 20) as f64 => format!("{:.0}M", b / (1u64 << 20) as f64),
-        _ if b >= 1024.0 => format!("{:.0}K", b / 1024.0),
-        _ => format!("{b:.0}"),
+/// An axis value in decimal units, as the log axis puts its marks at powers of ten: 10,
+/// 100, 1k, 10k, 1M.
+fn size_label(v: &f64) -> String {
+    let v = *v;
+    match v {
+        _ if v >= 1e9 => format!("{}G", v / 1e9),
+        _ if v >= 1e6 => format!("{}M", v / 1e6),
+        _ if v >= 1e3 => format!("{}k", v / 1e3),
+        _ => format!("{v}"),
     }
 }
 
