@@ -6,7 +6,7 @@
 //! [`bootstrap`] finds the ranks of a job; [`Communicator`] ties them together.
 //!
 //! ```no_run
-//! // Run under `xccl-run -n 2 -- ./my_program`:
+//! // Run under `xccl-run --np 2 -- ./my_program`:
 //! use xccl::transport::{Cmp, SignalOp};
 //! let comm = xccl::Communicator::from_env().unwrap();
 //! let win = comm.register(1 << 20).unwrap();

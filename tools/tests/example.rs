@@ -1,4 +1,4 @@
-//! The MoE layer example as a user runs it: `xccl-run -n N -- moe_layer ...` in both modes,
+//! The MoE layer example as a user runs it: `xccl-run --np N -- moe_layer ...` in both modes,
 //! over shared memory and tcp; every rank's layer output must match the same layer computed in
 //! one process (the example checks and fails otherwise). Each run is under a watchdog and
 //! followed by a leak check.

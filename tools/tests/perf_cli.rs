@@ -133,7 +133,7 @@ fn sendrecv_and_alltoall_subcommands_run_checked() {
 }
 
 /// A corrupted result (one received value flipped before the check) makes every subcommand
-/// exit non-zero and say so; under `--no-check` each reports its rows as not checked.
+/// exit non-zero and say so; under `-c 0` each reports its rows as not checked.
 #[test]
 fn failed_check_fails_with_a_message() {
     let _g = common::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -182,7 +182,7 @@ fn failed_check_fails_with_a_message() {
         assert!(!out.status.success(), "{op} passed with a corrupted result");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("check failed"), "{op}: {err}");
-        // With `--no-check` the same corruption goes unseen, and the output says nothing was
+        // With `-c 0` the same corruption goes unseen, and the output says nothing was
         // checked (N/A, JSON null) rather than "0 wrong".
         let mut unchecked = args.clone();
         unchecked.extend(["-c", "0"]);
