@@ -126,7 +126,7 @@ fn figures(all: &[f64], n: usize, calls: usize) -> report::Stats {
 pub fn run(c: &ByteArgs, v: bool) -> Result<()> {
     let sizes = c.sizes(1 << 20).map_err(Error::InvalidArgument)?;
     let op = if v { "alltoallv" } else { "alltoall" };
-    let comm = session::connect(c, op, 1)?;
+    let comm = session::connect(c)?;
     let (me, n) = (comm.rank(), comm.world_size());
     let coll = Coll::new(&comm)?;
     let max = *sizes.iter().max().expect("at least one size");

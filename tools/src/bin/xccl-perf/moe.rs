@@ -151,11 +151,7 @@ fn row(
     let r = &m.reported;
     let gbps = m.gbps(r.p50);
     Row {
-        op: match phase {
-            Phase::Dispatch => "dispatch",
-            Phase::Combine => "combine",
-            Phase::Both => "moe",
-        },
+        op: phase_name(phase),
         backend: a.job.backend.clone(),
         ranks: n,
         bytes: m.bytes,
@@ -261,9 +257,8 @@ fn measure(
 
 pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
     let c = &a.job;
-    let comm = session::connect(c, "moe", 1)?;
+    let comm = session::connect(c)?;
     let (me, n) = (comm.rank(), comm.world_size());
-    a.check(n).map_err(Error::InvalidArgument)?;
     let coll = Coll::new(&comm)?;
     let (_, dtype_name) = dtype_of(a);
     if me == 0 {

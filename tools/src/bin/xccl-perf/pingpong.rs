@@ -259,7 +259,7 @@ pub fn run(args: &ByteArgs) -> Result<()> {
     let c = args;
     let sizes = c.sizes(64 << 20).map_err(Error::InvalidArgument)?;
     let timeout = Duration::from_secs_f64(c.timeout);
-    let comm = session::connect(c, "pingpong", 2)?;
+    let comm = session::connect(c)?;
     let n = comm.world_size();
     let max = *sizes.iter().max().expect("at least one size");
     let lay = Layout {

@@ -138,7 +138,7 @@ fn check(
 
 pub fn run(c: &ByteArgs) -> Result<()> {
     let sizes = c.sizes(64 << 20).map_err(Error::InvalidArgument)?;
-    let comm = session::connect(c, "sendrecv", 2)?;
+    let comm = session::connect(c)?;
     let (me, n) = (comm.rank(), comm.world_size());
     let p2p = P2p::new(&comm, P2pConfig::default())?;
     let max = *sizes.iter().max().expect("at least one size");

@@ -6,21 +6,15 @@
 use crate::options::{ByteArgs, Job};
 use crate::report::{self, Row};
 use std::time::{Duration, Instant};
-use xccl::{Backend, Communicator, Error, Result};
+use xccl::{Backend, Communicator, Result};
 
-/// A communicator on the backend and with the timeout the options name; `op` needs at least
-/// `min_ranks` ranks.
-pub fn connect(c: &Job, op: &str, min_ranks: usize) -> Result<Communicator> {
-    let comm = Communicator::builder()
+/// A communicator on the backend and with the timeout the options name (the rank count was
+/// checked against the operation before anything started: `Command::check`).
+pub fn connect(c: &Job) -> Result<Communicator> {
+    Communicator::builder()
         .backend(c.backend.parse::<Backend>()?)
         .timeout(Duration::from_secs_f64(c.timeout))
-        .build()?;
-    if comm.world_size() < min_ranks {
-        return Err(Error::InvalidArgument(format!(
-            "{op} needs at least {min_ranks} ranks (--np {min_ranks})"
-        )));
-    }
-    Ok(comm)
+        .build()
 }
 
 /// This rank's part in a point-to-point test: ranks pair up 0↔1, 2↔3, ...; the even one
