@@ -12,7 +12,7 @@ mod support;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use support::{perf, perf_json, run, text, PERF, RUN};
+use support::{perf, perf_json, run, text, PERF, RUN, SMALL_MOE};
 
 /// A quick ping-pong: 8 bytes only.
 const TINY: &[&str] = &["pingpong", "-e", "8", "-n", "20"];
@@ -158,21 +158,11 @@ fn nccl_tests_flags_set_iterations_warmup_check_and_type() {
 #[test]
 fn moe_prints_a_table_row_per_token_count() {
     let _g = common::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let args = [
-        "moe",
-        "--tokens",
-        "1,8,32",
-        "--hidden",
-        "64",
-        "--topk",
-        "2",
-        "--experts",
-        "8",
-        "-n",
-        "5",
-        "-w",
-        "1",
-    ];
+    let args: Vec<&str> = ["moe", "--tokens", "1,8,32", "-n", "5", "-w", "1"]
+        .iter()
+        .chain(&SMALL_MOE)
+        .copied()
+        .collect();
     let (stdout, rows) = perf_json("moe-sweep", &args);
     assert_eq!(rows.len(), 3, "{stdout}");
     let data: Vec<&str> = stdout.lines().filter(|l| !l.starts_with('#')).collect();
@@ -287,22 +277,14 @@ fn each_tool_says_what_it_does() {
 fn plot_draws_latency_bandwidth_and_moe_phases() {
     let _g = common::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let (pp, moe, svg) = (temp("pp.json"), temp("moe.json"), temp("plot.svg"));
+    let moe_args: Vec<&str> = ["moe", "--tokens", "1,8"]
+        .iter()
+        .chain(&SMALL_MOE)
+        .copied()
+        .collect();
     for (args, path) in [
         (&["pingpong", "-e", "4K", "-n", "50"][..], &pp),
-        (
-            &[
-                "moe",
-                "--tokens",
-                "1,8",
-                "--hidden",
-                "64",
-                "--topk",
-                "2",
-                "--experts",
-                "8",
-            ],
-            &moe,
-        ),
+        (&moe_args[..], &moe),
     ] {
         let mut all = args.to_vec();
         all.extend(["--json", path.to_str().unwrap()]);

@@ -82,15 +82,13 @@ fn moe_subcommands_run_checked() {
             ranks,
             "--tokens",
             "32",
-            "--hidden",
-            "64",
-            "--topk",
-            "2",
-            "--experts",
-            "8",
             "-n",
             "3",
-        ];
+        ]
+        .iter()
+        .chain(&support::SMALL_MOE)
+        .copied()
+        .collect::<Vec<_>>();
         let (_, rows) = perf_json(op, &args, "# Out of bounds values : 0 OK");
         let r = &rows[0];
         assert_eq!(r["op"], op);
@@ -148,21 +146,11 @@ fn failed_check_fails_with_a_message() {
         "20",
         "--inject-error",
     ];
-    let moe = [
-        "--np",
-        "2",
-        "--tokens",
-        "16",
-        "--hidden",
-        "64",
-        "--topk",
-        "2",
-        "--experts",
-        "8",
-        "-n",
-        "2",
-        "--inject-error",
-    ];
+    let moe: Vec<&str> = ["--np", "2", "--tokens", "16", "-n", "2", "--inject-error"]
+        .iter()
+        .chain(&support::SMALL_MOE)
+        .copied()
+        .collect();
     for op in [
         "pingpong",
         "sendrecv",

@@ -9,6 +9,9 @@ pub const PERF: &str = env!("CARGO_BIN_EXE_xccl-perf");
 /// The launcher binary.
 pub const RUN: &str = env!("CARGO_BIN_EXE_xccl-run");
 
+/// A small MoE shape that runs in moments: hidden 64, top-2 of 8 experts.
+pub const SMALL_MOE: [&str; 6] = ["--hidden", "64", "--topk", "2", "--experts", "8"];
+
 /// `program args` with `env` added, its output captured; killed (and the test failed) if it
 /// runs past `limit`.
 pub fn run_within(program: &str, args: &[&str], env: &[(&str, &str)], limit: Duration) -> Output {
