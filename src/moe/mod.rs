@@ -31,6 +31,8 @@ mod normal;
 pub mod quant;
 mod record;
 mod sum;
+#[cfg(target_arch = "x86_64")]
+mod sum_avx2;
 mod typed;
 
 pub use config::{Dtype, MoeConfig};

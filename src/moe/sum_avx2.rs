@@ -1,0 +1,156 @@
+//! The combine sum in AVX2 for bf16 and f32 rows: 32 elements per step in four independent
+//! accumulators, bf16 widened by an in-lane unpack (the matching in-lane pack puts the
+//! elements back in order), rounded to nearest even with integer operations. The same IEEE
+//! multiplies and adds in the same order as the portable sum (no fused multiply-add), so the
+//! same bits; a step whose sum holds a NaN, and the tail shorter than a step, are left to the
+//! portable code.
+
+use smallvec::SmallVec;
+use std::arch::x86_64::*;
+
+/// Elements per step.
+pub(super) const STEP: usize = 32;
+
+/// Sums `rows` (each scaled by its weight when given) into `out`, step by step, for as many
+/// whole steps as fit; returns how many elements it wrote (a multiple of [`STEP`]) and, for
+/// the steps it left, their first element: the caller sums those and the tail.
+///
+/// # Safety
+/// The CPU has AVX2; every row is at least `out.len()` `u16`s long; `weights` (when given)
+/// holds at least `rows.len()` weights.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn sum_bf16(
+    out: &mut [u16],
+    rows: &[&[u16]],
+    weights: Option<&[f32]>,
+    left: &mut SmallVec<[usize; 4]>,
+) -> usize {
+    let n = out.len() - out.len() % STEP;
+    let zero = _mm256_setzero_si256();
+    let bias = _mm256_set1_epi32(0x7FFF);
+    let one = _mm256_set1_epi32(1);
+    let mut at = 0;
+    while at < n {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for (j, row) in rows.iter().enumerate() {
+            // SAFETY: `at + STEP <= n <= row.len()` (the caller's promise on row lengths), so
+            // both 32-byte loads lie inside the row; `loadu` needs no alignment.
+            let (v0, v1) = unsafe {
+                let p = row.as_ptr().add(at) as *const __m256i;
+                (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)))
+            };
+            // bf16 bits in the high half of each 32-bit lane are that f32.
+            let x = [
+                _mm256_unpacklo_epi16(zero, v0),
+                _mm256_unpackhi_epi16(zero, v0),
+                _mm256_unpacklo_epi16(zero, v1),
+                _mm256_unpackhi_epi16(zero, v1),
+            ];
+            match weights {
+                Some(w) => {
+                    let w = _mm256_set1_ps(w[j]);
+                    for (a, x) in acc.iter_mut().zip(x) {
+                        *a = _mm256_add_ps(*a, _mm256_mul_ps(w, _mm256_castsi256_ps(x)));
+                    }
+                }
+                None => {
+                    for (a, x) in acc.iter_mut().zip(x) {
+                        *a = _mm256_add_ps(*a, _mm256_castsi256_ps(x));
+                    }
+                }
+            }
+        }
+        if has_nan(&acc) {
+            left.push(at);
+            at += STEP;
+            continue;
+        }
+        let r = [
+            round_bf16(acc[0], bias, one),
+            round_bf16(acc[1], bias, one),
+            round_bf16(acc[2], bias, one),
+            round_bf16(acc[3], bias, one),
+        ];
+        // SAFETY: `at + STEP <= n <= out.len()`: both 32-byte stores lie inside `out`.
+        unsafe {
+            let p = out.as_mut_ptr().add(at) as *mut __m256i;
+            _mm256_storeu_si256(p, _mm256_packus_epi32(r[0], r[1]));
+            _mm256_storeu_si256(p.add(1), _mm256_packus_epi32(r[2], r[3]));
+        }
+        at += STEP;
+    }
+    n
+}
+
+/// Rounds each f32 lane to bf16, to nearest even: adds 0x7FFF plus the lowest kept bit and
+/// keeps the high half (in the low half of the lane, for the pack).
+#[target_feature(enable = "avx2")]
+fn round_bf16(a: __m256, bias: __m256i, one: __m256i) -> __m256i {
+    let u = _mm256_castps_si256(a);
+    let lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+    _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, bias), lsb), 16)
+}
+
+/// As [`sum_bf16`], for f32 rows; every whole step is summed here (an f32 NaN needs no
+/// rounding), so it returns only how many elements it wrote.
+///
+/// # Safety
+/// As for [`sum_bf16`], with rows of `u32`s.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn sum_f32(out: &mut [u32], rows: &[&[u32]], weights: Option<&[f32]>) -> usize {
+    let n = out.len() - out.len() % STEP;
+    let mut at = 0;
+    while at < n {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for (j, row) in rows.iter().enumerate() {
+            // SAFETY: `at + STEP <= n <= row.len()`: the four 32-byte loads lie inside the row.
+            let x = unsafe {
+                let p = row.as_ptr().add(at) as *const f32;
+                [
+                    _mm256_loadu_ps(p),
+                    _mm256_loadu_ps(p.add(8)),
+                    _mm256_loadu_ps(p.add(16)),
+                    _mm256_loadu_ps(p.add(24)),
+                ]
+            };
+            match weights {
+                Some(w) => {
+                    let w = _mm256_set1_ps(w[j]);
+                    for (a, x) in acc.iter_mut().zip(x) {
+                        *a = _mm256_add_ps(*a, _mm256_mul_ps(w, x));
+                    }
+                }
+                None => {
+                    for (a, x) in acc.iter_mut().zip(x) {
+                        *a = _mm256_add_ps(*a, x);
+                    }
+                }
+            }
+        }
+        // SAFETY: `at + STEP <= n <= out.len()`: the four 32-byte stores lie inside `out`.
+        unsafe {
+            let p = out.as_mut_ptr().add(at) as *mut f32;
+            for (o, a) in [0, 8, 16, 24].into_iter().zip(acc) {
+                _mm256_storeu_ps(p.add(o), a);
+            }
+        }
+        at += STEP;
+    }
+    n
+}
+
+/// Whether any lane of the four accumulators is a NaN (bf16 rounding must keep it one).
+#[target_feature(enable = "avx2")]
+fn has_nan(acc: &[__m256; 4]) -> bool {
+    let any = _mm256_or_ps(
+        _mm256_or_ps(
+            _mm256_cmp_ps::<_CMP_UNORD_Q>(acc[0], acc[0]),
+            _mm256_cmp_ps::<_CMP_UNORD_Q>(acc[1], acc[1]),
+        ),
+        _mm256_or_ps(
+            _mm256_cmp_ps::<_CMP_UNORD_Q>(acc[2], acc[2]),
+            _mm256_cmp_ps::<_CMP_UNORD_Q>(acc[3], acc[3]),
+        ),
+    );
+    _mm256_movemask_ps(any) != 0
+}
