@@ -7,10 +7,9 @@
 //! target/release/xccl-run --np 2 -- target/release/examples/moe_layer [tokens] [hidden] [experts] [topk] [mode]
 //! ```
 //!
-//! `mode` is `normal` (default: one row per token and expert rank, each rank's experts reduce
-//! their outputs with the gate weights) or `low-latency` (one row per token and expert, laid
-//! out per expert as a `[rows, hidden]` batch the expert multiplies at once; the home weights
-//! the outputs).
+//! `mode` is `normal` (default) or `low-latency`: in both one row travels per token and
+//! expert rank, each expert multiplies its rows as one `[rows, hidden]` batch, and each rank's
+//! experts reduce their outputs with the gate weights before combine brings them home.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -27,7 +27,6 @@ pub(crate) struct Mailbox {
     kinds: usize,
     world: usize,
     words: usize,
-    trailer: usize,
     stride: usize,
 }
 
@@ -56,20 +55,8 @@ impl Mailbox {
             kinds,
             world,
             words,
-            trailer,
             stride,
         })
-    }
-
-    /// The same mailbox with its slots packed end to end instead of a cache line each: fewer
-    /// lines for a receiver to pull when its slots are many and small (one per expert and
-    /// source), at the cost of sources sharing lines. The header stays a copy, never an
-    /// atomic, so its words need no alignment.
-    pub fn packed(self) -> Self {
-        Mailbox {
-            stride: self.header_len() + self.trailer,
-            ..self
-        }
     }
 
     /// The same mailbox with its [`Mailbox::signal_count`] signal words from `start`.

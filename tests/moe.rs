@@ -107,10 +107,7 @@ fn peer_killed_mid_dispatch() {
     normal.combine(&reduced, &mut out).unwrap();
     assert_eq!(out, x, "normal round");
     let view = ll.dispatch(&x, &spread, &w).unwrap();
-    let outputs: Vec<u8> = (0..view.local_experts().len())
-        .flat_map(|l| view.expert_rows(l).unwrap())
-        .flat_map(|r| r.data.to_vec())
-        .collect();
+    let outputs = common::low_latency::weighted_sums(&view, |_, v| v);
     let mut out = vec![0u8; x.len()];
     ll.combine(&outputs, &mut out).unwrap();
     assert_eq!(out, x, "low-latency round");
@@ -645,10 +642,17 @@ fn low_latency_bad_input_is_refused_before_anything_is_sent() {
         // Still usable: every rank sends its token to expert 1 (rank 0) and expert 3 (rank 1),
         // the second of each rank's two experts.
         let view = buf.dispatch(&row, &[1, 3], &[1.0, 0.5]).unwrap();
-        assert_eq!(view.counts(), vec![0, 2]);
+        assert_eq!(view.counts().unwrap(), vec![0, 2]);
+        // Identity experts: each received token's row times its expert's weight.
         let outputs: Vec<u8> = (0..2)
             .flat_map(|l| view.expert_rows(l).unwrap())
-            .flat_map(|r| r.data.to_vec())
+            .flat_map(|r| {
+                let y: Vec<f32> = decode(Dtype::Bf16, r.data)
+                    .iter()
+                    .map(|v| r.weight * v)
+                    .collect();
+                encode(Dtype::Bf16, &y)
+            })
             .collect();
         let _ = view;
         let mut out = vec![0u8; row.len()];
@@ -657,8 +661,8 @@ fn low_latency_bad_input_is_refused_before_anything_is_sent() {
     });
 }
 
-/// Low-latency mode: each (token, expert) row lands at its expert's slot, grouped by source
-/// in rank order; combine weights the experts' outputs at home.
+/// Low-latency mode: each expert gets the rows that chose it, grouped by source in rank
+/// order; the rank's experts sum their weighted outputs per token, the homes add the ranks'.
 fn check_low_latency(fabric: Fabric, case: Case) {
     check_low_latency_with(fabric, case, Dtype::F32, false)
 }
@@ -697,7 +701,9 @@ fn check_low_latency_on(comm: &Communicator, case: &Case, dtype: Dtype, int8: bo
             // Every other rank (and rerun) has its experts write straight into the window.
             let in_window = (rerun + me) % 2 == 1;
             let mut view = buf.dispatch(&x, &mine.idx, &mine.w).unwrap();
-            let mut outputs = Vec::new();
+            // Per received token (row `index` of the output): this rank's experts' weighted
+            // sum, w · (c_e · x), in f32.
+            let mut sums = vec![0f32; view.len() * h];
             for (l, &e) in view.local_experts().to_vec().iter().enumerate() {
                 let rows = view.expert_rows(l).unwrap();
                 let mut expect = Vec::new();
@@ -716,7 +722,6 @@ fn check_low_latency_on(comm: &Communicator, case: &Case, dtype: Dtype, int8: bo
                     }
                 }
                 assert_eq!(rows.len(), expect.len(), "expert {e}");
-                let mut ys = Vec::new();
                 for (r, (s, t, w, d)) in rows.iter().zip(&expect) {
                     assert_eq!((r.src_rank, r.src_token, r.weight), (*s, *t, *w));
                     if int8 && *s != me {
@@ -724,18 +729,40 @@ fn check_low_latency_on(comm: &Communicator, case: &Case, dtype: Dtype, int8: bo
                     } else {
                         assert_eq!(r.data, &d[..]);
                     }
+                    assert!(
+                        r.index < view.len(),
+                        "row index {} of {}",
+                        r.index,
+                        view.len()
+                    );
+                    // The expert's output, in the dtype, as an expert would give it.
                     let y: Vec<f32> = decode(dtype, r.data).iter().map(|v| c(e) * v).collect();
-                    ys.push((r.index, encode(dtype, &y)));
-                }
-                if in_window {
-                    let o = view.expert_output(l).unwrap();
-                    let rb = h * dtype.size();
-                    for (i, y) in ys {
-                        o[i * rb..(i + 1) * rb].copy_from_slice(&y);
+                    let y = decode(dtype, &encode(dtype, &y));
+                    let acc = &mut sums[r.index * h..(r.index + 1) * h];
+                    for (a, v) in acc.iter_mut().zip(y) {
+                        *a += w * v;
                     }
-                } else {
-                    ys.into_iter().for_each(|(_, y)| outputs.extend(y));
                 }
+            }
+            // Every received token is some source's token that chose one of this rank's
+            // experts, once.
+            let received: usize = case
+                .inputs
+                .iter()
+                .map(|inp| {
+                    inp.idx
+                        .chunks(k)
+                        .filter(|c| {
+                            c.iter()
+                                .any(|&e| e >= 0 && case.placement[e as usize] == me)
+                        })
+                        .count()
+                })
+                .sum();
+            assert_eq!(view.len(), received);
+            let outputs = encode(dtype, &sums);
+            if in_window {
+                view.output().unwrap().copy_from_slice(&outputs);
             }
             let _ = view;
             let mut out = vec![0u8; x.len()];
@@ -744,7 +771,7 @@ fn check_low_latency_on(comm: &Communicator, case: &Case, dtype: Dtype, int8: bo
             } else {
                 buf.combine(&outputs, &mut out).unwrap();
             }
-            // Homes weight the experts' outputs: w · (c_e · x).
+            // The homes add up the ranks' sums of w · (c_e · x).
             let got = decode(dtype, &out);
             check_combined(dtype, int8, mine, k, h, &got, |w, ce, v| w * (ce * v));
             match &first_out {

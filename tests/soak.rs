@@ -177,14 +177,7 @@ fn low_latency_moe(it: u64, buf: &mut LowLatencyBuffer, me: usize) -> u64 {
     let (x, idx, w) = moe_input(it, me);
     let xb = f32_bytes(&x);
     let view = buf.dispatch(&xb, &idx, &w).unwrap();
-    let mut outputs = Vec::new();
-    for (l, &e) in view.local_experts().to_vec().iter().enumerate() {
-        for r in view.expert_rows(l).unwrap() {
-            outputs.extend(f32_bytes(
-                &f32s(r.data).iter().map(|v| c(e) * v).collect::<Vec<_>>(),
-            ));
-        }
-    }
+    let outputs = common::low_latency::weighted_sums(&view, |e, v| c(e) * v);
     let received = outputs.len() as u64;
     let _ = view;
     let mut out = vec![0u8; xb.len()];

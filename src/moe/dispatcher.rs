@@ -4,6 +4,7 @@
 
 use super::config::MoeConfig;
 use super::element::{bytes, bytes_mut, Element};
+use super::normal::Chosen;
 use super::sum::sum_rows;
 use super::{DispatchView, LowLatencyBuffer, LowLatencyView, MoeBuffer};
 use crate::error::Result;
@@ -14,7 +15,7 @@ use crate::Communicator;
 pub enum Mode {
     /// [`MoeBuffer`]: rows once per destination rank, any batch size (prefill).
     Normal,
-    /// [`LowLatencyBuffer`]: fixed slots per expert, one round (decode).
+    /// [`LowLatencyBuffer`]: a fixed maximum batch, rows grouped by expert (decode).
     LowLatency,
 }
 
@@ -28,7 +29,8 @@ pub enum Mode {
 /// let mut moe = Dispatcher::new(&comm, cfg, Mode::LowLatency)?;
 /// # let (x, idx, w): (Vec<f32>, Vec<i64>, Vec<f32>) = (vec![], vec![], vec![]);
 /// let mut view = moe.dispatch_typed(&x, &idx, &w)?;
-/// // Each local expert gets its rows (unweighted in, unweighted out): here, the identity.
+/// // Each local expert gets its rows (unweighted in, unweighted out): here, the identity;
+/// // the view sums each token's outputs with their gate weights.
 /// view.run_experts(|_expert, rows, out| {
 ///     for (row, dst) in rows.iter().zip(out.chunks_mut(64 * 4)) {
 ///         dst.copy_from_slice(row);
@@ -131,12 +133,19 @@ impl<'c> Dispatcher<'c> {
 }
 
 impl Dispatched<'_> {
-    /// Rows received in all (a row per (token, rank) in normal mode, per (token, expert) in
-    /// low-latency mode).
+    /// The configuration of the buffer that received the rows.
+    pub fn config(&self) -> &MoeConfig {
+        match self {
+            Dispatched::Normal(v) => v.config(),
+            Dispatched::LowLatency(v) => v.config(),
+        }
+    }
+
+    /// Tokens received in all (a row per (token, rank), in both modes).
     pub fn len(&self) -> usize {
         match self {
             Dispatched::Normal(v) => v.len(),
-            Dispatched::LowLatency(v) => v.counts().iter().sum(),
+            Dispatched::LowLatency(v) => v.len(),
         }
     }
 
@@ -147,76 +156,70 @@ impl Dispatched<'_> {
 
     /// Runs every local expert once on its batch: `expert(e, rows, out)` gets the rows that
     /// chose expert `e` (bytes of the dtype) and writes one output row per input row into
-    /// `out`, unweighted. The view weights and places the outputs as its mode's combine
-    /// expects (normal mode sums a row's local experts here, in top-k order, in f32).
+    /// `out`, unweighted. The view sums each token's outputs with their gate weights, in
+    /// top-k order in f32, into the row its combine sends home (both modes).
     pub fn run_experts<F>(&mut self, mut expert: F) -> Result<()>
     where
         F: FnMut(usize, &[&[u8]], &mut [u8]) -> Result<()>,
     {
         match self {
-            Dispatched::Normal(v) => run_normal(v, &mut expert),
-            Dispatched::LowLatency(v) => run_low_latency(v, &mut expert),
+            Dispatched::Normal(v) => {
+                let rows: Vec<Received<'_>> = v
+                    .rows()?
+                    .into_iter()
+                    .map(|r| (r.data, r.experts.into()))
+                    .collect();
+                let sums = run_on(&rows, v.config(), &mut expert)?;
+                drop(rows);
+                v.expert_output()?.copy_from_slice(&sums);
+            }
+            Dispatched::LowLatency(v) => {
+                let mut rows: Vec<Received<'_>> = Vec::with_capacity(v.len());
+                v.each_row(|_, _, _, chosen, data| rows.push((data, chosen.into())))?;
+                let sums = run_on(&rows, v.config(), &mut expert)?;
+                drop(rows);
+                v.output()?.copy_from_slice(&sums);
+            }
         }
+        Ok(())
     }
 }
 
 type Expert<'f> = dyn FnMut(usize, &[&[u8]], &mut [u8]) -> Result<()> + 'f;
 
-/// Normal mode: each local expert on the rows that chose it, then each row's outputs summed
-/// with their weights into the output region.
-fn run_normal(view: &mut DispatchView<'_>, expert: &mut Expert<'_>) -> Result<()> {
-    let rows = view.rows()?;
-    let (dtype, rb) = (view.config().dtype, view.config().row_bytes());
+/// A received token: its row and this rank's experts that chose it, with their weights.
+type Received<'a> = (&'a [u8], Chosen);
+
+/// Runs each local expert on the rows that chose it, then returns per row its outputs summed
+/// with their weights (in top-k order, in f32, rounded once to the dtype).
+fn run_on(rows: &[Received<'_>], cfg: &MoeConfig, expert: &mut Expert<'_>) -> Result<Vec<u8>> {
+    let (dtype, rb) = (cfg.dtype, cfg.row_bytes());
     let mut experts: Vec<usize> = rows
         .iter()
-        .flat_map(|r| r.experts.iter().map(|&(e, _)| e))
+        .flat_map(|(_, chosen)| chosen.iter().map(|&(e, _)| e))
         .collect();
     experts.sort_unstable();
     experts.dedup();
     // Per (row, its j-th local expert): where that expert's output sits in `outputs`.
-    let mut at: Vec<Vec<usize>> = rows.iter().map(|r| vec![0; r.experts.len()]).collect();
+    let mut at: Vec<Vec<usize>> = rows.iter().map(|(_, c)| vec![0; c.len()]).collect();
     let mut outputs = Vec::new();
     for &e in &experts {
         let mut batch = Vec::new();
-        for (i, r) in rows.iter().enumerate() {
-            if let Some(j) = r.experts.iter().position(|&(x, _)| x == e) {
+        for (i, (data, chosen)) in rows.iter().enumerate() {
+            if let Some(j) = chosen.iter().position(|&(x, _)| x == e) {
                 at[i][j] = outputs.len() + batch.len() * rb;
-                batch.push(r.data);
+                batch.push(*data);
             }
         }
         let start = outputs.len();
         outputs.resize(start + batch.len() * rb, 0);
         expert(e, &batch, &mut outputs[start..])?;
     }
-    let weights: Vec<Vec<f32>> = rows
-        .iter()
-        .map(|r| r.experts.iter().map(|&(_, w)| w).collect())
-        .collect();
-    drop(rows);
-    let region = view.expert_output()?;
-    for ((dst, offs), w) in region.chunks_mut(rb).zip(&at).zip(&weights) {
+    let mut sums = vec![0u8; rows.len() * rb];
+    for ((dst, offs), (_, chosen)) in sums.chunks_mut(rb).zip(&at).zip(rows) {
         let parts: Vec<&[u8]> = offs.iter().map(|&o| &outputs[o..o + rb]).collect();
-        sum_rows(dtype, dst, &parts, Some(w));
+        let weights: Vec<f32> = chosen.iter().map(|&(_, w)| w).collect();
+        sum_rows(dtype, dst, &parts, Some(&weights));
     }
-    Ok(())
-}
-
-/// Low-latency mode: each local expert on its rows, outputs placed where combine reads them
-/// (combine weights them).
-fn run_low_latency(view: &mut LowLatencyView<'_>, expert: &mut Expert<'_>) -> Result<()> {
-    let rb = view.config().row_bytes();
-    for (l, e) in view.local_experts().to_vec().into_iter().enumerate() {
-        let rows = view.expert_rows(l)?;
-        let batch: Vec<&[u8]> = rows.iter().map(|r| r.data).collect();
-        let index: Vec<usize> = rows.iter().map(|r| r.index).collect();
-        let mut out = vec![0u8; batch.len() * rb];
-        expert(e, &batch, &mut out)?;
-        drop(batch);
-        drop(rows);
-        let region = view.expert_output(l)?;
-        for (i, row) in index.into_iter().zip(out.chunks(rb)) {
-            region[i * rb..(i + 1) * rb].copy_from_slice(row);
-        }
-    }
-    Ok(())
+    Ok(sums)
 }

@@ -1,6 +1,7 @@
 //! Mixture-of-Experts token dispatch and combine: configuration, DeepEP-style dispatch
 //! layout, a normal-mode buffer that moves token rows with one copy per byte
-//! ([`MoeBuffer`]), and a low-latency one for decode batches ([`LowLatencyBuffer`]); either can
+//! ([`MoeBuffer`]), and a low-latency one for decode batches ([`LowLatencyBuffer`]: the same
+//! transfer, a fixed maximum batch, rows handed out grouped by expert); either can
 //! dispatch bf16/f16 rows as INT8 ([`quant`]). [`Dispatcher`] holds either mode behind one
 //! type and runs the same expert code in both; every buffer takes typed rows (`f32`,
 //! `half::bf16`, `half::f16`: [`Element`]) beside bytes.

@@ -1,5 +1,5 @@
-//! The metadata records MoE dispatch sends with its rows, encoded and decoded in one place:
-//! normal mode's record per (token, expert rank) and low-latency mode's per (token, expert).
+//! The metadata record MoE dispatch sends with each row (one per token and expert rank, in
+//! both modes), encoded and decoded in one place.
 //! Decoding checks what a record can say by itself; callers check it against their call.
 
 /// Normal mode: the token, how many of the receiving rank's experts chose it, those experts
@@ -78,32 +78,6 @@ impl<'m> TokenRecord<'m> {
     }
 }
 
-/// Low-latency mode: the token, its gate weight for the expert, and the INT8 scale.
-/// Little-endian `token u32 | weight f32 | scale f32`.
-pub(super) struct SlotRecord;
-
-impl SlotRecord {
-    /// Bytes of one record.
-    pub const LEN: usize = 12;
-
-    /// Writes a record into `out` (`LEN` bytes).
-    pub fn write(out: &mut [u8], token: usize, weight: f32, scale: f32) {
-        out[..4].copy_from_slice(&(token as u32).to_le_bytes());
-        out[4..8].copy_from_slice(&weight.to_le_bytes());
-        out[8..12].copy_from_slice(&scale.to_le_bytes());
-    }
-
-    /// Reads a record: token, weight, and the scale's bytes.
-    pub fn read(bytes: &[u8]) -> (usize, f32, [u8; 4]) {
-        let word = |at: usize| -> [u8; 4] { bytes[at..at + 4].try_into().expect("4 bytes") };
-        (
-            u32::from_le_bytes(word(0)) as usize,
-            f32::from_le_bytes(word(4)),
-            word(8),
-        )
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,13 +106,5 @@ mod tests {
         assert!(TokenRecord::read(&buf, topk).experts().is_none());
         buf[4..8].copy_from_slice(&0u32.to_le_bytes());
         assert!(TokenRecord::read(&buf, topk).experts().is_none());
-    }
-
-    #[test]
-    fn slot_records_round_trip() {
-        let mut buf = [0u8; SlotRecord::LEN];
-        SlotRecord::write(&mut buf, 3, -2.0, 0.5);
-        let (t, w, s) = SlotRecord::read(&buf);
-        assert_eq!((t, w, f32::from_le_bytes(s)), (3, -2.0, 0.5));
     }
 }

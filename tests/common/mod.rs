@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod low_latency;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;

@@ -164,6 +164,7 @@ mod dispatch;
 #[cfg(test)]
 mod tests;
 mod view;
+pub(in crate::moe) use view::Chosen;
 
 impl<'c> MoeBuffer<'c> {
     /// `world × max_tokens` dispatch records and as many rows of expert output (plus, over a
@@ -232,6 +233,11 @@ impl<'c> MoeBuffer<'c> {
     /// The configuration.
     pub fn config(&self) -> &MoeConfig {
         &self.cfg
+    }
+
+    /// Whether the last dispatch awaits its combine.
+    pub(in crate::moe) fn is_dispatched(&self) -> bool {
+        self.dispatched
     }
 
     /// The communicator the buffer works on.

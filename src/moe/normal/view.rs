@@ -4,6 +4,9 @@
 use super::*;
 use crate::moe::record::TokenRecord;
 
+/// A row's experts on the receiving rank, with their weights (at most top-k).
+pub(in crate::moe) type Chosen = SmallVec<[(usize, f32); 8]>;
+
 impl<'a> DispatchView<'a> {
     /// The configuration of the buffer that received the rows.
     pub fn config(&self) -> &MoeConfig {
@@ -27,6 +30,25 @@ impl<'a> DispatchView<'a> {
 
     /// Row `i` from `src`, its metadata checked (it comes from another process).
     pub fn row(&self, src: usize, i: usize) -> Result<RecvRow<'a>> {
+        let mut experts = Chosen::new();
+        let (src_token, data) = self.read_row(src, i, &mut experts)?;
+        Ok(RecvRow {
+            src_rank: src,
+            src_token,
+            experts: experts.into_vec(),
+            data,
+        })
+    }
+
+    /// Row `i` from `src` without allocating: its token and data, and its experts (this
+    /// rank's, with their weights, in top-k order) in `experts`; every field checked (it
+    /// comes from another process).
+    pub(in crate::moe) fn read_row(
+        &self,
+        src: usize,
+        i: usize,
+        experts: &mut Chosen,
+    ) -> Result<(usize, &'a [u8])> {
         let b: &'a MoeBuffer<'a> = self.buf;
         let me = b.comm.rank();
         if src >= b.comm.world_size() || i >= b.recv_counts[src] {
@@ -55,7 +77,7 @@ impl<'a> DispatchView<'a> {
         if src_token >= b.cfg.max_tokens {
             return Err(bad(format!("token {src_token}")));
         }
-        let mut experts = Vec::with_capacity(b.cfg.topk);
+        experts.clear();
         let chosen = record.experts().ok_or_else(|| {
             bad(format!(
                 "token {src_token} with {} local experts",
@@ -74,12 +96,7 @@ impl<'a> DispatchView<'a> {
             }
             experts.push((e as usize, w));
         }
-        Ok(RecvRow {
-            src_rank: src,
-            src_token,
-            experts,
-            data,
-        })
+        Ok((src_token, data))
     }
 
     /// Every received row, sources in rank order.

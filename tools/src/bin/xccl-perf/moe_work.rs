@@ -76,50 +76,44 @@ impl Workload {
     }
 }
 
-/// Identity experts (untimed): each row comes back as it went (low-latency mode, the
-/// combine weights it) or times the sum of this rank's chosen experts' weights (normal
-/// mode), written into the window (`in_window`) or into `reduced`.
+/// Identity experts (untimed): each token's row comes back times the sum of the weights of
+/// this rank's experts it chose, written into the window (`in_window`) or into `reduced`. In
+/// low-latency mode each expert adds its weighted rows in turn (rows grouped by expert).
 pub fn run_experts(
     view: &mut Dispatched<'_>,
     in_window: bool,
     reduced: &mut Vec<u8>,
 ) -> Result<()> {
     reduced.clear();
+    let (dtype, rb) = (view.config().dtype, view.config().row_bytes());
+    let hidden = rb / dtype.size();
+    let mut sums = vec![0f32; view.len() * hidden];
     match view {
         Dispatched::LowLatency(view) => {
-            let rb = view.config().row_bytes();
             for l in 0..view.local_experts().len() {
-                let rows = view.expert_rows(l)?;
-                if in_window {
-                    let o = view.expert_output(l)?;
-                    for row in rows {
-                        o[row.index * rb..(row.index + 1) * rb].copy_from_slice(row.data);
-                    }
-                } else {
-                    rows.iter()
-                        .for_each(|row| reduced.extend_from_slice(row.data));
+                for row in view.expert_rows(l)? {
+                    let acc = &mut sums[row.index * hidden..(row.index + 1) * hidden];
+                    dtype.accumulate_scaled(acc, row.data, row.weight);
                 }
             }
         }
         Dispatched::Normal(view) => {
-            let (dtype, rb) = (view.config().dtype, view.config().row_bytes());
-            let rows = view.rows()?;
-            let dst: &mut [u8] = if in_window {
-                view.expert_output()?
-            } else {
-                reduced.resize(rows.len() * rb, 0);
-                reduced
-            };
-            let mut tmp = vec![0f32; rb / dtype.size()];
-            for (row, o) in rows.iter().zip(dst.chunks_mut(rb)) {
+            for (i, row) in view.rows()?.iter().enumerate() {
                 let ws: f32 = row.experts.iter().map(|&(_, wt)| wt).sum();
-                tmp.fill(0.0);
-                dtype.accumulate(&mut tmp, row.data);
-                tmp.iter_mut().for_each(|v| *v *= ws);
-                dtype.store_row(o, &tmp);
+                let acc = &mut sums[i * hidden..(i + 1) * hidden];
+                dtype.accumulate_scaled(acc, row.data, ws);
             }
         }
     }
+    let dst: &mut [u8] = match (in_window, view) {
+        (true, Dispatched::LowLatency(v)) => v.output()?,
+        (true, Dispatched::Normal(v)) => v.expert_output()?,
+        (false, _) => {
+            reduced.resize(sums.len() * dtype.size(), 0);
+            reduced
+        }
+    };
+    dtype.store_row(dst, &sums);
     Ok(())
 }
 
