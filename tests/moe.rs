@@ -28,12 +28,15 @@ fn worker() {
         .build()
         .unwrap();
     let case = seeded_case(comm.world_size(), seed);
-    // Both modes through real processes' mapped windows; INT8 too on odd seeds.
-    check_on(&comm, &case, Dtype::F32, 2, false);
+    // Both modes through real processes' mapped windows; INT8 on odd seeds, zero-copy
+    // dispatch on even ones.
+    check_on(&comm, &case, Dtype::F32, 2, Rows::Plain);
     check_low_latency_on(&comm, &case, Dtype::F32, false);
     if seed % 2 == 1 {
-        check_on(&comm, &case, Dtype::Bf16, 2, true);
+        check_on(&comm, &case, Dtype::Bf16, 2, Rows::Int8);
         check_low_latency_on(&comm, &case, Dtype::Bf16, true);
+    } else {
+        check_on(&comm, &case, Dtype::Bf16, 2, Rows::ZeroCopy);
     }
     comm.barrier().unwrap();
     println!("DONE {seed}");
@@ -160,6 +163,14 @@ fn a_rank_killed_mid_dispatch_fails_the_others() {
     }
 }
 
+/// How normal-mode rows travel: as they are, as INT8, or left in place (zero-copy).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Rows {
+    Plain,
+    Int8,
+    ZeroCopy,
+}
+
 /// One rank's input: token rows (f32 values), expert choices and weights.
 #[derive(Debug, Clone)]
 struct RankInput {
@@ -273,21 +284,22 @@ fn check_combined(
 
 /// Runs dispatch + combine on every rank and checks both against the reference.
 fn check_case(fabric: Fabric, case: Case, dtype: Dtype, reruns: usize) {
-    check_case_with(fabric, case, dtype, reruns, false)
+    check_case_with(fabric, case, dtype, reruns, Rows::Plain)
 }
 
 /// As `check_case`; with `int8`, rows from other ranks travel quantized and are checked
 /// against the documented bound (max|x| / 254 per element, plus the dtype's rounding).
-fn check_case_with(fabric: Fabric, case: Case, dtype: Dtype, reruns: usize, int8: bool) {
+fn check_case_with(fabric: Fabric, case: Case, dtype: Dtype, reruns: usize, rows: Rows) {
     let n = case.inputs.len();
     let case = Arc::new(case);
     run_comms(fabric, n, move |comm| {
-        check_on(comm, &case, dtype, reruns, int8)
+        check_on(comm, &case, dtype, reruns, rows)
     });
 }
 
 /// One rank's part of `check_case_with` (threads or processes alike).
-fn check_on(comm: &Communicator, case: &Case, dtype: Dtype, reruns: usize, int8: bool) {
+fn check_on(comm: &Communicator, case: &Case, dtype: Dtype, reruns: usize, travel: Rows) {
+    let int8 = travel == Rows::Int8;
     {
         let me = comm.rank();
         let max_tokens = case
@@ -300,16 +312,24 @@ fn check_on(comm: &Communicator, case: &Case, dtype: Dtype, reruns: usize, int8:
         let mut cfg = MoeConfig::new(case.experts, case.hidden, case.topk, max_tokens, dtype);
         cfg.placement = Some(case.placement.clone());
         cfg.int8_dispatch = int8;
+        cfg.zero_copy_dispatch = travel == Rows::ZeroCopy;
         let mut buf = MoeBuffer::new(comm, cfg).unwrap();
         let mine = &case.inputs[me];
         let x = encode(dtype, &mine.x);
         let h = case.hidden;
         let k = case.topk;
+        let tokens = mine.idx.len() / k;
         let mut first_out: Option<Vec<u8>> = None;
         for rerun in 0..reruns {
             // Every other rank (and rerun) has its experts write straight into the window.
             let in_window = (rerun + me) % 2 == 1;
-            let mut view = buf.dispatch(&x, &mine.idx, &mine.w).unwrap();
+            let mut view = match travel {
+                Rows::ZeroCopy => {
+                    buf.input(tokens).unwrap().copy_from_slice(&x);
+                    buf.dispatch_in_place(&mine.idx, &mine.w).unwrap()
+                }
+                _ => buf.dispatch(&x, &mine.idx, &mine.w).unwrap(),
+            };
             // Dispatch: exactly the rows the reference predicts, grouped by source in order.
             let rows = view.rows().unwrap();
             let mut expect = Vec::new();
@@ -360,6 +380,13 @@ fn check_on(comm: &Communicator, case: &Case, dtype: Dtype, reruns: usize, int8:
             }
             drop(rows);
             let _ = view;
+            if travel == Rows::ZeroCopy {
+                // Peers may still read the input rows: not writable until the combine.
+                match buf.input(tokens) {
+                    Err(Error::InvalidUsage(_)) => {}
+                    other => panic!("input before the combine: {:?}", other.map(|_| ())),
+                }
+            }
             let mut out = vec![0u8; x.len()];
             if in_window {
                 buf.combine_in_place(&mut out).unwrap();
@@ -472,7 +499,15 @@ proptest! {
     #[test]
     fn int8_dispatch_stays_within_its_bound(case in case_strategy(), f16 in any::<bool>(), fabric in 0usize..3) {
         let fabric = [Fabric::Shm, Fabric::Loopback, Fabric::Mixed][fabric];
-        check_case_with(fabric, case, if f16 { Dtype::F16 } else { Dtype::Bf16 }, 2, true);
+        check_case_with(fabric, case, if f16 { Dtype::F16 } else { Dtype::Bf16 }, 2, Rows::Int8);
+    }
+
+    /// Zero-copy dispatch: mapped ranks read the rows where their sources wrote them, the
+    /// others are sent them; the same rows and sums as a copying dispatch, on every fabric.
+    #[test]
+    fn zero_copy_dispatch_matches_reference(case in case_strategy(), fabric in 0usize..4) {
+        let fabric = [Fabric::Shm, Fabric::Loopback, Fabric::Mixed, Fabric::Tcp][fabric];
+        check_case_with(fabric, case, Dtype::F32, 3, Rows::ZeroCopy);
     }
 }
 
@@ -490,7 +525,7 @@ proptest! {
         let n = case.inputs.len();
         let case = Arc::new(case);
         run_split_comms(fabric, n, move |child| {
-            check_on(child, &case, Dtype::F32, 2, false);
+            check_on(child, &case, Dtype::F32, 2, Rows::Plain);
             check_low_latency_on(child, &case, Dtype::F32, false);
         });
     }
@@ -525,8 +560,9 @@ fn twenty_reruns_are_bitwise_identical() {
         .collect();
     let case = Case::round_robin(experts, hidden, topk, inputs);
     // Non-integer data: combine is checked against the reference within rounding and across
-    // the reruns bit for bit.
-    check_case(Fabric::Shm, case, Dtype::Bf16, 20);
+    // the reruns bit for bit, with rows copied and left in place.
+    check_case(Fabric::Shm, case.clone(), Dtype::Bf16, 20);
+    check_case_with(Fabric::Shm, case, Dtype::Bf16, 20, Rows::ZeroCopy);
 }
 
 /// Dispatches large enough to take the streaming-store path into mapped windows (over 1 MiB
@@ -579,7 +615,7 @@ fn large_int8_case() -> Case {
 #[test]
 fn int8_dispatch_over_tcp_stays_within_its_bound() {
     let case = large_int8_case();
-    check_case_with(Fabric::Tcp, case, Dtype::Bf16, 3, true);
+    check_case_with(Fabric::Tcp, case, Dtype::Bf16, 3, Rows::Int8);
 }
 
 #[test]

@@ -154,6 +154,11 @@ pub struct MoeConfig {
     /// Dispatch bf16/f16 rows as INT8 with a per-row scale, rebuilt on arrival (half the
     /// bytes; error bound in [`crate::moe::quant`]).
     pub int8_dispatch: bool,
+    /// Normal mode: the window also holds `max_tokens` input rows of this rank
+    /// ([`crate::moe::MoeBuffer::input`]); [`crate::moe::MoeBuffer::dispatch_in_place`] then
+    /// sends mapped ranks only the metadata and their experts read each row where its source
+    /// wrote it (over a network the rows still travel). Not with INT8 dispatch.
+    pub zero_copy_dispatch: bool,
 }
 
 impl MoeConfig {
@@ -173,6 +178,7 @@ impl MoeConfig {
             dtype,
             placement: None,
             int8_dispatch: false,
+            zero_copy_dispatch: false,
         }
     }
 
@@ -230,11 +236,19 @@ impl MoeConfig {
         }
     }
 
-    /// Refuses what INT8 dispatch cannot do (it quantizes bf16 or f16 rows, not f32).
+    /// Refuses what INT8 dispatch cannot do (it quantizes bf16 or f16 rows, not f32, and
+    /// rows read in place by their experts are not sent, so not quantized either).
     pub(crate) fn check_int8(&self) -> Result<()> {
         if self.int8_dispatch && self.dtype == Dtype::F32 {
             return Err(Error::InvalidArgument(
                 "INT8 dispatch quantizes bf16 or f16 rows, not f32".into(),
+            ));
+        }
+        if self.int8_dispatch && self.zero_copy_dispatch {
+            return Err(Error::InvalidArgument(
+                "zero-copy dispatch leaves rows where they are written; INT8 dispatch \
+                 quantizes rows as they are sent: choose one"
+                    .into(),
             ));
         }
         Ok(())

@@ -119,6 +119,9 @@ impl<'c> MoeBuffer<'c> {
             self.received[r] += self.sent[r].len() as u64;
             self.returned[r] += self.recv_counts[r] as u64;
         }
+        // Every mapped rank has announced its combine, which it does only once its experts
+        // are done: none reads this rank's input rows any more.
+        self.input_busy = false;
         self.lease.leave();
         self.cursors = cursors;
         self.returns = returns.list;

@@ -66,6 +66,90 @@ impl<'c> MoeBuffer<'c> {
         topk_idx: &[i64],
         topk_weights: &[f32],
     ) -> Result<DispatchView<'a>> {
+        self.dispatch_rows(x, false, topk_idx, topk_weights)
+    }
+
+    /// Zero-copy dispatch ([`MoeConfig::zero_copy_dispatch`]): this rank's `T` input rows,
+    /// to be written before [`MoeBuffer::dispatch_in_place`]. Refused while peers may still
+    /// read the last ones (from a zero-copy dispatch until its combine has returned).
+    ///
+    /// ```no_run
+    /// # fn main() -> xccl::Result<()> {
+    /// use xccl::moe::{Dtype, MoeBuffer, MoeConfig};
+    /// let comm = xccl::Communicator::from_env()?;
+    /// let mut cfg = MoeConfig::new(8, 64, 2, 16, Dtype::F32);
+    /// cfg.zero_copy_dispatch = true;
+    /// let mut moe = MoeBuffer::new(&comm, cfg)?;
+    /// let (idx, w) = (vec![0i64, 5, 3, 1], vec![0.5f32; 4]); // two tokens
+    /// moe.input(2)?.fill(0); // the producer writes its rows here
+    /// let view = moe.dispatch_in_place(&idx, &w)?; // mapped peers read them in place
+    /// # drop(view);
+    /// # Ok(()) }
+    /// ```
+    pub fn input(&mut self, tokens: usize) -> Result<&mut [u8]> {
+        let Some(at) = self.input_at else {
+            return Err(Error::InvalidUsage(
+                "input rows need MoeConfig::zero_copy_dispatch".into(),
+            ));
+        };
+        if self.input_busy {
+            return Err(Error::InvalidUsage(
+                "the input rows of the last zero-copy dispatch may still be read by peers: \
+                 they are writable again once its combine has returned"
+                    .into(),
+            ));
+        }
+        if tokens > self.cfg.max_tokens {
+            return Err(Error::InvalidArgument(format!(
+                "{tokens} input rows exceed the configured maximum of {} tokens",
+                self.cfg.max_tokens
+            )));
+        }
+        let t = self.comm.transport();
+        // SAFETY: this rank's own input rows: peers read them only between a zero-copy
+        // dispatch and the end of its combine (`input_busy`, false here), this rank's views
+        // of them borrow the buffer, and `&mut self` keeps one such slice at a time.
+        unsafe { t.local_slice_mut(self.lease.window(), at, tokens * self.cfg.row_bytes()) }
+    }
+
+    /// Collective: dispatches the `T` rows written into [`MoeBuffer::input`] (`T` from
+    /// `topk_idx`, as in [`MoeBuffer::dispatch`]). Ranks whose windows are mapped get only
+    /// the metadata and read each row where this rank wrote it; the others are sent the rows.
+    pub fn dispatch_in_place(
+        &mut self,
+        topk_idx: &[i64],
+        topk_weights: &[f32],
+    ) -> Result<DispatchView<'_>> {
+        let Some(at) = self.input_at else {
+            return Err(Error::InvalidUsage(
+                "dispatch_in_place needs MoeConfig::zero_copy_dispatch".into(),
+            ));
+        };
+        if self.input_busy {
+            return Err(Error::InvalidUsage(
+                "zero-copy dispatch: the last one has not been combined (each needs its \
+                 combine before the next)"
+                    .into(),
+            ));
+        }
+        let tokens = (topk_idx.len() / self.cfg.topk).min(self.cfg.max_tokens);
+        let t = self.comm.transport();
+        // SAFETY: this rank's own input rows; they are not written until this dispatch's
+        // combine has returned (`input_busy`, set by the dispatch, keeps `input` from
+        // handing them out), and the view holding this slice borrows the buffer.
+        let x = unsafe { t.local_slice(self.lease.window(), at, tokens * self.cfg.row_bytes())? };
+        self.dispatch_rows(x, true, topk_idx, topk_weights)
+    }
+
+    /// The dispatch of `x`; with `in_place`, `x` is this rank's input rows and mapped ranks
+    /// are sent only the metadata.
+    fn dispatch_rows<'a>(
+        &'a mut self,
+        x: &'a [u8],
+        in_place: bool,
+        topk_idx: &[i64],
+        topk_weights: &[f32],
+    ) -> Result<DispatchView<'a>> {
         let (me, n) = (self.comm.rank(), self.comm.world_size());
         let (layout, tokens) = check_dispatch(
             &self.cfg,
@@ -80,14 +164,17 @@ impl<'c> MoeBuffer<'c> {
         self.disp_epoch += 1;
         let epoch = self.disp_epoch;
         self.tokens = tokens;
+        // Set before anything is sent: a failed dispatch may have let peers start reading.
+        self.input_busy |= in_place;
         let choices = Choices {
             idx: topk_idx,
             weights: topk_weights,
         };
         for step in 0..n {
             let dst = (me + step) % n;
-            self.send_records(dst, epoch, x, &layout, &choices)?;
-            self.announce(dst, 0, self.sent[dst].len(), 0, epoch)?;
+            let leave = in_place && dst != me && self.paths[dst].is_mapped();
+            self.send_records(dst, epoch, x, leave, &layout, &choices)?;
+            self.announce(dst, 0, self.sent[dst].len(), usize::from(leave), epoch)?;
         }
         self.collect_counts(epoch)?;
         if self.cfg.int8_dispatch {
@@ -98,8 +185,9 @@ impl<'c> MoeBuffer<'c> {
         Ok(DispatchView { buf: self, x })
     }
 
-    /// Writes into `dst`'s window this rank's record (and row) for each token that chose one
-    /// of `dst`'s experts, in token order, and notes the tokens in `sent[dst]`.
+    /// Writes into `dst`'s window this rank's record (and row, unless `leave`: `dst` reads it
+    /// in place) for each token that chose one of `dst`'s experts, in token order, and notes
+    /// the tokens in `sent[dst]`.
     ///
     /// Over a network path the records are laid out here as in `dst`'s window and sent a
     /// chunk at a time: few large writes instead of two small ones per row, from memory still
@@ -110,6 +198,7 @@ impl<'c> MoeBuffer<'c> {
         dst: usize,
         epoch: u64,
         x: &[u8],
+        leave: bool,
         layout: &Layout,
         choices: &Choices<'_>,
     ) -> Result<()> {
@@ -139,10 +228,11 @@ impl<'c> MoeBuffer<'c> {
                 let (dtype, hidden) = (self.cfg.dtype, self.cfg.hidden);
                 quant::quantize(dtype, row, hidden, self.scales[tok], &mut self.qrow);
             }
-            let data: &[u8] = match (quantized, dst != me) {
+            let data: &[u8] = match (quantized, dst != me && !leave) {
                 (true, _) => &self.qrow,
                 (false, true) => row,
-                // A rank's own rows are not copied: its view reads them from `x`.
+                // A rank's own rows are not copied: its view reads them from `x`; nor are
+                // rows left in place for a mapped rank.
                 (false, false) => &[],
             };
             if batch {
@@ -185,7 +275,14 @@ impl<'c> MoeBuffer<'c> {
     fn collect_counts(&mut self, epoch: u64) -> Result<()> {
         let me = self.comm.rank();
         for src in 0..self.comm.world_size() {
-            let count = self.collect(src, 0, epoch)?.0;
+            let (count, flag) = self.collect(src, 0, epoch)?;
+            // Rows left in place can only be read from a mapped window.
+            if flag > 1 || (flag == 1 && (src == me || !self.paths[src].is_mapped())) {
+                return Err(Error::ProtocolViolation(format!(
+                    "rank {src} announced rows left in place ({flag}) it cannot leave here"
+                )));
+            }
+            self.in_place[src] = flag == 1;
             // This rank's own slot lies in its window, where any peer can write: it must say
             // what this rank sent itself (its rows are read from `x` through `sent[me]`).
             if src == me && count != self.sent[me].len() {

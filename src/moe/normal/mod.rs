@@ -150,6 +150,15 @@ pub struct MoeBuffer<'c> {
     /// return this rank's expert output, and per source the rows known to have arrived.
     returns: Vec<(usize, usize, usize)>,
     arrived: Vec<usize>,
+    /// Zero-copy dispatch ([`MoeConfig::zero_copy_dispatch`]): where this rank's input rows
+    /// lie in the window (`max_tokens` rows, `row_bytes` apart).
+    input_at: Option<usize>,
+    /// Per source: the last dispatch left its rows in its own window, read in place here.
+    in_place: Vec<bool>,
+    /// Peers may be reading this rank's input rows: from its zero-copy dispatch until its
+    /// combine has heard from every mapped peer (which speaks only when done reading). A
+    /// failed combine leaves it set: the input is not handed out again.
+    input_busy: bool,
 }
 
 /// Rows received by the last dispatch, read in place.
@@ -185,9 +194,16 @@ impl<'c> MoeBuffer<'c> {
         let comb = if mapped { 0 } else { outs };
         let half = size.add(&[disp, outs, comb])?;
         let mailbox = Mailbox::new(&size, size.mul(&[2, half])?, 2, n, 2, 0)?;
+        // Zero-copy dispatch: the input rows after the mailbox (one set: a source rewrites
+        // them only after every peer has finished reading, see `input_busy`).
+        let input_at = size.add(&[2 * half, mailbox.len()])?;
+        let input = match cfg.zero_copy_dispatch {
+            true => size.mul(&[cfg.max_tokens, cfg.row_bytes()])?,
+            false => 0,
+        };
         let lease = comm.lease(
             &what,
-            size.add(&[2 * half, mailbox.len()])?,
+            size.add(&[input_at, input])?,
             mailbox.signal_count() + n,
             &format!("{cfg:?}"),
         )?;
@@ -226,6 +242,9 @@ impl<'c> MoeBuffer<'c> {
             cursors: vec![0; n],
             returns: Vec::new(),
             arrived: vec![0; n],
+            input_at: cfg.zero_copy_dispatch.then_some(input_at),
+            in_place: vec![false; n],
+            input_busy: false,
             cfg,
         })
     }
@@ -277,6 +296,11 @@ impl<'c> MoeBuffer<'c> {
     /// Where record `i` from `src` lands when it comes packed (see [`Self::wire_rec`]).
     fn wire_off(&self, epoch: u64, src: usize, i: usize) -> usize {
         self.disp_off(epoch, src, 0) + i * self.wire_rec()
+    }
+
+    /// Zero-copy dispatch: where input row `tok` lies (in any rank's window).
+    fn input_off(&self, tok: usize) -> Option<usize> {
+        self.input_at.map(|at| at + tok * self.cfg.row_bytes())
     }
 
     /// Where this rank's expert output for received row `i` (all sources, in order) lives.

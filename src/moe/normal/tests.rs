@@ -90,3 +90,47 @@ fn a_forged_count_in_the_own_slot_is_a_protocol_error() {
         other => panic!("rank 0: {other:?}"),
     }
 }
+
+/// Zero-copy dispatch over mapped windows: the expert's row is the source's input row itself
+/// (no byte of it was copied), and the input is refused until the combine has returned.
+#[test]
+fn zero_copy_rows_are_read_where_their_source_wrote_them() {
+    let ranks = Loopback::create(2).unwrap();
+    std::thread::scope(|s| {
+        for t in ranks {
+            s.spawn(move || {
+                let comm =
+                    Communicator::from_transport(Box::new(t), Duration::from_secs(20)).unwrap();
+                let me = comm.rank();
+                let mut cfg = MoeConfig::new(2, 16, 1, 4, Dtype::F32);
+                cfg.zero_copy_dispatch = true;
+                let mut buf = MoeBuffer::new(&comm, cfg).unwrap();
+                let rb = 16 * 4;
+                // Three tokens, all to the other rank's expert.
+                let peer = 1 - me;
+                buf.input(3).unwrap().fill(me as u8 + 1);
+                let view = buf.dispatch_in_place(&[peer as i64; 3], &[1.0; 3]).unwrap();
+                let rows = view.rows().unwrap();
+                assert_eq!(rows.len(), 3);
+                for row in &rows {
+                    let b = view.buf;
+                    let off = b.input_off(row.src_token).unwrap();
+                    // SAFETY: the peer's input rows, stable until its combine (see the view).
+                    let there = unsafe { b.paths[peer].rows(off, rb).unwrap() };
+                    assert_eq!(row.data.as_ptr(), there.as_ptr(), "read in place");
+                    assert!(row.data.iter().all(|&v| v == peer as u8 + 1));
+                }
+                let reduced: Vec<u8> = rows.iter().flat_map(|r| r.data.to_vec()).collect();
+                drop(rows);
+                let _ = view;
+                assert!(matches!(buf.input(3), Err(Error::InvalidUsage(_))));
+                let mut out = vec![0u8; 3 * rb];
+                buf.combine(&reduced, &mut out).unwrap();
+                assert!(out.iter().all(|&v| v == me as u8 + 1));
+                assert!(buf.input(3).is_ok(), "writable again after the combine");
+                buf.close().unwrap();
+                comm.close().unwrap();
+            });
+        }
+    });
+}

@@ -62,14 +62,6 @@ impl<'a> DispatchView<'a> {
         // next-but-one dispatch, which cannot start while this view borrows the buffer.
         let meta = unsafe { t.local_slice(b.lease.window(), off, b.meta)? };
         let rb = b.cfg.row_bytes();
-        let data = if src == me {
-            let tok = b.sent[me][i] as usize;
-            let x: &'a [u8] = self.x;
-            &x[tok * rb..(tok + 1) * rb]
-        } else {
-            // SAFETY: as for `meta`.
-            unsafe { t.local_slice(b.lease.window(), off + b.meta, rb)? }
-        };
         let record = TokenRecord::read(meta, b.cfg.topk);
         let src_token = record.token();
         let bad =
@@ -77,6 +69,24 @@ impl<'a> DispatchView<'a> {
         if src_token >= b.cfg.max_tokens {
             return Err(bad(format!("token {src_token}")));
         }
+        let data = if src == me {
+            let tok = b.sent[me][i] as usize;
+            let x: &'a [u8] = self.x;
+            &x[tok * rb..(tok + 1) * rb]
+        } else if b.in_place[src] {
+            // Zero-copy dispatch: the row where its source wrote it (a mapped window: checked
+            // when the announcement was read).
+            let off = b
+                .input_off(src_token)
+                .ok_or_else(|| bad("left in place".into()))?;
+            // SAFETY: `src` wrote its input rows before the signal the dispatch waited for and
+            // rewrites them only after its combine has heard from every mapped rank; this rank
+            // speaks in its combine, which needs the buffer this view borrows.
+            unsafe { b.paths[src].rows(off, rb)? }
+        } else {
+            // SAFETY: as for `meta`.
+            unsafe { t.local_slice(b.lease.window(), off + b.meta, rb)? }
+        };
         experts.clear();
         let chosen = record.experts().ok_or_else(|| {
             bad(format!(

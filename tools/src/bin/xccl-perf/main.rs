@@ -9,6 +9,7 @@ mod moe_work;
 mod options;
 mod pingpong;
 mod plot;
+mod put_pair;
 mod report;
 mod sendrecv;
 mod session;

@@ -11,6 +11,7 @@
 //! `--baseline` adds a plain memcpy of the same bytes and the ratio `put_bw / memcpy_bw`.
 
 use crate::options::ByteArgs;
+use crate::put_pair::{Layout, Pair};
 use crate::report::{self, Row};
 use crate::session::{self, Table};
 use crate::tcp_baseline::PlainTcp;
@@ -18,94 +19,14 @@ use std::time::{Duration, Instant};
 use xccl::transport::{Cmp, SignalOp, Transport, Window};
 use xccl::{Error, Result};
 
-const PAGE: usize = 4096;
 /// Puts per streaming batch (osu_bw uses 64).
 const STREAM_WINDOW: usize = 16;
-
-fn round_up(n: usize) -> usize {
-    n.div_ceil(PAGE).max(1) * PAGE
-}
 
 fn pattern_byte(seed: usize, k: usize) -> u8 {
     (k.wrapping_mul(131).wrapping_add(seed.wrapping_mul(7919)) >> 3) as u8
 }
 
-struct Layout {
-    region: usize,
-}
-
-impl Layout {
-    fn send(&self) -> usize {
-        0
-    }
-    fn recv(&self) -> usize {
-        self.region
-    }
-    fn status(&self) -> usize {
-        2 * self.region
-    }
-    fn scratch(&self) -> usize {
-        2 * self.region + PAGE
-    }
-    fn total(&self) -> usize {
-        3 * self.region + PAGE
-    }
-}
-
-/// Counters of the two signal words, advanced in lockstep by both partners.
-struct Pair<'a> {
-    t: &'a dyn Transport,
-    win: Window,
-    lay: Layout,
-    partner: usize,
-    ping: usize,
-    pong: usize,
-    seq: u64,
-    deadline: Duration,
-}
-
 impl Pair<'_> {
-    fn deadline(&self) -> Instant {
-        Instant::now() + self.deadline
-    }
-
-    /// Initiator side of one round trip of `size` bytes.
-    fn ping(&mut self, size: usize) -> Result<()> {
-        self.send(size, self.ping)?;
-        self.await_next(self.pong)
-    }
-
-    /// Responder side of one round trip.
-    fn pong(&mut self, size: usize) -> Result<()> {
-        self.await_next(self.ping)?;
-        self.send(size, self.pong)
-    }
-
-    /// Puts the first `size` bytes of the send part into the partner's recv part and bumps
-    /// its signal word `sig`.
-    fn send(&self, size: usize, sig: usize) -> Result<()> {
-        // SAFETY: the send part is written only by this rank (locally, in `fill`), never by a
-        // peer, so it is stable while the slice lives.
-        let src = unsafe { self.t.local_slice(&self.win, self.lay.send(), size)? };
-        self.t.put_signal(
-            self.partner,
-            &self.win,
-            self.lay.recv(),
-            src,
-            sig,
-            SignalOp::Add,
-            1,
-        )
-    }
-
-    /// Waits for the partner's next bump of signal word `sig`.
-    fn await_next(&mut self, sig: usize) -> Result<()> {
-        self.seq += 1;
-        self.t
-            .wait(sig, Cmp::Ge, self.seq, self.deadline())
-            .map(|_| ())
-    }
-
     /// Initiator side of one streaming batch: `window` puts of `size` bytes, one signal, and
     /// the partner's acknowledgement (osu_bw style).
     fn stream(&mut self, size: usize, window: usize) -> Result<()> {
@@ -262,23 +183,9 @@ pub fn run(args: &ByteArgs) -> Result<()> {
     let comm = session::connect(c)?;
     let n = comm.world_size();
     let max = *sizes.iter().max().expect("at least one size");
-    let lay = Layout {
-        region: round_up(max),
-    };
-    let lease = comm.lease("the pingpong window", lay.total(), 3, "pingpong")?;
-    let (win, sigs) = (*lease.window(), lease.signals().start);
     let ranks = session::Pair::of(&comm);
     let initiator = ranks.initiator;
-    let mut pair = Pair {
-        t: comm.transport(),
-        win,
-        lay,
-        partner: ranks.partner,
-        ping: sigs,
-        pong: sigs + 1,
-        seq: 0,
-        deadline: timeout,
-    };
+    let (lease, mut pair) = Pair::lease(&comm, Layout::for_messages(max), ranks, timeout)?;
     // Over tcp, the baseline is plain TCP between the same processes; over shm, an
     // in-process memcpy.
     let mut plain = match c.baseline && c.backend == "tcp" && ranks.active {
@@ -294,12 +201,7 @@ pub fn run(args: &ByteArgs) -> Result<()> {
         if initiator {
             pair.fill(size, 0)?;
         }
-        let times = match initiator {
-            true => session::timed(warm, iters, 2.0, || pair.ping(size))?,
-            false => (0..warm + iters)
-                .try_for_each(|_| pair.pong(size))
-                .map(|_| Vec::new())?,
-        };
+        let times = pair.round_trips(initiator, size, warm, iters)?;
         // Streaming bandwidth: batches of STREAM_WINDOW puts, one signal and an ack each.
         let batches = (iters / STREAM_WINDOW).max(8);
         let (streamed, memcpy) = stream(&mut pair, size, batches, initiator, c.baseline)?;
