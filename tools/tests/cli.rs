@@ -156,36 +156,106 @@ fn nccl_tests_flags_set_iterations_warmup_check_and_type() {
 }
 
 #[test]
-fn moe_prints_a_table_row_per_token_count() {
+fn moe_prints_a_table_row_per_token_count_and_mode() {
     let _g = common::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let args: Vec<&str> = ["moe", "--tokens", "1,8,32", "-n", "5", "-w", "1"]
-        .iter()
-        .chain(&SMALL_MOE)
-        .copied()
-        .collect();
+    let args: Vec<&str> = [
+        "moe",
+        "--tokens",
+        "1,8,32",
+        "--mode",
+        "normal,low-latency",
+        "-n",
+        "5",
+        "-w",
+        "1",
+    ]
+    .iter()
+    .chain(&SMALL_MOE)
+    .copied()
+    .collect();
     let (stdout, rows) = perf_json("moe-sweep", &args);
-    assert_eq!(rows.len(), 3, "{stdout}");
+    assert_eq!(rows.len(), 6, "{stdout}");
     let data: Vec<&str> = stdout.lines().filter(|l| !l.starts_with('#')).collect();
-    assert_eq!(data.len(), 3, "{stdout}");
+    assert_eq!(data.len(), 6, "{stdout}");
     let heading = stdout
         .lines()
         .find(|l| l.contains("dispatch(us)"))
         .expect("columns");
     assert!(
-        heading.contains("comb(GB/s)") && heading.contains("p99(us)"),
+        heading.contains("comb(GB/s)")
+            && heading.contains("p99(us)")
+            && heading.contains("floor(us)"),
         "{heading}"
     );
-    for ((line, r), tokens) in data.iter().zip(&rows).zip([1, 8, 32]) {
+    let expected = [1, 8, 32]
+        .iter()
+        .flat_map(|&t| [("normal", t), ("low-latency", t)]);
+    for ((line, r), (mode, tokens)) in data.iter().zip(&rows).zip(expected) {
         let cols: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(cols[0], tokens.to_string(), "{line}");
-        assert_eq!(cols[8], "-", "p99 of 5 samples: {line}");
-        assert_eq!(r["tokens"], tokens);
+        assert_eq!(cols[..3], [mode, "copy", &tokens.to_string()], "{line}");
+        assert_eq!(cols[10], "-", "p99 of 5 samples: {line}");
+        let floor: f64 = cols[11].parse().unwrap();
+        let of_floor: f64 = cols[12].parse().unwrap();
+        assert!(floor > 0.0 && of_floor > 0.0, "{line}");
+        assert_eq!((&r["tokens"], &r["mode"]), (&tokens.into(), &mode.into()));
+        assert_eq!(
+            (&r["dispatch"], &r["expert"]),
+            (&"copy".into(), &"identity".into())
+        );
         assert!(r["count"].is_null(), "{r}");
         assert!(r["time_us_p99"].is_null(), "{r}");
+        assert!(r["layer_us_p50"].is_null(), "{r}");
         assert!(r["dispatch_gbps"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+        // The table prints it to 0.1 µs.
+        assert!(
+            r["floor_us"]
+                .as_f64()
+                .is_some_and(|v| (v - floor).abs() <= 0.05),
+            "{r}"
+        );
         assert_eq!(r["samples"], 5);
     }
     assert!(stdout.contains("# Out of bounds values : 0 OK"), "{stdout}");
+}
+
+/// `--expert copy` times the experts and the layer, and runs the copying and the zero-copy
+/// dispatch side by side, both checked.
+#[test]
+fn moe_copy_experts_time_the_layer_of_both_dispatches() {
+    let _g = common::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let args: Vec<&str> = [
+        "moe", "--tokens", "16", "--expert", "copy", "-n", "5", "-w", "1",
+    ]
+    .iter()
+    .chain(&SMALL_MOE)
+    .copied()
+    .collect();
+    let (stdout, rows) = perf_json("moe-layer", &args);
+    assert_eq!(rows.len(), 2, "{stdout}");
+    for (r, kind) in rows.iter().zip(["copy", "zero-copy"]) {
+        assert_eq!(
+            (&r["dispatch"], &r["expert"]),
+            (&kind.into(), &"copy".into())
+        );
+        let layer = r["layer_us_p50"].as_f64().expect("a layer time");
+        let parts = r["dispatch_us_p50"].as_f64().unwrap() + r["combine_us_p50"].as_f64().unwrap();
+        assert!(layer > 0.0 && r["expert_us_p50"].as_f64().is_some(), "{r}");
+        assert!(layer >= 0.5 * parts, "the layer holds both phases: {r}");
+        assert_eq!(r["wrong"], 0);
+    }
+    assert!(stdout.contains("layer(us)"), "{stdout}");
+    // Zero-copy is a normal-mode dispatch, and not with INT8 rows.
+    for bad in [
+        &["--mode", "low-latency", "--dispatch", "zero-copy"][..],
+        &["-d", "int8", "--expert", "copy"][..],
+    ] {
+        let out = perf(&[&["moe", "--tokens", "4"][..], bad].concat(), &[]);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("zero-copy"),
+            "{bad:?}"
+        );
+    }
 }
 
 /// Reads the first line `program` prints, closes the pipe, and returns its exit status and

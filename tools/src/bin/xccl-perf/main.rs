@@ -5,6 +5,8 @@
 mod alltoall;
 mod memcpy_baseline;
 mod moe;
+mod moe_floor;
+mod moe_table;
 mod moe_work;
 mod options;
 mod pingpong;

@@ -1,18 +1,24 @@
 //! `xccl-perf moe`, `dispatch`, `combine`: MoE dispatch + combine in either mode, timed
 //! separately the way the Open MPI reference in `shared/bench` (moe_mpi) does: per
 //! repetition, a barrier, then each phase timed on every rank and counted at the slowest
-//! rank; medians over repetitions. One table row per token count of the sweep, with each
-//! phase's time and GB/s (bytes = token rows sent to other ranks), every output checked
-//! (workload and check in `moe_work.rs`).
+//! rank; medians over repetitions. One table row per (token count, mode, dispatch) of the
+//! sweep, side by side, each with its phases' times and GB/s (bytes = token rows sent to
+//! other ranks), the floor of its bytes measured in the same run (`moe_floor.rs`), and every
+//! output checked (workload, experts and check in `moe_work.rs`; the table in
+//! `moe_table.rs`). With `--expert copy` the experts are timed too and a layer (dispatch →
+//! expert → combine, no barrier between) is timed as one.
 
 use crate::memcpy_baseline::Memcpy;
-use crate::moe_work::{count_wrong, run_experts, Workload};
+use crate::moe_floor;
+use crate::moe_table::{self, Measured, Variant};
+use crate::moe_work::{count_wrong, run_experts, Expert, Workload};
 use crate::options::MoeArgs;
-use crate::report::{self, MoeFields, Row, Stats};
+use crate::report;
 use crate::session;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use xccl::coll::{Coll, ReduceOp};
-use xccl::moe::{Dispatcher, Dtype, Mode};
+use xccl::copy::copy_slice;
+use xccl::moe::{Dispatched, Dispatcher, Dtype, Mode};
 use xccl::{Communicator, Error, Result};
 
 /// Which phase the table reports (both always run: combine checks what dispatch delivered).
@@ -23,173 +29,89 @@ pub enum Phase {
     Both,
 }
 
-/// The repetitions: per repetition a barrier, then dispatch and combine each timed and
-/// counted at the slowest rank. Returns both phases' times and the last output.
+/// Per repetition, the slowest rank's time of each part (µs).
+#[derive(Default)]
+struct Times {
+    disp: Vec<f64>,
+    expert: Vec<f64>,
+    comb: Vec<f64>,
+    layer: Vec<f64>,
+}
+
+/// How one configuration runs.
+struct Run<'w> {
+    work: &'w Workload,
+    expert: Expert,
+    zero_copy: bool,
+    in_window: bool,
+}
+
+/// The repetitions. Each writes the input rows anew (untimed) where the dispatch takes them,
+/// as a layer's producer does, then: a barrier, dispatch, the experts, and combine. With
+/// identity experts, a barrier before combine too and the experts untimed; with copy experts
+/// no barrier between the parts and the whole layer timed as well. Returns the times and the
+/// last output.
 fn time_reps(
     moe: &mut Dispatcher<'_>,
     comm: &Communicator,
     coll: &Coll<'_>,
-    work: &Workload,
+    run: &Run<'_>,
     (warm, reps): (usize, usize),
-    in_window: bool,
-) -> Result<(Vec<f64>, Vec<f64>, Vec<u8>)> {
-    let mut disp_times = Vec::with_capacity(reps);
-    let mut comb_times = Vec::with_capacity(reps);
+) -> Result<(Times, Vec<u8>)> {
+    let work = run.work;
+    let mut times = Times::default();
     let mut reduced: Vec<u8> = Vec::new();
+    let mut x = work.x.clone();
     let mut out = vec![0u8; work.x.len()];
+    let tokens = work.idx.len() / work.cfg.topk;
+    let timed_expert = run.expert == Expert::Copy;
     for rep in 0..warm + reps {
-        comm.barrier()?;
-        let s = Instant::now();
-        let mut view = moe.dispatch(&work.x, &work.idx, &work.w)?;
-        let d = s.elapsed().as_secs_f64() * 1e6;
-        run_experts(&mut view, in_window, &mut reduced)?;
-        comm.barrier()?;
-        let s = Instant::now();
+        // An alias-safe copy: a heap-to-heap `memcpy` 16 bytes off a page apart runs ~20×
+        // slower here and disturbs the timed dispatch after it.
         match moe {
-            _ if in_window => moe.combine_in_place(&mut out)?,
+            Dispatcher::Normal(b) if run.zero_copy => copy_slice(b.input(tokens)?, &work.x),
+            _ => copy_slice(&mut x, &work.x),
+        }
+        comm.barrier()?;
+        let s0 = Instant::now();
+        let mut view = match moe {
+            Dispatcher::Normal(b) if run.zero_copy => {
+                Dispatched::Normal(b.dispatch_in_place(&work.idx, &work.w)?)
+            }
+            _ => moe.dispatch(&x, &work.idx, &work.w)?,
+        };
+        let s1 = Instant::now();
+        run_experts(&mut view, run.expert, run.in_window, &mut reduced)?;
+        let _ = view;
+        if !timed_expert {
+            comm.barrier()?;
+        }
+        let s2 = Instant::now();
+        match moe {
+            _ if run.in_window => moe.combine_in_place(&mut out)?,
             Dispatcher::LowLatency(b) => b.combine(&reduced, &mut out)?,
             Dispatcher::Normal(b) => b.combine(&reduced, &mut out)?,
         }
-        let cb = s.elapsed().as_secs_f64() * 1e6;
-        let mut slow = [d, cb];
+        let s3 = Instant::now();
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let mut slow = [us(s1 - s0), us(s2 - s1), us(s3 - s2), us(s3 - s0)];
         coll.allreduce(&mut slow, ReduceOp::Max)?;
         if rep >= warm {
-            disp_times.push(slow[0]);
-            comb_times.push(slow[1]);
+            times.disp.push(slow[0]);
+            times.expert.push(slow[1]);
+            times.comb.push(slow[2]);
+            times.layer.push(slow[3]);
         }
     }
-    Ok((disp_times, comb_times, out))
-}
-
-/// What one configuration measured.
-struct Measured {
-    disp: Stats,
-    comb: Stats,
-    /// The phase (or both, summed per repetition) the row's time is of.
-    reported: Stats,
-    /// Rows and bytes all ranks sent to other ranks; bytes this rank sent.
-    rows: u64,
-    bytes: usize,
-    my_bytes: usize,
-    /// The slowest rank's memcpy of the bytes it sends (`--baseline`).
-    base_us: Option<f64>,
-    wrong: Option<u64>,
-}
-
-impl Measured {
-    /// GB/s of the bytes all ranks sent to others, moved in `us` µs.
-    fn gbps(&self, us: f64) -> f64 {
-        report::gbps(self.bytes, us)
+    if !timed_expert {
+        times.expert.clear();
+        times.layer.clear();
     }
-
-    /// `us` as a multiple of the baseline (0 without one).
-    fn of_base(&self, us: f64) -> f64 {
-        match self.base_us {
-            Some(base) if self.my_bytes > 0 && base > 0.0 => us / base,
-            _ => 0.0,
-        }
-    }
-}
-
-/// Column titles of the MoE table.
-fn columns(baseline: bool) -> String {
-    let mut s = format!(
-        "#{:>8} {:>10} {:>12} {:>12} {:>10} {:>12} {:>10} {:>10} {:>10} {:>7}",
-        "tokens",
-        "rows_out",
-        "bytes",
-        "dispatch(us)",
-        "disp(GB/s)",
-        "combine(us)",
-        "comb(GB/s)",
-        "time(us)",
-        "p99(us)",
-        "#wrong"
-    );
-    if baseline {
-        s += &format!(" {:>10} {:>8} {:>8}", "base(us)", "x_disp", "x_comb");
-    }
-    s
-}
-
-/// One table line.
-fn line(tokens: usize, m: &Measured) -> String {
-    let p99 = m
-        .reported
-        .p99
-        .map_or_else(|| "-".to_string(), |v| format!("{v:.1}"));
-    let mut s = format!(
-        " {tokens:>8} {:>10} {:>12} {:>12.1} {:>10.2} {:>12.1} {:>10.2} {:>10.1} {p99:>10} {:>7}",
-        m.rows,
-        m.bytes,
-        m.disp.p50,
-        m.gbps(m.disp.p50),
-        m.comb.p50,
-        m.gbps(m.comb.p50),
-        m.reported.p50,
-        report::wrong_text(m.wrong)
-    );
-    if let Some(base) = m.base_us {
-        s += &format!(
-            " {base:>10.1} {:>8.2} {:>8.2}",
-            m.of_base(m.disp.p50),
-            m.of_base(m.comb.p50)
-        );
-    }
-    s
-}
-
-/// The JSON row of one configuration.
-fn row(
-    a: &MoeArgs,
-    phase: Phase,
-    n: usize,
-    tokens: usize,
-    cfg_dtype: &'static str,
-    m: &Measured,
-) -> Row {
-    let r = &m.reported;
-    let gbps = m.gbps(r.p50);
-    Row {
-        op: phase_name(phase),
-        backend: a.job.backend.clone(),
-        ranks: n,
-        bytes: m.bytes,
-        count: None,
-        dtype: cfg_dtype,
-        p50_us: r.p50,
-        p99_us: r.p99,
-        min_us: r.min,
-        max_us: r.max,
-        samples: r.samples,
-        algbw: gbps,
-        busbw: gbps,
-        wrong: m.wrong,
-        baseline_us: m.base_us,
-        baseline_gbps: m.base_us.map(|us| report::gbps(m.my_bytes, us)),
-        stream_gbps: None,
-        moe: Some(MoeFields {
-            tokens,
-            hidden: a.hidden,
-            topk: a.topk,
-            experts: a.experts,
-            mode: if a.mode == "low-latency" {
-                "low-latency"
-            } else {
-                "normal"
-            },
-            routing: a.routing.to_string(),
-            dispatch_us_p50: m.disp.p50,
-            combine_us_p50: m.comb.p50,
-            dispatch_gbps: m.gbps(m.disp.p50),
-            combine_gbps: m.gbps(m.comb.p50),
-            rows_out: m.rows,
-        }),
-    }
+    Ok((times, out))
 }
 
 /// The row type of `-d`.
-fn dtype_of(a: &MoeArgs) -> (Dtype, &'static str) {
+pub fn dtype_of(a: &MoeArgs) -> (Dtype, &'static str) {
     match a.dtype.as_str() {
         "f32" => (Dtype::F32, "f32"),
         "f16" => (Dtype::F16, "f16"),
@@ -198,27 +120,44 @@ fn dtype_of(a: &MoeArgs) -> (Dtype, &'static str) {
     }
 }
 
-/// Measures one configuration of the sweep: `tokens` tokens per rank.
+/// The experts of `--expert`.
+fn expert_of(a: &MoeArgs) -> Expert {
+    match a.expert.as_str() {
+        "copy" => Expert::Copy,
+        _ => Expert::Identity,
+    }
+}
+
+/// Measures one configuration of the sweep: `tokens` tokens per rank in `variant`.
 fn measure(
     a: &MoeArgs,
     phase: Phase,
-    comm: &Communicator,
-    coll: &Coll<'_>,
+    (comm, coll): (&Communicator, &Coll<'_>),
     tokens: usize,
+    variant: Variant,
+    latency: f64,
 ) -> Result<Measured> {
     let c = &a.job;
     let (me, n) = (comm.rank(), comm.world_size());
     let (dtype, _) = dtype_of(a);
-    let work = Workload::new(a, tokens, dtype, me);
-    let ll = a.mode == "low-latency";
-    let mode = if ll { Mode::LowLatency } else { Mode::Normal };
+    let mut work = Workload::new(a, tokens, dtype, me);
+    work.cfg.zero_copy_dispatch = variant.zero_copy;
+    let mode = match variant.low_latency {
+        true => Mode::LowLatency,
+        false => Mode::Normal,
+    };
     let mut moe = Dispatcher::new(comm, work.cfg.clone(), mode)?;
     let placement = work.cfg.placement_for(n)?;
-    let mut cross = [work.rows_out(&placement, me, ll)];
+    let mut cross = [work.rows_out(&placement, me)];
     let my_bytes = cross[0] as usize * work.cfg.row_bytes();
     coll.allreduce(&mut cross, ReduceOp::Sum)?;
-    let reps = (a.warmup(), a.reps());
-    let (disp, comb, mut out) = time_reps(&mut moe, comm, coll, &work, reps, c.api == "window")?;
+    let run = Run {
+        work: &work,
+        expert: expert_of(a),
+        zero_copy: variant.zero_copy,
+        in_window: c.api == "window",
+    };
+    let (times, mut out) = time_reps(&mut moe, comm, coll, &run, (a.warmup(), a.reps()))?;
     if c.inject_error && tokens > 0 {
         let v = dtype.load(&out, 0);
         dtype.store(&mut out, 0, v + 1.0 + 2.0 * v.abs());
@@ -227,29 +166,41 @@ fn measure(
     let mut wrong = [if c.no_check() {
         0
     } else {
-        count_wrong(&work, &out)
+        count_wrong(&work, &out, |t| work.gain(t, &placement, run.expert))
     }];
     coll.allreduce(&mut wrong, ReduceOp::Sum)?;
-    // `--baseline`: one in-process memcpy of the bytes a rank sends to the others, timed after
-    // the repetitions (slowest rank).
+    moe.close()?;
+    // After the repetitions (slowest rank): the floor, and with `--baseline` one in-process
+    // memcpy of the bytes a rank sends to the others.
+    let floor = moe_floor::floor_us(coll, my_bytes, latency, a.reps())?;
     let mut base = [0f64];
     if c.baseline {
         base[0] = Memcpy::new(my_bytes).time_us(my_bytes, a.reps());
         coll.allreduce(&mut base, ReduceOp::Max)?;
     }
-    moe.close()?;
     let reported: Vec<f64> = match phase {
-        Phase::Dispatch => disp.clone(),
-        Phase::Combine => comb.clone(),
-        Phase::Both => disp.iter().zip(&comb).map(|(d, c)| d + c).collect(),
+        Phase::Dispatch => times.disp.clone(),
+        Phase::Combine => times.comb.clone(),
+        Phase::Both => times
+            .disp
+            .iter()
+            .zip(&times.comb)
+            .map(|(d, c)| d + c)
+            .collect(),
     };
+    let timed = |v: &[f64]| (!v.is_empty()).then(|| report::stats(v));
     Ok(Measured {
-        disp: report::stats(&disp),
-        comb: report::stats(&comb),
+        tokens,
+        variant,
+        disp: report::stats(&times.disp),
+        comb: report::stats(&times.comb),
+        expert: timed(&times.expert),
+        layer: timed(&times.layer),
         reported: report::stats(&reported),
         rows: cross[0],
         bytes: cross[0] as usize * work.cfg.row_bytes(),
         my_bytes,
+        floor_us: floor,
         base_us: c.baseline.then_some(base[0]),
         wrong: (!c.no_check()).then_some(wrong[0]),
     })
@@ -260,35 +211,23 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
     let comm = session::connect(c)?;
     let (me, n) = (comm.rank(), comm.world_size());
     let coll = Coll::new(&comm)?;
-    let (_, dtype_name) = dtype_of(a);
+    let timeout = Duration::from_secs_f64(c.timeout);
+    let latency = moe_floor::signal_latency_us(&comm, &coll, timeout)?;
     if me == 0 {
-        report::out(report::header(phase_name(phase), &c.backend, n));
-        report::out(format_args!(
-            "# hidden {} topk {} experts {} mode {} dtype {} routing {} api {}",
-            a.hidden, a.topk, a.experts, a.mode, a.dtype, a.routing, c.api
-        ));
-        report::out(format_args!(
-            "#  medians of {} repetitions, each phase at its slowest rank; GB/s: bytes of the \
-             token rows sent to other ranks / phase time; time(us): {}; p99 from {} repetitions",
-            a.reps(),
-            match phase {
-                Phase::Both => "dispatch + combine",
-                Phase::Dispatch => "dispatch",
-                Phase::Combine => "combine",
-            },
-            report::MIN_SAMPLES_FOR_P99
-        ));
-        report::out(columns(c.baseline));
+        moe_table::header(a, phase, n, latency);
     }
     let mut rows = Vec::new();
     let mut wrong = 0;
     for &tokens in &a.tokens {
-        let m = measure(a, phase, &comm, &coll, tokens)?;
-        wrong += m.wrong.unwrap_or(0);
-        if me == 0 {
-            report::out(line(tokens, &m));
+        for (mode, kind) in a.variants() {
+            let variant = Variant::new(mode, kind);
+            let m = measure(a, phase, (&comm, &coll), tokens, variant, latency)?;
+            wrong += m.wrong.unwrap_or(0);
+            if me == 0 {
+                report::out(moe_table::line(&m));
+            }
+            rows.push(moe_table::row(a, phase, n, &m));
         }
-        rows.push(row(a, phase, n, tokens, dtype_name, &m));
     }
     // Every rank counted every rank's wrong elements (summed), so all fail alike.
     report::finish(me, c, &rows, 0)?;
@@ -302,7 +241,7 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
 }
 
 /// The subcommand's name.
-fn phase_name(phase: Phase) -> &'static str {
+pub fn phase_name(phase: Phase) -> &'static str {
     match phase {
         Phase::Dispatch => "dispatch",
         Phase::Combine => "combine",

@@ -1,6 +1,8 @@
 //! The MoE harness's workload: seeded token rows, routing (uniform or Zipf, top-k distinct
-//! experts per token) and weights; identity experts; and the check of the combined output,
-//! `out[t] ≈ (Σ_j w_j) · x[t]` within the dtype's rounding.
+//! experts per token) and weights; the experts (identity or copy); and the check of the
+//! combined output, `out[t] ≈ g_t · x[t]` within the dtype's rounding, where the gain `g_t`
+//! is the sum of the token's gate weights (identity experts) or the number of ranks it went
+//! to (copy experts).
 
 use crate::options::{MoeArgs, Routing};
 use rand::rngs::StdRng;
@@ -58,33 +60,83 @@ impl Workload {
         Workload { cfg, x, idx, w }
     }
 
-    /// Rows this rank sends to other ranks: once per (token, destination rank) in normal
-    /// mode, once per (token, expert) in low-latency mode.
-    pub fn rows_out(&self, placement: &[usize], me: usize, ll: bool) -> u64 {
+    /// What `out[t]` is `x[t]` times: the sum of the token's weights (identity experts) or
+    /// the number of ranks holding one of its experts (copy experts).
+    pub fn gain(&self, t: usize, placement: &[usize], expert: Expert) -> f32 {
+        let k = self.cfg.topk;
+        match expert {
+            Expert::Identity => self.w[t * k..(t + 1) * k].iter().sum(),
+            Expert::Copy => {
+                let mut ranks: Vec<usize> = self.idx[t * k..(t + 1) * k]
+                    .iter()
+                    .map(|&e| placement[e as usize])
+                    .collect();
+                ranks.sort_unstable();
+                ranks.dedup();
+                ranks.len() as f32
+            }
+        }
+    }
+
+    /// Rows this rank sends to other ranks: one per (token, destination rank), in both
+    /// modes.
+    pub fn rows_out(&self, placement: &[usize], me: usize) -> u64 {
         let k = self.cfg.topk;
         self.idx
             .chunks(k)
             .map(|choice| {
                 let mut ranks: Vec<usize> = choice.iter().map(|&e| placement[e as usize]).collect();
-                if !ll {
-                    ranks.sort_unstable();
-                    ranks.dedup();
-                }
+                ranks.sort_unstable();
+                ranks.dedup();
                 ranks.iter().filter(|&&r| r != me).count() as u64
             })
             .sum()
     }
 }
 
-/// Identity experts (untimed): each token's row comes back times the sum of the weights of
-/// this rank's experts it chose, written into the window (`in_window`) or into `reduced`. In
-/// low-latency mode each expert adds its weighted rows in turn (rows grouped by expert).
+/// What the experts of the harness do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expert {
+    /// Each rank returns each token's row times the sum of its experts' weights there.
+    Identity,
+    /// Each rank reads each row it received once and writes it as its output row.
+    Copy,
+}
+
+/// Runs the experts: each received token's output row written into the window (`in_window`)
+/// or into `reduced`. Identity experts add each weighted row in f32 (in low-latency mode
+/// each expert its rows in turn); copy experts copy each received row once.
 pub fn run_experts(
     view: &mut Dispatched<'_>,
+    expert: Expert,
     in_window: bool,
     reduced: &mut Vec<u8>,
 ) -> Result<()> {
     reduced.clear();
+    let rb = view.config().row_bytes();
+    if !in_window {
+        reduced.resize(view.len() * rb, 0);
+    }
+    match expert {
+        Expert::Identity => identity(view, in_window, reduced),
+        Expert::Copy => copy(view, in_window, reduced),
+    }
+}
+
+/// The rows the experts write: the window's or `reduced`.
+fn output<'v>(
+    view: &'v mut Dispatched<'_>,
+    in_window: bool,
+    reduced: &'v mut [u8],
+) -> Result<&'v mut [u8]> {
+    match (in_window, view) {
+        (true, Dispatched::LowLatency(v)) => v.output(),
+        (true, Dispatched::Normal(v)) => v.expert_output(),
+        (false, _) => Ok(reduced),
+    }
+}
+
+fn identity(view: &mut Dispatched<'_>, in_window: bool, reduced: &mut [u8]) -> Result<()> {
     let (dtype, rb) = (view.config().dtype, view.config().row_bytes());
     let hidden = rb / dtype.size();
     let mut sums = vec![0f32; view.len() * hidden];
@@ -105,23 +157,41 @@ pub fn run_experts(
             }
         }
     }
-    let dst: &mut [u8] = match (in_window, view) {
-        (true, Dispatched::LowLatency(v)) => v.output()?,
-        (true, Dispatched::Normal(v)) => v.expert_output()?,
-        (false, _) => {
-            reduced.resize(sums.len() * dtype.size(), 0);
-            reduced
-        }
-    };
-    dtype.store_row(dst, &sums);
+    dtype.store_row(output(view, in_window, reduced)?, &sums);
     Ok(())
 }
 
-/// Elements of `out` off `(Σ_j w_j) · x[t]` by more than the dtype's rounding (twice:
-/// expert row, output) and, with INT8 dispatch, up to max|x| / 254 per element and expert
-/// (see `xccl::moe::quant`).
-pub fn count_wrong(work: &Workload, out: &[u8]) -> u64 {
-    let (cfg, k, h) = (&work.cfg, work.cfg.topk, work.cfg.hidden);
+fn copy<'a>(view: &mut Dispatched<'a>, in_window: bool, reduced: &mut [u8]) -> Result<()> {
+    let rb = view.config().row_bytes();
+    // Each received token's row, once (rows live as long as the dispatch, not the view
+    // borrow, and never overlap the output rows).
+    let rows: Vec<(usize, &'a [u8])> = match view {
+        Dispatched::LowLatency(v) => {
+            let mut seen = vec![false; v.len()];
+            let mut rows = Vec::with_capacity(v.len());
+            for l in 0..v.local_experts().len() {
+                for row in v.expert_rows(l)? {
+                    if !std::mem::replace(&mut seen[row.index], true) {
+                        rows.push((row.index, row.data));
+                    }
+                }
+            }
+            rows
+        }
+        Dispatched::Normal(v) => v.rows()?.into_iter().map(|r| r.data).enumerate().collect(),
+    };
+    let out = output(view, in_window, reduced)?;
+    for (i, src) in rows {
+        out[i * rb..(i + 1) * rb].copy_from_slice(src);
+    }
+    Ok(())
+}
+
+/// Elements of `out` off `g_t · x[t]` (`gain(t)`) by more than the dtype's rounding (twice:
+/// expert row, output) and, with INT8 dispatch, up to max|x| / 254 per element and unit of
+/// gain (see `xccl::moe::quant`).
+pub fn count_wrong(work: &Workload, out: &[u8], gain: impl Fn(usize) -> f32) -> u64 {
+    let (cfg, h) = (&work.cfg, work.cfg.hidden);
     let dtype = cfg.dtype;
     let tol = match dtype {
         Dtype::F32 => 1e-5,
@@ -130,7 +200,7 @@ pub fn count_wrong(work: &Workload, out: &[u8]) -> u64 {
     };
     let mut wrong = 0;
     for (t, row) in work.x.chunks(cfg.row_bytes()).enumerate() {
-        let ws: f32 = work.w[t * k..(t + 1) * k].iter().sum();
+        let ws = gain(t);
         let int8_err = match cfg.int8_dispatch {
             true => {
                 ws * (0..h)

@@ -233,10 +233,21 @@ pub struct MoeArgs {
     /// Row type: bf16, f16 or f32; int8 = bf16 rows dispatched as INT8 with per-row scales.
     #[arg(short = 'd', long = "datatype", alias = "dtype", default_value = "bf16", value_parser = ["bf16", "f16", "f32", "int8"])]
     pub dtype: String,
-    /// Mode: normal (one row per token and destination rank) or low-latency (one row per
-    /// token and expert, fixed slots, one round).
-    #[arg(long, default_value = "normal", value_parser = ["normal", "low-latency"])]
-    pub mode: String,
+    /// Modes, a comma-separated list (each row of the sweep in each, side by side):
+    /// normal (any batch) or low-latency (a fixed maximum batch, rows grouped by expert).
+    #[arg(long = "mode", value_delimiter = ',', default_value = "normal", value_parser = ["normal", "low-latency"], value_name = "MODE[,MODE]")]
+    pub modes: Vec<String>,
+    /// The experts: identity (each rank returns each token's row times the sum of its
+    /// experts' weights, untimed) or copy (each expert reads every row it received once and
+    /// writes its output row, the least any expert does; the table adds the expert's time and
+    /// the layer's, dispatch → expert → combine, timed as one).
+    #[arg(long, default_value = "identity", value_parser = ["identity", "copy"])]
+    pub expert: String,
+    /// Normal-mode dispatch, a comma-separated list: copy (rows written into the experts'
+    /// ranks' windows) or zero-copy (rows written once into the sender's window, mapped ranks
+    /// read them in place). Default: copy, and both with `--expert copy`.
+    #[arg(long = "dispatch", value_delimiter = ',', value_parser = ["copy", "zero-copy"], value_name = "KIND[,KIND]")]
+    pub dispatch: Option<Vec<String>>,
     /// Routing: `uniform` (each token picks top-k distinct experts at random) or `zipf:S`
     /// (expert e is picked with weight 1/(e+1)^S, S > 0, without replacement: low expert ids,
     /// and so the first ranks, are hot).
@@ -258,10 +269,44 @@ impl MoeArgs {
         self.job.warmup.map_or(2, |w| w as usize)
     }
 
+    /// The dispatches each normal-mode row runs (`--dispatch`, or its default).
+    pub fn dispatches(&self) -> Vec<&str> {
+        match &self.dispatch {
+            Some(d) => d.iter().map(String::as_str).collect(),
+            None if self.expert == "copy" => vec!["copy", "zero-copy"],
+            None => vec!["copy"],
+        }
+    }
+
+    /// Every (mode, dispatch) of the sweep, in table order: zero-copy is a normal-mode
+    /// dispatch.
+    pub fn variants(&self) -> Vec<(&str, &str)> {
+        let mut v = Vec::new();
+        for mode in &self.modes {
+            for kind in self.dispatches() {
+                if mode == "normal" || kind == "copy" {
+                    v.push((mode.as_str(), kind));
+                }
+            }
+        }
+        v.dedup();
+        v
+    }
+
     /// Checks the shape against `ranks` ranks, naming the options to change.
     pub fn check(&self, ranks: usize) -> Result<(), String> {
         if self.tokens.is_empty() {
             return Err("--tokens: give at least one count, like 128 or 1,8,128".into());
+        }
+        if self.variants().is_empty() {
+            return Err("--dispatch zero-copy is a normal-mode dispatch: add --mode normal".into());
+        }
+        if self.dtype == "int8" && self.dispatches().contains(&"zero-copy") {
+            return Err(
+                "--dispatch zero-copy leaves rows unquantized where they are written: use \
+                 -d bf16 (or --dispatch copy with -d int8)"
+                    .into(),
+            );
         }
         if self.hidden == 0 {
             return Err("--hidden must be at least 1".into());

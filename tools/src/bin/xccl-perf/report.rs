@@ -139,6 +139,10 @@ pub struct MoeFields {
     pub topk: usize,
     pub experts: usize,
     pub mode: &'static str,
+    /// `copy` or `zero-copy` (rows read where their source wrote them).
+    pub dispatch: &'static str,
+    /// `identity` (untimed) or `copy` (timed, with the layer).
+    pub expert: &'static str,
     /// `uniform` or `zipf:S`.
     pub routing: String,
     pub dispatch_us_p50: f64,
@@ -147,6 +151,16 @@ pub struct MoeFields {
     pub combine_gbps: f64,
     /// Token rows all ranks sent to other ranks per call.
     pub rows_out: u64,
+    /// The floor of the row's bytes: 2 × memcpy + 2 × one-way signal latency.
+    pub floor_us: f64,
+    /// With `--expert copy`: the experts' median time, and the layer's (dispatch → expert →
+    /// combine, timed as one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert_us_p50: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer_us_p50: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer_us_p99: Option<f64>,
 }
 
 /// Samples needed before a 99th percentile is reported (fewer: it would be the maximum).

@@ -1,0 +1,229 @@
+//! The MoE table and JSON rows: one line per (token count, mode, dispatch), the phases'
+//! times and bandwidths, the floor and the time as a multiple of it, and with timed experts
+//! the expert's and the layer's times.
+
+use crate::moe::{dtype_of, phase_name, Phase};
+use crate::options::MoeArgs;
+use crate::report::{self, MoeFields, Row, Stats};
+
+/// A mode and dispatch of the sweep.
+#[derive(Debug, Clone, Copy)]
+pub struct Variant {
+    pub low_latency: bool,
+    pub zero_copy: bool,
+}
+
+impl Variant {
+    /// From `--mode` and `--dispatch` names.
+    pub fn new(mode: &str, dispatch: &str) -> Self {
+        Variant {
+            low_latency: mode == "low-latency",
+            zero_copy: dispatch == "zero-copy",
+        }
+    }
+
+    pub fn mode(&self) -> &'static str {
+        match self.low_latency {
+            true => "low-latency",
+            false => "normal",
+        }
+    }
+
+    pub fn dispatch(&self) -> &'static str {
+        match self.zero_copy {
+            true => "zero-copy",
+            false => "copy",
+        }
+    }
+}
+
+/// What one configuration measured.
+pub struct Measured {
+    pub tokens: usize,
+    pub variant: Variant,
+    pub disp: Stats,
+    pub comb: Stats,
+    /// With timed experts: the experts' time, and the layer's (dispatch → combine).
+    pub expert: Option<Stats>,
+    pub layer: Option<Stats>,
+    /// The phase (or both, summed per repetition) the row's time is of.
+    pub reported: Stats,
+    /// Rows and bytes all ranks sent to other ranks; bytes this rank sent.
+    pub rows: u64,
+    pub bytes: usize,
+    pub my_bytes: usize,
+    /// The floor of the row's bytes (see `moe_floor`).
+    pub floor_us: f64,
+    /// The slowest rank's memcpy of the bytes it sends (`--baseline`).
+    pub base_us: Option<f64>,
+    pub wrong: Option<u64>,
+}
+
+impl Measured {
+    /// GB/s of the bytes all ranks sent to others, moved in `us` µs.
+    fn gbps(&self, us: f64) -> f64 {
+        report::gbps(self.bytes, us)
+    }
+
+    /// `us` as a multiple of the baseline (0 without one).
+    fn of_base(&self, us: f64) -> f64 {
+        match self.base_us {
+            Some(base) if self.my_bytes > 0 && base > 0.0 => us / base,
+            _ => 0.0,
+        }
+    }
+
+    /// The row's time as a multiple of its floor (0 without one).
+    fn of_floor(&self) -> f64 {
+        match self.floor_us > 0.0 {
+            true => self.reported.p50 / self.floor_us,
+            false => 0.0,
+        }
+    }
+}
+
+/// Prints the table's header lines (rank 0).
+pub fn header(a: &MoeArgs, phase: Phase, ranks: usize, latency: f64) {
+    let c = &a.job;
+    report::out(report::header(phase_name(phase), &c.backend, ranks));
+    report::out(format_args!(
+        "# hidden {} topk {} experts {} dtype {} routing {} api {} expert {}",
+        a.hidden, a.topk, a.experts, a.dtype, a.routing, c.api, a.expert
+    ));
+    report::out(format_args!(
+        "#  medians of {} repetitions, each phase at its slowest rank; GB/s: bytes of the \
+         token rows sent to other ranks / phase time; time(us): {}; p99 from {} repetitions",
+        a.reps(),
+        match phase {
+            Phase::Both => "dispatch + combine",
+            Phase::Dispatch => "dispatch",
+            Phase::Combine => "combine",
+        },
+        report::MIN_SAMPLES_FOR_P99
+    ));
+    report::out(format_args!(
+        "#  floor(us): 2 x memcpy of the row bytes a rank sends + 2 x one-way put+signal \
+         latency ({latency:.2} us, ranks 0-1), slowest rank; x_floor = time / floor{}",
+        match a.expert.as_str() {
+            "copy" => "; layer(us): dispatch + expert + combine, no barrier between",
+            _ => "",
+        }
+    ));
+    report::out(columns(a));
+}
+
+/// Column titles of the MoE table.
+fn columns(a: &MoeArgs) -> String {
+    let mut s = format!(
+        "#{:>10} {:>9} {:>7} {:>9} {:>11} {:>12} {:>10} {:>12} {:>10} {:>10} {:>9} {:>9} {:>7} {:>7}",
+        "mode",
+        "dispatch",
+        "tokens",
+        "rows_out",
+        "bytes",
+        "dispatch(us)",
+        "disp(GB/s)",
+        "combine(us)",
+        "comb(GB/s)",
+        "time(us)",
+        "p99(us)",
+        "floor(us)",
+        "x_floor",
+        "#wrong"
+    );
+    if a.expert == "copy" {
+        s += &format!(
+            " {:>10} {:>10} {:>10}",
+            "expert(us)", "layer(us)", "lay_p99"
+        );
+    }
+    if a.job.baseline {
+        s += &format!(" {:>10} {:>8} {:>8}", "base(us)", "x_disp", "x_comb");
+    }
+    s
+}
+
+/// A p99 for the table: "-" with too few samples.
+fn p99_text(p99: Option<f64>) -> String {
+    p99.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"))
+}
+
+/// One table line.
+pub fn line(m: &Measured) -> String {
+    let mut s = format!(
+        " {:>10} {:>9} {:>7} {:>9} {:>11} {:>12.1} {:>10.2} {:>12.1} {:>10.2} {:>10.1} {:>9} {:>9.1} {:>7.2} {:>7}",
+        m.variant.mode(),
+        m.variant.dispatch(),
+        m.tokens,
+        m.rows,
+        m.bytes,
+        m.disp.p50,
+        m.gbps(m.disp.p50),
+        m.comb.p50,
+        m.gbps(m.comb.p50),
+        m.reported.p50,
+        p99_text(m.reported.p99),
+        m.floor_us,
+        m.of_floor(),
+        report::wrong_text(m.wrong)
+    );
+    if let (Some(e), Some(l)) = (m.expert, m.layer) {
+        s += &format!(" {:>10.1} {:>10.1} {:>10}", e.p50, l.p50, p99_text(l.p99));
+    }
+    if let Some(base) = m.base_us {
+        s += &format!(
+            " {base:>10.1} {:>8.2} {:>8.2}",
+            m.of_base(m.disp.p50),
+            m.of_base(m.comb.p50)
+        );
+    }
+    s
+}
+
+/// The JSON row of one configuration.
+pub fn row(a: &MoeArgs, phase: Phase, n: usize, m: &Measured) -> Row {
+    let r = &m.reported;
+    let gbps = m.gbps(r.p50);
+    Row {
+        op: phase_name(phase),
+        backend: a.job.backend.clone(),
+        ranks: n,
+        bytes: m.bytes,
+        count: None,
+        dtype: dtype_of(a).1,
+        p50_us: r.p50,
+        p99_us: r.p99,
+        min_us: r.min,
+        max_us: r.max,
+        samples: r.samples,
+        algbw: gbps,
+        busbw: gbps,
+        wrong: m.wrong,
+        baseline_us: m.base_us,
+        baseline_gbps: m.base_us.map(|us| report::gbps(m.my_bytes, us)),
+        stream_gbps: None,
+        moe: Some(MoeFields {
+            tokens: m.tokens,
+            hidden: a.hidden,
+            topk: a.topk,
+            experts: a.experts,
+            mode: m.variant.mode(),
+            dispatch: m.variant.dispatch(),
+            expert: if a.expert == "copy" {
+                "copy"
+            } else {
+                "identity"
+            },
+            routing: a.routing.to_string(),
+            dispatch_us_p50: m.disp.p50,
+            combine_us_p50: m.comb.p50,
+            dispatch_gbps: m.gbps(m.disp.p50),
+            combine_gbps: m.gbps(m.comb.p50),
+            rows_out: m.rows,
+            floor_us: m.floor_us,
+            expert_us_p50: m.expert.map(|s| s.p50),
+            layer_us_p50: m.layer.map(|s| s.p50),
+            layer_us_p99: m.layer.and_then(|s| s.p99),
+        }),
+    }
+}
