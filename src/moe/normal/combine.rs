@@ -4,10 +4,12 @@
 use super::*;
 
 /// Network homes: the puts that return this rank's output, in the order they go, how many
-/// went, and per source the rows known to have arrived here.
+/// went, whether the homes have heard the count (right after the last put), and per source
+/// the rows known to have arrived here.
 struct Returns {
     list: Vec<(usize, usize, usize)>,
     sent: usize,
+    announced: bool,
     arrived: Vec<usize>,
 }
 
@@ -93,17 +95,23 @@ impl<'c> MoeBuffer<'c> {
         let mut returns = Returns {
             list: std::mem::take(&mut self.returns),
             sent: 0,
+            announced: false,
             arrived: std::mem::take(&mut self.arrived),
         };
         returns.arrived.clear();
         returns.arrived.resize(n, 0);
         // Mapped ranks hear first where the rows for them start, and read them in place; the
-        // others are sent their rows and hear last (the count check).
+        // others are sent their rows and hear the count right behind the last of them (the
+        // count check), so no home waits a second trip for it.
         self.announce_combine(epoch, true)?;
         for r in (0..n).filter(|&r| self.paths[r].is_mapped()) {
             self.peer_starts[r] = self.checked_return(r, epoch)?;
         }
         self.plan_returns(&mut returns.list);
+        if returns.list.is_empty() {
+            self.announce_combine(epoch, false)?;
+            returns.announced = true;
+        }
         let mut cursors = std::mem::take(&mut self.cursors);
         cursors.clear();
         cursors.resize(n, 0);
@@ -111,7 +119,6 @@ impl<'c> MoeBuffer<'c> {
         while returns.sent < returns.list.len() {
             self.send_next_return(&mut returns, de, epoch)?;
         }
-        self.announce_combine(epoch, false)?;
         for r in (0..n).filter(|&r| !self.paths[r].is_mapped()) {
             self.checked_return(r, epoch)?;
         }
@@ -241,10 +248,14 @@ impl<'c> MoeBuffer<'c> {
         unsafe { t.local_slice(self.lease.window(), self.comb_off(epoch, r, i), row_bytes) }
     }
 
-    /// Sends the next planned return.
+    /// Sends the next planned return; after the last, the count to every network home.
     fn send_next_return(&self, returns: &mut Returns, de: u64, epoch: u64) -> Result<()> {
         self.send_return(returns.list[returns.sent], de, epoch)?;
         returns.sent += 1;
+        if returns.sent == returns.list.len() && !returns.announced {
+            self.announce_combine(epoch, false)?;
+            returns.announced = true;
+        }
         Ok(())
     }
 
