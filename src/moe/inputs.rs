@@ -2,24 +2,22 @@
 //! INT8 scales they compute first.
 
 use super::config::MoeConfig;
-use super::layout::{dispatch_layout, Layout};
+use super::layout::Layout;
 use super::quant;
 use crate::error::{Error, Result};
 
 /// Checks a dispatch of `x` with `topk_idx` and `topk_weights` against `cfg` and the expert
-/// `placement` over `world` ranks, and returns its layout and token count; with INT8 dispatch
+/// `placement` over `world` ranks, fills `layout` and returns the token count; with INT8 dispatch
 /// it also fills `scales` (a non-finite row is refused here, before anything is sent).
 pub(super) fn check_dispatch(
     cfg: &MoeConfig,
-    placement: &[usize],
-    world: usize,
-    x: &[u8],
-    topk_idx: &[i64],
-    topk_weights: &[f32],
+    (placement, world): (&[usize], usize),
+    (x, topk_idx, topk_weights): (&[u8], &[i64], &[f32]),
     scales: &mut Vec<f32>,
-) -> Result<(Layout, usize)> {
+    layout: &mut Layout,
+) -> Result<usize> {
     let k = cfg.topk;
-    let layout = dispatch_layout(topk_idx, k, placement, world)?; // ids, duplicates
+    layout.fill(topk_idx, k, placement, world)?; // ids, duplicates
     let tokens = topk_idx.len() / k;
     if tokens > cfg.max_tokens {
         return Err(Error::InvalidArgument(format!(
@@ -55,5 +53,5 @@ pub(super) fn check_dispatch(
     if cfg.int8_dispatch {
         quant::row_scales(cfg.dtype, x, cfg.hidden, scales)?;
     }
-    Ok((layout, tokens))
+    Ok(tokens)
 }

@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 
 /// Where each token goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Layout {
     /// Tokens sent to each rank (a token counts once per rank, however many of its experts
     /// that rank holds).
@@ -32,44 +32,63 @@ pub fn dispatch_layout(
     placement: &[usize],
     ranks: usize,
 ) -> Result<Layout> {
-    let experts = placement.len();
-    if topk == 0 || topk_idx.len() % topk != 0 {
-        return Err(Error::InvalidArgument(format!(
-            "topk_idx has {} entries, not a multiple of top-k {topk}",
-            topk_idx.len()
-        )));
-    }
-    let tokens = topk_idx.len() / topk;
-    let mut l = Layout {
-        tokens_per_rank: vec![0; ranks],
-        tokens_per_expert: vec![0; experts],
-        is_token_in_rank: vec![false; tokens * ranks],
-        ranks,
-    };
-    for (t, row) in topk_idx.chunks(topk).enumerate() {
-        for (j, &e) in row.iter().enumerate() {
-            if e == -1 {
-                continue;
-            }
-            if e < 0 || e as usize >= experts {
-                return Err(Error::InvalidArgument(format!(
-                    "token {t}: expert id {e} is outside -1..{experts}"
-                )));
-            }
-            if row[..j].contains(&e) {
-                return Err(Error::InvalidArgument(format!(
-                    "token {t}: expert {e} chosen twice"
-                )));
-            }
-            l.tokens_per_expert[e as usize] += 1;
-            let r = placement[e as usize];
-            if !l.is_token_in_rank[t * ranks + r] {
-                l.is_token_in_rank[t * ranks + r] = true;
-                l.tokens_per_rank[r] += 1;
+    let mut l = Layout::default();
+    l.fill(topk_idx, topk, placement, ranks)?;
+    Ok(l)
+}
+
+impl Layout {
+    /// [`dispatch_layout`] into this layout, reusing its memory (no allocation once it has
+    /// held a call as large).
+    pub(crate) fn fill(
+        &mut self,
+        topk_idx: &[i64],
+        topk: usize,
+        placement: &[usize],
+        ranks: usize,
+    ) -> Result<()> {
+        let experts = placement.len();
+        if topk == 0 || topk_idx.len() % topk != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "topk_idx has {} entries, not a multiple of top-k {topk}",
+                topk_idx.len()
+            )));
+        }
+        let tokens = topk_idx.len() / topk;
+        let reset = |v: &mut Vec<usize>, n: usize| {
+            v.clear();
+            v.resize(n, 0);
+        };
+        reset(&mut self.tokens_per_rank, ranks);
+        reset(&mut self.tokens_per_expert, experts);
+        self.is_token_in_rank.clear();
+        self.is_token_in_rank.resize(tokens * ranks, false);
+        self.ranks = ranks;
+        for (t, row) in topk_idx.chunks(topk).enumerate() {
+            for (j, &e) in row.iter().enumerate() {
+                if e == -1 {
+                    continue;
+                }
+                if e < 0 || e as usize >= experts {
+                    return Err(Error::InvalidArgument(format!(
+                        "token {t}: expert id {e} is outside -1..{experts}"
+                    )));
+                }
+                if row[..j].contains(&e) {
+                    return Err(Error::InvalidArgument(format!(
+                        "token {t}: expert {e} chosen twice"
+                    )));
+                }
+                self.tokens_per_expert[e as usize] += 1;
+                let r = placement[e as usize];
+                if !self.is_token_in_rank[t * ranks + r] {
+                    self.is_token_in_rank[t * ranks + r] = true;
+                    self.tokens_per_rank[r] += 1;
+                }
             }
         }
+        Ok(())
     }
-    Ok(l)
 }
 
 #[cfg(test)]

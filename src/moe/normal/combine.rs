@@ -104,7 +104,7 @@ impl<'c> MoeBuffer<'c> {
         // others are sent their rows and hear the count right behind the last of them (the
         // count check), so no home waits a second trip for it.
         self.announce_combine(epoch, true)?;
-        for r in (0..n).filter(|&r| self.paths[r].is_mapped()) {
+        for r in (0..n).filter(|&r| r != me && self.paths[r].is_mapped()) {
             self.peer_starts[r] = self.checked_return(r, epoch)?;
         }
         self.plan_returns(&mut returns.list);
@@ -119,7 +119,7 @@ impl<'c> MoeBuffer<'c> {
         while returns.sent < returns.list.len() {
             self.send_next_return(&mut returns, de, epoch)?;
         }
-        for r in (0..n).filter(|&r| !self.paths[r].is_mapped()) {
+        for r in (0..n).filter(|&r| r != me && !self.paths[r].is_mapped()) {
             self.checked_return(r, epoch)?;
         }
         for r in (0..n).filter(|&r| r != me && !self.paths[r].is_mapped()) {
@@ -136,10 +136,11 @@ impl<'c> MoeBuffer<'c> {
         Ok(())
     }
 
-    /// Announces this rank's combine to every mapped rank (`mapped`) or every other one.
+    /// Announces this rank's combine to every mapped peer (`mapped`) or every other one (not
+    /// to itself: it reads its own output where it is).
     fn announce_combine(&self, epoch: u64, mapped: bool) -> Result<()> {
         let (me, n) = (self.comm.rank(), self.comm.world_size());
-        for step in 0..n {
+        for step in 1..n {
             let src = (me + step) % n;
             if self.paths[src].is_mapped() == mapped {
                 self.announce(src, 1, self.recv_counts[src], self.starts[src], epoch)?;

@@ -151,14 +151,15 @@ impl<'c> MoeBuffer<'c> {
         topk_weights: &[f32],
     ) -> Result<DispatchView<'a>> {
         let (me, n) = (self.comm.rank(), self.comm.world_size());
-        let (layout, tokens) = check_dispatch(
+        // Taken out for the call and put back after (an error path leaves it empty; it is
+        // refilled, reusing its memory, by the next call).
+        let mut layout = std::mem::take(&mut self.layout);
+        let tokens = check_dispatch(
             &self.cfg,
-            &self.placement,
-            n,
-            x,
-            topk_idx,
-            topk_weights,
+            (&self.placement, n),
+            (x, topk_idx, topk_weights),
             &mut self.scales,
+            &mut layout,
         )?;
         self.lease.enter();
         self.disp_epoch += 1;
@@ -170,16 +171,21 @@ impl<'c> MoeBuffer<'c> {
             idx: topk_idx,
             weights: topk_weights,
         };
+        // This rank's own records first (it announces nothing to itself: it knows its count),
+        // then every peer's, each announced as soon as its rows are out.
         for step in 0..n {
             let dst = (me + step) % n;
             let leave = in_place && dst != me && self.paths[dst].is_mapped();
             self.send_records(dst, epoch, x, leave, &layout, &choices)?;
-            self.announce(dst, 0, self.sent[dst].len(), usize::from(leave), epoch)?;
+            if dst != me {
+                self.announce(dst, 0, self.sent[dst].len(), usize::from(leave), epoch)?;
+            }
         }
         self.collect_counts(epoch)?;
         if self.cfg.int8_dispatch {
             self.dequantize_arrivals(epoch)?;
         }
+        self.layout = layout;
         self.dispatched = true;
         self.lease.leave();
         Ok(DispatchView { buf: self, x })
@@ -271,26 +277,24 @@ impl<'c> MoeBuffer<'c> {
         Ok(())
     }
 
-    /// Collects every source's count for call `epoch` into `recv_counts`.
+    /// Collects every peer's count for call `epoch` into `recv_counts` (this rank's own is
+    /// what it sent itself: its own mailbox slot, where any peer can write, is never read).
     fn collect_counts(&mut self, epoch: u64) -> Result<()> {
         let me = self.comm.rank();
         for src in 0..self.comm.world_size() {
+            if src == me {
+                self.recv_counts[me] = self.sent[me].len();
+                self.in_place[me] = false;
+                continue;
+            }
             let (count, flag) = self.collect(src, 0, epoch)?;
             // Rows left in place can only be read from a mapped window.
-            if flag > 1 || (flag == 1 && (src == me || !self.paths[src].is_mapped())) {
+            if flag > 1 || (flag == 1 && !self.paths[src].is_mapped()) {
                 return Err(Error::ProtocolViolation(format!(
                     "rank {src} announced rows left in place ({flag}) it cannot leave here"
                 )));
             }
             self.in_place[src] = flag == 1;
-            // This rank's own slot lies in its window, where any peer can write: it must say
-            // what this rank sent itself (its rows are read from `x` through `sent[me]`).
-            if src == me && count != self.sent[me].len() {
-                return Err(Error::ProtocolViolation(format!(
-                    "rank {me}'s own announcement says {count} rows, it sent itself {}",
-                    self.sent[me].len()
-                )));
-            }
             self.recv_counts[src] = count;
         }
         Ok(())

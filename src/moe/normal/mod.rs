@@ -124,6 +124,8 @@ pub struct MoeBuffer<'c> {
     comb_epoch: u64,
     /// Per destination rank: tokens sent to it by the last dispatch, in order.
     sent: Vec<Vec<u32>>,
+    /// Where the last dispatch's tokens went (reused by every call).
+    layout: Layout,
     /// Rows received from each source by the last dispatch.
     recv_counts: Vec<usize>,
     /// Tokens of the last dispatch.
@@ -229,6 +231,7 @@ impl<'c> MoeBuffer<'c> {
             disp_epoch: 0,
             comb_epoch: 0,
             sent: vec![Vec::with_capacity(cfg.max_tokens); n],
+            layout: Layout::default(),
             recv_counts: vec![0; n],
             tokens: 0,
             dispatched: false,
