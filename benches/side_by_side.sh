@@ -13,9 +13,13 @@
 # tcp: a plain polling loopback TCP ping-pong and stream (tcp_bench), Open MPI over its tcp
 #      BTL (mpi_p2p, mpi_a2a with 2 ranks), `xccl-perf pingpong` and `alltoallv` over tcp.
 # moe: Open MPI's dispatcher/combiner (moe_mpi, selfcopy, hidden 7168 bf16, top-8 of 64)
-#      and `xccl-perf moe`: normal mode at T = 128 and 4096 with 2 and 4 ranks over shm,
-#      low-latency mode at T = 128 with 2 ranks over shm, normal mode at T = 4096 with 2
-#      ranks over tcp (Open MPI over its tcp BTL).
+#      and `xccl-perf moe`: decode sizes T = 1, 8, 32 in both modes with 2 and 4 ranks over
+#      shm (50 calls; each mode against Open MPI, low-latency against normal, and T = 1
+#      against the floor the harness prints), low-latency at T = 1 and 8 with 2 ranks over
+#      tcp, normal mode at T = 128 and 4096 with 2 and 4 ranks over shm, low-latency at
+#      T = 128 with 2 ranks, normal mode at T = 4096 with 2 ranks over tcp (Open MPI over its
+#      tcp BTL), and at T = 4096 the layer (dispatch → copy experts → combine) with the
+#      copying and the zero-copy dispatch (`--expert copy`), 2 and 4 ranks.
 # Each repetition runs every program once; the summary gives each ratio per repetition and
 # the median, as "speedup" (> 1: xccl faster) or "fraction" (of a reference bandwidth).
 set -euo pipefail
@@ -60,6 +64,17 @@ for rep in $(seq 1 "$REPS"); do
         "$PERF" pingpong --np 2 --backend tcp --baseline -e 16M --json "$TMP/pingpong_tcp.$rep.json" > /dev/null
         "$PERF" alltoallv --np 2 --backend tcp -b 1M -e 1M --json "$TMP/a2a_tcp.$rep.json" > /dev/null ;;
       moe)
+        for P in 2 4; do
+          for T in 1 8 32; do
+            $OMPI -np $P "$B/moe_mpi" ompi_shm $T 7168 8 64 50 5 42 selfcopy > "$TMP/moe_mpi.$P.$T.$rep"
+          done
+          "$PERF" moe --np $P --tokens 1,8,32 -n 50 --mode normal,low-latency --json "$TMP/moe_decode.$P.$rep.json" > /dev/null
+          "$PERF" moe --np $P --tokens 4096 -n 5 --expert copy --json "$TMP/moe_layer.$P.$rep.json" > /dev/null
+        done
+        for T in 1 8; do
+          $OMPI_TCP -np 2 "$B/moe_mpi" ompi_tcp $T 7168 8 64 50 5 42 selfcopy > "$TMP/moe_mpi_tcp.$T.$rep"
+        done
+        "$PERF" moe --np 2 --backend tcp --tokens 1,8 -n 50 --mode low-latency --json "$TMP/moe_decode_tcp.$rep.json" > /dev/null
         for P in 2 4; do
           for T in 128 4096; do
             $OMPI -np $P "$B/moe_mpi" ompi_shm $T 7168 8 64 5 1 42 selfcopy > "$TMP/moe_mpi.$P.$T.$rep"
@@ -144,6 +159,36 @@ for r in range(1, reps + 1):
                 moe_ratio(f"moe normal shm P={P} T={T} dispatch+combine, speedup vs Open MPI", f"{tmp}/moe_mpi.{P}.{T}.{r}", f"{tmp}/moe.{P}.{T}.{r}.json")
         moe_ratio("moe low-latency shm P=2 T=128 dispatch+combine, speedup vs Open MPI", f"{tmp}/moe_mpi.2.128.{r}", f"{tmp}/moe_ll.{r}.json")
         moe_ratio("moe normal tcp P=2 T=4096 dispatch+combine, speedup vs Open MPI tcp", f"{tmp}/moe_mpi_tcp.{r}", f"{tmp}/moe_tcp.{r}.json")
+        def pick(path, tokens, mode, dispatch="copy"):
+            if not os.path.exists(path):
+                return None
+            for x in json.load(open(path)):
+                if (x["tokens"], x["mode"], x["dispatch"]) == (tokens, mode, dispatch):
+                    return x
+            return None
+        def total_us(x):
+            return x["dispatch_us_p50"] + x["combine_us_p50"]
+        for P in (2, 4):
+            for T in (1, 8, 32):
+                m = mpi_total(f"{tmp}/moe_mpi.{P}.{T}.{r}")
+                rows = {mode: pick(f"{tmp}/moe_decode.{P}.{r}.json", T, mode) for mode in ("normal", "low-latency")}
+                for mode, x in rows.items():
+                    if m is not None and x is not None:
+                        add(f"moe {mode} shm P={P} T={T} dispatch+combine, speedup vs Open MPI", r, m * 1e3 / total_us(x), f"{total_us(x):.1f} vs {m * 1e3:.1f} us")
+                    if T == 1 and x is not None:
+                        add(f"moe {mode} shm P={P} T=1 dispatch+combine, multiple of the floor", r, total_us(x) / x["floor_us"], f'{total_us(x):.1f} vs floor {x["floor_us"]:.1f} us')
+                if all(rows.values()):
+                    n, l = total_us(rows["normal"]), total_us(rows["low-latency"])
+                    add(f"moe low-latency vs normal shm P={P} T={T}, speedup", r, n / l, f"{l:.1f} vs {n:.1f} us")
+            zc = [pick(f"{tmp}/moe_layer.{P}.{r}.json", 4096, "normal", d) for d in ("copy", "zero-copy")]
+            if all(zc):
+                c, z = zc[0]["layer_us_p50"], zc[1]["layer_us_p50"]
+                add(f"moe zero-copy layer P={P} T=4096 (copy experts), speedup vs copying dispatch", r, c / z, f"{z / 1e3:.2f} vs {c / 1e3:.2f} ms")
+        for T in (1, 8):
+            m = mpi_total(f"{tmp}/moe_mpi_tcp.{T}.{r}")
+            x = pick(f"{tmp}/moe_decode_tcp.{r}.json", T, "low-latency")
+            if m is not None and x is not None:
+                add(f"moe low-latency tcp P=2 T={T} dispatch+combine, speedup vs Open MPI tcp", r, m * 1e3 / total_us(x), f"{total_us(x):.1f} vs {m * 1e3:.1f} us")
 for name, vals in results.items():
     per = "; ".join(f"rep {r}: x{v:.2f} ({d})" for r, v, d in vals)
     print(f"{name}: median x{statistics.median(v for _, v, _ in vals):.2f}   [{per}]")

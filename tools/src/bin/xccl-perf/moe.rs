@@ -61,6 +61,7 @@ fn time_reps(
     let work = run.work;
     let mut times = Times::default();
     let mut reduced: Vec<u8> = Vec::new();
+    let mut sums: Vec<f32> = Vec::new();
     let mut x = work.x.clone();
     let mut out = vec![0u8; work.x.len()];
     let tokens = work.idx.len() / work.cfg.topk;
@@ -81,7 +82,7 @@ fn time_reps(
             _ => moe.dispatch(&x, &work.idx, &work.w)?,
         };
         let s1 = Instant::now();
-        run_experts(&mut view, run.expert, run.in_window, &mut reduced)?;
+        run_experts(&mut view, run.expert, run.in_window, (&mut reduced, &mut sums))?;
         let _ = view;
         if !timed_expert {
             comm.barrier()?;

@@ -7,6 +7,7 @@
 use crate::options::{MoeArgs, Routing};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use xccl::copy::{copy_streaming, store_fence};
 use xccl::moe::{Dispatched, Dtype, MoeConfig};
 use xccl::Result;
 
@@ -104,13 +105,13 @@ pub enum Expert {
 }
 
 /// Runs the experts: each received token's output row written into the window (`in_window`)
-/// or into `reduced`. Identity experts add each weighted row in f32 (in low-latency mode
-/// each expert its rows in turn); copy experts copy each received row once.
+/// or into `reduced`. Identity experts scale each received row once by the sum of its
+/// experts' weights there (in f32); copy experts copy each received row once.
 pub fn run_experts(
     view: &mut Dispatched<'_>,
     expert: Expert,
     in_window: bool,
-    reduced: &mut Vec<u8>,
+    (reduced, sums): (&mut Vec<u8>, &mut Vec<f32>),
 ) -> Result<()> {
     reduced.clear();
     let rb = view.config().row_bytes();
@@ -118,7 +119,7 @@ pub fn run_experts(
         reduced.resize(view.len() * rb, 0);
     }
     match expert {
-        Expert::Identity => identity(view, in_window, reduced),
+        Expert::Identity => identity(view, in_window, reduced, sums),
         Expert::Copy => copy(view, in_window, reduced),
     }
 }
@@ -136,17 +137,32 @@ fn output<'v>(
     }
 }
 
-fn identity(view: &mut Dispatched<'_>, in_window: bool, reduced: &mut [u8]) -> Result<()> {
+/// Identity experts, accumulating in f32 in `sums` (kept from call to call: no fresh pages to
+/// fault in each time).
+fn identity(
+    view: &mut Dispatched<'_>,
+    in_window: bool,
+    reduced: &mut [u8],
+    sums: &mut Vec<f32>,
+) -> Result<()> {
     let (dtype, rb) = (view.config().dtype, view.config().row_bytes());
     let hidden = rb / dtype.size();
-    let mut sums = vec![0f32; view.len() * hidden];
+    sums.clear();
+    sums.resize(view.len() * hidden, 0.0);
     match view {
         Dispatched::LowLatency(view) => {
+            // Every expert returns its input: per received token, its row times the sum of
+            // its experts' weights here (the rows grouped by expert give each weight once).
+            let mut tokens: Vec<(f32, &[u8])> = vec![(0.0, &[]); view.len()];
             for l in 0..view.local_experts().len() {
                 for row in view.expert_rows(l)? {
-                    let acc = &mut sums[row.index * hidden..(row.index + 1) * hidden];
-                    dtype.accumulate_scaled(acc, row.data, row.weight);
+                    tokens[row.index].0 += row.weight;
+                    tokens[row.index].1 = row.data;
                 }
+            }
+            for (i, (ws, data)) in tokens.into_iter().enumerate() {
+                let acc = &mut sums[i * hidden..(i + 1) * hidden];
+                dtype.accumulate_scaled(acc, data, ws);
             }
         }
         Dispatched::Normal(view) => {
@@ -157,7 +173,7 @@ fn identity(view: &mut Dispatched<'_>, in_window: bool, reduced: &mut [u8]) -> R
             }
         }
     }
-    dtype.store_row(output(view, in_window, reduced)?, &sums);
+    dtype.store_row(output(view, in_window, reduced)?, sums);
     Ok(())
 }
 
@@ -181,11 +197,26 @@ fn copy<'a>(view: &mut Dispatched<'a>, in_window: bool, reduced: &mut [u8]) -> R
         Dispatched::Normal(v) => v.rows()?.into_iter().map(|r| r.data).enumerate().collect(),
     };
     let out = output(view, in_window, reduced)?;
+    // Large outputs bypass this core's caches: another core (the home) reads them next.
+    let streaming = rows.len() * rb >= STREAM_OUTPUT;
     for (i, src) in rows {
-        out[i * rb..(i + 1) * rb].copy_from_slice(src);
+        let dst = &mut out[i * rb..(i + 1) * rb];
+        match streaming {
+            // SAFETY: `dst` and `src` are `rb` bytes each and do not overlap (an output row
+            // and a received row); the fence below completes the stores before combine
+            // publishes them.
+            true => unsafe { copy_streaming(dst.as_mut_ptr(), src.as_ptr(), rb) },
+            false => dst.copy_from_slice(src),
+        }
+    }
+    if streaming {
+        store_fence();
     }
     Ok(())
 }
+
+/// Copy experts write outputs of at least this many bytes with non-temporal stores.
+const STREAM_OUTPUT: usize = 1 << 20;
 
 /// Elements of `out` off `g_t · x[t]` (`gain(t)`) by more than the dtype's rounding (twice:
 /// expert row, output) and, with INT8 dispatch, up to max|x| / 254 per element and unit of
