@@ -48,10 +48,12 @@ pub const MAX_RANKS_PER_CPU: usize = 4;
 /// CPU binding of the ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bind {
-    /// Rank r runs on the r-th CPU this launcher may use, when there are at least as many
-    /// CPUs as ranks (as Open MPI binds by default) and the backend is not tcp (whose ranks
-    /// run progress threads); unbound otherwise. Unbound shared-memory ranks get moved onto
-    /// one CPU by the scheduler now and then, which makes timings bimodal.
+    /// Rank r runs on CPU r mod n of the n CPUs this launcher may use (one each when there
+    /// are enough, as Open MPI binds by default; in turn when oversubscribed), unless the
+    /// backend is tcp (whose ranks run progress threads); unbound otherwise. Unbound
+    /// shared-memory ranks get moved onto one CPU by the scheduler now and then, which makes
+    /// timings bimodal; oversubscribed, they also migrate between the CPUs while they take
+    /// turns (4 ranks on 2 CPUs: MoE decode calls 1.3–1.8× faster pinned).
     Auto,
     /// Never pin.
     None,
@@ -222,9 +224,9 @@ pub fn launch(spec: &LaunchSpec) -> Result<LaunchOutcome> {
     // TCP ranks run progress threads beside the caller: pinning a rank to one CPU would make
     // them take turns, so only shared-memory ranks are pinned.
     let tcp = spec.backend.as_deref() == Some("tcp");
-    let pin = spec.bind == Bind::Auto && !tcp && !cpus.is_empty() && spec.ranks <= cpus.len();
+    let pin = spec.bind == Bind::Auto && !tcp && !cpus.is_empty();
     for rank in 0..spec.ranks {
-        let cpu = cpus.get(rank).copied().filter(|_| pin);
+        let cpu = cpus.get(rank % cpus.len().max(1)).copied().filter(|_| pin);
         let mut child = match rank_command(spec, rank, &store_url, &secret, cpu).spawn() {
             Ok(c) => c,
             Err(e) => {

@@ -35,8 +35,9 @@ struct Args {
     /// Do not prefix output lines with the rank.
     #[arg(long)]
     no_prefix: bool,
-    /// CPU binding: `auto` pins rank r to the r-th usable CPU when there are enough CPUs
-    /// (as Open MPI does by default), `none` leaves placement to the scheduler.
+    /// CPU binding: `auto` pins rank r to usable CPU r mod their count (shared memory only;
+    /// one CPU each when there are enough, as Open MPI does by default), `none` leaves
+    /// placement to the scheduler.
     #[arg(long, default_value = "auto")]
     bind: xccl::launch::Bind,
     /// The program and its arguments (after `--`).

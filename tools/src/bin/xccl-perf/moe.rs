@@ -82,7 +82,12 @@ fn time_reps(
             _ => moe.dispatch(&x, &work.idx, &work.w)?,
         };
         let s1 = Instant::now();
-        run_experts(&mut view, run.expert, run.in_window, (&mut reduced, &mut sums))?;
+        run_experts(
+            &mut view,
+            run.expert,
+            run.in_window,
+            (&mut reduced, &mut sums),
+        )?;
         let _ = view;
         if !timed_expert {
             comm.barrier()?;

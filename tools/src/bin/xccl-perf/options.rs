@@ -82,7 +82,8 @@ pub struct Job {
     /// it there) or `buffer` (experts write a buffer of their own, combine copies it in).
     #[arg(long, default_value = "window", value_parser = ["window", "buffer"])]
     pub api: String,
-    /// CPU binding of the ranks it launches: auto (one CPU each when there are enough) or none.
+    /// CPU binding of the ranks it launches: auto (rank r on CPU r mod the usable CPUs, shared
+    /// memory only) or none.
     #[arg(long, default_value = "auto")]
     pub bind: xccl::launch::Bind,
     /// Log filter (as XCCL_DEBUG: `info`, `debug`, `xccl=debug,warn`).
