@@ -178,7 +178,8 @@ fn measure(
     moe.close()?;
     // After the repetitions (slowest rank): the floor, and with `--baseline` one in-process
     // memcpy of the bytes a rank sends to the others.
-    let floor = moe_floor::floor_us(coll, my_bytes, latency, a.reps())?;
+    let timeout = Duration::from_secs_f64(c.timeout);
+    let floor = moe_floor::floor_us(comm, coll, my_bytes, latency, timeout)?;
     let mut base = [0f64];
     if c.baseline {
         base[0] = Memcpy::new(my_bytes).time_us(my_bytes, a.reps());

@@ -102,8 +102,9 @@ pub fn header(a: &MoeArgs, phase: Phase, ranks: usize, latency: f64) {
         report::MIN_SAMPLES_FOR_P99
     ));
     report::out(format_args!(
-        "#  floor(us): 2 x memcpy of the row bytes a rank sends + 2 x one-way put+signal \
-         latency ({latency:.2} us, ranks 0-1), slowest rank; x_floor = time / floor{}",
+        "#  floor(us): one transfer of the row bytes a rank sends (put + signal + the receiver \
+         reading them, ranks 0-1) + one more signal ({latency:.2} us); x_floor = time / \
+         floor{}",
         match a.expert.as_str() {
             "copy" => "; layer(us): dispatch + expert + combine, no barrier between",
             _ => "",

@@ -134,4 +134,36 @@ impl<'a> Pair<'a> {
                 .map(|_| Vec::new()),
         }
     }
+
+    /// As [`Pair::round_trips`] with `trips` timed round trips (after a tenth as many
+    /// untimed), each side copying what it received into `scratch` (its length) before it
+    /// answers: a transfer into the other's hands each way.
+    pub fn round_trips_reading(
+        &mut self,
+        initiator: bool,
+        size: usize,
+        scratch: &mut [u8],
+        trips: usize,
+    ) -> Result<Vec<f64>> {
+        let warm = (trips / 10).max(1);
+        let (t, win, recv) = (self.t, self.win, self.lay.recv());
+        let read = move |scratch: &mut [u8]| match scratch.is_empty() {
+            true => Ok(()),
+            false => t.read_local(&win, recv, scratch),
+        };
+        match initiator {
+            true => session::timed(warm, trips, 2.0, || {
+                self.send(size, self.ping)?;
+                self.await_next(self.pong)?;
+                read(scratch)
+            }),
+            false => (0..warm + trips)
+                .try_for_each(|_| {
+                    self.await_next(self.ping)?;
+                    read(scratch)?;
+                    self.send(size, self.pong)
+                })
+                .map(|_| Vec::new()),
+        }
+    }
 }

@@ -151,7 +151,8 @@ pub struct MoeFields {
     pub combine_gbps: f64,
     /// Token rows all ranks sent to other ranks per call.
     pub rows_out: u64,
-    /// The floor of the row's bytes: 2 × memcpy + 2 × one-way signal latency.
+    /// The floor of the row's bytes: one transfer of the bytes a rank sends (put, signal, read
+    /// by the receiver) plus one more signal latency.
     pub floor_us: f64,
     /// With `--expert copy`: the experts' median time, and the layer's (dispatch → expert →
     /// combine, timed as one).
