@@ -30,11 +30,19 @@ open="${fence}text"
   "$PERF" pingpong --np 2 --baseline --json "$JSON/shm_pingpong.json"
   echo "$fence"
   echo
-  echo "\`xccl-perf moe --np 2 --tokens 1,8,128,1024,4096\` (normal mode, hidden 7168 bf16, top-8 of"
-  echo "64 experts, uniform routing; experts write their output into the window, \`--api window\`):"
+  echo "\`xccl-perf moe --np 2 --tokens 1,8,32,128,1024,4096 --mode normal,low-latency\` (hidden 7168"
+  echo "bf16, top-8 of 64 experts, uniform routing; experts write their output into the window,"
+  echo "\`--api window\`; the floor of each row is measured in the same run):"
   echo
   echo "$open"
-  "$PERF" moe --np 2 --tokens 1,8,128,1024,4096 --json "$JSON/shm_moe.json"
+  "$PERF" moe --np 2 --tokens 1,8,32,128,1024,4096 --mode normal,low-latency --json "$JSON/shm_moe.json"
+  echo "$fence"
+  echo
+  echo "\`xccl-perf moe --np 2 --tokens 4096 --expert copy\` (copy experts; the layer with the copying"
+  echo "and the zero-copy dispatch):"
+  echo
+  echo "$open"
+  "$PERF" moe --np 2 --tokens 4096 --expert copy -n 5
   echo "$fence"
   echo
   "$PERF" pingpong --np 2 --backend tcp -e 16M --json "$JSON/tcp_pingpong.json" > /dev/null

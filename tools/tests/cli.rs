@@ -347,7 +347,7 @@ fn each_tool_says_what_it_does() {
 fn plot_draws_latency_bandwidth_and_moe_phases() {
     let _g = common::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let (pp, moe, svg) = (temp("pp.json"), temp("moe.json"), temp("plot.svg"));
-    let moe_args: Vec<&str> = ["moe", "--tokens", "1,8"]
+    let moe_args: Vec<&str> = ["moe", "--tokens", "1,8", "--mode", "normal,low-latency"]
         .iter()
         .chain(&SMALL_MOE)
         .copied()
@@ -383,14 +383,14 @@ fn plot_draws_latency_bandwidth_and_moe_phases() {
         "bandwidth",
         "MoE phase time",
         stem,
-        "dispatch",
-        "combine",
+        "normal dispatch",
+        "low-latency combine",
     ] {
         assert!(picture.contains(label), "no {label:?} in the picture");
     }
     assert!(
-        picture.matches("<polyline").count() >= 4,
-        "two sweep lines and two phases"
+        picture.matches("<polyline").count() >= 6,
+        "two sweep lines and two phases of each mode"
     );
     // Clear errors: not a JSON file, not an SVG name.
     let out = perf(&["plot", svg.to_str().unwrap(), "-o", "x.svg"], &[]);

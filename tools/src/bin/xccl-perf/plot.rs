@@ -18,8 +18,11 @@ struct Series {
     /// (bytes, median µs, GB/s) of size-sweep rows.
     sweep: Vec<(f64, f64, f64)>,
     /// (tokens, dispatch µs, combine µs) of MoE rows.
-    moe: Vec<(f64, f64, f64)>,
+    moe: Vec<MoePoint>,
 }
+
+/// Tokens, dispatch µs, combine µs.
+type MoePoint = (f64, f64, f64);
 
 /// A number field of a row, checked.
 fn number(row: &serde_json::Value, key: &str, file: &Path, i: usize) -> Result<f64, Failure> {
@@ -29,8 +32,9 @@ fn number(row: &serde_json::Value, key: &str, file: &Path, i: usize) -> Result<f
         .ok_or_else(|| format!("{}: row {i} has no positive number {key:?}", file.display()).into())
 }
 
-/// Reads one `--json` file of xccl-perf.
-fn read(file: &Path) -> Result<Series, Failure> {
+/// Reads one `--json` file of xccl-perf: its size sweep, and its MoE rows as one series per
+/// mode and dispatch it holds (named after the file, and the variant when there are several).
+fn read(file: &Path) -> Result<Vec<Series>, Failure> {
     let text = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&text)
         .map_err(|e| format!("{}: not a JSON array of rows ({e})", file.display()))?;
@@ -38,35 +42,61 @@ fn read(file: &Path) -> Result<Series, Failure> {
         || file.display().to_string(),
         |s| s.to_string_lossy().into(),
     );
-    let mut s = Series {
-        name,
-        sweep: Vec::new(),
-        moe: Vec::new(),
-    };
+    let mut sweep = Vec::new();
+    // (variant, points), in the order the variants first appear.
+    let mut moe: Vec<(String, Vec<MoePoint>)> = Vec::new();
     for (i, r) in rows.iter().enumerate() {
         if r.get("tokens").is_some() {
-            s.moe.push((
+            let field = |k: &str| r.get(k).and_then(|v| v.as_str()).unwrap_or("");
+            let variant = match field("dispatch") {
+                "zero-copy" => format!("{} zero-copy", field("mode")),
+                _ => field("mode").to_string(),
+            };
+            let point = (
                 number(r, "tokens", file, i)?,
                 number(r, "dispatch_us_p50", file, i)?,
                 number(r, "combine_us_p50", file, i)?,
-            ));
+            );
+            match moe.iter_mut().find(|(v, _)| *v == variant) {
+                Some((_, points)) => points.push(point),
+                None => moe.push((variant, vec![point])),
+            }
         } else {
             let bw = r.get("put_bw_gbps").map_or("busbw_gbps", |_| "put_bw_gbps");
             // A size of 0 cannot sit on a log scale.
             if r.get("bytes").and_then(|b| b.as_u64()) == Some(0) {
                 continue;
             }
-            s.sweep.push((
+            sweep.push((
                 number(r, "bytes", file, i)?,
                 number(r, "time_us_p50", file, i)?,
                 r.get(bw).and_then(|v| v.as_f64()).unwrap_or(0.0),
             ));
         }
     }
-    if s.sweep.is_empty() && s.moe.is_empty() {
+    if sweep.is_empty() && moe.is_empty() {
         return Err(format!("{}: no rows to draw", file.display()).into());
     }
-    Ok(s)
+    let mut series = Vec::new();
+    if !sweep.is_empty() {
+        series.push(Series {
+            name: name.clone(),
+            sweep,
+            moe: Vec::new(),
+        });
+    }
+    let several = moe.len() > 1;
+    for (variant, points) in moe {
+        series.push(Series {
+            name: match several {
+                true => format!("{name} {variant}"),
+                false => name.clone(),
+            },
+            sweep: Vec::new(),
+            moe: points,
+        });
+    }
+    Ok(series)
 }
 
 /// The smallest and largest of `v`, widened a little for a log axis.
@@ -154,7 +184,14 @@ pub fn run(a: &PlotArgs) -> Result<(), Failure> {
         )
         .into());
     }
-    let series: Vec<Series> = a.files.iter().map(|f| read(f)).collect::<Result<_, _>>()?;
+    let series: Vec<Series> = a
+        .files
+        .iter()
+        .map(|f| read(f))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten()
+        .collect();
     let colour = |i: usize| {
         let c = Palette99::pick(i).to_rgba();
         RGBColor(c.0, c.1, c.2)
