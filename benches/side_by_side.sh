@@ -171,14 +171,14 @@ for r in range(1, reps + 1):
         for P in (2, 4):
             for T in (1, 8, 32):
                 m = mpi_total(f"{tmp}/moe_mpi.{P}.{T}.{r}")
-                rows = {mode: pick(f"{tmp}/moe_decode.{P}.{r}.json", T, mode) for mode in ("normal", "low-latency")}
-                for mode, x in rows.items():
+                by_mode = {mode: pick(f"{tmp}/moe_decode.{P}.{r}.json", T, mode) for mode in ("normal", "low-latency")}
+                for mode, x in by_mode.items():
                     if m is not None and x is not None:
                         add(f"moe {mode} shm P={P} T={T} dispatch+combine, speedup vs Open MPI", r, m * 1e3 / total_us(x), f"{total_us(x):.1f} vs {m * 1e3:.1f} us")
                     if T == 1 and x is not None:
                         add(f"moe {mode} shm P={P} T=1 dispatch+combine, multiple of the floor", r, total_us(x) / x["floor_us"], f'{total_us(x):.1f} vs floor {x["floor_us"]:.1f} us')
-                if all(rows.values()):
-                    n, l = total_us(rows["normal"]), total_us(rows["low-latency"])
+                if all(by_mode.values()):
+                    n, l = total_us(by_mode["normal"]), total_us(by_mode["low-latency"])
                     add(f"moe low-latency vs normal shm P={P} T={T}, speedup", r, n / l, f"{l:.1f} vs {n:.1f} us")
             zc = [pick(f"{tmp}/moe_layer.{P}.{r}.json", 4096, "normal", d) for d in ("copy", "zero-copy")]
             if all(zc):
