@@ -45,20 +45,9 @@ pub(super) unsafe fn sum_bf16(
                 _mm256_unpackhi_epi16(zero, v0),
                 _mm256_unpacklo_epi16(zero, v1),
                 _mm256_unpackhi_epi16(zero, v1),
-            ];
-            match weights {
-                Some(w) => {
-                    let w = _mm256_set1_ps(w[j]);
-                    for (a, x) in acc.iter_mut().zip(x) {
-                        *a = _mm256_add_ps(*a, _mm256_mul_ps(w, _mm256_castsi256_ps(x)));
-                    }
-                }
-                None => {
-                    for (a, x) in acc.iter_mut().zip(x) {
-                        *a = _mm256_add_ps(*a, _mm256_castsi256_ps(x));
-                    }
-                }
-            }
+            ]
+            .map(|v| _mm256_castsi256_ps(v));
+            add_row(&mut acc, x, weights.map(|w| w[j]));
         }
         if has_nan(&acc) {
             left.push(at);
@@ -113,19 +102,7 @@ pub(super) unsafe fn sum_f32(out: &mut [u32], rows: &[&[u32]], weights: Option<&
                     _mm256_loadu_ps(p.add(24)),
                 ]
             };
-            match weights {
-                Some(w) => {
-                    let w = _mm256_set1_ps(w[j]);
-                    for (a, x) in acc.iter_mut().zip(x) {
-                        *a = _mm256_add_ps(*a, _mm256_mul_ps(w, x));
-                    }
-                }
-                None => {
-                    for (a, x) in acc.iter_mut().zip(x) {
-                        *a = _mm256_add_ps(*a, x);
-                    }
-                }
-            }
+            add_row(&mut acc, x, weights.map(|w| w[j]));
         }
         // SAFETY: `at + STEP <= n <= out.len()`: the four 32-byte stores lie inside `out`.
         unsafe {
@@ -137,6 +114,25 @@ pub(super) unsafe fn sum_f32(out: &mut [u32], rows: &[&[u32]], weights: Option<&
         at += STEP;
     }
     n
+}
+
+/// Adds one row's step (`x`, times `weight` when given) to the accumulators: a multiply
+/// then an add, as the portable sum does.
+#[target_feature(enable = "avx2")]
+fn add_row(acc: &mut [__m256; 4], x: [__m256; 4], weight: Option<f32>) {
+    match weight {
+        Some(w) => {
+            let w = _mm256_set1_ps(w);
+            for (a, x) in acc.iter_mut().zip(x) {
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(w, x));
+            }
+        }
+        None => {
+            for (a, x) in acc.iter_mut().zip(x) {
+                *a = _mm256_add_ps(*a, x);
+            }
+        }
+    }
 }
 
 /// Whether any lane of the four accumulators is a NaN (bf16 rounding must keep it one).

@@ -5,44 +5,52 @@ use crate::moe::{Dtype, MoeConfig};
 use crate::transport::loopback::Loopback;
 use std::time::Duration;
 
+/// Runs `rank` on each of `n` loopback ranks, each on its own thread with its communicator.
+fn on_loopback_ranks(n: usize, rank: impl Fn(&Communicator) + Sync) {
+    let ranks = Loopback::create(n).unwrap();
+    std::thread::scope(|s| {
+        for t in ranks {
+            let rank = &rank;
+            s.spawn(move || {
+                let comm =
+                    Communicator::from_transport(Box::new(t), Duration::from_secs(20)).unwrap();
+                rank(&comm);
+                comm.close().unwrap();
+            });
+        }
+    });
+}
+
 /// A rank's own mailbox slot lies in its window, where any peer can write: a peer that
 /// forges a count there (it used to make the rank index past the rows it sent itself) changes
 /// nothing, as a rank never reads its own slot; each rank receives exactly its own two rows.
 #[test]
 fn a_forged_count_in_the_own_slot_changes_nothing() {
-    let ranks = Loopback::create(2).unwrap();
-    std::thread::scope(|s| {
-        for t in ranks {
-            s.spawn(move || {
-                let comm =
-                    Communicator::from_transport(Box::new(t), Duration::from_secs(20)).unwrap();
-                let me = comm.rank();
-                let cfg = MoeConfig::new(4, 16, 1, 8, Dtype::F32);
-                let mut buf = MoeBuffer::new(&comm, cfg).unwrap();
-                if me == 1 {
-                    // Rank 0's own slot of call 1, as if rank 0 had posted 8 rows to itself.
-                    let mut slot = [0u8; 24];
-                    buf.mailbox
-                        .post(&buf.paths[0], 0, 0, 1, &[8, 0], &mut slot)
-                        .unwrap();
-                }
-                comm.barrier().unwrap();
-                // Two tokens, both to this rank's own experts.
-                let x: Vec<u8> = (0..2 * 16).flat_map(|v| (v as f32).to_le_bytes()).collect();
-                let experts = [2 * me as i64, 2 * me as i64 + 1];
-                let view = buf.dispatch(&x, &experts, &[1.0, 1.0]).unwrap();
-                let rows = view.rows().unwrap();
-                assert_eq!(rows.len(), 2, "rank {me}");
-                let reduced: Vec<u8> = rows.iter().flat_map(|r| r.data.to_vec()).collect();
-                drop(rows);
-                let _ = view;
-                let mut out = vec![0u8; x.len()];
-                buf.combine(&reduced, &mut out).unwrap();
-                assert_eq!(out, x, "rank {me}");
-                buf.close().unwrap();
-                comm.close().unwrap();
-            });
+    on_loopback_ranks(2, |comm| {
+        let me = comm.rank();
+        let cfg = MoeConfig::new(4, 16, 1, 8, Dtype::F32);
+        let mut buf = MoeBuffer::new(comm, cfg).unwrap();
+        if me == 1 {
+            // Rank 0's own slot of call 1, as if rank 0 had posted 8 rows to itself.
+            let mut slot = [0u8; 24];
+            buf.mailbox
+                .post(&buf.paths[0], 0, 0, 1, &[8, 0], &mut slot)
+                .unwrap();
         }
+        comm.barrier().unwrap();
+        // Two tokens, both to this rank's own experts.
+        let x: Vec<u8> = (0..2 * 16).flat_map(|v| (v as f32).to_le_bytes()).collect();
+        let experts = [2 * me as i64, 2 * me as i64 + 1];
+        let view = buf.dispatch(&x, &experts, &[1.0, 1.0]).unwrap();
+        let rows = view.rows().unwrap();
+        assert_eq!(rows.len(), 2, "rank {me}");
+        let reduced: Vec<u8> = rows.iter().flat_map(|r| r.data.to_vec()).collect();
+        drop(rows);
+        let _ = view;
+        let mut out = vec![0u8; x.len()];
+        buf.combine(&reduced, &mut out).unwrap();
+        assert_eq!(out, x, "rank {me}");
+        buf.close().unwrap();
     });
 }
 
@@ -50,42 +58,34 @@ fn a_forged_count_in_the_own_slot_changes_nothing() {
 /// (no byte of it was copied), and the input is refused until the combine has returned.
 #[test]
 fn zero_copy_rows_are_read_where_their_source_wrote_them() {
-    let ranks = Loopback::create(2).unwrap();
-    std::thread::scope(|s| {
-        for t in ranks {
-            s.spawn(move || {
-                let comm =
-                    Communicator::from_transport(Box::new(t), Duration::from_secs(20)).unwrap();
-                let me = comm.rank();
-                let mut cfg = MoeConfig::new(2, 16, 1, 4, Dtype::F32);
-                cfg.zero_copy_dispatch = true;
-                let mut buf = MoeBuffer::new(&comm, cfg).unwrap();
-                let rb = 16 * 4;
-                // Three tokens, all to the other rank's expert.
-                let peer = 1 - me;
-                buf.input(3).unwrap().fill(me as u8 + 1);
-                let view = buf.dispatch_in_place(&[peer as i64; 3], &[1.0; 3]).unwrap();
-                let rows = view.rows().unwrap();
-                assert_eq!(rows.len(), 3);
-                for row in &rows {
-                    let b = view.buf;
-                    let off = b.input_off(row.src_token).unwrap();
-                    // SAFETY: the peer's input rows, stable until its combine (see the view).
-                    let there = unsafe { b.paths[peer].rows(off, rb).unwrap() };
-                    assert_eq!(row.data.as_ptr(), there.as_ptr(), "read in place");
-                    assert!(row.data.iter().all(|&v| v == peer as u8 + 1));
-                }
-                let reduced: Vec<u8> = rows.iter().flat_map(|r| r.data.to_vec()).collect();
-                drop(rows);
-                let _ = view;
-                assert!(matches!(buf.input(3), Err(Error::InvalidUsage(_))));
-                let mut out = vec![0u8; 3 * rb];
-                buf.combine(&reduced, &mut out).unwrap();
-                assert!(out.iter().all(|&v| v == me as u8 + 1));
-                assert!(buf.input(3).is_ok(), "writable again after the combine");
-                buf.close().unwrap();
-                comm.close().unwrap();
-            });
+    on_loopback_ranks(2, |comm| {
+        let me = comm.rank();
+        let mut cfg = MoeConfig::new(2, 16, 1, 4, Dtype::F32);
+        cfg.zero_copy_dispatch = true;
+        let mut buf = MoeBuffer::new(comm, cfg).unwrap();
+        let rb = 16 * 4;
+        // Three tokens, all to the other rank's expert.
+        let peer = 1 - me;
+        buf.input(3).unwrap().fill(me as u8 + 1);
+        let view = buf.dispatch_in_place(&[peer as i64; 3], &[1.0; 3]).unwrap();
+        let rows = view.rows().unwrap();
+        assert_eq!(rows.len(), 3);
+        for row in &rows {
+            let b = view.buf;
+            let off = b.input_off(row.src_token).unwrap();
+            // SAFETY: the peer's input rows, stable until its combine (see the view).
+            let there = unsafe { b.paths[peer].rows(off, rb).unwrap() };
+            assert_eq!(row.data.as_ptr(), there.as_ptr(), "read in place");
+            assert!(row.data.iter().all(|&v| v == peer as u8 + 1));
         }
+        let reduced: Vec<u8> = rows.iter().flat_map(|r| r.data.to_vec()).collect();
+        drop(rows);
+        let _ = view;
+        assert!(matches!(buf.input(3), Err(Error::InvalidUsage(_))));
+        let mut out = vec![0u8; 3 * rb];
+        buf.combine(&reduced, &mut out).unwrap();
+        assert!(out.iter().all(|&v| v == me as u8 + 1));
+        assert!(buf.input(3).is_ok(), "writable again after the combine");
+        buf.close().unwrap();
     });
 }
