@@ -15,9 +15,9 @@
 //!
 //! Measured on two ranks over shared memory (hidden 7168 bf16, top-8 of 64), the previous
 //! design — a fixed slot per (expert, source, token), a row per (token, expert) and the
-//! weighted sum of the top-k rows at home — moved about 4× the rows of this one and took 3×
-//! its time at 1 to 32 tokens; summing the expert outputs at home inside combine costs
-//! ~4 µs per token for eight bf16 rows of 7168 on this CPU, several times the transfer.
+//! weighted sum of the top-k rows at home — moved about 4× the rows of this one and took
+//! 4–5× its time at 1 to 32 tokens; and summing eight weighted bf16 rows of 7168 inside
+//! combine costs ~4 µs per token on this CPU, more than moving the token's rows.
 
 use super::config::MoeConfig;
 use super::normal::{DispatchView, MoeBuffer};

@@ -18,8 +18,10 @@ use xccl::{Communicator, Result};
 /// Bytes of the put whose one-way time is the signal latency (a mailbox slot's size).
 const SIGNAL_BYTES: usize = 24;
 /// Bytes moved by the round trips of one measurement, at most (fewer round trips for larger
-/// rows): enough for a stable median, little time on a loaded machine.
+/// rows), and the most round trips: enough for a stable median, little time on a loaded
+/// machine (where a round trip can wait for a time slice).
 const BUDGET_BYTES: usize = 8 << 20;
+const TRIPS: usize = 60;
 
 /// Collective: the one-way time (µs, median, slowest of ranks 0 and 1) of a put of `bytes`
 /// with its signal between ranks 0 and 1, the receiver reading the bytes once before it
@@ -34,7 +36,7 @@ fn one_way_us(
     let ranks = session::Pair::of(comm);
     let (lease, mut pair) = Pair::lease(comm, Layout::for_messages(bytes), ranks, timeout)?;
     comm.barrier()?;
-    let trips = (BUDGET_BYTES / bytes.max(1)).clamp(5, 200);
+    let trips = (BUDGET_BYTES / bytes.max(1)).clamp(5, TRIPS);
     let mut one_way = [0f64];
     if ranks.active && ranks.partner < 2 {
         let mut scratch = vec![0u8; if read { bytes } else { 0 }];
