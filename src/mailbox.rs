@@ -1,13 +1,13 @@
-//! The epoch mailbox: how a rank tells each peer, once per call, what it sent (a count, where
-//! it starts, records of its own): one slot per (kind, source) in the receiver's window, two
+//! The epoch mailbox: how a rank tells each peer, once per call, what it sent (a count and
+//! where it starts): one slot per (kind, source) in the receiver's window, two
 //! epochs of them so a call never overwrites a slot a peer may still read, and one signal
 //! word per (kind, source) set to the call number after the slot. `Exchange` and both MoE
 //! modes announce through it.
 //!
-//! A slot starts with a header of little-endian words: the call number, then the caller's
-//! words; after it, up to `trailer` bytes of the caller's own. A receiver waits for the
-//! source's signal to reach the call, then checks the slot's call number: a slot or a signal
-//! from another call is a [`Error::ProtocolViolation`], never a value used.
+//! A slot is a header of little-endian words: the call number, then the caller's words. A
+//! receiver waits for the source's signal to reach the call, then checks the slot's call
+//! number: a slot or a signal from another call is a [`Error::ProtocolViolation`], never a
+//! value used.
 
 use crate::error::{Error, Result};
 use crate::size::Sizer;
@@ -31,8 +31,8 @@ pub(crate) struct Mailbox {
 }
 
 impl Mailbox {
-    /// A mailbox of `kinds` kinds for `world` sources, slots of `words` words and `trailer`
-    /// more bytes, from offset `at` of a window; its signal words are placed with
+    /// A mailbox of `kinds` kinds for `world` sources, slots of `words` words, from offset
+    /// `at` of a window; its signal words are placed with
     /// [`Mailbox::at_signals`] once the object's lease is taken.
     pub fn new(
         size: &Sizer<'_>,
@@ -40,14 +40,13 @@ impl Mailbox {
         kinds: usize,
         world: usize,
         words: usize,
-        trailer: usize,
     ) -> Result<Self> {
         assert!(
             words <= MAX_WORDS,
             "a mailbox slot carries at most {MAX_WORDS} words"
         );
         let header = size.mul(&[words + 1, 8])?;
-        let stride = size.round_up(size.add(&[header, trailer])?, LINE)?;
+        let stride = size.round_up(header, LINE)?;
         size.mul(&[2, kinds, world, stride])?;
         Ok(Mailbox {
             at,
@@ -93,8 +92,8 @@ impl Mailbox {
     }
 
     /// Posts this rank's (`me`) slot of `kind` for call `epoch` to `path`'s peer: writes the
-    /// header (`epoch`, `words`) at the start of `slot`, puts `slot` (header and the caller's
-    /// trailer after it) and sets the signal, one transfer over the network.
+    /// header (`epoch`, `words`) into `slot` (scratch of at least the header's length), puts
+    /// it and sets the signal, one transfer over the network.
     pub fn post(
         &self,
         path: &PeerPath<'_>,

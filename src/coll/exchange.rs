@@ -68,7 +68,7 @@ impl<'c> Exchange<'c> {
         let size = Sizer::new(&what);
         let region = size.round_up(max_block, PAGE)?.max(PAGE);
         let data = size.mul(&[region, n, 2])?;
-        let mailbox = Mailbox::new(&size, data, 1, n, 1, 0)?;
+        let mailbox = Mailbox::new(&size, data, 1, n, 1)?;
         let lease = comm.lease(
             &what,
             size.add(&[data, size.round_up(mailbox.len(), PAGE)?])?,

@@ -2,13 +2,14 @@
 //! low-latency buffer, and its view runs each local expert on its batch of rows the same way
 //! in both, applying the mode's weighting itself.
 
-use super::config::MoeConfig;
+use super::config::{Dtype, MoeConfig};
 use super::element::{bytes, bytes_mut, Element};
 use super::normal::Chosen;
 use super::sum::sum_rows;
 use super::{DispatchView, LowLatencyBuffer, LowLatencyView, MoeBuffer};
 use crate::error::Result;
 use crate::Communicator;
+use smallvec::SmallVec;
 
 /// Which MoE buffer a [`Dispatcher`] uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,25 +163,22 @@ impl Dispatched<'_> {
     where
         F: FnMut(usize, &[&[u8]], &mut [u8]) -> Result<()>,
     {
+        let mut rows: Vec<Received<'_>> = Vec::with_capacity(self.len());
+        let push =
+            |_, _, _, chosen: &[(usize, f32)], data| rows.push((data, Chosen::from_slice(chosen)));
         match self {
-            Dispatched::Normal(v) => {
-                let rows: Vec<Received<'_>> = v
-                    .rows()?
-                    .into_iter()
-                    .map(|r| (r.data, r.experts.into()))
-                    .collect();
-                let sums = run_on(&rows, v.config(), &mut expert)?;
-                drop(rows);
-                v.expert_output()?.copy_from_slice(&sums);
-            }
-            Dispatched::LowLatency(v) => {
-                let mut rows: Vec<Received<'_>> = Vec::with_capacity(v.len());
-                v.each_row(|_, _, _, chosen, data| rows.push((data, chosen.into())))?;
-                let sums = run_on(&rows, v.config(), &mut expert)?;
-                drop(rows);
-                v.output()?.copy_from_slice(&sums);
-            }
+            Dispatched::Normal(v) => v.each_row(push)?,
+            Dispatched::LowLatency(v) => v.each_row(push)?,
         }
+        let (dtype, rb) = (self.config().dtype, self.config().row_bytes());
+        let outputs = run_on(&rows, rb, &mut expert)?;
+        // The received rows stay where they landed; the sums go into the region combine
+        // sends home, which they do not overlap.
+        let region = match self {
+            Dispatched::Normal(v) => v.expert_output()?,
+            Dispatched::LowLatency(v) => v.output()?,
+        };
+        sum_outputs(&rows, (dtype, rb), &outputs, region);
         Ok(())
     }
 }
@@ -190,21 +188,30 @@ type Expert<'f> = dyn FnMut(usize, &[&[u8]], &mut [u8]) -> Result<()> + 'f;
 /// A received token: its row and this rank's experts that chose it, with their weights.
 type Received<'a> = (&'a [u8], Chosen);
 
-/// Runs each local expert on the rows that chose it, then returns per row its outputs summed
-/// with their weights (in top-k order, in f32, rounded once to the dtype).
-fn run_on(rows: &[Received<'_>], cfg: &MoeConfig, expert: &mut Expert<'_>) -> Result<Vec<u8>> {
-    let (dtype, rb) = (cfg.dtype, cfg.row_bytes());
+/// Where each expert's output for a row sits: per (row, its j-th local expert), an offset
+/// into the experts' outputs.
+struct Outputs {
+    rows: Vec<u8>,
+    at: Vec<SmallVec<[usize; 8]>>,
+}
+
+/// Runs each local expert on the rows that chose it.
+/// Rows are `rb` bytes.
+fn run_on(rows: &[Received<'_>], rb: usize, expert: &mut Expert<'_>) -> Result<Outputs> {
     let mut experts: Vec<usize> = rows
         .iter()
         .flat_map(|(_, chosen)| chosen.iter().map(|&(e, _)| e))
         .collect();
     experts.sort_unstable();
     experts.dedup();
-    // Per (row, its j-th local expert): where that expert's output sits in `outputs`.
-    let mut at: Vec<Vec<usize>> = rows.iter().map(|(_, c)| vec![0; c.len()]).collect();
+    let mut at: Vec<SmallVec<[usize; 8]>> = rows
+        .iter()
+        .map(|(_, c)| SmallVec::from_elem(0, c.len()))
+        .collect();
     let mut outputs = Vec::new();
+    let mut batch = Vec::new();
     for &e in &experts {
-        let mut batch = Vec::new();
+        batch.clear();
         for (i, (data, chosen)) in rows.iter().enumerate() {
             if let Some(j) = chosen.iter().position(|&(x, _)| x == e) {
                 at[i][j] = outputs.len() + batch.len() * rb;
@@ -215,11 +222,24 @@ fn run_on(rows: &[Received<'_>], cfg: &MoeConfig, expert: &mut Expert<'_>) -> Re
         outputs.resize(start + batch.len() * rb, 0);
         expert(e, &batch, &mut outputs[start..])?;
     }
-    let mut sums = vec![0u8; rows.len() * rb];
-    for ((dst, offs), (_, chosen)) in sums.chunks_mut(rb).zip(&at).zip(rows) {
-        let parts: Vec<&[u8]> = offs.iter().map(|&o| &outputs[o..o + rb]).collect();
-        let weights: Vec<f32> = chosen.iter().map(|&(_, w)| w).collect();
+    Ok(Outputs { rows: outputs, at })
+}
+
+/// Writes into `region`, per row, its experts' outputs summed with their weights (in top-k
+/// order, in f32, rounded once to the dtype).
+fn sum_outputs(
+    rows: &[Received<'_>],
+    (dtype, rb): (Dtype, usize),
+    outputs: &Outputs,
+    region: &mut [u8],
+) {
+    let mut parts: SmallVec<[&[u8]; 8]> = SmallVec::new();
+    let mut weights: SmallVec<[f32; 8]> = SmallVec::new();
+    for ((dst, offs), (_, chosen)) in region.chunks_mut(rb).zip(&outputs.at).zip(rows) {
+        parts.clear();
+        parts.extend(offs.iter().map(|&o| &outputs.rows[o..o + rb]));
+        weights.clear();
+        weights.extend(chosen.iter().map(|&(_, w)| w));
         sum_rows(dtype, dst, &parts, Some(&weights));
     }
-    Ok(sums)
 }

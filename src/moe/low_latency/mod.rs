@@ -100,11 +100,14 @@ impl<'c> LowLatencyBuffer<'c> {
     /// window of [`MoeBuffer::new`]: `world × max_tokens` rows received and as many rows of
     /// output).
     pub fn new(comm: &'c Communicator, cfg: MoeConfig) -> Result<Self> {
-        let placement = cfg.placement_for(comm.world_size())?;
+        let inner = MoeBuffer::new(comm, cfg)?;
         let me = comm.rank();
-        let local_experts = (0..cfg.experts).filter(|&e| placement[e] == me).collect();
+        let local_experts = (inner.placement().iter().enumerate())
+            .filter(|&(_, &r)| r == me)
+            .map(|(e, _)| e)
+            .collect();
         Ok(LowLatencyBuffer {
-            inner: MoeBuffer::new(comm, cfg)?,
+            inner,
             local_experts,
         })
     }

@@ -2,7 +2,6 @@
 //! the rows their weighted sums go to.
 
 use super::*;
-use crate::moe::normal::Chosen;
 
 impl<'a> LowLatencyView<'a> {
     /// The configuration of the buffer that received the rows.
@@ -64,18 +63,9 @@ impl<'a> LowLatencyView<'a> {
     /// the order of [`ExpertRow::index`].
     pub(in crate::moe) fn each_row(
         &self,
-        mut f: impl FnMut(usize, usize, usize, &[(usize, f32)], &'a [u8]),
+        f: impl FnMut(usize, usize, usize, &[(usize, f32)], &'a [u8]),
     ) -> Result<()> {
-        let mut chosen = Chosen::new();
-        let mut index = 0;
-        for (src, &count) in self.view.counts().iter().enumerate() {
-            for i in 0..count {
-                let (token, data) = self.view.read_row(src, i, &mut chosen)?;
-                f(index, src, token, &chosen, data);
-                index += 1;
-            }
-        }
-        Ok(())
+        self.view.each_row(f)
     }
 
     /// Where the experts write for [`LowLatencyBuffer::combine_in_place`]: [`Self::len`] rows

@@ -87,18 +87,7 @@ impl<'c> MoeBuffer<'c> {
     /// # Ok(()) }
     /// ```
     pub fn input(&mut self, tokens: usize) -> Result<&mut [u8]> {
-        let Some(at) = self.input_at else {
-            return Err(Error::InvalidUsage(
-                "input rows need MoeConfig::zero_copy_dispatch".into(),
-            ));
-        };
-        if self.input_busy {
-            return Err(Error::InvalidUsage(
-                "the input rows of the last zero-copy dispatch may still be read by peers: \
-                 they are writable again once its combine has returned"
-                    .into(),
-            ));
-        }
+        let at = self.free_input("input")?;
         if tokens > self.cfg.max_tokens {
             return Err(Error::InvalidArgument(format!(
                 "{tokens} input rows exceed the configured maximum of {} tokens",
@@ -120,18 +109,7 @@ impl<'c> MoeBuffer<'c> {
         topk_idx: &[i64],
         topk_weights: &[f32],
     ) -> Result<DispatchView<'_>> {
-        let Some(at) = self.input_at else {
-            return Err(Error::InvalidUsage(
-                "dispatch_in_place needs MoeConfig::zero_copy_dispatch".into(),
-            ));
-        };
-        if self.input_busy {
-            return Err(Error::InvalidUsage(
-                "zero-copy dispatch: the last one has not been combined (each needs its \
-                 combine before the next)"
-                    .into(),
-            ));
-        }
+        let at = self.free_input("dispatch_in_place")?;
         let tokens = (topk_idx.len() / self.cfg.topk).min(self.cfg.max_tokens);
         let t = self.comm.transport();
         // SAFETY: this rank's own input rows; they are not written until this dispatch's
@@ -139,6 +117,24 @@ impl<'c> MoeBuffer<'c> {
         // handing them out), and the view holding this slice borrows the buffer.
         let x = unsafe { t.local_slice(self.lease.window(), at, tokens * self.cfg.row_bytes())? };
         self.dispatch_rows(x, true, topk_idx, topk_weights)
+    }
+
+    /// Where the input rows lie, for `call`: refused without zero-copy dispatch, and while
+    /// peers may still read the last ones (from a zero-copy dispatch until its combine).
+    fn free_input(&self, call: &str) -> Result<usize> {
+        let Some(at) = self.input_at else {
+            return Err(Error::InvalidUsage(format!(
+                "{call}: input rows need MoeConfig::zero_copy_dispatch"
+            )));
+        };
+        if self.input_busy {
+            return Err(Error::InvalidUsage(format!(
+                "{call}: the input rows of the last zero-copy dispatch may still be read by \
+                 peers; they are free again once its combine has returned (each zero-copy \
+                 dispatch needs its combine before the next)"
+            )));
+        }
+        Ok(at)
     }
 
     /// The dispatch of `x`; with `in_place`, `x` is this rank's input rows and mapped ranks

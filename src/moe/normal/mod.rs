@@ -195,7 +195,7 @@ impl<'c> MoeBuffer<'c> {
         let outs = size.round_up(size.mul(&[rows, cfg.row_bytes()])?, LINE)?;
         let comb = if mapped { 0 } else { outs };
         let half = size.add(&[disp, outs, comb])?;
-        let mailbox = Mailbox::new(&size, size.mul(&[2, half])?, 2, n, 2, 0)?;
+        let mailbox = Mailbox::new(&size, size.mul(&[2, half])?, 2, n, 2)?;
         // Zero-copy dispatch: the input rows after the mailbox (one set: a source rewrites
         // them only after every peer has finished reading, see `input_busy`).
         let input_at = size.add(&[2 * half, mailbox.len()])?;
@@ -255,6 +255,11 @@ impl<'c> MoeBuffer<'c> {
     /// The configuration.
     pub fn config(&self) -> &MoeConfig {
         &self.cfg
+    }
+
+    /// The rank of every expert.
+    pub(in crate::moe) fn placement(&self) -> &[usize] {
+        &self.placement
     }
 
     /// Whether the last dispatch awaits its combine.

@@ -109,6 +109,25 @@ impl<'a> DispatchView<'a> {
         Ok((src_token, data))
     }
 
+    /// Calls `f(index, source, token, experts, data)` for every received row, sources in rank
+    /// order, `index` counting them (the row of [`Self::expert_output`]), without allocating;
+    /// every record checked.
+    pub(in crate::moe) fn each_row(
+        &self,
+        mut f: impl FnMut(usize, usize, usize, &[(usize, f32)], &'a [u8]),
+    ) -> Result<()> {
+        let mut chosen = Chosen::new();
+        let mut index = 0;
+        for (src, &count) in self.buf.recv_counts.iter().enumerate() {
+            for i in 0..count {
+                let (token, data) = self.read_row(src, i, &mut chosen)?;
+                f(index, src, token, &chosen, data);
+                index += 1;
+            }
+        }
+        Ok(())
+    }
+
     /// Every received row, sources in rank order.
     pub fn rows(&self) -> Result<Vec<RecvRow<'a>>> {
         (0..self.buf.comm.world_size())
