@@ -25,6 +25,7 @@
 mod config;
 mod dispatcher;
 mod element;
+mod eplb;
 mod inputs;
 mod layout;
 mod low_latency;
@@ -39,6 +40,7 @@ mod typed;
 pub use config::{Dtype, MoeConfig};
 pub use dispatcher::{Dispatched, Dispatcher, Mode};
 pub use element::Element;
+pub use eplb::{load_bound, rebalance, replica_counts, ExpertMap, MapShape};
 pub use layout::{dispatch_layout, Layout};
 pub use low_latency::{ExpertRow, LowLatencyBuffer, LowLatencyView};
 pub use normal::{DispatchView, MoeBuffer, RecvRow};
