@@ -1,5 +1,6 @@
 //! MoE configuration: experts, hidden size, element type, top-k, capacity, expert placement.
 
+use super::eplb::{ExpertMap, ReplicaPolicy};
 use crate::error::{Error, Result};
 
 /// f32 → bf16 bits, rounding to nearest even; NaN stays NaN. Branch-free, so loops over
@@ -150,7 +151,17 @@ pub struct MoeConfig {
     /// Element type of the rows.
     pub dtype: Dtype,
     /// Rank holding each expert; `None` = contiguous blocks (expert e on rank e / (E / R)).
+    /// Ignored when `map` is given.
     pub placement: Option<Vec<usize>>,
+    /// Expert slots with replicas ([`ExpertMap`], EPLB): dispatch still takes logical expert
+    /// ids and sends each (token, expert) to one replica, chosen by `replica_policy`.
+    /// `None` = the map of `placement` (one replica per expert).
+    pub map: Option<ExpertMap>,
+    /// How dispatch picks a replica when an expert has several.
+    pub replica_policy: ReplicaPolicy,
+    /// Consecutive ranks per host, when the caller knows it ([`ReplicaPolicy::LocalFirst`]
+    /// needs it).
+    pub ranks_per_host: Option<usize>,
     /// Dispatch bf16/f16 rows as INT8 with a per-row scale, rebuilt on arrival (half the
     /// bytes; error bound in [`crate::moe::quant`]).
     pub int8_dispatch: bool,
@@ -177,6 +188,9 @@ impl MoeConfig {
             max_tokens,
             dtype,
             placement: None,
+            map: None,
+            replica_policy: ReplicaPolicy::Rotate,
+            ranks_per_host: None,
             int8_dispatch: false,
             zero_copy_dispatch: false,
         }
@@ -185,28 +199,7 @@ impl MoeConfig {
     /// The rank of every expert for a world of `ranks`, checked (with the sizes: at most
     /// `MAX_EXPERTS` experts, rows that fit the address space).
     pub fn placement_for(&self, ranks: usize) -> Result<Vec<usize>> {
-        if self.experts == 0 || self.hidden == 0 || self.topk == 0 || self.topk > self.experts {
-            return Err(Error::InvalidArgument(format!(
-                "MoE config: experts {}, hidden {}, top-k {} (need 1 <= top-k <= experts, hidden >= 1)",
-                self.experts, self.hidden, self.topk
-            )));
-        }
-        if self.experts > MAX_EXPERTS {
-            return Err(Error::InvalidArgument(format!(
-                "MoE config: {} experts (at most {MAX_EXPERTS})",
-                self.experts
-            )));
-        }
-        if self
-            .hidden
-            .checked_mul(Dtype::F32.size())
-            .is_none_or(|b| b > isize::MAX as usize / 2)
-        {
-            return Err(Error::InvalidArgument(format!(
-                "MoE config: hidden size {} is larger than the address space",
-                self.hidden
-            )));
-        }
+        self.check_sizes()?;
         match &self.placement {
             Some(p) => {
                 if p.len() != self.experts {
@@ -233,6 +226,65 @@ impl MoeConfig {
                 let per = self.experts / ranks;
                 Ok((0..self.experts).map(|e| e / per).collect())
             }
+        }
+    }
+
+    /// The sizes: 1 <= top-k <= experts <= `MAX_EXPERTS`, rows that fit the address space.
+    fn check_sizes(&self) -> Result<()> {
+        if self.experts == 0 || self.hidden == 0 || self.topk == 0 || self.topk > self.experts {
+            return Err(Error::InvalidArgument(format!(
+                "MoE config: experts {}, hidden {}, top-k {} (need 1 <= top-k <= experts, hidden >= 1)",
+                self.experts, self.hidden, self.topk
+            )));
+        }
+        if self.experts > MAX_EXPERTS {
+            return Err(Error::InvalidArgument(format!(
+                "MoE config: {} experts (at most {MAX_EXPERTS})",
+                self.experts
+            )));
+        }
+        if self
+            .hidden
+            .checked_mul(Dtype::F32.size())
+            .is_none_or(|b| b > isize::MAX as usize / 2)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "MoE config: hidden size {} is larger than the address space",
+                self.hidden
+            )));
+        }
+        Ok(())
+    }
+
+    /// The expert map for a world of `ranks`: `map` checked against the configuration, or
+    /// the map of [`MoeConfig::placement_for`]; with the replica policy's needs checked.
+    pub fn map_for(&self, ranks: usize) -> Result<ExpertMap> {
+        if let Some(h) = self.ranks_per_host {
+            if h == 0 || ranks % h != 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "{h} ranks per host for {ranks} ranks"
+                )));
+            }
+        }
+        if self.replica_policy == ReplicaPolicy::LocalFirst && self.ranks_per_host.is_none() {
+            return Err(Error::InvalidArgument(
+                "the local-first replica policy needs the hosts (MoeConfig::ranks_per_host)".into(),
+            ));
+        }
+        match &self.map {
+            Some(map) => {
+                self.check_sizes()?;
+                if map.experts() != self.experts || map.ranks() != ranks {
+                    return Err(Error::InvalidArgument(format!(
+                        "expert map of {} experts on {} ranks for {} experts on {ranks} ranks",
+                        map.experts(),
+                        map.ranks(),
+                        self.experts
+                    )));
+                }
+                Ok(map.clone())
+            }
+            None => ExpertMap::from_placement(&self.placement_for(ranks)?, ranks),
         }
     }
 

@@ -6,7 +6,7 @@ use super::config::{Dtype, MoeConfig};
 use super::element::{bytes, bytes_mut, Element};
 use super::normal::Chosen;
 use super::sum::sum_rows;
-use super::{DispatchView, LowLatencyBuffer, LowLatencyView, MoeBuffer};
+use super::{DispatchView, ExpertMap, LowLatencyBuffer, LowLatencyView, MoeBuffer, MoeStats};
 use crate::error::Result;
 use crate::Communicator;
 use smallvec::SmallVec;
@@ -80,6 +80,41 @@ impl<'c> Dispatcher<'c> {
         match self {
             Dispatcher::Normal(b) => b.config(),
             Dispatcher::LowLatency(b) => b.config(),
+        }
+    }
+
+    /// The buffer under either mode (the low-latency one wraps a normal-mode buffer).
+    fn core(&self) -> &MoeBuffer<'c> {
+        match self {
+            Dispatcher::Normal(b) => b,
+            Dispatcher::LowLatency(b) => b.inner(),
+        }
+    }
+
+    /// Collective, between calls: routes later dispatches through `map`
+    /// ([`MoeBuffer::set_map`]).
+    pub fn set_map(&mut self, map: ExpertMap) -> Result<()> {
+        match self {
+            Dispatcher::Normal(b) => b.set_map(map),
+            Dispatcher::LowLatency(b) => b.set_map(map),
+        }
+    }
+
+    /// The expert map dispatch routes through.
+    pub fn map(&self) -> &ExpertMap {
+        self.core().map()
+    }
+
+    /// Rows dispatched per logical expert and time waited per peer ([`MoeStats`]).
+    pub fn stats(&self) -> &MoeStats {
+        self.core().stats()
+    }
+
+    /// The statistics, restarted.
+    pub fn take_stats(&mut self) -> MoeStats {
+        match self {
+            Dispatcher::Normal(b) => b.take_stats(),
+            Dispatcher::LowLatency(b) => b.take_stats(),
         }
     }
 

@@ -32,6 +32,7 @@ mod low_latency;
 mod normal;
 pub mod quant;
 mod record;
+mod stats;
 mod sum;
 #[cfg(target_arch = "x86_64")]
 mod sum_avx2;
@@ -40,10 +41,14 @@ mod typed;
 pub use config::{Dtype, MoeConfig};
 pub use dispatcher::{Dispatched, Dispatcher, Mode};
 pub use element::Element;
-pub use eplb::{load_bound, rebalance, replica_counts, ExpertMap, MapShape};
+pub use eplb::{
+    imbalance, load_bound, move_weights, rebalance, replica_counts, weight_moves, ControllerConfig,
+    EplbController, ExpertMap, MapShape, ReplicaPolicy, WeightMove,
+};
 pub use layout::{dispatch_layout, Layout};
 pub use low_latency::{ExpertRow, LowLatencyBuffer, LowLatencyView};
 pub use normal::{DispatchView, MoeBuffer, RecvRow};
+pub use stats::MoeStats;
 pub use sum::sum_rows;
 
 /// A combine needs a dispatch that has not been combined yet (one combine per dispatch, in

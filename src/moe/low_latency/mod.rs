@@ -20,7 +20,9 @@
 //! combine costs ~4 µs per token on this CPU, more than moving the token's rows.
 
 use super::config::MoeConfig;
+use super::eplb::ExpertMap;
 use super::normal::{DispatchView, MoeBuffer};
+use super::stats::MoeStats;
 use crate::error::{Error, Result};
 use crate::Communicator;
 
@@ -66,8 +68,6 @@ use crate::Communicator;
 /// ```
 pub struct LowLatencyBuffer<'c> {
     inner: MoeBuffer<'c>,
-    /// This rank's experts, in id order.
-    local_experts: Vec<usize>,
 }
 
 /// One (token, expert) choice as the expert's rank receives it.
@@ -91,6 +91,7 @@ pub struct ExpertRow<'a> {
 pub struct LowLatencyView<'a> {
     view: DispatchView<'a>,
     local_experts: &'a [usize],
+    local_slots: &'a [usize],
 }
 
 mod view;
@@ -100,15 +101,8 @@ impl<'c> LowLatencyBuffer<'c> {
     /// window of [`MoeBuffer::new`]: `world × max_tokens` rows received and as many rows of
     /// output).
     pub fn new(comm: &'c Communicator, cfg: MoeConfig) -> Result<Self> {
-        let inner = MoeBuffer::new(comm, cfg)?;
-        let me = comm.rank();
-        let local_experts = (inner.placement().iter().enumerate())
-            .filter(|&(_, &r)| r == me)
-            .map(|(e, _)| e)
-            .collect();
         Ok(LowLatencyBuffer {
-            inner,
-            local_experts,
+            inner: MoeBuffer::new(comm, cfg)?,
         })
     }
 
@@ -126,6 +120,32 @@ impl<'c> LowLatencyBuffer<'c> {
     /// with the error).
     pub fn close(self) -> Result<()> {
         self.inner.close()
+    }
+
+    /// The normal-mode buffer underneath.
+    pub(in crate::moe) fn inner(&self) -> &MoeBuffer<'c> {
+        &self.inner
+    }
+
+    /// Collective, between calls: routes later dispatches through `map`
+    /// ([`MoeBuffer::set_map`]).
+    pub fn set_map(&mut self, map: ExpertMap) -> Result<()> {
+        self.inner.set_map(map)
+    }
+
+    /// The expert map dispatch routes through.
+    pub fn map(&self) -> &ExpertMap {
+        self.inner.map()
+    }
+
+    /// Rows dispatched per logical expert and time waited per peer ([`MoeStats`]).
+    pub fn stats(&self) -> &MoeStats {
+        self.inner.stats()
+    }
+
+    /// The statistics, restarted.
+    pub fn take_stats(&mut self) -> MoeStats {
+        self.inner.take_stats()
     }
 
     /// Collective, before the first call: starts counting calls after `calls` (tests run
@@ -153,9 +173,11 @@ impl<'c> LowLatencyBuffer<'c> {
             ));
         }
         let view = self.inner.dispatch(x, topk_idx, topk_weights)?;
+        let buf = view.buffer();
         Ok(LowLatencyView {
             view,
-            local_experts: &self.local_experts,
+            local_experts: buf.local_experts(),
+            local_slots: buf.local_slots(),
         })
     }
 

@@ -14,6 +14,11 @@ impl<'a> LowLatencyView<'a> {
         self.local_experts
     }
 
+    /// The physical slot ([`crate::moe::ExpertMap`]) of each of [`Self::local_experts`].
+    pub fn local_slots(&self) -> &[usize] {
+        self.local_slots
+    }
+
     /// Tokens received (rows of [`Self::output`]).
     pub fn len(&self) -> usize {
         self.view.len()

@@ -4,7 +4,8 @@ use super::*;
 use crate::moe::inputs::check_dispatch;
 use crate::moe::record::TokenRecord;
 
-/// A dispatch's expert choices: `topk` (expert, weight) pairs per token.
+/// A dispatch's expert choices: `topk` (slot, weight) pairs per token (logical experts
+/// resolved to slots of the expert map).
 struct Choices<'x> {
     idx: &'x [i64],
     weights: &'x [f32],
@@ -150,13 +151,25 @@ impl<'c> MoeBuffer<'c> {
         // Taken out for the call and put back after (an error path leaves it empty; it is
         // refilled, reusing its memory, by the next call).
         let mut layout = std::mem::take(&mut self.layout);
+        let (policy, hosts) = (self.cfg.replica_policy, self.cfg.ranks_per_host);
+        let k = self.cfg.topk;
+        (self.router).resolve(&self.map, policy, (me, hosts), topk_idx, k)?;
+        let slots = std::mem::take(&mut self.router.slots);
         let tokens = check_dispatch(
             &self.cfg,
-            (&self.placement, n),
-            (x, topk_idx, topk_weights),
+            (&self.slot_rank, n),
+            (x, &slots, topk_weights),
             &mut self.scales,
             &mut layout,
-        )?;
+        );
+        let tokens = match tokens {
+            Ok(t) => t,
+            Err(e) => {
+                self.router.slots = slots;
+                return Err(e);
+            }
+        };
+        self.stats.dispatched(topk_idx);
         self.lease.enter();
         self.disp_epoch += 1;
         let epoch = self.disp_epoch;
@@ -164,7 +177,7 @@ impl<'c> MoeBuffer<'c> {
         // Set before anything is sent: a failed dispatch may have let peers start reading.
         self.input_busy |= in_place;
         let choices = Choices {
-            idx: topk_idx,
+            idx: &slots,
             weights: topk_weights,
         };
         // This rank's own records first (it announces nothing to itself: it knows its count),
@@ -182,6 +195,7 @@ impl<'c> MoeBuffer<'c> {
             self.dequantize_arrivals(epoch)?;
         }
         self.layout = layout;
+        self.router.slots = slots;
         self.dispatched = true;
         self.lease.leave();
         Ok(DispatchView { buf: self, x })
@@ -219,10 +233,10 @@ impl<'c> MoeBuffer<'c> {
         for tok in (0..self.tokens).filter(|&tok| layout.in_rank(tok, dst)) {
             let i = self.sent[dst].len();
             let quantized = self.cfg.int8_dispatch && dst != me;
-            let placement = &self.placement;
+            let slot_rank = &self.slot_rank;
             let chosen = choices
                 .of(tok, k)
-                .filter(|&(e, _)| e >= 0 && placement[e as usize] == dst);
+                .filter(|&(s, _)| s >= 0 && slot_rank[s as usize] == dst);
             let scale = quantized.then(|| self.scales[tok]);
             TokenRecord::write(&mut self.meta_buf, k, tok, chosen, scale);
             let row = &x[tok * row_bytes..(tok + 1) * row_bytes];

@@ -19,9 +19,11 @@
 //! dispatch e+2, which needs the home's dispatch e+1, which follows its combine e.
 
 use super::config::MoeConfig;
+use super::eplb::{ExpertMap, Router};
 use super::layout::Layout;
 use super::quant;
 use super::record::TokenRecord;
+use super::stats::MoeStats;
 use super::sum::sum_rows;
 use crate::error::{Error, Result};
 use crate::mailbox::Mailbox;
@@ -54,8 +56,11 @@ pub struct RecvRow<'a> {
     pub src_rank: usize,
     /// The token's index on its home rank.
     pub src_token: usize,
-    /// This rank's experts that the token chose, with their gate weights, in top-k order.
+    /// This rank's experts that the token chose (logical expert ids), with their gate
+    /// weights, in top-k order.
     pub experts: Vec<(usize, f32)>,
+    /// The physical slot ([`crate::moe::ExpertMap`]) that serves each of `experts`.
+    pub slots: Vec<usize>,
     /// The token's row (`hidden` elements of the configured dtype).
     pub data: &'a [u8],
 }
@@ -97,7 +102,16 @@ pub struct RecvRow<'a> {
 pub struct MoeBuffer<'c> {
     comm: &'c Communicator,
     cfg: MoeConfig,
-    placement: Vec<usize>,
+    /// The expert slots ([`MoeConfig::map`], or the placement's), and the rank of each slot.
+    map: ExpertMap,
+    slot_rank: Vec<usize>,
+    /// This rank's logical experts, ascending, and the slot of each.
+    local_experts: Vec<usize>,
+    local_slots: Vec<usize>,
+    /// Resolves each dispatch's logical experts to slots.
+    router: Router,
+    /// Rows dispatched per logical expert and time waited per peer.
+    stats: MoeStats,
     lease: Lease<'c>,
     meta: usize,
     rec: usize,
@@ -182,7 +196,7 @@ impl<'c> MoeBuffer<'c> {
     /// network backend, as many rows where homes receive the output).
     pub fn new(comm: &'c Communicator, cfg: MoeConfig) -> Result<Self> {
         let n = comm.world_size();
-        let placement = cfg.placement_for(n)?;
+        let map = cfg.map_for(n)?;
         cfg.check_int8()?;
         // Metadata: source token, local expert count, (expert, weight) per top-k slot, scale.
         let what = format!("an MoE buffer of {n} ranks for {cfg:?}");
@@ -195,7 +209,9 @@ impl<'c> MoeBuffer<'c> {
         let outs = size.round_up(size.mul(&[rows, cfg.row_bytes()])?, LINE)?;
         let comb = if mapped { 0 } else { outs };
         let half = size.add(&[disp, outs, comb])?;
-        let mailbox = Mailbox::new(&size, size.mul(&[2, half])?, 2, n, 2)?;
+        // Words: the row count, where the rows start (dispatch: left in place or not), and
+        // the expert map's version.
+        let mailbox = Mailbox::new(&size, size.mul(&[2, half])?, 2, n, 3)?;
         // Zero-copy dispatch: the input rows after the mailbox (one set: a source rewrites
         // them only after every peer has finished reading, see `input_busy`).
         let input_at = size.add(&[2 * half, mailbox.len()])?;
@@ -212,9 +228,14 @@ impl<'c> MoeBuffer<'c> {
         let mailbox = mailbox.at_signals(lease.signals().start);
         let sig_rows = lease.signals().start + mailbox.signal_count();
         let (paths, own) = lease.views()?;
-        Ok(MoeBuffer {
+        let mut buf = MoeBuffer {
             comm,
-            placement,
+            slot_rank: Vec::new(),
+            local_experts: Vec::new(),
+            local_slots: Vec::new(),
+            router: Router::default(),
+            stats: MoeStats::new(cfg.experts, n),
+            map: map.clone(),
             lease,
             meta,
             rec,
@@ -249,7 +270,73 @@ impl<'c> MoeBuffer<'c> {
             in_place: vec![false; n],
             input_busy: false,
             cfg,
-        })
+        };
+        buf.install(map);
+        Ok(buf)
+    }
+
+    /// Makes `map` the one dispatch routes through (checked by the caller).
+    fn install(&mut self, map: ExpertMap) {
+        let me = self.comm.rank();
+        self.slot_rank = (0..map.slot_count()).map(|s| map.rank_of_slot(s)).collect();
+        let spr = map.slots_per_rank();
+        let mut local: Vec<(usize, usize)> = (me * spr..(me + 1) * spr)
+            .filter_map(|s| map.logical(s).map(|e| (e, s)))
+            .collect();
+        local.sort_unstable();
+        self.local_experts = local.iter().map(|&(e, _)| e).collect();
+        self.local_slots = local.iter().map(|&(_, s)| s).collect();
+        self.map = map;
+    }
+
+    /// Collective, between calls: routes later dispatches through `map` (every rank must
+    /// pass the same map: otherwise `ConfigMismatch` on every rank and the old map stays).
+    /// Takes effect at the next dispatch; refused between a dispatch and its combine.
+    ///
+    /// ```no_run
+    /// # fn main() -> xccl::Result<()> {
+    /// use xccl::moe::{rebalance, Dtype, MapShape, MoeBuffer, MoeConfig};
+    /// let comm = xccl::Communicator::from_env()?;
+    /// let mut buf = MoeBuffer::new(&comm, MoeConfig::new(64, 7168, 8, 128, Dtype::Bf16))?;
+    /// // ... dispatch and combine some steps, then, from the job-wide load:
+    /// let load: Vec<f64> = buf.stats().expert_rows().iter().map(|&c| c as f64).collect();
+    /// let shape = MapShape { ranks: comm.world_size(), slots_per_rank: 20, ranks_per_host: None };
+    /// let map = rebalance(&load, &shape, Some(buf.map()))?;
+    /// buf.set_map(map)?; // on every rank, with the same map
+    /// # Ok(()) }
+    /// ```
+    pub fn set_map(&mut self, map: ExpertMap) -> Result<()> {
+        if self.dispatched {
+            return Err(Error::InvalidUsage(
+                "set_map between a dispatch and its combine (a map changes at a step boundary)"
+                    .into(),
+            ));
+        }
+        let mut cfg = self.cfg.clone();
+        cfg.map = Some(map);
+        let map = cfg.map_for(self.comm.world_size())?;
+        let text = format!("fingerprint {:016x}", map.fingerprint());
+        self.comm.agree("the MoE expert map", &text)?;
+        self.cfg = cfg;
+        self.install(map);
+        Ok(())
+    }
+
+    /// The expert map dispatch routes through.
+    pub fn map(&self) -> &ExpertMap {
+        &self.map
+    }
+
+    /// What the buffer has counted since it was made or last reset: rows per logical expert
+    /// and time waited per peer ([`MoeStats`]).
+    pub fn stats(&self) -> &MoeStats {
+        &self.stats
+    }
+
+    /// The statistics, restarted (the caller chooses the window of steps they cover).
+    pub fn take_stats(&mut self) -> MoeStats {
+        let fresh = MoeStats::new(self.cfg.experts, self.comm.world_size());
+        std::mem::replace(&mut self.stats, fresh)
     }
 
     /// The configuration.
@@ -257,9 +344,14 @@ impl<'c> MoeBuffer<'c> {
         &self.cfg
     }
 
-    /// The rank of every expert.
-    pub(in crate::moe) fn placement(&self) -> &[usize] {
-        &self.placement
+    /// This rank's logical experts, ascending.
+    pub(in crate::moe) fn local_experts(&self) -> &[usize] {
+        &self.local_experts
+    }
+
+    /// The slot of each of [`Self::local_experts`].
+    pub(in crate::moe) fn local_slots(&self) -> &[usize] {
+        &self.local_slots
     }
 
     /// Whether the last dispatch awaits its combine.
@@ -332,8 +424,8 @@ impl<'c> MoeBuffer<'c> {
         start: usize,
         epoch: u64,
     ) -> Result<()> {
-        let mut slot = [0u8; 24];
-        let words = [count as u64, start as u64];
+        let mut slot = [0u8; 32];
+        let words = [count as u64, start as u64, self.map.version()];
         self.mailbox.post(
             &self.paths[dst],
             self.comm.rank(),
@@ -349,9 +441,18 @@ impl<'c> MoeBuffer<'c> {
     fn collect(&self, src: usize, kind: usize, epoch: u64) -> Result<(usize, usize)> {
         let t = self.comm.transport();
         let deadline = self.comm.deadline();
-        let [count, start, ..] = self
+        let began = std::time::Instant::now();
+        let [count, start, version, ..] = self
             .mailbox
             .collect(t, &self.own, kind, src, epoch, deadline)?;
+        self.stats.waited(kind, src, began.elapsed());
+        if version != self.map.version() {
+            return Err(Error::ConfigMismatch(format!(
+                "rank {src} sent call {epoch} through expert map version {version}; this rank                  ({}) has version {} (set_map must be called on every rank)",
+                self.comm.rank(),
+                self.map.version()
+            )));
+        }
         let capacity = (self.comm.world_size() * self.cfg.max_tokens) as u64;
         if count > self.cfg.max_tokens as u64 || start > capacity || count > capacity - start {
             return Err(Error::ProtocolViolation(format!(

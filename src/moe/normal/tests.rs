@@ -32,9 +32,9 @@ fn a_forged_count_in_the_own_slot_changes_nothing() {
         let mut buf = MoeBuffer::new(comm, cfg).unwrap();
         if me == 1 {
             // Rank 0's own slot of call 1, as if rank 0 had posted 8 rows to itself.
-            let mut slot = [0u8; 24];
+            let mut slot = [0u8; 32];
             buf.mailbox
-                .post(&buf.paths[0], 0, 0, 1, &[8, 0], &mut slot)
+                .post(&buf.paths[0], 0, 0, 1, &[8, 0, 0], &mut slot)
                 .unwrap();
         }
         comm.barrier().unwrap();

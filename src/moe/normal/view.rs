@@ -13,6 +13,11 @@ impl<'a> DispatchView<'a> {
         &self.buf.cfg
     }
 
+    /// The buffer that received the rows.
+    pub(in crate::moe) fn buffer(&self) -> &'a MoeBuffer<'a> {
+        self.buf
+    }
+
     /// Rows received from each source rank.
     pub fn counts(&self) -> &[usize] {
         &self.buf.recv_counts
@@ -30,24 +35,26 @@ impl<'a> DispatchView<'a> {
 
     /// Row `i` from `src`, its metadata checked (it comes from another process).
     pub fn row(&self, src: usize, i: usize) -> Result<RecvRow<'a>> {
-        let mut experts = Chosen::new();
-        let (src_token, data) = self.read_row(src, i, &mut experts)?;
+        let (mut experts, mut slots) = (Chosen::new(), SmallVec::new());
+        let (src_token, data) = self.read_row(src, i, &mut experts, Some(&mut slots))?;
         Ok(RecvRow {
             src_rank: src,
             src_token,
             experts: experts.into_vec(),
+            slots: slots.into_vec(),
             data,
         })
     }
 
     /// Row `i` from `src` without allocating: its token and data, and its experts (this
-    /// rank's, with their weights, in top-k order) in `experts`; every field checked (it
-    /// comes from another process).
+    /// rank's logical experts, with their weights, in top-k order) in `experts` and their
+    /// slots in `slots`; every field checked (it comes from another process).
     pub(in crate::moe) fn read_row(
         &self,
         src: usize,
         i: usize,
         experts: &mut Chosen,
+        mut slots: Option<&mut SmallVec<[usize; 8]>>,
     ) -> Result<(usize, &'a [u8])> {
         let b: &'a MoeBuffer<'a> = self.buf;
         let me = b.comm.rank();
@@ -94,17 +101,19 @@ impl<'a> DispatchView<'a> {
                 record.count()
             ))
         })?;
-        for (e, w) in chosen {
-            if e < 0
-                || e as usize >= b.cfg.experts
-                || b.placement[e as usize] != me
-                || !w.is_finite()
-            {
+        for (s, w) in chosen {
+            let logical = (s >= 0 && b.slot_rank.get(s as usize) == Some(&me) && w.is_finite())
+                .then(|| b.map.logical(s as usize))
+                .flatten();
+            let Some(e) = logical else {
                 return Err(bad(format!(
-                    "expert {e} (weight {w}) is not one of this rank's"
+                    "expert slot {s} (weight {w}) is not one of this rank's"
                 )));
+            };
+            experts.push((e, w));
+            if let Some(slots) = slots.as_deref_mut() {
+                slots.push(s as usize);
             }
-            experts.push((e as usize, w));
         }
         Ok((src_token, data))
     }
@@ -120,7 +129,7 @@ impl<'a> DispatchView<'a> {
         let mut index = 0;
         for (src, &count) in self.buf.recv_counts.iter().enumerate() {
             for i in 0..count {
-                let (token, data) = self.read_row(src, i, &mut chosen)?;
+                let (token, data) = self.read_row(src, i, &mut chosen, None)?;
                 f(index, src, token, &chosen, data);
                 index += 1;
             }
@@ -175,20 +184,17 @@ impl<'a> DispatchView<'a> {
         }
     }
 
-    /// Received tokens per local expert (this rank's experts in id order).
+    /// Received tokens per local expert (this rank's logical experts in id order).
     pub fn tokens_per_local_expert(&self) -> Result<Vec<(usize, usize)>> {
-        let me = self.buf.comm.rank();
-        let mut counts: Vec<(usize, usize)> = (0..self.buf.cfg.experts)
-            .filter(|&e| self.buf.placement[e] == me)
-            .map(|e| (e, 0))
-            .collect();
-        for row in self.rows()? {
-            for (e, _) in row.experts {
-                if let Some(c) = counts.iter_mut().find(|(x, _)| *x == e) {
-                    c.1 += 1;
+        let mut counts: Vec<(usize, usize)> =
+            self.buf.local_experts.iter().map(|&e| (e, 0)).collect();
+        self.each_row(|_, _, _, experts, _| {
+            for &(e, _) in experts {
+                if let Ok(i) = counts.binary_search_by_key(&e, |c| c.0) {
+                    counts[i].1 += 1;
                 }
             }
-        }
+        })?;
         Ok(counts)
     }
 }

@@ -1,0 +1,166 @@
+//! Routing to replicas: each (token, logical expert) of a dispatch resolved to one physical
+//! slot of the [`ExpertMap`], by a [`ReplicaPolicy`].
+
+use super::map::ExpertMap;
+use crate::error::{Error, Result};
+
+/// How a dispatch picks one replica of a logical expert for each (token, expert).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReplicaPolicy {
+    /// The `j`-th row of expert `e` a rank sends in a call goes to replica
+    /// `(j + rank) mod replicas(e)`: no communication, the same choice on every run, and
+    /// each rank splits its rows of an expert over the replicas evenly (within one).
+    #[default]
+    Rotate,
+    /// The replica on this rank if there is one, else those on this host (rotating among
+    /// them as `Rotate` does), else all of them (rotating). Needs
+    /// [`crate::moe::MoeConfig::ranks_per_host`].
+    LocalFirst,
+}
+
+/// Per-buffer routing state, reused by every call: the slots a call resolved to and the
+/// per-expert row counters of the call.
+#[derive(Debug, Default)]
+pub(crate) struct Router {
+    /// Rows of each logical expert this call has routed so far.
+    seen: Vec<u32>,
+    /// The call's `topk_idx` with slots for logical experts (`-1` kept).
+    pub slots: Vec<i64>,
+    /// Scratch: the replicas a choice rotates over.
+    candidates: Vec<u32>,
+}
+
+impl Router {
+    /// Resolves `topk_idx` (logical experts, `-1` = none; `topk` per token) into
+    /// [`Router::slots`], checking every id and that no token names an expert twice.
+    pub fn resolve(
+        &mut self,
+        map: &ExpertMap,
+        policy: ReplicaPolicy,
+        (me, ranks_per_host): (usize, Option<usize>),
+        topk_idx: &[i64],
+        topk: usize,
+    ) -> Result<()> {
+        let experts = map.experts();
+        if topk == 0 || topk_idx.len() % topk != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "topk_idx has {} entries, not a multiple of top-k {topk}",
+                topk_idx.len()
+            )));
+        }
+        self.seen.clear();
+        self.seen.resize(experts, 0);
+        self.slots.clear();
+        for (t, row) in topk_idx.chunks(topk).enumerate() {
+            for (j, &e) in row.iter().enumerate() {
+                if e == -1 {
+                    self.slots.push(-1);
+                    continue;
+                }
+                if e < 0 || e as usize >= experts {
+                    return Err(Error::InvalidArgument(format!(
+                        "token {t}: expert id {e} is outside -1..{experts}"
+                    )));
+                }
+                if row[..j].contains(&e) {
+                    return Err(Error::InvalidArgument(format!(
+                        "token {t}: expert {e} chosen twice"
+                    )));
+                }
+                let e = e as usize;
+                let reps = map.replicas(e);
+                let turn = self.seen[e] as usize + me;
+                self.seen[e] += 1;
+                let slot = match (reps.len(), policy) {
+                    (1, _) => reps[0],
+                    (_, ReplicaPolicy::Rotate) => reps[turn % reps.len()],
+                    (_, ReplicaPolicy::LocalFirst) => {
+                        let host = ranks_per_host.map(|h| me / h);
+                        let on = |s: u32, h: usize| map.rank_of_slot(s as usize) / h;
+                        if let Some(&s) = reps.iter().find(|&&s| map.rank_of_slot(s as usize) == me)
+                        {
+                            s
+                        } else {
+                            self.candidates.clear();
+                            if let (Some(h), Some(host)) = (ranks_per_host, host) {
+                                self.candidates
+                                    .extend(reps.iter().filter(|&&s| on(s, h) == host));
+                            }
+                            match self.candidates.is_empty() {
+                                true => reps[turn % reps.len()],
+                                false => self.candidates[turn % self.candidates.len()],
+                            }
+                        }
+                    }
+                };
+                self.slots.push(slot as i64);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map() -> ExpertMap {
+        // 3 experts on 4 ranks of 2 slots (2 hosts of 2 ranks); expert 0 on every rank.
+        let s = |e| Some(e);
+        ExpertMap::new(
+            3,
+            4,
+            vec![s(0), s(1), s(0), s(2), s(0), None, s(0), None],
+            0,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn rotate_splits_evenly_and_local_first_stays_close() {
+        let m = map();
+        let mut r = Router::default();
+        // 8 tokens of top-1 expert 0 from rank 1: its 4 replicas get 2 each.
+        let idx = vec![0i64; 8];
+        r.resolve(&m, ReplicaPolicy::Rotate, (1, None), &idx, 1)
+            .unwrap();
+        let mut per = [0; 8];
+        for &s in &r.slots {
+            per[s as usize] += 1;
+        }
+        assert_eq!(per, [2, 0, 2, 0, 2, 0, 2, 0]);
+        assert_eq!(r.slots[0], 2); // (0 + rank 1) mod 4 = replica 1 = slot 2
+                                   // Local first: rank 1 holds expert 0 in slot 2; expert 2 is on rank 1 as well.
+        r.resolve(
+            &m,
+            ReplicaPolicy::LocalFirst,
+            (1, Some(2)),
+            &[0, 2, 1, -1],
+            2,
+        )
+        .unwrap();
+        assert_eq!(r.slots, vec![2, 3, 1, -1]);
+        // Rank 3 (host 1) has no expert 2 on its host: any replica (the only one).
+        r.resolve(&m, ReplicaPolicy::LocalFirst, (3, Some(2)), &[2, 0], 2)
+            .unwrap();
+        assert_eq!(r.slots, vec![3, 6]);
+    }
+
+    #[test]
+    fn bad_ids_are_refused() {
+        let m = map();
+        let mut r = Router::default();
+        assert!(r
+            .resolve(&m, ReplicaPolicy::Rotate, (0, None), &[3, 0], 2)
+            .is_err());
+        assert!(r
+            .resolve(&m, ReplicaPolicy::Rotate, (0, None), &[1, 1], 2)
+            .is_err());
+        assert!(r
+            .resolve(&m, ReplicaPolicy::Rotate, (0, None), &[-2, 1], 2)
+            .is_err());
+        assert!(r
+            .resolve(&m, ReplicaPolicy::Rotate, (0, None), &[1, 1, 0], 2)
+            .is_err());
+    }
+}
