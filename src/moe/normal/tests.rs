@@ -89,3 +89,31 @@ fn zero_copy_rows_are_read_where_their_source_wrote_them() {
         buf.close().unwrap();
     });
 }
+
+/// A dispatch announced through another map version (a peer that missed a `set_map`) is
+/// refused with `ConfigMismatch`, never read: rank 1 forges its announcement of call 1 with
+/// version 7 while rank 0's map has version 0.
+#[test]
+fn a_stale_map_version_is_refused() {
+    on_loopback_ranks(2, |comm| {
+        let me = comm.rank();
+        let cfg = MoeConfig::new(4, 16, 1, 8, Dtype::F32);
+        let mut buf = MoeBuffer::new(comm, cfg).unwrap();
+        if me == 1 {
+            let mut slot = [0u8; 32];
+            buf.mailbox
+                .post(&buf.paths[0], 1, 0, 1, &[0, 0, 7], &mut slot)
+                .unwrap();
+            comm.barrier().unwrap();
+            // As rank 0's, this buffer ends with a call under way: neither drains.
+            buf.lease.enter();
+            return;
+        }
+        let x = vec![0u8; 16 * 4];
+        match buf.dispatch(&x, &[0], &[1.0]) {
+            Err(Error::ConfigMismatch(m)) => assert!(m.contains("version 7"), "{m}"),
+            other => panic!("a stale version gave {:?}", other.map(|_| ())),
+        }
+        comm.barrier().unwrap();
+    });
+}
