@@ -141,7 +141,7 @@ fn case_strategy() -> impl Strategy<Value = Case> {
             (1usize..=experts.min(4)).prop_flat_map(move |topk| {
                 (
                     proptest::collection::vec(any::<u32>(), 16),
-                    any::<bool>(),
+                    0usize..3,
                     1usize..=n,
                     inputs(n, experts, hidden, topk),
                 )
@@ -153,10 +153,11 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                             hidden,
                             topk,
                             map: map_from(experts, n, extra, &picks),
-                            policy: match local {
-                                true => ReplicaPolicy::LocalFirst,
-                                false => ReplicaPolicy::Rotate,
-                            },
+                            policy: [
+                                ReplicaPolicy::Rotate,
+                                ReplicaPolicy::LocalFirst,
+                                ReplicaPolicy::FewestRanks,
+                            ][local],
                             ranks_per_host: Some(h),
                             inputs,
                         }

@@ -73,11 +73,19 @@ impl Dtype {
                     *a += w * f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                 }
             }
-            Dtype::Bf16 => {
-                for (a, b) in acc.iter_mut().zip(row.chunks_exact(2)) {
-                    *a += w * f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+            Dtype::Bf16 => match bytemuck::try_cast_slice::<u8, u16>(row) {
+                // Aligned rows (window rows always are): a loop the compiler vectorizes.
+                Ok(words) => {
+                    for (a, &v) in acc.iter_mut().zip(words) {
+                        *a += w * f32::from_bits((u16::from_le(v) as u32) << 16);
+                    }
                 }
-            }
+                Err(_) => {
+                    for (a, b) in acc.iter_mut().zip(row.chunks_exact(2)) {
+                        *a += w * f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+                    }
+                }
+            },
             Dtype::F16 => {
                 for (a, b) in acc.iter_mut().zip(row.chunks_exact(2)) {
                     *a += w * half::f16::from_le_bytes([b[0], b[1]]).to_f32();
@@ -95,11 +103,19 @@ impl Dtype {
                     b.copy_from_slice(&v.to_le_bytes());
                 }
             }
-            Dtype::Bf16 => {
-                for (b, v) in row.chunks_exact_mut(2).zip(vals) {
-                    b.copy_from_slice(&bf16_bits(*v).to_le_bytes());
+            Dtype::Bf16 => match bytemuck::try_cast_slice_mut::<u8, u16>(row) {
+                // Aligned rows: a loop the compiler vectorizes.
+                Ok(words) => {
+                    for (o, v) in words.iter_mut().zip(vals) {
+                        *o = bf16_bits(*v).to_le();
+                    }
                 }
-            }
+                Err(_) => {
+                    for (b, v) in row.chunks_exact_mut(2).zip(vals) {
+                        b.copy_from_slice(&bf16_bits(*v).to_le_bytes());
+                    }
+                }
+            },
             Dtype::F16 => {
                 for (b, v) in row.chunks_exact_mut(2).zip(vals) {
                     b.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes());

@@ -190,6 +190,14 @@ impl Dispatched<'_> {
         self.len() == 0
     }
 
+    /// Tokens received from each source rank.
+    pub fn sources(&self) -> &[usize] {
+        match self {
+            Dispatched::Normal(v) => v.counts(),
+            Dispatched::LowLatency(v) => v.sources(),
+        }
+    }
+
     /// Runs every local expert once on its batch: `expert(e, rows, out)` gets the rows that
     /// chose expert `e` (bytes of the dtype) and writes one output row per input row into
     /// `out`, unweighted. The view sums each token's outputs with their gate weights, in

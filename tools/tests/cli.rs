@@ -258,6 +258,58 @@ fn moe_copy_experts_time_the_layer_of_both_dispatches() {
     }
 }
 
+/// `--eplb` with modelled expert time: a row without and one with EPLB, both checked, the
+/// imbalance and the layer reported, the EPLB row's map named in the JSON, and the
+/// comparison line printed; bad EPLB options are refused with a message.
+#[test]
+fn moe_eplb_runs_without_and_with_a_map() {
+    let _g = common::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let args: Vec<&str> = [
+        "moe",
+        "--tokens",
+        "16",
+        "--routing",
+        "zipf:1.2",
+        "--expert-us",
+        "2",
+        "--eplb",
+        "4",
+        "-n",
+        "5",
+        "-w",
+        "2",
+    ]
+    .iter()
+    .chain(&SMALL_MOE)
+    .copied()
+    .collect();
+    let (stdout, rows) = perf_json("moe-eplb", &args);
+    assert_eq!(rows.len(), 2, "{stdout}");
+    assert!(rows[0]["eplb"].is_null(), "{}", rows[0]);
+    assert_eq!(rows[1]["eplb"], "4,fewest", "{}", rows[1]);
+    for r in &rows {
+        assert_eq!(r["wrong"], 0, "{r}");
+        assert!(r["imbalance"].as_f64().is_some_and(|v| v >= 1.0), "{r}");
+        assert!(r["layer_us_p50"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+        assert_eq!(r["expert_us_per_row"], 2.0, "{r}");
+    }
+    assert!(stdout.contains("#  eplb vs without: layer p50"), "{stdout}");
+    for (bad, says) in [
+        (
+            &["--eplb", "4,nearest"][..],
+            "expected rotate, local or fewest",
+        ),
+        (&["--eplb", "x"][..], "EXTRA a count"),
+        (&["--eplb", "4", "--expert", "copy"][..], "identity experts"),
+        (&["--expert-us=-1"][..], "--expert-us"),
+    ] {
+        let out = perf(&[&["moe", "--tokens", "4"][..], bad].concat(), &[]);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{bad:?}: {err}");
+    }
+}
+
 /// Reads the first line `program` prints, closes the pipe, and returns its exit status and
 /// what it wrote on stderr.
 fn close_after_first_line(program: &str, args: &[&str]) -> (Option<i32>, String) {

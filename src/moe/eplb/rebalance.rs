@@ -6,6 +6,11 @@
 //!    This minimizes the largest load per replica for the slot budget (water-filling), so
 //!    that largest load is a lower bound on any map's busiest rank, as is the mean.
 //!    Spare slots that cannot lower it (every expert without load, or capped) stay empty.
+//!    Steps 2–3 run for several numbers of spare slots so used (all of them packs some ranks
+//!    with more replicas than helps); the map keeps the most replicas among the packings
+//!    within 1 % of the lightest busiest rank, after the fewest weight moves from the
+//!    previous map (replicas of hot experts on many ranks let
+//!    [`super::ReplicaPolicy::FewestRanks`] keep their rows at home).
 //! 2. **Pack.** Replicas, heaviest first, each go to the least loaded rank that has a free
 //!    slot and no replica of the same expert (longest-processing-time first). Ties, and
 //!    ranks within `keep_slack` of the least loaded, prefer the rank that held the expert in
@@ -13,6 +18,7 @@
 //!    lower rank.
 //! 3. **Refine.** While moving one replica off the busiest rank, or swapping it with one on
 //!    another rank, makes the busiest rank lighter, do the best such step.
+//!    With a previous map, that map refined by step 3 from where it is joins the candidates.
 //! 4. **Order slots.** An expert kept on a rank keeps its slot there; the others fill the free
 //!    slots in expert order.
 //!
@@ -41,6 +47,9 @@ pub struct MapShape {
 /// How far (a fraction of the mean rank load) a rank that held an expert before may be
 /// above the least loaded one and still get the expert again.
 const KEEP_SLACK: f64 = 0.02;
+/// How much heavier (a fraction) than the lightest packing a packing with more replicas may
+/// be and still be chosen (step 1).
+const LEVEL_SLACK: f64 = 0.01;
 /// Replication levels tried at most (step 1).
 const LEVELS: usize = 32;
 /// Refinement steps at most (each strictly lightens the busiest rank).
@@ -168,7 +177,33 @@ enum Step {
     Merge { j: usize },
 }
 
-impl Packing<'_> {
+impl<'a> Packing<'a> {
+    /// The packing `map` stands for (its replica counts and places).
+    fn from_map(map: &ExpertMap, load: &'a [f64], shape: &'a MapShape) -> Self {
+        let mut pack = Packing {
+            shape,
+            expert_load: load,
+            count: (0..load.len()).map(|e| map.replicas(e).len()).collect(),
+            load: vec![0.0; shape.ranks],
+            held: vec![Vec::with_capacity(shape.slots_per_rank); shape.ranks],
+        };
+        for r in 0..shape.ranks {
+            for e in map.experts_on(r) {
+                pack.place(r, e);
+            }
+        }
+        pack
+    }
+
+    /// Step 3 until no step helps (at most `REFINE_STEPS`).
+    fn refine(&mut self) {
+        for _ in 0..REFINE_STEPS {
+            if !self.refine_once() {
+                break;
+            }
+        }
+    }
+
     fn per(&self, e: usize) -> f64 {
         self.expert_load[e] / self.count[e] as f64
     }
@@ -377,11 +412,7 @@ fn pack<'s>(
         };
         pack.place(r, e);
     }
-    for _ in 0..REFINE_STEPS {
-        if !pack.refine_once() {
-            break;
-        }
-    }
+    pack.refine();
     Ok(pack)
 }
 
@@ -416,22 +447,46 @@ pub fn rebalance(
     });
     let (ranks, spr) = (shape.ranks, shape.slots_per_rank);
     // Step 1 at several replication levels (with every spare slot used, small ranks can be
-    // forced to take many replicas): the lightest busiest rank wins, fewer replicas on ties.
+    // forced to take many replicas).
     let spare = ranks * spr - experts;
     let levels: Vec<usize> = match spare <= LEVELS {
         true => (0..=spare).collect(),
         false => (0..=LEVELS).map(|i| i * spare / LEVELS).collect(),
     };
-    let mut best: Option<(f64, Packing<'_>)> = None;
+    let mut packs = Vec::with_capacity(levels.len() + 1);
     for extra in levels {
         let count = replica_counts(load, ranks, experts + extra);
         let pack = pack(load, shape, count, previous)?;
-        let top = pack.load[pack.busiest()];
-        if best.as_ref().is_none_or(|(b, _)| top < b * (1.0 - 1e-9)) {
-            best = Some((top, pack));
-        }
+        packs.push((pack.load[pack.busiest()], pack));
     }
-    let (_, pack) = best.expect("at least one level");
+    // And the previous map, refined (step 3) from where it is: few moves.
+    if let Some(prev) = previous {
+        let mut pack = Packing::from_map(prev, load, shape);
+        pack.refine();
+        packs.push((pack.load[pack.busiest()], pack));
+    }
+    // Among the packings within `LEVEL_SLACK` of the lightest busiest rank: the fewest
+    // replicas new to their rank (weight moves) against `previous`, then the most replicas
+    // (replicas of hot experts on more ranks let local routing keep their rows home).
+    let lightest = packs
+        .iter()
+        .map(|(top, _)| *top)
+        .fold(f64::INFINITY, f64::min);
+    let moved = |p: &Packing<'_>| match previous {
+        Some(prev) => (0..ranks)
+            .map(|r| {
+                p.held[r]
+                    .iter()
+                    .filter(|&&e| !prev.experts_on(r).any(|x| x == e))
+                    .count()
+            })
+            .sum(),
+        None => 0,
+    };
+    let (_, pack) = (packs.into_iter().rev())
+        .filter(|(top, _)| *top <= lightest * (1.0 + LEVEL_SLACK))
+        .min_by_key(|(_, p)| moved(p))
+        .expect("at least one level");
     let mut slots = vec![None; ranks * spr];
     for r in 0..ranks {
         let mut mine = pack.held[r].clone();

@@ -16,6 +16,11 @@ pub enum ReplicaPolicy {
     /// them as `Rotate` does), else all of them (rotating). Needs
     /// [`crate::moe::MoeConfig::ranks_per_host`].
     LocalFirst,
+    /// Keep each token on as few ranks as it can: experts with one replica fix where the
+    /// token goes; each other expert takes a replica on this rank or on a rank the token
+    /// already goes to (rotating among them), else any replica (rotating). Fewer bytes than
+    /// `Rotate`, a less even split.
+    FewestRanks,
 }
 
 /// Per-buffer routing state, reused by every call: the slots a call resolved to and the
@@ -28,6 +33,8 @@ pub(crate) struct Router {
     pub slots: Vec<i64>,
     /// Scratch: the replicas a choice rotates over.
     candidates: Vec<u32>,
+    /// Scratch (`FewestRanks`): the ranks the current token goes to.
+    visits: Vec<usize>,
 }
 
 impl Router {
@@ -52,6 +59,17 @@ impl Router {
         self.seen.resize(experts, 0);
         self.slots.clear();
         for (t, row) in topk_idx.chunks(topk).enumerate() {
+            if policy == ReplicaPolicy::FewestRanks {
+                self.visits.clear();
+                self.visits.push(me);
+                for &e in row {
+                    if let Ok(e) = usize::try_from(e) {
+                        if let [only] = map.replicas(e) {
+                            self.visits.push(map.rank_of_slot(*only as usize));
+                        }
+                    }
+                }
+            }
             for (j, &e) in row.iter().enumerate() {
                 if e == -1 {
                     self.slots.push(-1);
@@ -74,6 +92,20 @@ impl Router {
                 let slot = match (reps.len(), policy) {
                     (1, _) => reps[0],
                     (_, ReplicaPolicy::Rotate) => reps[turn % reps.len()],
+                    (_, ReplicaPolicy::FewestRanks) => {
+                        let visits = &self.visits;
+                        self.candidates.clear();
+                        (self.candidates).extend(
+                            reps.iter()
+                                .filter(|&&s| visits.contains(&map.rank_of_slot(s as usize))),
+                        );
+                        let s = match self.candidates.is_empty() {
+                            true => reps[turn % reps.len()],
+                            false => self.candidates[turn % self.candidates.len()],
+                        };
+                        self.visits.push(map.rank_of_slot(s as usize));
+                        s
+                    }
                     (_, ReplicaPolicy::LocalFirst) => {
                         let host = ranks_per_host.map(|h| me / h);
                         let on = |s: u32, h: usize| map.rank_of_slot(s as usize) / h;

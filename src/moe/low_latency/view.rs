@@ -14,6 +14,11 @@ impl<'a> LowLatencyView<'a> {
         self.local_experts
     }
 
+    /// Tokens received from each source rank.
+    pub fn sources(&self) -> &[usize] {
+        self.view.counts()
+    }
+
     /// The physical slot ([`crate::moe::ExpertMap`]) of each of [`Self::local_experts`].
     pub fn local_slots(&self) -> &[usize] {
         self.local_slots

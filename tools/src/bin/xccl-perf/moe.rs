@@ -12,13 +12,13 @@ use crate::memcpy_baseline::Memcpy;
 use crate::moe_floor;
 use crate::moe_table::{self, Measured, Variant};
 use crate::moe_work::{count_wrong, run_experts, Expert, Workload};
-use crate::options::MoeArgs;
+use crate::options::{Eplb, MoeArgs};
 use crate::report;
 use crate::session;
 use std::time::{Duration, Instant};
 use xccl::coll::{Coll, ReduceOp};
 use xccl::copy::copy_slice;
-use xccl::moe::{Dispatched, Dispatcher, Dtype, Mode};
+use xccl::moe::{rebalance, Dispatched, Dispatcher, Dtype, MapShape, Mode, ReplicaPolicy};
 use xccl::{Communicator, Error, Result};
 
 /// Which phase the table reports (both always run: combine checks what dispatch delivered).
@@ -29,13 +29,17 @@ pub enum Phase {
     Both,
 }
 
-/// Per repetition, the slowest rank's time of each part (µs).
+/// Per repetition, the slowest rank's time of each part (µs), and the busiest rank's
+/// (token, expert) rows over the mean.
 #[derive(Default)]
 struct Times {
     disp: Vec<f64>,
     expert: Vec<f64>,
     comb: Vec<f64>,
     layer: Vec<f64>,
+    imbalance: Vec<f64>,
+    /// Rows all ranks received from other ranks in the last repetition.
+    cross: u64,
 }
 
 /// How one configuration runs.
@@ -44,76 +48,146 @@ struct Run<'w> {
     expert: Expert,
     zero_copy: bool,
     in_window: bool,
+    /// Modelled expert time per (token, expert) row received (`--expert-us`).
+    expert_us: f64,
+    /// The experts and the layer are timed.
+    timed: bool,
 }
 
-/// The repetitions. Each writes the input rows anew (untimed) where the dispatch takes them,
-/// as a layer's producer does, then: a barrier, dispatch, the experts, and combine. With
-/// identity experts, a barrier before combine too and the experts untimed; with copy experts
-/// no barrier between the parts and the whole layer timed as well. Returns the times and the
-/// last output.
-fn time_reps(
+impl Run<'_> {
+    /// A barrier before combine: with untimed experts (combine alone), and with modelled
+    /// expert time (combine timed alone; the layer includes the barrier's wait for the
+    /// busiest rank's experts). Copy experts run the layer straight through.
+    fn barrier_before_combine(&self) -> bool {
+        !self.timed || self.expert_us > 0.0
+    }
+}
+
+/// Buffers one configuration's repetitions reuse.
+struct Scratch {
+    reduced: Vec<u8>,
+    sums: Vec<f32>,
+    x: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl Scratch {
+    fn new(work: &Workload) -> Self {
+        Scratch {
+            reduced: Vec::new(),
+            sums: Vec::new(),
+            x: work.x.clone(),
+            out: vec![0u8; work.x.len()],
+        }
+    }
+}
+
+/// Repetition `rep` (its routing: `Workload::draw`). It writes the input rows anew
+/// (untimed) where the dispatch takes them, as a layer's producer does, then: a barrier,
+/// dispatch, the experts (with `--expert-us`, then asleep until X µs per (token, expert) row
+/// have passed since dispatch returned), a barrier if `Run::barrier_before_combine`, and
+/// combine. Adds the times to `times` (none during warm-up); the output is left in
+/// `scratch.out`.
+fn one_rep(
     moe: &mut Dispatcher<'_>,
-    comm: &Communicator,
-    coll: &Coll<'_>,
+    (comm, coll): (&Communicator, &Coll<'_>),
     run: &Run<'_>,
-    (warm, reps): (usize, usize),
-) -> Result<(Times, Vec<u8>)> {
+    rep: usize,
+    scratch: &mut Scratch,
+    times: Option<&mut Times>,
+) -> Result<()> {
     let work = run.work;
-    let mut times = Times::default();
-    let mut reduced: Vec<u8> = Vec::new();
-    let mut sums: Vec<f32> = Vec::new();
-    let mut x = work.x.clone();
-    let mut out = vec![0u8; work.x.len()];
-    let tokens = work.idx.len() / work.cfg.topk;
-    let timed_expert = run.expert == Expert::Copy;
-    for rep in 0..warm + reps {
-        // An alias-safe copy: a heap-to-heap `memcpy` 16 bytes off a page apart runs ~20×
-        // slower here and disturbs the timed dispatch after it.
-        match moe {
-            Dispatcher::Normal(b) if run.zero_copy => copy_slice(b.input(tokens)?, &work.x),
-            _ => copy_slice(&mut x, &work.x),
+    let draw = work.draw(rep);
+    let tokens = draw.idx.len() / work.cfg.topk;
+    // An alias-safe copy: a heap-to-heap `memcpy` 16 bytes off a page apart runs ~20×
+    // slower here and disturbs the timed dispatch after it.
+    match moe {
+        Dispatcher::Normal(b) if run.zero_copy => copy_slice(b.input(tokens)?, &work.x),
+        _ => copy_slice(&mut scratch.x, &work.x),
+    }
+    comm.barrier()?;
+    let s0 = Instant::now();
+    let mut view = match moe {
+        Dispatcher::Normal(b) if run.zero_copy => {
+            Dispatched::Normal(b.dispatch_in_place(&draw.idx, &draw.w)?)
         }
+        _ => moe.dispatch(&scratch.x, &draw.idx, &draw.w)?,
+    };
+    let s1 = Instant::now();
+    let me = comm.rank();
+    let from_others: usize = (view.sources().iter().enumerate())
+        .filter(|&(src, _)| src != me)
+        .map(|(_, &c)| c)
+        .sum();
+    let scratch_rows = (&mut scratch.reduced, &mut scratch.sums);
+    let pairs = run_experts(&mut view, run.expert, run.in_window, scratch_rows)?;
+    let _ = view;
+    if run.expert_us > 0.0 {
+        let until = s1 + Duration::from_secs_f64(pairs as f64 * run.expert_us * 1e-6);
+        if let Some(left) = until.checked_duration_since(Instant::now()) {
+            std::thread::sleep(left);
+        }
+    }
+    if run.barrier_before_combine() {
         comm.barrier()?;
-        let s0 = Instant::now();
-        let mut view = match moe {
-            Dispatcher::Normal(b) if run.zero_copy => {
-                Dispatched::Normal(b.dispatch_in_place(&work.idx, &work.w)?)
-            }
-            _ => moe.dispatch(&x, &work.idx, &work.w)?,
-        };
-        let s1 = Instant::now();
-        run_experts(
-            &mut view,
-            run.expert,
-            run.in_window,
-            (&mut reduced, &mut sums),
-        )?;
-        let _ = view;
-        if !timed_expert {
-            comm.barrier()?;
-        }
-        let s2 = Instant::now();
-        match moe {
-            _ if run.in_window => moe.combine_in_place(&mut out)?,
-            Dispatcher::LowLatency(b) => b.combine(&reduced, &mut out)?,
-            Dispatcher::Normal(b) => b.combine(&reduced, &mut out)?,
-        }
-        let s3 = Instant::now();
-        let us = |d: Duration| d.as_secs_f64() * 1e6;
-        let mut slow = [us(s1 - s0), us(s2 - s1), us(s3 - s2), us(s3 - s0)];
-        coll.allreduce(&mut slow, ReduceOp::Max)?;
-        if rep >= warm {
-            times.disp.push(slow[0]);
-            times.expert.push(slow[1]);
-            times.comb.push(slow[2]);
-            times.layer.push(slow[3]);
-        }
     }
-    if !timed_expert {
-        times.expert.clear();
-        times.layer.clear();
+    let s2 = Instant::now();
+
+    match moe {
+        _ if run.in_window => moe.combine_in_place(&mut scratch.out)?,
+        Dispatcher::LowLatency(b) => b.combine(&scratch.reduced, &mut scratch.out)?,
+        Dispatcher::Normal(b) => b.combine(&scratch.reduced, &mut scratch.out)?,
     }
-    Ok((times, out))
+    let s3 = Instant::now();
+    let Some(times) = times else {
+        return Ok(());
+    };
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let mut slow = [
+        us(s1 - s0),
+        us(s2 - s1),
+        us(s3 - s2),
+        us(s3 - s0),
+        pairs as f64,
+    ];
+    coll.allreduce(&mut slow, ReduceOp::Max)?;
+    let mut all = [pairs as u64, from_others as u64];
+    coll.allreduce(&mut all, ReduceOp::Sum)?;
+    times.cross = all[1];
+    times.disp.push(slow[0]);
+    times.expert.push(slow[1]);
+    times.comb.push(slow[2]);
+    times.layer.push(slow[3]);
+    let mean = all[0] as f64 / comm.world_size() as f64;
+    times
+        .imbalance
+        .push(if mean > 0.0 { slow[4] / mean } else { 1.0 });
+    Ok(())
+}
+
+/// One buffer of a configuration with its scratch and times.
+struct Arm<'c, 'w> {
+    moe: Dispatcher<'c>,
+    run: Run<'w>,
+    scratch: Scratch,
+    times: Times,
+    eplb: Option<Eplb>,
+}
+
+impl Arm<'_, '_> {
+    /// The warm-up repetitions.
+    fn warm_up(&mut self, cc: (&Communicator, &Coll<'_>), warm: usize) -> Result<()> {
+        for rep in 0..warm {
+            one_rep(&mut self.moe, cc, &self.run, rep, &mut self.scratch, None)?;
+        }
+        Ok(())
+    }
+
+    /// Timed repetition `rep`.
+    fn timed(&mut self, cc: (&Communicator, &Coll<'_>), rep: usize) -> Result<()> {
+        let times = Some(&mut self.times);
+        one_rep(&mut self.moe, cc, &self.run, rep, &mut self.scratch, times)
+    }
 }
 
 /// The row type of `-d`.
@@ -134,7 +208,32 @@ fn expert_of(a: &MoeArgs) -> Expert {
     }
 }
 
-/// Measures one configuration of the sweep: `tokens` tokens per rank in `variant`.
+/// The EPLB map for the load the arm's warm-up steps dispatched (summed over ranks):
+/// `EXTRA` replica slots in all over the ranks.
+fn eplb_config(
+    arm: &mut Arm<'_, '_>,
+    coll: &Coll<'_>,
+    eplb: Eplb,
+    n: usize,
+) -> Result<xccl::moe::MoeConfig> {
+    let load = arm.moe.take_stats().job_expert_rows(coll)?;
+    let load: Vec<f64> = load.iter().map(|&v| v as f64).collect();
+    let mut cfg = arm.moe.config().clone();
+    let shape = MapShape {
+        ranks: n,
+        slots_per_rank: cfg.experts.div_ceil(n) + eplb.extra.div_ceil(n),
+        ranks_per_host: (eplb.policy == ReplicaPolicy::LocalFirst).then_some(n),
+    };
+    cfg.map = Some(rebalance(&load, &shape, None)?);
+    cfg.ranks_per_host = shape.ranks_per_host;
+    cfg.replica_policy = eplb.policy;
+
+    Ok(cfg)
+}
+
+/// Measures one configuration of the sweep: `tokens` tokens per rank in `variant`; with
+/// `--eplb`, without and with EPLB (the map from the warm-up steps without), repetitions
+/// interleaved. One `Measured` per arm.
 fn measure(
     a: &MoeArgs,
     phase: Phase,
@@ -142,7 +241,7 @@ fn measure(
     tokens: usize,
     variant: Variant,
     latency: f64,
-) -> Result<Measured> {
+) -> Result<Vec<Measured>> {
     let c = &a.job;
     let (me, n) = (comm.rank(), comm.world_size());
     let (dtype, _) = dtype_of(a);
@@ -152,65 +251,100 @@ fn measure(
         true => Mode::LowLatency,
         false => Mode::Normal,
     };
-    let mut moe = Dispatcher::new(comm, work.cfg.clone(), mode)?;
     let placement = work.cfg.placement_for(n)?;
-    let mut cross = [work.rows_out(&placement, me)];
-    let my_bytes = cross[0] as usize * work.cfg.row_bytes();
-    coll.allreduce(&mut cross, ReduceOp::Sum)?;
-    let run = Run {
+    let my_bytes = work.rows_out(&placement, me) as usize * work.cfg.row_bytes();
+    let run = || Run {
         work: &work,
         expert: expert_of(a),
         zero_copy: variant.zero_copy,
         in_window: c.api == "window",
+        expert_us: a.expert_us,
+        timed: a.timed_experts(),
     };
-    let (times, mut out) = time_reps(&mut moe, comm, coll, &run, (a.warmup(), a.reps()))?;
-    if c.inject_error && tokens > 0 {
-        let v = dtype.load(&out, 0);
-        dtype.store(&mut out, 0, v + 1.0 + 2.0 * v.abs());
-    }
-    // `-c 0`: no element is looked at (and none counted wrong).
-    let mut wrong = [if c.no_check() {
-        0
-    } else {
-        count_wrong(&work, &out, |t| work.gain(t, &placement, run.expert))
+    let cc = (comm, coll);
+    let (warm, reps) = (a.warmup(), a.reps());
+    let mut arms = vec![Arm {
+        moe: Dispatcher::new(comm, work.cfg.clone(), mode)?,
+        run: run(),
+        scratch: Scratch::new(&work),
+        times: Times::default(),
+        eplb: None,
     }];
-    coll.allreduce(&mut wrong, ReduceOp::Sum)?;
-    moe.close()?;
+    arms[0].warm_up(cc, warm)?;
+    if let Some(eplb) = a.eplb {
+        let cfg = eplb_config(&mut arms[0], coll, eplb, n)?;
+        let mut arm = Arm {
+            moe: Dispatcher::new(comm, cfg, mode)?,
+            run: run(),
+            scratch: Scratch::new(&work),
+            times: Times::default(),
+            eplb: Some(eplb),
+        };
+        arm.warm_up(cc, warm)?;
+        arms.push(arm);
+    }
+    for rep in warm..warm + reps {
+        for arm in arms.iter_mut() {
+            arm.timed(cc, rep)?;
+        }
+    }
     // After the repetitions (slowest rank): the floor, and with `--baseline` one in-process
     // memcpy of the bytes a rank sends to the others.
     let timeout = Duration::from_secs_f64(c.timeout);
     let floor = moe_floor::floor_us(comm, coll, my_bytes, latency, timeout)?;
     let mut base = [0f64];
     if c.baseline {
-        base[0] = Memcpy::new(my_bytes).time_us(my_bytes, a.reps());
+        base[0] = Memcpy::new(my_bytes).time_us(my_bytes, reps);
         coll.allreduce(&mut base, ReduceOp::Max)?;
     }
-    let reported: Vec<f64> = match phase {
-        Phase::Dispatch => times.disp.clone(),
-        Phase::Combine => times.comb.clone(),
-        Phase::Both => times
-            .disp
-            .iter()
-            .zip(&times.comb)
-            .map(|(d, c)| d + c)
-            .collect(),
-    };
-    let timed = |v: &[f64]| (!v.is_empty()).then(|| report::stats(v));
-    Ok(Measured {
-        tokens,
-        variant,
-        disp: report::stats(&times.disp),
-        comb: report::stats(&times.comb),
-        expert: timed(&times.expert),
-        layer: timed(&times.layer),
-        reported: report::stats(&reported),
-        rows: cross[0],
-        bytes: cross[0] as usize * work.cfg.row_bytes(),
-        my_bytes,
-        floor_us: floor,
-        base_us: c.baseline.then_some(base[0]),
-        wrong: (!c.no_check()).then_some(wrong[0]),
-    })
+    let last = work.draw(warm + reps - 1);
+    let mut measured = Vec::new();
+    for mut arm in arms {
+        if c.inject_error && tokens > 0 {
+            let v = dtype.load(&arm.scratch.out, 0);
+            dtype.store(&mut arm.scratch.out, 0, v + 1.0 + 2.0 * v.abs());
+        }
+        // `-c 0`: no element is looked at (and none counted wrong).
+        let out = &arm.scratch.out;
+        let expert = arm.run.expert;
+        let mut wrong = [match c.no_check() {
+            true => 0,
+            false => count_wrong(&work, out, |t| work.gain(last, t, &placement, expert)),
+        }];
+        coll.allreduce(&mut wrong, ReduceOp::Sum)?;
+        arm.moe.close()?;
+        let times = &arm.times;
+        let reported: Vec<f64> = match phase {
+            Phase::Dispatch => times.disp.clone(),
+            Phase::Combine => times.comb.clone(),
+            Phase::Both => times
+                .disp
+                .iter()
+                .zip(&times.comb)
+                .map(|(d, c)| d + c)
+                .collect(),
+        };
+        let timed = |v: &[f64]| (a.timed_experts() && !v.is_empty()).then(|| report::stats(v));
+        let cross = [times.cross];
+        measured.push(Measured {
+            tokens,
+            variant,
+            eplb: arm.eplb,
+            disp: report::stats(&times.disp),
+            comb: report::stats(&times.comb),
+            expert: timed(&times.expert),
+            layer: timed(&times.layer),
+            imbalance: report::stats(&times.imbalance).p50,
+            reported: report::stats(&reported),
+            rows: cross[0],
+            bytes: cross[0] as usize * work.cfg.row_bytes(),
+            my_bytes,
+            floor_us: floor,
+            base_us: c.baseline.then_some(base[0]),
+            wrong: (!c.no_check()).then_some(wrong[0]),
+        });
+    }
+    Ok(measured)
 }
 
 pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
@@ -228,12 +362,17 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
     for &tokens in &a.tokens {
         for (mode, kind) in a.variants() {
             let variant = Variant::new(mode, kind);
-            let m = measure(a, phase, (&comm, &coll), tokens, variant, latency)?;
-            wrong += m.wrong.unwrap_or(0);
-            if me == 0 {
-                report::out(moe_table::line(&m));
+            let arms = measure(a, phase, (&comm, &coll), tokens, variant, latency)?;
+            for m in &arms {
+                wrong += m.wrong.unwrap_or(0);
+                if me == 0 {
+                    report::out(moe_table::line(a, m));
+                }
+                rows.push(moe_table::row(a, phase, n, m));
             }
-            rows.push(moe_table::row(a, phase, n, &m));
+            if let ([without, with], 0) = (&arms[..], me) {
+                report::out(moe_table::eplb_ratio(without, with));
+            }
         }
     }
     // Every rank counted every rank's wrong elements (summed), so all fail alike.

@@ -3,7 +3,7 @@
 //! the expert's and the layer's times.
 
 use crate::moe::{dtype_of, phase_name, Phase};
-use crate::options::MoeArgs;
+use crate::options::{Eplb, MoeArgs};
 use crate::report::{self, MoeFields, Row, Stats};
 
 /// A mode and dispatch of the sweep.
@@ -41,6 +41,10 @@ impl Variant {
 pub struct Measured {
     pub tokens: usize,
     pub variant: Variant,
+    /// The EPLB map's replica slots and policy (`None`: the plain placement).
+    pub eplb: Option<Eplb>,
+    /// Median over repetitions of the busiest rank's (token, expert) rows over the mean.
+    pub imbalance: f64,
     pub disp: Stats,
     pub comb: Stats,
     /// With timed experts: the experts' time, and the layer's (dispatch → combine).
@@ -105,11 +109,25 @@ pub fn header(a: &MoeArgs, phase: Phase, ranks: usize, latency: f64) {
         "#  floor(us): one transfer of the row bytes a rank sends (put + signal + the receiver \
          reading them, ranks 0-1) + one more signal ({latency:.2} us); x_floor = time / \
          floor{}",
-        match a.expert.as_str() {
-            "copy" => "; layer(us): dispatch + expert + combine, no barrier between",
-            _ => "",
+        match (a.expert.as_str(), a.expert_us > 0.0) {
+            (_, true) => format!(
+                "; experts modelled as {} us asleep per (token, expert) row; layer(us): \
+                 dispatch + expert + barrier + combine",
+                a.expert_us
+            ),
+            ("copy", _) => "; layer(us): dispatch + expert + combine, no barrier between".into(),
+            _ => String::new(),
         }
     ));
+    if let Some(e) = a.eplb {
+        report::out(format_args!(
+            "#  eplb: {} replica slots in all, {} policy, the map from the warm-up steps' load \
+             (xccl::moe::rebalance); rows without and with EPLB, repetitions interleaved; \
+             imbal: busiest rank's (token, expert) rows / mean",
+            e.extra,
+            crate::options::policy_name(e.policy)
+        ));
+    }
     report::out(columns(a));
 }
 
@@ -132,11 +150,14 @@ fn columns(a: &MoeArgs) -> String {
         "x_floor",
         "#wrong"
     );
-    if a.expert == "copy" {
+    if a.timed_experts() {
         s += &format!(
             " {:>10} {:>10} {:>10}",
             "expert(us)", "layer(us)", "lay_p99"
         );
+    }
+    if shows_balance(a) {
+        s += &format!(" {:>6} {:>10}", "imbal", "eplb");
     }
     if a.job.baseline {
         s += &format!(" {:>10} {:>8} {:>8}", "base(us)", "x_disp", "x_comb");
@@ -149,8 +170,18 @@ fn p99_text(p99: Option<f64>) -> String {
     p99.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"))
 }
 
+/// Whether the table shows the load imbalance and the EPLB column.
+fn shows_balance(a: &MoeArgs) -> bool {
+    a.expert_us > 0.0 || a.eplb.is_some()
+}
+
+/// The EPLB column: `EXTRA,POLICY`, or `-`.
+fn eplb_text(e: Option<Eplb>) -> String {
+    e.map_or_else(|| "-".to_string(), |e| e.to_string())
+}
+
 /// One table line.
-pub fn line(m: &Measured) -> String {
+pub fn line(a: &MoeArgs, m: &Measured) -> String {
     let mut s = format!(
         " {:>10} {:>9} {:>7} {:>9} {:>11} {:>12.1} {:>10.2} {:>12.1} {:>10.2} {:>10.1} {:>9} {:>9.1} {:>7.2} {:>7}",
         m.variant.mode(),
@@ -170,6 +201,9 @@ pub fn line(m: &Measured) -> String {
     );
     if let (Some(e), Some(l)) = (m.expert, m.layer) {
         s += &format!(" {:>10.1} {:>10.1} {:>10}", e.p50, l.p50, p99_text(l.p99));
+    }
+    if shows_balance(a) {
+        s += &format!(" {:>6.2} {:>10}", m.imbalance, eplb_text(m.eplb));
     }
     if let Some(base) = m.base_us {
         s += &format!(
@@ -225,6 +259,37 @@ pub fn row(a: &MoeArgs, phase: Phase, n: usize, m: &Measured) -> Row {
             expert_us_p50: m.expert.map(|s| s.p50),
             layer_us_p50: m.layer.map(|s| s.p50),
             layer_us_p99: m.layer.and_then(|s| s.p99),
+            expert_us_per_row: (a.expert_us > 0.0).then_some(a.expert_us),
+            imbalance: shows_balance(a).then_some(m.imbalance),
+            eplb: m.eplb.map(|e| e.to_string()),
         }),
     }
+}
+
+/// The comparison line under a pair of rows without and with EPLB: layer p50 (when timed),
+/// dispatch + combine p50, and the imbalance.
+pub fn eplb_ratio(without: &Measured, with: &Measured) -> String {
+    let change = |a: f64, b: f64| match a > 0.0 {
+        true => format!("{:+.1} %", (b / a - 1.0) * 100.0),
+        false => "-".into(),
+    };
+    let both = |m: &Measured| m.disp.p50 + m.comb.p50;
+    let layer = match (without.layer, with.layer) {
+        (Some(a), Some(b)) => format!(
+            "layer p50 {:.1} -> {:.1} us ({}), ",
+            a.p50,
+            b.p50,
+            change(a.p50, b.p50)
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "#  eplb vs without: {layer}dispatch+combine p50 {:.1} -> {:.1} us ({}), imbalance \
+         {:.2} -> {:.2}",
+        both(without),
+        both(with),
+        change(both(without), both(with)),
+        without.imbalance,
+        with.imbalance
+    )
 }

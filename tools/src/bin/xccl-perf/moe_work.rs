@@ -35,16 +35,27 @@ pub fn route(
     idx
 }
 
-/// One rank's inputs: seeded rows, routing and weights.
-pub struct Workload {
-    pub cfg: MoeConfig,
-    pub x: Vec<u8>,
+/// One routing of a rank's tokens: top-k experts and their weights per token.
+pub struct Draw {
     pub idx: Vec<i64>,
     pub w: Vec<f32>,
 }
 
+/// One rank's inputs: seeded rows, and several routings (the steps of a run cycle through
+/// them, so a map built from the warm-up steps meets other draws of the same distribution).
+pub struct Workload {
+    pub cfg: MoeConfig,
+    pub x: Vec<u8>,
+    draws: Vec<Draw>,
+    warm: usize,
+}
+
+/// Distinct routings the timed repetitions cycle through.
+const TIMED_DRAWS: usize = 16;
+
 impl Workload {
-    /// Rank `me`'s inputs for `tokens` tokens of `dtype`.
+    /// Rank `me`'s inputs for `tokens` tokens of `dtype`, with one routing per warm-up step
+    /// and up to `TIMED_DRAWS` for the timed ones.
     pub fn new(a: &MoeArgs, tokens: usize, dtype: Dtype, me: usize) -> Self {
         let mut cfg = MoeConfig::new(a.experts, a.hidden, a.topk, tokens.max(1), dtype);
         cfg.int8_dispatch = a.dtype == "int8";
@@ -54,21 +65,42 @@ impl Workload {
         for i in 0..t_count * h {
             dtype.store(&mut x, i, rng.random::<f32>() * 2.0 - 1.0);
         }
-        let idx = route(a.routing, &mut rng, t_count, k, a.experts);
-        let w: Vec<f32> = (0..t_count * k)
-            .map(|_| 0.1 + 0.9 * rng.random::<f32>())
+        let warm = a.warmup();
+        let draws = (0..warm + a.reps().clamp(1, TIMED_DRAWS))
+            .map(|_| {
+                let idx = route(a.routing, &mut rng, t_count, k, a.experts);
+                let w = (0..t_count * k)
+                    .map(|_| 0.1 + 0.9 * rng.random::<f32>())
+                    .collect();
+                Draw { idx, w }
+            })
             .collect();
-        Workload { cfg, x, idx, w }
+        Workload {
+            cfg,
+            x,
+            draws,
+            warm,
+        }
     }
 
-    /// What `out[t]` is `x[t]` times: the sum of the token's weights (identity experts) or
-    /// the number of ranks holding one of its experts (copy experts).
-    pub fn gain(&self, t: usize, placement: &[usize], expert: Expert) -> f32 {
+    /// The routing of repetition `rep` (warm-up ones first): each warm-up step its own, the
+    /// timed ones cycling through the rest.
+    pub fn draw(&self, rep: usize) -> &Draw {
+        let timed = self.draws.len() - self.warm;
+        match rep < self.warm {
+            true => &self.draws[rep],
+            false => &self.draws[self.warm + (rep - self.warm) % timed],
+        }
+    }
+
+    /// What `out[t]` is `x[t]` times under `draw`: the sum of the token's weights (identity
+    /// experts) or the number of ranks holding one of its experts (copy experts).
+    pub fn gain(&self, draw: &Draw, t: usize, placement: &[usize], expert: Expert) -> f32 {
         let k = self.cfg.topk;
         match expert {
-            Expert::Identity => self.w[t * k..(t + 1) * k].iter().sum(),
+            Expert::Identity => draw.w[t * k..(t + 1) * k].iter().sum(),
             Expert::Copy => {
-                let mut ranks: Vec<usize> = self.idx[t * k..(t + 1) * k]
+                let mut ranks: Vec<usize> = draw.idx[t * k..(t + 1) * k]
                     .iter()
                     .map(|&e| placement[e as usize])
                     .collect();
@@ -79,11 +111,12 @@ impl Workload {
         }
     }
 
-    /// Rows this rank sends to other ranks: one per (token, destination rank), in both
-    /// modes.
+    /// Rows this rank sends to other ranks in the first timed step: one per (token,
+    /// destination rank), in both modes, experts placed by `placement`.
     pub fn rows_out(&self, placement: &[usize], me: usize) -> u64 {
         let k = self.cfg.topk;
-        self.idx
+        self.draw(self.warm)
+            .idx
             .chunks(k)
             .map(|choice| {
                 let mut ranks: Vec<usize> = choice.iter().map(|&e| placement[e as usize]).collect();
@@ -106,13 +139,14 @@ pub enum Expert {
 
 /// Runs the experts: each received token's output row written into the window (`in_window`)
 /// or into `reduced`. Identity experts scale each received row once by the sum of its
-/// experts' weights there (in f32); copy experts copy each received row once.
+/// experts' weights there (in f32); copy experts copy each received row once. Returns the
+/// (token, expert) rows received (the experts' work).
 pub fn run_experts(
     view: &mut Dispatched<'_>,
     expert: Expert,
     in_window: bool,
     (reduced, sums): (&mut Vec<u8>, &mut Vec<f32>),
-) -> Result<()> {
+) -> Result<usize> {
     reduced.clear();
     let rb = view.config().row_bytes();
     if !in_window {
@@ -137,48 +171,52 @@ fn output<'v>(
     }
 }
 
-/// Identity experts, accumulating in f32 in `sums` (kept from call to call: no fresh pages to
-/// fault in each time).
-fn identity(
-    view: &mut Dispatched<'_>,
+/// Identity experts: each received token's row times the sum of its experts' weights here,
+/// computed in f32 a row at a time in `sums` (one row, kept from call to call) and written
+/// straight into the output.
+fn identity<'a>(
+    view: &mut Dispatched<'a>,
     in_window: bool,
     reduced: &mut [u8],
     sums: &mut Vec<f32>,
-) -> Result<()> {
+) -> Result<usize> {
+    let mut pairs = 0;
     let (dtype, rb) = (view.config().dtype, view.config().row_bytes());
-    let hidden = rb / dtype.size();
-    sums.clear();
-    sums.resize(view.len() * hidden, 0.0);
-    match view {
+    // Per received token: the sum of its weights here and its row (rows live as long as the
+    // dispatch, not the view borrow, and never overlap the output rows).
+    let tokens: Vec<(f32, &'a [u8])> = match view {
         Dispatched::LowLatency(view) => {
-            // Every expert returns its input: per received token, its row times the sum of
-            // its experts' weights here (the rows grouped by expert give each weight once).
-            let mut tokens: Vec<(f32, &[u8])> = vec![(0.0, &[]); view.len()];
+            // The rows grouped by expert give each weight once.
+            let mut tokens: Vec<(f32, &'a [u8])> = vec![(0.0, &[]); view.len()];
             for l in 0..view.local_experts().len() {
                 for row in view.expert_rows(l)? {
                     tokens[row.index].0 += row.weight;
                     tokens[row.index].1 = row.data;
+                    pairs += 1;
                 }
             }
-            for (i, (ws, data)) in tokens.into_iter().enumerate() {
-                let acc = &mut sums[i * hidden..(i + 1) * hidden];
-                dtype.accumulate_scaled(acc, data, ws);
-            }
+            tokens
         }
-        Dispatched::Normal(view) => {
-            for (i, row) in view.rows()?.iter().enumerate() {
-                let ws: f32 = row.experts.iter().map(|&(_, wt)| wt).sum();
-                let acc = &mut sums[i * hidden..(i + 1) * hidden];
-                dtype.accumulate_scaled(acc, row.data, ws);
-            }
-        }
+        Dispatched::Normal(view) => (view.rows()?.into_iter())
+            .map(|row| {
+                pairs += row.experts.len();
+                (row.experts.iter().map(|&(_, wt)| wt).sum(), row.data)
+            })
+            .collect(),
+    };
+    let out = output(view, in_window, reduced)?;
+    sums.resize(rb / dtype.size(), 0.0);
+    for ((ws, data), dst) in tokens.into_iter().zip(out.chunks_exact_mut(rb)) {
+        sums.fill(0.0);
+        dtype.accumulate_scaled(sums, data, ws);
+        dtype.store_row(dst, sums);
     }
-    dtype.store_row(output(view, in_window, reduced)?, sums);
-    Ok(())
+    Ok(pairs)
 }
 
-fn copy<'a>(view: &mut Dispatched<'a>, in_window: bool, reduced: &mut [u8]) -> Result<()> {
+fn copy<'a>(view: &mut Dispatched<'a>, in_window: bool, reduced: &mut [u8]) -> Result<usize> {
     let rb = view.config().row_bytes();
+    let mut pairs = 0;
     // Each received token's row, once (rows live as long as the dispatch, not the view
     // borrow, and never overlap the output rows).
     let rows: Vec<(usize, &'a [u8])> = match view {
@@ -187,6 +225,7 @@ fn copy<'a>(view: &mut Dispatched<'a>, in_window: bool, reduced: &mut [u8]) -> R
             let mut rows = Vec::with_capacity(v.len());
             for l in 0..v.local_experts().len() {
                 for row in v.expert_rows(l)? {
+                    pairs += 1;
                     if !std::mem::replace(&mut seen[row.index], true) {
                         rows.push((row.index, row.data));
                     }
@@ -194,7 +233,11 @@ fn copy<'a>(view: &mut Dispatched<'a>, in_window: bool, reduced: &mut [u8]) -> R
             }
             rows
         }
-        Dispatched::Normal(v) => v.rows()?.into_iter().map(|r| r.data).enumerate().collect(),
+        Dispatched::Normal(v) => {
+            let rows = v.rows()?;
+            pairs = rows.iter().map(|r| r.experts.len()).sum();
+            rows.into_iter().map(|r| r.data).enumerate().collect()
+        }
     };
     let out = output(view, in_window, reduced)?;
     // Large outputs bypass this core's caches: another core (the home) reads them next.
@@ -212,7 +255,7 @@ fn copy<'a>(view: &mut Dispatched<'a>, in_window: bool, reduced: &mut [u8]) -> R
     if streaming {
         store_fence();
     }
-    Ok(())
+    Ok(pairs)
 }
 
 /// Copy experts write outputs of at least this many bytes with non-temporal stores.

@@ -257,12 +257,80 @@ pub struct MoeArgs {
     /// Random seed of data and routing.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Model expert compute: each rank spends X µs per (token, expert) row it received,
+    /// asleep (accelerator time, which takes no CPU: the core is free for other ranks
+    /// meanwhile). Times the experts and the layer (dispatch → experts → combine, a barrier
+    /// before combine so that combine is timed alone) and reports the load imbalance.
+    #[arg(long = "expert-us", default_value_t = 0.0, value_name = "X", value_parser = parse_expert_us)]
+    pub expert_us: f64,
+    /// Expert load balancing: EXTRA replica slots in all (every rank gets experts/ranks +
+    /// EXTRA/ranks slots, rounded up), the map built by `xccl::moe::rebalance` from the
+    /// load of the warm-up steps, and POLICY fewest (default: fewest ranks per token, the
+    /// fewest bytes), rotate or local (local-first). Each row is then
+    /// measured without and with EPLB, repetitions interleaved, and the ratio printed.
+    #[arg(long, value_name = "EXTRA[,POLICY]", value_parser = parse_eplb)]
+    pub eplb: Option<Eplb>,
+}
+
+/// `--eplb`: replica slots in all and the replica policy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Eplb {
+    pub extra: usize,
+    pub policy: xccl::moe::ReplicaPolicy,
+}
+
+impl std::fmt::Display for Eplb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{},{}", self.extra, policy_name(self.policy))
+    }
+}
+
+fn parse_eplb(v: &str) -> Result<Eplb, String> {
+    let (extra, policy) = v.split_once(',').unwrap_or((v, "fewest"));
+    let extra = extra
+        .parse::<usize>()
+        .map_err(|_| format!("--eplb {v:?}: expected EXTRA[,rotate|local], EXTRA a count"))?;
+    use xccl::moe::ReplicaPolicy;
+    let policy = match policy {
+        "rotate" => ReplicaPolicy::Rotate,
+        "local" => ReplicaPolicy::LocalFirst,
+        "fewest" => ReplicaPolicy::FewestRanks,
+        _ => {
+            return Err(format!(
+                "--eplb policy {policy:?}: expected rotate, local or fewest"
+            ))
+        }
+    };
+    Ok(Eplb { extra, policy })
+}
+
+/// The `--eplb` name of a replica policy.
+pub fn policy_name(p: xccl::moe::ReplicaPolicy) -> &'static str {
+    match p {
+        xccl::moe::ReplicaPolicy::Rotate => "rotate",
+        xccl::moe::ReplicaPolicy::LocalFirst => "local",
+        xccl::moe::ReplicaPolicy::FewestRanks => "fewest",
+    }
+}
+
+fn parse_expert_us(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(x) if x.is_finite() && (0.0..=1e6).contains(&x) => Ok(x),
+        _ => Err(format!(
+            "--expert-us {v:?}: expected microseconds, 0 or more"
+        )),
+    }
 }
 
 impl MoeArgs {
     /// Timed repetitions per configuration (`-n`, default 10).
     pub fn reps(&self) -> usize {
         self.job.iters.map_or(10, |n| n as usize)
+    }
+
+    /// Whether the experts (and the layer) are timed: copy experts or modelled compute.
+    pub fn timed_experts(&self) -> bool {
+        self.expert == "copy" || self.expert_us > 0.0
     }
 
     /// Untimed repetitions first (`-w`, default 2).
@@ -334,6 +402,19 @@ impl MoeArgs {
                  {ranks} (such as {near}) or another rank count",
                 self.experts
             ));
+        }
+        if self.eplb.is_some() && self.expert == "copy" {
+            return Err(
+                "--eplb checks outputs against identity experts (a copy expert's output depends                  on which replica served a row): drop --expert copy, and model expert time                  with --expert-us"
+                    .into(),
+            );
+        }
+        let local = xccl::moe::ReplicaPolicy::LocalFirst;
+        if self.eplb.is_some_and(|e| e.policy == local) && self.job.backend != "shm" {
+            return Err(
+                "--eplb ...,local needs the hosts of the ranks: the harness knows them on                  shm (one host); use rotate over tcp"
+                    .into(),
+            );
         }
         // The library's own check of the shape (the token count does not enter it).
         let cfg = xccl::moe::MoeConfig::new(

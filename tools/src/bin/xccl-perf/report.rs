@@ -162,6 +162,15 @@ pub struct MoeFields {
     pub layer_us_p50: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layer_us_p99: Option<f64>,
+    /// Modelled expert time per (token, expert) row (`--expert-us`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert_us_per_row: Option<f64>,
+    /// Median over steps of the busiest rank's (token, expert) rows over the mean.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub imbalance: Option<f64>,
+    /// `EXTRA,POLICY` of the EPLB map the row ran with; absent: no EPLB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eplb: Option<String>,
 }
 
 /// Samples needed before a 99th percentile is reported (fewer: it would be the maximum).
