@@ -31,13 +31,14 @@ fn moe_layer_example_matches_one_process() {
     // an old one (then the mode lines below are missing).
     let hint = "cargo build --example moe_layer, or run cargo test without a target filter";
     assert!(bin.exists(), "{} not built ({hint})", bin.display());
-    for (i, (ranks, backend, experts, mode)) in [
-        ("2", "shm", "8", "normal"),
-        ("2", "shm", "8", "low-latency"),
-        ("3", "shm", "6", "normal"),
-        ("3", "shm", "6", "low-latency"),
-        ("2", "tcp", "8", "normal"),
-        ("2", "tcp", "8", "low-latency"),
+    // The last field: EPLB replica slots (a second run on the rebalanced map, weights moved).
+    for (i, (ranks, backend, experts, mode, eplb)) in [
+        ("2", "shm", "8", "normal", "0"),
+        ("2", "shm", "8", "low-latency", "0"),
+        ("3", "shm", "6", "normal", "3"),
+        ("3", "shm", "6", "low-latency", "0"),
+        ("2", "tcp", "8", "normal", "0"),
+        ("2", "tcp", "8", "low-latency", "2"),
     ]
     .into_iter()
     .enumerate()
@@ -46,7 +47,7 @@ fn moe_layer_example_matches_one_process() {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_xccl-run"));
         cmd.args(["--np", ranks, "--backend", backend, "--"])
             .arg(&bin)
-            .args(["24", "32", experts, "2", mode]);
+            .args(["24", "32", experts, "2", mode, eplb]);
         for v in LAUNCHER_VARS {
             cmd.env_remove(v);
         }
@@ -85,6 +86,13 @@ fn moe_layer_example_matches_one_process() {
                     panic!("rank {r} printed no {mode} result (stale example? {hint})")
                 });
             assert!(line.contains("max relative error"), "{line}");
+            if eplb != "0" {
+                let second = format!("[{r}] rank {r}/{ranks}: {mode} mode");
+                let rebalanced = (text.lines())
+                    .filter(|l| l.starts_with(&second) && l.contains("(eplb map v1"))
+                    .count();
+                assert_eq!(rebalanced, 1, "rank {r}: one run on the EPLB map\n{text}");
+            }
         }
         assert_no_leaks(&mark);
     }
@@ -105,6 +113,7 @@ fn moe_layer_example_checks_its_arguments() {
         (&["abc"][..], "tokens \"abc\" is not a positive number"),
         (&["8", "16", "4", "2", "fast"], "mode \"fast\""),
         (&["8", "0"], "hidden \"0\""),
+        (&["8", "16", "4", "2", "normal", "x"], "eplb \"x\""),
     ] {
         let out = support::run(bin, args, &[]);
         let (_, stderr) = support::text(&out);
