@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # readme_perf.sh — regenerates the measured part of README.md's performance section on this
-# machine: the README's first command, an MoE dispatch/combine sweep, a picture of both (and of
+# machine: the README's first command, an MoE dispatch/combine sweep, the MoE layer with and
+# without expert load balancing, a picture of the first two (and of
 # the same ping-pong over tcp) drawn by `xccl-perf plot` into benches/plots/perf.svg, and the
 # side-by-side ratios to Open MPI (benches/side_by_side.sh). Everything between the markers
 # `<!-- perf:begin -->` and `<!-- perf:end -->` is replaced by what the commands print.
@@ -45,6 +46,16 @@ open="${fence}text"
   "$PERF" moe --np 2 --tokens 4096 --expert copy -n 5
   echo "$fence"
   echo
+  for routing in zipf:1.2 uniform; do
+    echo "\`xccl-perf moe --np 4 -n 40 --routing $routing --expert-us 5 --eplb 16\` (EPLB: experts"
+    echo "modelled as 5 us per (token, expert) row; a map with 16 replica slots built from the"
+    echo "warm-up steps; without and with it, repetitions interleaved):"
+    echo
+    echo "$open"
+    "$PERF" moe --np 4 -n 40 --routing "$routing" --expert-us 5 --eplb 16
+    echo "$fence"
+    echo
+  done
   "$PERF" pingpong --np 2 --backend tcp -e 16M --json "$JSON/tcp_pingpong.json" > /dev/null
   "$PERF" plot "$JSON/shm_pingpong.json" "$JSON/tcp_pingpong.json" "$JSON/shm_moe.json" \
     --title "xccl-perf on $(nproc) CPUs: ping-pong over shm and tcp, MoE over shm" \
