@@ -596,3 +596,55 @@ fn bad_maps_and_policies_are_refused_up_front() {
         assert_eq!(out, x);
     });
 }
+
+/// The statistics: rows per logical expert as dispatched (summed over ranks by the collective
+/// call), the window restarted by `take_stats`, and the wait on a slow peer charged to that
+/// peer (rank 2 starts each dispatch 30 ms late; rank 0 waited on it, not on rank 1).
+#[test]
+fn statistics_count_rows_per_expert_and_name_the_slow_peer() {
+    run_comms(Fabric::Shm, 3, |comm| {
+        let me = comm.rank();
+        let coll = Coll::new(comm).unwrap();
+        let mut buf = MoeBuffer::new(comm, MoeConfig::new(6, 8, 2, 4, Dtype::F32)).unwrap();
+        let x = vec![0u8; 4 * 8 * 4];
+        // Every rank: tokens choosing experts (0, 1), (0, 2), (me, -1), (5, 0).
+        let idx = [0, 1, 0, 2, me as i64, -1, 5, 0];
+        for _ in 0..3 {
+            if me == 2 {
+                std::thread::sleep(std::time::Duration::from_millis(30)); // the slow peer
+            }
+            let view = buf.dispatch(&x, &idx, &[1.0; 8]).unwrap();
+            let reduced: Vec<u8> = view
+                .rows()
+                .unwrap()
+                .iter()
+                .flat_map(|r| r.data.to_vec())
+                .collect();
+            let mut out = vec![0u8; x.len()];
+            buf.combine(&reduced, &mut out).unwrap();
+        }
+        let stats = buf.take_stats();
+        assert_eq!(stats.steps(), 3);
+        let mut mine = vec![0u64; 6];
+        for &e in idx.iter().filter(|&&e| e >= 0) {
+            mine[e as usize] += 3;
+        }
+        assert_eq!(stats.expert_rows(), &mine[..]);
+        let job = stats.job_expert_rows(&coll).unwrap();
+        assert_eq!(job, vec![30, 12, 12, 0, 0, 9]);
+        if me == 0 {
+            let waited = stats.waited_dispatch();
+            assert_eq!(waited[0], std::time::Duration::ZERO, "no wait on itself");
+            assert!(
+                waited[2] >= std::time::Duration::from_millis(60),
+                "{waited:?}"
+            );
+            assert!(waited[2] > 4 * waited[1], "{waited:?}");
+        }
+        // A fresh window.
+        assert_eq!(buf.stats().steps(), 0);
+        assert!(buf.stats().expert_rows().iter().all(|&c| c == 0));
+        buf.close().unwrap();
+        coll.close().unwrap();
+    });
+}

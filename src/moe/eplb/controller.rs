@@ -115,3 +115,81 @@ pub fn imbalance(loads: &[f64]) -> f64 {
     }
     loads.iter().cloned().fold(0.0, f64::max) / (total / loads.len() as f64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> MapShape {
+        MapShape {
+            ranks: 2,
+            slots_per_rank: 3,
+            ranks_per_host: None,
+        }
+    }
+
+    #[test]
+    fn proposes_by_count_and_by_imbalance_then_starts_afresh() {
+        let current = ExpertMap::from_placement(&[0, 0, 1, 1], 2).unwrap();
+        // By count: every 3 steps, whatever the load.
+        let cfg = ControllerConfig {
+            shape: shape(),
+            every: 3,
+            max_imbalance: None,
+            min_steps: 1,
+        };
+        let mut ctl = EplbController::new(4, cfg).unwrap();
+        let even = [10, 10, 10, 10];
+        assert!(ctl.tick(&even, &current).unwrap().is_none());
+        assert!(ctl.tick(&even, &current).unwrap().is_none());
+        let map = ctl.tick(&even, &current).unwrap().expect("the third step");
+        assert_eq!((map.version(), ctl.steps(), ctl.proposals()), (1, 0, 1));
+        // By imbalance: balanced load never triggers, a hot rank does after `min_steps`.
+        let cfg = ControllerConfig {
+            shape: shape(),
+            every: 0,
+            max_imbalance: Some(1.25),
+            min_steps: 2,
+        };
+        let mut ctl = EplbController::new(4, cfg).unwrap();
+        for _ in 0..10 {
+            assert!(ctl.tick(&even, &current).unwrap().is_none());
+        }
+        assert_eq!(ctl.imbalance(&current), 1.0);
+        let hot = [100, 10, 10, 10];
+        // Accumulated: 1,100+... the ten even steps dilute the first hot one.
+        let mut steps = 0;
+        let map = loop {
+            steps += 1;
+            if let Some(m) = ctl.tick(&hot, &current).unwrap() {
+                break m;
+            }
+            assert!(steps < 20, "never proposed");
+        };
+        assert!(steps > 1, "one hot step among ten even ones is not enough");
+        let after = imbalance(&map.rank_loads(&[100.0, 10.0, 10.0, 10.0]));
+        assert!(after < 1.25, "the proposal balances the load: {after}");
+        assert_eq!(ctl.steps(), 0);
+    }
+
+    #[test]
+    fn bad_input_is_refused() {
+        let cfg = ControllerConfig {
+            shape: shape(),
+            every: 1,
+            max_imbalance: Some(0.5),
+            min_steps: 1,
+        };
+        assert!(EplbController::new(4, cfg).is_err());
+        let cfg = ControllerConfig {
+            max_imbalance: None,
+            ..cfg
+        };
+        assert!(EplbController::new(7, cfg).is_err()); // 7 experts in 6 slots
+        let mut ctl = EplbController::new(4, cfg).unwrap();
+        let current = ExpertMap::from_placement(&[0, 0, 1, 1], 2).unwrap();
+        assert!(ctl.tick(&[1, 2, 3], &current).is_err());
+        // The controller still works.
+        assert!(ctl.tick(&[1, 2, 3, 4], &current).unwrap().is_some());
+    }
+}
