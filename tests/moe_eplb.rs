@@ -625,7 +625,7 @@ fn statistics_count_rows_per_expert_and_name_the_slow_peer() {
         }
         let stats = buf.take_stats();
         assert_eq!(stats.steps(), 3);
-        let mut mine = vec![0u64; 6];
+        let mut mine = [0u64; 6];
         for &e in idx.iter().filter(|&&e| e >= 0) {
             mine[e as usize] += 3;
         }
