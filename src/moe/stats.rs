@@ -1,6 +1,7 @@
 //! What an MoE buffer counts as it works: (token, expert) rows dispatched per logical expert
 //! and time waited on each peer, per phase; summed over ranks by [`MoeStats::job_expert_rows`].
 
+use super::eplb::ExpertMap;
 use crate::coll::{Coll, ReduceOp};
 use crate::error::{Error, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,12 +55,18 @@ impl MoeStats {
         }
     }
 
-    /// Counts one dispatch's choices (`-1` = none; every other id checked already).
-    pub(crate) fn dispatched(&mut self, topk_idx: &[i64]) {
+    /// Counts one dispatch from its rows per slot of `map` (`per_slot`).
+    pub(crate) fn dispatched(&mut self, per_slot: &[usize], map: &ExpertMap) {
         self.steps += 1;
-        for &e in topk_idx {
-            if e >= 0 {
-                self.expert_rows[e as usize] += 1;
+        if map.is_identity() {
+            for (a, &b) in self.expert_rows.iter_mut().zip(per_slot) {
+                *a += b as u64;
+            }
+            return;
+        }
+        for (s, &b) in per_slot.iter().enumerate().filter(|&(_, &b)| b > 0) {
+            if let Some(e) = map.logical(s) {
+                self.expert_rows[e] += b as u64;
             }
         }
     }

@@ -29,8 +29,13 @@ pub struct ExpertMap {
     /// The logical expert of every slot, `EMPTY` for none.
     slots: Vec<u32>,
     version: u64,
-    /// Per logical expert: its slots, ascending (derived from `slots`).
-    replicas: Vec<Vec<u32>>,
+    /// Per logical expert `e`: its slots, ascending, are
+    /// `replica_slots[replica_start[e]..replica_start[e + 1]]` (derived from `slots`; one flat
+    /// table, read by every dispatch).
+    replica_start: Vec<u32>,
+    replica_slots: Vec<u32>,
+    /// Slot `e` holds expert `e`, for every expert, and no slot holds another.
+    identity: bool,
 }
 
 impl ExpertMap {
@@ -76,6 +81,11 @@ impl ExpertMap {
         if let Some(e) = replicas.iter().position(Vec::is_empty) {
             return bad(format!("expert {e} has no replica"));
         }
+        let mut replica_start = Vec::with_capacity(experts + 1);
+        replica_start.push(0);
+        for r in &replicas {
+            replica_start.push(replica_start[replica_start.len() - 1] + r.len() as u32);
+        }
         Ok(ExpertMap {
             experts,
             ranks,
@@ -85,7 +95,12 @@ impl ExpertMap {
                 .map(|e| e.map_or(EMPTY, |e| e as u32))
                 .collect(),
             version,
-            replicas,
+            replica_start,
+            identity: replicas
+                .iter()
+                .enumerate()
+                .all(|(e, r)| r[..] == [e as u32]),
+            replica_slots: replicas.concat(),
         })
     }
 
@@ -112,6 +127,12 @@ impl ExpertMap {
             }
         }
         ExpertMap::new(placement.len(), ranks, slots, 0)
+    }
+
+    /// Whether slot `e` holds expert `e` for every expert and nothing else is held (the
+    /// contiguous placement): dispatch then needs no routing pass.
+    pub fn is_identity(&self) -> bool {
+        self.identity
     }
 
     /// Logical experts.
@@ -160,7 +181,10 @@ impl ExpertMap {
 
     /// The slots holding logical expert `e`, ascending (empty for an unknown expert).
     pub fn replicas(&self, e: usize) -> &[u32] {
-        self.replicas.get(e).map_or(&[], |r| &r[..])
+        match self.replica_start.get(e..e + 2) {
+            Some(&[from, to]) => &self.replica_slots[from as usize..to as usize],
+            _ => &[],
+        }
     }
 
     /// The logical experts on rank `r`, in slot order (empty slots skipped).
@@ -176,7 +200,7 @@ impl ExpertMap {
 
     /// Replicas beyond the first of each expert.
     pub fn extra_replicas(&self) -> usize {
-        self.replicas.iter().map(|r| r.len() - 1).sum()
+        self.replica_slots.len() - self.experts
     }
 
     /// A 64-bit digest of the whole map (experts, ranks, slots, version): ranks holding maps
@@ -199,7 +223,7 @@ impl ExpertMap {
         for (s, &e) in self.slots.iter().enumerate() {
             if e != EMPTY {
                 let e = e as usize;
-                out[self.rank_of_slot(s)] += load[e] / self.replicas[e].len() as f64;
+                out[self.rank_of_slot(s)] += load[e] / self.replicas(e).len() as f64;
             }
         }
         out

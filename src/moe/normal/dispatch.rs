@@ -151,14 +151,19 @@ impl<'c> MoeBuffer<'c> {
         // Taken out for the call and put back after (an error path leaves it empty; it is
         // refilled, reusing its memory, by the next call).
         let mut layout = std::mem::take(&mut self.layout);
-        let (policy, hosts) = (self.cfg.replica_policy, self.cfg.ranks_per_host);
-        let k = self.cfg.topk;
-        (self.router).resolve(&self.map, policy, (me, hosts), topk_idx, k)?;
+        // Logical experts to slots (a map whose slot e holds expert e needs no pass).
+        let resolve = !self.map.is_identity();
+        if resolve {
+            let (policy, hosts) = (self.cfg.replica_policy, self.cfg.ranks_per_host);
+            let k = self.cfg.topk;
+            (self.router).resolve(&self.map, policy, (me, hosts), topk_idx, k)?;
+        }
         let slots = std::mem::take(&mut self.router.slots);
+        let idx: &[i64] = if resolve { &slots } else { topk_idx };
         let tokens = check_dispatch(
             &self.cfg,
             (&self.slot_rank, n),
-            (x, &slots, topk_weights),
+            (x, idx, topk_weights),
             &mut self.scales,
             &mut layout,
         );
@@ -169,7 +174,7 @@ impl<'c> MoeBuffer<'c> {
                 return Err(e);
             }
         };
-        self.stats.dispatched(topk_idx);
+        self.stats.dispatched(&layout.tokens_per_expert, &self.map);
         self.lease.enter();
         self.disp_epoch += 1;
         let epoch = self.disp_epoch;
@@ -177,7 +182,7 @@ impl<'c> MoeBuffer<'c> {
         // Set before anything is sent: a failed dispatch may have let peers start reading.
         self.input_busy |= in_place;
         let choices = Choices {
-            idx: &slots,
+            idx,
             weights: topk_weights,
         };
         // This rank's own records first (it announces nothing to itself: it knows its count),
