@@ -87,10 +87,13 @@ impl Router {
                 }
                 let e = e as usize;
                 let reps = map.replicas(e);
+                if let [only] = reps {
+                    self.slots.push(*only as i64);
+                    continue;
+                }
                 let turn = self.seen[e] as usize + me;
                 self.seen[e] += 1;
                 let slot = match (reps.len(), policy) {
-                    (1, _) => reps[0],
                     (_, ReplicaPolicy::Rotate) => reps[turn % reps.len()],
                     (_, ReplicaPolicy::FewestRanks) => {
                         let visits = &self.visits;
