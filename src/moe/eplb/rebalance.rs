@@ -23,10 +23,12 @@
 //!    slots in expert order.
 //!
 //! Guarantees: every expert has at least one replica, replicas of one expert are on
-//! different ranks, no rank exceeds its slots; the busiest rank's load (each expert's load
-//! split evenly over its replicas) is at most the lower bound plus the heaviest replica
-//! (the list-scheduling bound) plus the keep slack, and in practice within a few percent of
-//! the bound (`tests::rebalanced_loads_are_near_the_bound` reports the figures).
+//! different ranks, no rank exceeds its slots, and with a previous map of the same shape the
+//! busiest rank (each expert's load split evenly over its replicas) is at most 1 % heavier
+//! than under that map. No worst-case bound against the optimum is claimed (slot counts make
+//! the packing a cardinality-constrained partition); measured on 1,000 random skewed loads
+//! (`tests::rebalanced_loads_are_near_the_bound`): within 3.3 % of exhaustive search on small
+//! cases, within 8.5 % of [`load_bound`] (0.3 % on average) on large ones.
 
 use super::map::ExpertMap;
 use crate::error::{Error, Result};
