@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::moe_rows::{c, decode, encode, scaled_outputs};
 use common::{assert_no_leaks, run_comms, run_split_comms, Fabric, Job, SCENARIO, SERIAL};
 use proptest::prelude::*;
 use std::sync::Arc;
@@ -202,25 +203,6 @@ impl Case {
     }
 }
 
-/// Expert e multiplies its input by c_e.
-fn c(e: usize) -> f32 {
-    (e % 3 + 1) as f32
-}
-
-fn encode(dtype: Dtype, vals: &[f32]) -> Vec<u8> {
-    let mut out = vec![0u8; vals.len() * dtype.size()];
-    for (i, &v) in vals.iter().enumerate() {
-        dtype.store(&mut out, i, v);
-    }
-    out
-}
-
-fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
-    (0..bytes.len() / dtype.size())
-        .map(|i| dtype.load(bytes, i))
-        .collect()
-}
-
 /// A row that crossed as INT8: exactly the sender's row quantized and rebuilt (so it did
 /// travel quantized), and within the documented bound of the original.
 fn check_int8_row(dtype: Dtype, got: &[u8], sent: &[u8], hidden: usize) {
@@ -366,15 +348,7 @@ fn check_on(comm: &Communicator, case: &Case, dtype: Dtype, reruns: usize, trave
                 assert_eq!(count, want, "tokens for expert {e}");
             }
             // Experts: f_e(x) = c_e x, reduced over this rank's experts with the gate weights.
-            let mut reduced = Vec::with_capacity(rows.len() * h * dtype.size());
-            for row in &rows {
-                let xin = decode(dtype, row.data);
-                let y: Vec<f32> = xin
-                    .iter()
-                    .map(|&v| row.experts.iter().map(|&(e, w)| w * c(e) * v).sum())
-                    .collect();
-                reduced.extend(encode(dtype, &y));
-            }
+            let reduced = scaled_outputs(&rows, dtype);
             if in_window {
                 view.expert_output().unwrap().copy_from_slice(&reduced);
             }

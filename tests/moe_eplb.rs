@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::moe_rows::{c, decode, encode, scaled_outputs};
 use common::{run_comms, Fabric};
 use proptest::prelude::*;
 use std::sync::Arc;
@@ -49,25 +50,6 @@ impl Kind {
             Kind::F16 => Dtype::F16,
         }
     }
-}
-
-/// Expert e multiplies its input by c_e.
-fn c(e: usize) -> f32 {
-    (e % 3 + 1) as f32
-}
-
-fn encode(dtype: Dtype, vals: &[f32]) -> Vec<u8> {
-    let mut out = vec![0u8; vals.len() * dtype.size()];
-    for (i, &v) in vals.iter().enumerate() {
-        dtype.store(&mut out, i, v);
-    }
-    out
-}
-
-fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
-    (0..bytes.len() / dtype.size())
-        .map(|i| dtype.load(bytes, i))
-        .collect()
 }
 
 /// A valid map from random picks: each expert on the first rank with a free slot from a
@@ -241,14 +223,7 @@ fn check_on(comm: &Communicator, case: &Case, kind: Kind, reruns: usize) {
         coll.allreduce(&mut seen, ReduceOp::Sum).unwrap();
         check_delivery(case, &seen, max_t);
         // Experts f_e(x) = c_e x, reduced over this rank's experts with the gate weights.
-        let mut reduced = Vec::new();
-        for row in &rows {
-            let y: Vec<f32> = decode(dtype, row.data)
-                .iter()
-                .map(|&v| row.experts.iter().map(|&(e, w)| w * c(e) * v).sum())
-                .collect();
-            reduced.extend(encode(dtype, &y));
-        }
+        let reduced = scaled_outputs(&rows, dtype);
         drop(rows);
         let _ = view;
         let mut out = vec![0u8; x.len()];
@@ -423,14 +398,7 @@ fn twenty_reruns_through_replicas_are_bitwise_identical() {
         let mut first: Option<Vec<u8>> = None;
         for _ in 0..20 {
             let view = buf.dispatch(&x, &mine.idx, &mine.w).unwrap();
-            let mut reduced = Vec::new();
-            for row in view.rows().unwrap() {
-                let y: Vec<f32> = decode(Dtype::F32, row.data)
-                    .iter()
-                    .map(|&v| row.experts.iter().map(|&(e, w)| w * c(e) * v).sum())
-                    .collect();
-                reduced.extend(encode(Dtype::F32, &y));
-            }
+            let reduced = scaled_outputs(&view.rows().unwrap(), Dtype::F32);
             let mut out = vec![0u8; x.len()];
             buf.combine(&reduced, &mut out).unwrap();
             match &first {
@@ -501,14 +469,7 @@ fn switch_maps(fabric: Fabric) {
             let inp = skewed_input(me, step, experts, hidden, topk, tokens);
             let x = encode(Dtype::F32, &inp.x);
             let view = buf.dispatch(&x, &inp.idx, &inp.w).unwrap();
-            let mut reduced = Vec::new();
-            for row in view.rows().unwrap() {
-                let y: Vec<f32> = decode(Dtype::F32, row.data)
-                    .iter()
-                    .map(|&v| row.experts.iter().map(|&(e, w)| w * c(e) * v).sum())
-                    .collect();
-                reduced.extend(encode(Dtype::F32, &y));
-            }
+            let reduced = scaled_outputs(&view.rows().unwrap(), Dtype::F32);
             let mut out = vec![0u8; x.len()];
             buf.combine(&reduced, &mut out).unwrap();
             check_combined(Kind::F32, &inp, topk, hidden, &decode(Dtype::F32, &out));
@@ -558,6 +519,16 @@ fn maps_switched_under_a_running_job_stay_exact_tcp() {
     switch_maps(Fabric::Tcp);
 }
 
+/// One dispatch and combine with experts that return each row as it came; the output.
+fn identity_step(buf: &mut MoeBuffer<'_>, x: &[u8], idx: &[i64], w: &[f32]) -> Vec<u8> {
+    let view = buf.dispatch(x, idx, w).unwrap();
+    let rows = view.rows().unwrap();
+    let reduced: Vec<u8> = rows.iter().flat_map(|r| r.data.to_vec()).collect();
+    let mut out = vec![0u8; x.len()];
+    buf.combine(&reduced, &mut out).unwrap();
+    out
+}
+
 /// Bad input: a policy that needs hosts without them, a map for another world, a map whose
 /// experts differ from the configuration's.
 #[test]
@@ -584,16 +555,7 @@ fn bad_maps_and_policies_are_refused_up_front() {
         cfg.map = Some(ExpertMap::from_placement(&[0, 1, 1, 0], 2).unwrap());
         let mut buf = MoeBuffer::new(comm, cfg).unwrap();
         let x = vec![0u8; 8 * 4];
-        let view = buf.dispatch(&x, &[0, 1], &[1.0, 1.0]).unwrap();
-        let reduced: Vec<u8> = view
-            .rows()
-            .unwrap()
-            .iter()
-            .flat_map(|r| r.data.to_vec())
-            .collect();
-        let mut out = vec![0u8; x.len()];
-        buf.combine(&reduced, &mut out).unwrap();
-        assert_eq!(out, x);
+        assert_eq!(identity_step(&mut buf, &x, &[0, 1], &[1.0, 1.0]), x);
     });
 }
 
@@ -613,15 +575,7 @@ fn statistics_count_rows_per_expert_and_name_the_slow_peer() {
             if me == 2 {
                 std::thread::sleep(std::time::Duration::from_millis(30)); // the slow peer
             }
-            let view = buf.dispatch(&x, &idx, &[1.0; 8]).unwrap();
-            let reduced: Vec<u8> = view
-                .rows()
-                .unwrap()
-                .iter()
-                .flat_map(|r| r.data.to_vec())
-                .collect();
-            let mut out = vec![0u8; x.len()];
-            buf.combine(&reduced, &mut out).unwrap();
+            identity_step(&mut buf, &x, &idx, &[1.0; 8]);
         }
         let stats = buf.take_stats();
         assert_eq!(stats.steps(), 3);

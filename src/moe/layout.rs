@@ -37,6 +37,31 @@ pub fn dispatch_layout(
     Ok(l)
 }
 
+/// Entry `j` of token `t`'s choices `row`, checked: `None` for `-1` (no expert), else an
+/// expert id below `experts` that the token has not chosen before.
+pub(crate) fn chosen_expert(
+    t: usize,
+    row: &[i64],
+    j: usize,
+    experts: usize,
+) -> Result<Option<usize>> {
+    let e = row[j];
+    if e == -1 {
+        return Ok(None);
+    }
+    if e < 0 || e as usize >= experts {
+        return Err(Error::InvalidArgument(format!(
+            "token {t}: expert id {e} is outside -1..{experts}"
+        )));
+    }
+    if row[..j].contains(&e) {
+        return Err(Error::InvalidArgument(format!(
+            "token {t}: expert {e} chosen twice"
+        )));
+    }
+    Ok(Some(e as usize))
+}
+
 impl Layout {
     /// [`dispatch_layout`] into this layout, reusing its memory (no allocation once it has
     /// held a call as large).
@@ -65,22 +90,12 @@ impl Layout {
         self.is_token_in_rank.resize(tokens * ranks, false);
         self.ranks = ranks;
         for (t, row) in topk_idx.chunks(topk).enumerate() {
-            for (j, &e) in row.iter().enumerate() {
-                if e == -1 {
+            for j in 0..row.len() {
+                let Some(e) = chosen_expert(t, row, j, experts)? else {
                     continue;
-                }
-                if e < 0 || e as usize >= experts {
-                    return Err(Error::InvalidArgument(format!(
-                        "token {t}: expert id {e} is outside -1..{experts}"
-                    )));
-                }
-                if row[..j].contains(&e) {
-                    return Err(Error::InvalidArgument(format!(
-                        "token {t}: expert {e} chosen twice"
-                    )));
-                }
-                self.tokens_per_expert[e as usize] += 1;
-                let r = placement[e as usize];
+                };
+                self.tokens_per_expert[e] += 1;
+                let r = placement[e];
                 if !self.is_token_in_rank[t * ranks + r] {
                     self.is_token_in_rank[t * ranks + r] = true;
                     self.tokens_per_rank[r] += 1;

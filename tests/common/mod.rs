@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod low_latency;
+pub mod moe_rows;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, ExitStatus, Stdio};

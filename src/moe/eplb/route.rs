@@ -3,6 +3,7 @@
 
 use super::map::ExpertMap;
 use crate::error::{Error, Result};
+use crate::moe::layout::chosen_expert;
 
 /// How a dispatch picks one replica of a logical expert for each (token, expert).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -70,22 +71,11 @@ impl Router {
                     }
                 }
             }
-            for (j, &e) in row.iter().enumerate() {
-                if e == -1 {
+            for j in 0..row.len() {
+                let Some(e) = chosen_expert(t, row, j, experts)? else {
                     self.slots.push(-1);
                     continue;
-                }
-                if e < 0 || e as usize >= experts {
-                    return Err(Error::InvalidArgument(format!(
-                        "token {t}: expert id {e} is outside -1..{experts}"
-                    )));
-                }
-                if row[..j].contains(&e) {
-                    return Err(Error::InvalidArgument(format!(
-                        "token {t}: expert {e} chosen twice"
-                    )));
-                }
-                let e = e as usize;
+                };
                 let reps = map.replicas(e);
                 if let [only] = reps {
                     self.slots.push(*only as i64);

@@ -21,6 +21,15 @@ fn on_loopback_ranks(n: usize, rank: impl Fn(&Communicator) + Sync) {
     });
 }
 
+/// Writes into rank 0's mailbox, as if rank `from` announced call 1 of a dispatch with
+/// `words` (row count, where the rows start, map version), and sets its signal.
+fn forge_dispatch_announcement(buf: &MoeBuffer<'_>, from: usize, words: [u64; 3]) {
+    let mut slot = [0u8; 32];
+    (buf.mailbox)
+        .post(&buf.paths[0], from, 0, 1, &words, &mut slot)
+        .unwrap();
+}
+
 /// A rank's own mailbox slot lies in its window, where any peer can write: a peer that
 /// forges a count there (it used to make the rank index past the rows it sent itself) changes
 /// nothing, as a rank never reads its own slot; each rank receives exactly its own two rows.
@@ -32,10 +41,7 @@ fn a_forged_count_in_the_own_slot_changes_nothing() {
         let mut buf = MoeBuffer::new(comm, cfg).unwrap();
         if me == 1 {
             // Rank 0's own slot of call 1, as if rank 0 had posted 8 rows to itself.
-            let mut slot = [0u8; 32];
-            buf.mailbox
-                .post(&buf.paths[0], 0, 0, 1, &[8, 0, 0], &mut slot)
-                .unwrap();
+            forge_dispatch_announcement(&buf, 0, [8, 0, 0]);
         }
         comm.barrier().unwrap();
         // Two tokens, both to this rank's own experts.
@@ -100,10 +106,7 @@ fn a_stale_map_version_is_refused() {
         let cfg = MoeConfig::new(4, 16, 1, 8, Dtype::F32);
         let mut buf = MoeBuffer::new(comm, cfg).unwrap();
         if me == 1 {
-            let mut slot = [0u8; 32];
-            buf.mailbox
-                .post(&buf.paths[0], 1, 0, 1, &[0, 0, 7], &mut slot)
-                .unwrap();
+            forge_dispatch_announcement(&buf, 1, [0, 0, 7]);
             comm.barrier().unwrap();
             // As rank 0's, this buffer ends with a call under way: neither drains.
             buf.lease.enter();
