@@ -165,6 +165,10 @@ impl CommBuilder {
             self.fingerprint
         );
         let job_id = agree(store, &info, &config, deadline)?;
+        let id = bootstrap::host::host_id(&|k| std::env::var(k).ok())?;
+        let hosts = bootstrap::host::exchange(store, &info, &id, deadline)?;
+        let mut info = info;
+        (info.local_rank, info.local_size) = hosts.local(info.rank);
         tracing::debug!(rank = info.rank, world = info.world_size, source = info.source, %job_id, "xccl init");
 
         let made = Made {
@@ -178,7 +182,7 @@ impl CommBuilder {
         let transport = made.transport(backend, job_id)?;
         store_barrier(store, "ready", info.world_size, deadline)?;
         rdv.finish(&ns, info.rank, info.world_size, deadline)?;
-        Communicator::with_info(transport, info, timeout)
+        Communicator::with_info(transport, info, hosts, timeout)
     }
 }
 
@@ -234,7 +238,9 @@ impl Made<'_> {
                 use crate::transport::shm::{ShmOptions, ShmTransport};
                 if self.info.local_size != self.info.world_size {
                     return Err(Error::InvalidUsage(format!(
-                        "the shm backend needs every rank on one host ({} of {} are local)",
+                        "the shm backend needs every rank on one host ({} of {} are on this \
+                         one, by their host names: XCCL_HOST_ID or the machine's); across \
+                         hosts use the tcp backend",
                         self.info.local_size, self.info.world_size
                     )));
                 }

@@ -1,7 +1,7 @@
 //! The communicator: a connected group of ranks over one transport, with its barrier,
 //! deadlines, signal words, control window, abort and close (built by `builder.rs`).
 
-use crate::bootstrap::RankInfo;
+use crate::bootstrap::{Hosts, RankInfo};
 use crate::builder::CommBuilder;
 use crate::error::{Error, Result};
 use crate::signal_pool::SignalPool;
@@ -52,6 +52,8 @@ pub(crate) fn reserved_signals(world: usize) -> usize {
 pub struct Communicator {
     pub(crate) transport: Box<dyn Transport>,
     info: RankInfo,
+    /// The host of every rank.
+    hosts: Hosts,
     timeout: Duration,
     barrier_base: usize,
     barrier_epoch: AtomicU64,
@@ -64,6 +66,18 @@ pub struct Communicator {
     /// Splits made so far (they are collective, so every rank counts the same).
     pub(crate) splits: AtomicU64,
     closed: AtomicBool,
+}
+
+/// Hosts as a transport's paths show them to this rank: the peers it maps share its host;
+/// each other rank counts as a host of its own unless the transport maps every peer.
+fn hosts_from_paths(t: &dyn Transport) -> Result<Hosts> {
+    let (me, n) = (t.rank(), t.world_size());
+    let mut ids = Vec::with_capacity(n);
+    for p in 0..n {
+        let mapped = p == me || t.path_kind(p)? == crate::transport::PathKind::Mapped;
+        ids.push(if mapped { me } else { p }.to_string());
+    }
+    Ok(Hosts::from_ids(&ids))
 }
 
 impl Communicator {
@@ -87,19 +101,23 @@ impl Communicator {
                 reserved_signals(world)
             )));
         }
+        let hosts = hosts_from_paths(&*transport)?;
+        let (local_rank, local_size) = hosts.local(rank);
         let info = RankInfo {
             rank,
             world_size: world,
-            local_rank: rank,
-            local_size: world,
+            local_rank,
+            local_size,
             source: "explicit",
+            launcher_local: None,
         };
-        Self::with_info(transport, info, timeout)
+        Self::with_info(transport, info, hosts, timeout)
     }
 
     pub(crate) fn with_info(
         transport: Box<dyn Transport>,
         info: RankInfo,
+        hosts: Hosts,
         timeout: Duration,
     ) -> Result<Self> {
         let num_signals = transport.caps().num_signals;
@@ -107,6 +125,7 @@ impl Communicator {
         Ok(Communicator {
             transport,
             info,
+            hosts,
             timeout,
             barrier_base,
             barrier_epoch: AtomicU64::new(0),
@@ -129,6 +148,12 @@ impl Communicator {
     /// Identity details (local rank, where it came from).
     pub fn info(&self) -> &RankInfo {
         &self.info
+    }
+
+    /// The host of every rank (from `XCCL_HOST_ID` or the machine's identity; for a
+    /// communicator made from a transport, from which peers it maps).
+    pub fn hosts(&self) -> &Hosts {
+        &self.hosts
     }
     /// The transport, for algorithms and direct one-sided use.
     pub fn transport(&self) -> &dyn Transport {

@@ -39,6 +39,9 @@ pub struct LaunchSpec {
     pub bind: Bind,
     /// Allow more than [`MAX_RANKS_PER_CPU`] ranks per CPU (refused otherwise).
     pub oversubscribe: bool,
+    /// Emulated hosts: rank r is on host r / (ranks / hosts), through `XCCL_HOST_ID` and the
+    /// local-rank variables (1: the machine's own identity).
+    pub hosts: usize,
 }
 
 /// Ranks per usable CPU a launch accepts unless told to oversubscribe: beyond it ranks
@@ -94,7 +97,13 @@ impl LaunchSpec {
             grace: Duration::from_secs(3),
             bind: Bind::Auto,
             oversubscribe: false,
+            hosts: 1,
         }
+    }
+
+    /// Ranks per emulated host.
+    fn per_host(&self) -> usize {
+        self.ranks / self.hosts.max(1)
     }
 }
 
@@ -203,6 +212,12 @@ pub fn launch(spec: &LaunchSpec) -> Result<LaunchOutcome> {
     if spec.ranks == 0 {
         return Err(Error::InvalidArgument("need at least one rank".into()));
     }
+    if spec.hosts == 0 || spec.ranks % spec.hosts != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "{} ranks cannot be spread evenly over {} hosts: use a multiple of the host count",
+            spec.ranks, spec.hosts
+        )));
+    }
     let cpus = allowed_cpus();
     let limit = MAX_RANKS_PER_CPU * cpus.len().max(1);
     if spec.ranks > limit && !spec.oversubscribe {
@@ -215,6 +230,8 @@ pub fn launch(spec: &LaunchSpec) -> Result<LaunchOutcome> {
         )));
     }
     let secret = job_secret(spec);
+    // Names the emulated hosts of this launch apart from any other's.
+    let host_prefix = crate::bootstrap::random_job_id();
     let store = TcpStoreServer::bind("127.0.0.1:0", Some(secret.as_bytes()))?;
     let store_url = format!("tcp://{}", store.addr());
     let (tx, rx) = mpsc::channel::<Event>();
@@ -227,16 +244,17 @@ pub fn launch(spec: &LaunchSpec) -> Result<LaunchOutcome> {
     let pin = spec.bind == Bind::Auto && !tcp && !cpus.is_empty();
     for rank in 0..spec.ranks {
         let cpu = cpus.get(rank % cpus.len().max(1)).copied().filter(|_| pin);
-        let mut child = match rank_command(spec, rank, &store_url, &secret, cpu).spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                pids.iter().for_each(|&p| send_signal(p, Signal::KILL));
-                return Err(Error::system(
-                    format!("starting rank {rank}: {}", spec.program.display()),
-                    e,
-                ));
-            }
-        };
+        let mut child =
+            match rank_command(spec, rank, &store_url, &secret, cpu, &host_prefix).spawn() {
+                Ok(c) => c,
+                Err(e) => {
+                    pids.iter().for_each(|&p| send_signal(p, Signal::KILL));
+                    return Err(Error::system(
+                        format!("starting rank {rank}: {}", spec.program.display()),
+                        e,
+                    ));
+                }
+            };
         pids.push(child.id());
         let (out, err) = (
             child.stdout.take().expect("piped"),
@@ -290,19 +308,25 @@ fn rank_command(
     store_url: &str,
     secret: &str,
     cpu: Option<usize>,
+    host_prefix: &str,
 ) -> Command {
     let mut cmd = Command::new(&spec.program);
     cmd.args(&spec.args)
         .env("XCCL_RANK", rank.to_string())
         .env("XCCL_WORLD_SIZE", spec.ranks.to_string())
-        .env("XCCL_LOCAL_RANK", rank.to_string())
-        .env("XCCL_LOCAL_SIZE", spec.ranks.to_string())
+        .env("XCCL_LOCAL_RANK", (rank % spec.per_host()).to_string())
+        .env("XCCL_LOCAL_SIZE", spec.per_host().to_string())
         .env("XCCL_STORE", store_url)
         .env("XCCL_STORE_SERVER", "external")
         .env("XCCL_JOB_SECRET", secret)
         .stdin(Stdio::null());
     if let Some(b) = &spec.backend {
         cmd.env("XCCL_BACKEND", b);
+    }
+    if spec.hosts > 1 {
+        // One name per emulated host, unique to this launch.
+        let host = rank / spec.per_host();
+        cmd.env("XCCL_HOST_ID", format!("{host_prefix}-host{host}"));
     }
     for (k, v) in &spec.env {
         cmd.env(k, v);

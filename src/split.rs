@@ -85,14 +85,21 @@ impl Communicator {
             let _ = self.group_exchange(&members, [SETUP_FAILED, 0, 0, 0]);
         }
         let transport = built?;
+        // The members' hosts as the parent knows them, renumbered.
+        let ids: Vec<String> = (members.iter())
+            .map(|&m| self.hosts().host_of(m).to_string())
+            .collect();
+        let hosts = crate::bootstrap::Hosts::from_ids(&ids);
+        let (local_rank, local_size) = hosts.local(rank);
         let info = crate::bootstrap::RankInfo {
             rank,
             world_size: members.len(),
-            local_rank: rank,
-            local_size: members.len(),
+            local_rank,
+            local_size,
             source: "split",
+            launcher_local: None,
         };
-        Communicator::with_info(transport, info, self.timeout()).map(Some)
+        Communicator::with_info(transport, info, hosts, self.timeout()).map(Some)
     }
 
     /// Collective: a new communicator of the same ranks in the same order, independent of

@@ -15,6 +15,9 @@ pub struct RankInfo {
     pub local_size: usize,
     /// Where the identity came from (`explicit`, `xccl`, `torchrun`, `openmpi`, `pmi`, `slurm`).
     pub source: &'static str,
+    /// The local rank and local size as the launcher gave them (`None`: it gave no local
+    /// size), checked against the host names when the communicator is built.
+    pub launcher_local: Option<(usize, usize)>,
 }
 
 /// The launchers whose variables are read, in order of precedence:
@@ -77,6 +80,7 @@ pub fn detect_with(
             local_rank: rank,
             local_size: world_size,
             source: "explicit",
+            launcher_local: None,
         }
     } else {
         let found = LAUNCHERS.iter().find_map(|&(source, r, w, lr, ls)| {
@@ -90,13 +94,17 @@ pub fn detect_with(
                 local_rank: 0,
                 local_size: 1,
                 source: "single",
+                launcher_local: None,
             },
             Some((source, r, rv, w, wv, lr, ls)) => {
                 let rank = parse(r, &rv)?;
                 let world_size = parse(w, &wv)?;
                 let local_rank = get(lr).map(|v| parse(lr, &v)).transpose()?.unwrap_or(rank);
                 // Slurm writes e.g. "4(x2)" per node; take the leading number when present.
-                let local_size = get(ls)
+                // A per-node list ("4(x2),3": nodes of different sizes) does not say this
+                // node's size: taken as not given.
+                let given_size = get(ls)
+                    .filter(|v| !v.contains(','))
                     .and_then(|v| {
                         v.split(|c: char| !c.is_ascii_digit())
                             .next()
@@ -104,14 +112,14 @@ pub fn detect_with(
                     })
                     .filter(|v| !v.is_empty())
                     .map(|v| parse(ls, &v))
-                    .transpose()?
-                    .unwrap_or(world_size);
+                    .transpose()?;
                 RankInfo {
                     rank,
                     world_size,
                     local_rank,
-                    local_size,
+                    local_size: given_size.unwrap_or(world_size),
                     source,
+                    launcher_local: given_size.map(|s| (local_rank, s)),
                 }
             }
         }

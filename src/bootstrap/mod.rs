@@ -3,6 +3,7 @@
 
 mod env;
 mod file_store;
+pub mod host;
 pub mod interface;
 pub mod local_secret;
 mod prefixed;
@@ -13,6 +14,7 @@ mod tcp_store;
 
 pub use env::{detect, detect_with, RankInfo};
 pub use file_store::FileStore;
+pub use host::Hosts;
 pub use prefixed::Prefixed;
 pub use settings::Settings;
 pub use store::{store_barrier, MemStore, Store};

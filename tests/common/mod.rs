@@ -113,6 +113,26 @@ impl Job {
         extra: &[(&str, String)],
         secret: Option<String>,
     ) -> Job {
+        Self::start_each(
+            n,
+            scenario,
+            &|_| {
+                extra
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect()
+            },
+            secret,
+        )
+    }
+
+    /// As [`Job::start_with`], each rank's extra environment given by `extra(rank)`.
+    pub fn start_each(
+        n: usize,
+        scenario: &str,
+        extra: &dyn Fn(usize) -> Vec<(String, String)>,
+        secret: Option<String>,
+    ) -> Job {
         let store = TcpStoreServer::bind("127.0.0.1:0", secret.as_deref().map(str::as_bytes))
             .expect("store");
         let mark = format!(
@@ -142,7 +162,7 @@ impl Job {
             if let Some(secret) = &secret {
                 cmd.env("XCCL_JOB_SECRET", secret);
             }
-            for (k, v) in extra {
+            for (k, v) in extra(rank) {
                 cmd.env(k, v);
             }
             let mut child = cmd.spawn().expect("spawn rank");

@@ -310,6 +310,43 @@ fn moe_eplb_runs_without_and_with_a_map() {
     }
 }
 
+/// `xccl-run --hosts H` emulates H hosts: over tcp the job runs (each rank's host from
+/// `XCCL_HOST_ID`, local ranks to match); shared memory refuses a job across hosts with a
+/// clear error; a rank count the hosts do not divide is refused before anything starts.
+#[test]
+fn xccl_run_emulates_hosts() {
+    let _g = common::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let ping = ["--", PERF, "pingpong", "-e", "8", "-n", "20"];
+    let args = [
+        &["--np", "4", "--hosts", "2", "--backend", "tcp"][..],
+        &ping,
+    ]
+    .concat();
+    let out = run(RUN, &args, &[]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("Out of bounds values : 0 OK"), "{stdout}");
+    let args = [
+        &["--np", "4", "--hosts", "2", "--backend", "shm"][..],
+        &ping,
+    ]
+    .concat();
+    let out = run(RUN, &args, &[]);
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        format!("{stdout}{stderr}").contains("the shm backend needs every rank on one host"),
+        "{stdout}{stderr}"
+    );
+    let out = run(RUN, &["--np", "3", "--hosts", "2", "--", "true"], &[]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("cannot be spread evenly over 2 hosts"),
+        "{stderr}"
+    );
+}
+
 /// Reads the first line `program` prints, closes the pipe, and returns its exit status and
 /// what it wrote on stderr.
 fn close_after_first_line(program: &str, args: &[&str]) -> (Option<i32>, String) {

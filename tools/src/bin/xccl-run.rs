@@ -29,6 +29,10 @@ struct Args {
     /// environment's, else shm).
     #[arg(long, value_parser = ["shm", "tcp"])]
     backend: Option<String>,
+    /// Emulate H hosts on this machine: rank r on host r / (N / H) (sets XCCL_HOST_ID and the
+    /// local-rank variables; N must be a multiple of H).
+    #[arg(long, default_value_t = 1, value_name = "H")]
+    hosts: usize,
     /// Stop every rank after this many seconds (exit code 124).
     #[arg(long)]
     timeout: Option<f64>,
@@ -54,6 +58,7 @@ fn main() {
     spec.timeout = args.timeout.map(Duration::from_secs_f64);
     spec.bind = args.bind;
     spec.oversubscribe = args.oversubscribe;
+    spec.hosts = args.hosts;
     match launch(&spec) {
         Ok(outcome) => {
             if let Some(r) = outcome.first_failure {

@@ -1,0 +1,119 @@
+//! Host identity across processes: ranks named onto emulated hosts (`XCCL_HOST_ID`) learn
+//! every rank's host; a launcher whose local ranks contradict the names fails every rank with
+//! `ConfigMismatch`; the shared-memory backend refuses a job across hosts with a clear error.
+//! Each job runs under a watchdog and ends with a leak check.
+
+#[macro_use]
+mod common;
+
+use common::{assert_no_leaks, Job, SERIAL};
+use std::time::Duration;
+use xccl::{Communicator, Error};
+
+scenarios! {
+    "hosts" => hosts,
+}
+
+/// Builds a communicator from the environment and prints what it learnt of the hosts, or
+/// the kind of error it got.
+fn hosts() {
+    match Communicator::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+    {
+        Ok(comm) => {
+            let info = comm.info();
+            println!(
+                "HOSTS {:?} LOCAL {} {}",
+                comm.hosts().table(),
+                info.local_rank,
+                info.local_size
+            );
+            comm.close().unwrap();
+        }
+        Err(Error::ConfigMismatch(m)) => println!("MISMATCH {m}"),
+        Err(Error::InvalidUsage(m)) => println!("USAGE {m}"),
+        Err(e) => println!("OTHER {e}"),
+    }
+}
+
+/// Runs `n` ranks of the `hosts` scenario with `env(rank)` added; each rank's report.
+fn run(n: usize, env: &dyn Fn(usize) -> Vec<(String, String)>) -> Vec<String> {
+    let mut job = Job::start_each(n, "hosts", env, Some(xccl::bootstrap::random_job_id()));
+    let status = job.wait_all(Duration::from_secs(60));
+    assert!(status.iter().all(|s| s.success()), "{status:?}");
+    let mut last = vec![String::new(); n];
+    let reports = ["HOSTS ", "MISMATCH ", "USAGE ", "OTHER "];
+    while let Ok((r, line)) = job.lines.try_recv() {
+        if reports.iter().any(|p| line.starts_with(p)) {
+            last[r] = line;
+        }
+    }
+    let mark = job.mark.clone();
+    drop(job);
+    assert_no_leaks(&mark);
+    last
+}
+
+fn var(k: &str, v: impl ToString) -> (String, String) {
+    (k.to_string(), v.to_string())
+}
+
+#[test]
+fn ranks_learn_every_ranks_host() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // Six ranks on three emulated hosts, named out of rank order: hosts numbered by first rank.
+    let name = |r: usize| ["x", "y", "z"][(r / 2 + 1) % 3].to_string();
+    let out = run(6, &|r| {
+        vec![
+            var("XCCL_HOST_ID", name(r)),
+            var("XCCL_BACKEND", "tcp"),
+            var("XCCL_LOCAL_RANK", r % 2),
+            var("XCCL_LOCAL_SIZE", 2),
+        ]
+    });
+    for (r, line) in out.iter().enumerate() {
+        assert_eq!(
+            line,
+            &format!("HOSTS [0, 0, 1, 1, 2, 2] LOCAL {} 2", r % 2),
+            "rank {r}"
+        );
+    }
+}
+
+#[test]
+fn a_launcher_that_contradicts_the_host_names_fails_every_rank() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // The launcher says one host of four; the names say two hosts of two.
+    let out = run(4, &|r| {
+        vec![
+            var("XCCL_HOST_ID", format!("h{}", r / 2)),
+            var("XCCL_BACKEND", "tcp"),
+            var("XCCL_LOCAL_RANK", r),
+            var("XCCL_LOCAL_SIZE", 4),
+        ]
+    });
+    for (r, line) in out.iter().enumerate() {
+        assert!(
+            line.starts_with("MISMATCH the launcher (xccl) puts rank 0 at local rank 0 of 4"),
+            "rank {r}: {line}"
+        );
+    }
+}
+
+#[test]
+fn shared_memory_refuses_a_job_across_hosts() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let out = run(2, &|r| {
+        vec![
+            var("XCCL_HOST_ID", format!("h{r}")),
+            var("XCCL_BACKEND", "shm"),
+        ]
+    });
+    for (r, line) in out.iter().enumerate() {
+        assert!(
+            line.starts_with("USAGE the shm backend needs every rank on one host"),
+            "rank {r}: {line}"
+        );
+    }
+}
