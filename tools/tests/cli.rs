@@ -347,6 +347,40 @@ fn xccl_run_emulates_hosts() {
     );
 }
 
+/// `xccl-perf ... --hosts 2` launches its ranks as two emulated hosts: the header names the
+/// hosts and MoE rows count what crossed them (fewer than all rows crossing ranks).
+#[test]
+fn xccl_perf_emulates_hosts_and_counts_rows_across_them() {
+    let _g = common::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let args: Vec<&str> = [
+        "moe",
+        "--np",
+        "4",
+        "--hosts",
+        "2",
+        "--backend",
+        "tcp",
+        "--tokens",
+        "32",
+        "-n",
+        "3",
+    ]
+    .iter()
+    .chain(&SMALL_MOE)
+    .copied()
+    .collect();
+    let (stdout, rows) = perf_json("moe-hosts", &args);
+    assert!(stdout.contains("| ranks 4 | hosts 2 |"), "{stdout}");
+    assert!(stdout.contains("rows_xhost"), "{stdout}");
+    let r = &rows[0];
+    let (crossed, out) = (
+        r["rows_cross_host"].as_u64().unwrap(),
+        r["rows_out"].as_u64().unwrap(),
+    );
+    assert!(crossed > 0 && crossed < out, "{r}");
+    assert_eq!(r["wrong"], 0);
+}
+
 /// Reads the first line `program` prints, closes the pipe, and returns its exit status and
 /// what it wrote on stderr.
 fn close_after_first_line(program: &str, args: &[&str]) -> (Option<i32>, String) {

@@ -24,12 +24,32 @@ use xccl::launch::{launch, LaunchSpec};
 /// Exit code of a bad command line (as clap's own).
 const USAGE: i32 = 2;
 
+/// Holds SIGTERM back (`hold`) or lets it through again. Ranks with the same bad command line
+/// all stop at once, and the launcher then stops the others: held back until the options are
+/// checked, rank 0 always gets to say what was wrong.
+fn hold_sigterm(hold: bool) {
+    let how = if hold {
+        libc::SIG_BLOCK
+    } else {
+        libc::SIG_UNBLOCK
+    };
+    // SAFETY: sigset operations on a local set; sigprocmask on this (the only) thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigprocmask(how, &set, std::ptr::null_mut());
+    }
+}
+
 fn main() {
+    hold_sigterm(true);
     let cli = Cli::parse();
     let Some(job) = cli.command.job() else {
         let Command::Plot(a) = &cli.command else {
             unreachable!("only plot has no job")
         };
+        hold_sigterm(false);
         if let Err(e) = plot::run(a) {
             eprintln!("xccl-perf plot: {e}");
             std::process::exit(1);
@@ -69,6 +89,17 @@ fn main() {
     if let Err(msg) = cli.command.check(ranks) {
         usage_error(rank, &msg);
     }
+    // The ranks xccl-perf launches see their own --hosts with XCCL_HOST_ID set.
+    if launched.is_some() && job.hosts > 1 && std::env::var_os("XCCL_HOST_ID").is_none() {
+        usage_error(
+            rank,
+            "--hosts emulates hosts with the ranks xccl-perf launches itself; under a launcher, \
+             give each rank its host with XCCL_HOST_ID (or xccl-run --hosts)",
+        );
+    }
+    // The options are good: SIGTERM stops this process again (and the ranks it launches
+    // inherit the mask).
+    hold_sigterm(false);
 
     if launched.is_none() && ranks > 1 {
         // Not started by a launcher: become one, running this same command on every rank.
@@ -78,6 +109,7 @@ fn main() {
         spec.prefix_output = false;
         spec.bind = job.bind;
         spec.oversubscribe = job.oversubscribe;
+        spec.hosts = job.hosts as usize;
         spec.timeout = Some(std::time::Duration::from_secs_f64(job.timeout));
         match launch(&spec) {
             Ok(outcome) => {
@@ -117,7 +149,9 @@ fn main() {
 /// Ends the program over a bad command line: rank 0 says why, once; every rank exits 2.
 fn usage_error(rank: usize, msg: &str) -> ! {
     if rank == 0 {
-        eprintln!("xccl-perf: error: {msg}\n\nFor more information, try '--help'.");
+        // One write (SIGTERM is still held back, see `hold_sigterm`).
+        let text = format!("xccl-perf: error: {msg}\n\nFor more information, try '--help'.\n");
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), text.as_bytes());
     }
     std::process::exit(USAGE)
 }

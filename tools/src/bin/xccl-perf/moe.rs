@@ -38,8 +38,10 @@ struct Times {
     comb: Vec<f64>,
     layer: Vec<f64>,
     imbalance: Vec<f64>,
-    /// Rows all ranks received from other ranks in the last repetition.
+    /// Rows all ranks received from other ranks, and from ranks on other hosts, in the last
+    /// repetition.
     cross: u64,
+    cross_host: u64,
 }
 
 /// How one configuration runs.
@@ -115,10 +117,15 @@ fn one_rep(
     };
     let s1 = Instant::now();
     let me = comm.rank();
-    let from_others: usize = (view.sources().iter().enumerate())
-        .filter(|&(src, _)| src != me)
-        .map(|(_, &c)| c)
-        .sum();
+    let from = |keep: &dyn Fn(usize) -> bool| -> u64 {
+        (view.sources().iter().enumerate())
+            .filter(|&(src, _)| keep(src))
+            .map(|(_, &c)| c as u64)
+            .sum()
+    };
+    let hosts = comm.hosts();
+    let from_others = from(&|src| src != me);
+    let from_other_hosts = from(&|src| !hosts.same_host(src, me));
     let scratch_rows = (&mut scratch.reduced, &mut scratch.sums);
     let pairs = run_experts(&mut view, run.expert, run.in_window, scratch_rows)?;
     let _ = view;
@@ -151,9 +158,9 @@ fn one_rep(
         pairs as f64,
     ];
     coll.allreduce(&mut slow, ReduceOp::Max)?;
-    let mut all = [pairs as u64, from_others as u64];
+    let mut all = [pairs as u64, from_others, from_other_hosts];
     coll.allreduce(&mut all, ReduceOp::Sum)?;
-    times.cross = all[1];
+    (times.cross, times.cross_host) = (all[1], all[2]);
     times.disp.push(slow[0]);
     times.expert.push(slow[1]);
     times.comb.push(slow[2]);
@@ -326,6 +333,7 @@ fn measure(
         };
         let timed = |v: &[f64]| (a.timed_experts() && !v.is_empty()).then(|| report::stats(v));
         let cross = [times.cross];
+        let cross_host = (comm.hosts().count() > 1).then_some(times.cross_host);
         measured.push(Measured {
             tokens,
             variant,
@@ -338,6 +346,7 @@ fn measure(
             reported: report::stats(&reported),
             rows: cross[0],
             bytes: cross[0] as usize * work.cfg.row_bytes(),
+            rows_cross_host: cross_host,
             my_bytes,
             floor_us: floor,
             base_us: c.baseline.then_some(base[0]),

@@ -54,6 +54,8 @@ pub struct Measured {
     pub reported: Stats,
     /// Rows and bytes all ranks sent to other ranks; bytes this rank sent.
     pub rows: u64,
+    /// With ranks on several hosts: rows that crossed hosts (last repetition, all ranks).
+    pub rows_cross_host: Option<u64>,
     pub bytes: usize,
     pub my_bytes: usize,
     /// The floor of the row's bytes (see `moe_floor`).
@@ -162,7 +164,16 @@ fn columns(a: &MoeArgs) -> String {
     if a.job.baseline {
         s += &format!(" {:>10} {:>8} {:>8}", "base(us)", "x_disp", "x_comb");
     }
+    if crosses_hosts(a) {
+        s += &format!(" {:>10}", "rows_xhost");
+    }
     s
+}
+
+/// Whether the ranks run on several (emulated) hosts: the table then counts the rows that
+/// crossed hosts.
+fn crosses_hosts(a: &MoeArgs) -> bool {
+    a.job.hosts > 1 || crate::report::emulated_hosts() > 1
 }
 
 /// A p99 for the table: "-" with too few samples.
@@ -211,6 +222,9 @@ pub fn line(a: &MoeArgs, m: &Measured) -> String {
             m.of_base(m.disp.p50),
             m.of_base(m.comb.p50)
         );
+    }
+    if let Some(x) = m.rows_cross_host {
+        s += &format!(" {x:>10}");
     }
     s
 }
@@ -262,8 +276,17 @@ pub fn row(a: &MoeArgs, phase: Phase, n: usize, m: &Measured) -> Row {
             expert_us_per_row: (a.expert_us > 0.0).then_some(a.expert_us),
             imbalance: shows_balance(a).then_some(m.imbalance),
             eplb: m.eplb.map(|e| e.to_string()),
+            rows_cross_host: m.rows_cross_host,
+            bytes_cross_host: m
+                .rows_cross_host
+                .map(|r| r as usize * a.hidden * dtype_size(a)),
         }),
     }
+}
+
+/// Bytes per element of the rows as they travel (INT8 dispatch counts its bf16 rows).
+fn dtype_size(a: &MoeArgs) -> usize {
+    dtype_of(a).0.size()
 }
 
 /// The comparison line under a pair of rows without and with EPLB: layer p50 (when timed),

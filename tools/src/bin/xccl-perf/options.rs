@@ -50,6 +50,10 @@ pub struct Job {
     /// Run more ranks than 4 per CPU (refused otherwise: they would mostly wait their turn).
     #[arg(long)]
     pub oversubscribe: bool,
+    /// Emulate H hosts with the ranks it launches: rank r on host r / (N / H), through
+    /// XCCL_HOST_ID (as `xccl-run --hosts`; N a multiple of H; across hosts use --backend tcp).
+    #[arg(long, default_value_t = 1, value_name = "H", value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub hosts: u64,
     /// Transport backend: shm (processes on one host) or tcp.
     #[arg(long, env = "XCCL_BACKEND", default_value = "shm", value_parser = parse_backend)]
     pub backend: String,

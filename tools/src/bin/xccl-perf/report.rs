@@ -171,6 +171,11 @@ pub struct MoeFields {
     /// `EXTRA,POLICY` of the EPLB map the row ran with; absent: no EPLB.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eplb: Option<String>,
+    /// With ranks on several hosts: rows, and their bytes, that crossed hosts (one step).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows_cross_host: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_cross_host: Option<usize>,
 }
 
 /// Samples needed before a 99th percentile is reported (fewer: it would be the maximum).
@@ -253,11 +258,28 @@ impl Meta {
 /// The first line: what ran where.
 pub fn header(op: &str, backend: &str, ranks: usize) -> String {
     let m = Meta::get();
+    // Emulated hosts (XCCL_HOST_ID per rank, as `--hosts` sets it) are named in the header.
+    let hosts = match std::env::var("XCCL_HOST_ID") {
+        Ok(_) => format!(" | hosts {}", emulated_hosts()),
+        Err(_) => String::new(),
+    };
     format!(
-        "# xccl-perf {op} | xccl {} | backend {backend} | ranks {ranks} | host {} | {} x {} cores",
+        "# xccl-perf {op} | xccl {} | backend {backend} | ranks {ranks}{hosts} | host {} | {} x {} cores",
         m.xccl_version, m.host, m.cpu, m.cores
     )
 }
+
+/// Hosts of the job as its communicators see them (set by the subcommand once connected).
+pub fn emulated_hosts() -> usize {
+    EMULATED_HOSTS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Records the job's host count for the header.
+pub fn set_hosts(n: usize) {
+    EMULATED_HOSTS.store(n, std::sync::atomic::Ordering::Relaxed);
+}
+
+static EMULATED_HOSTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
 
 /// Column titles; `stream` adds the streaming bandwidth, `baseline` the memcpy columns.
 pub fn columns(stream: bool, baseline: bool) -> String {

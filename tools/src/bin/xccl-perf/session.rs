@@ -11,10 +11,12 @@ use xccl::{Backend, Communicator, Result};
 /// A communicator on the backend and with the timeout the options name (the rank count was
 /// checked against the operation before anything started: `Command::check`).
 pub fn connect(c: &Job) -> Result<Communicator> {
-    Communicator::builder()
+    let comm = Communicator::builder()
         .backend(c.backend.parse::<Backend>()?)
         .timeout(Duration::from_secs_f64(c.timeout))
-        .build()
+        .build()?;
+    report::set_hosts(comm.hosts().count());
+    Ok(comm)
 }
 
 /// This rank's part in a point-to-point test: ranks pair up 0↔1, 2↔3, ...; the even one
