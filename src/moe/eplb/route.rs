@@ -83,45 +83,49 @@ impl Router {
                 }
                 let turn = self.seen[e] as usize + me;
                 self.seen[e] += 1;
-                let slot = match (reps.len(), policy) {
-                    (_, ReplicaPolicy::Rotate) => reps[turn % reps.len()],
-                    (_, ReplicaPolicy::FewestRanks) => {
-                        let visits = &self.visits;
-                        self.candidates.clear();
-                        (self.candidates).extend(
-                            reps.iter()
-                                .filter(|&&s| visits.contains(&map.rank_of_slot(s as usize))),
-                        );
-                        let s = match self.candidates.is_empty() {
-                            true => reps[turn % reps.len()],
-                            false => self.candidates[turn % self.candidates.len()],
-                        };
-                        self.visits.push(map.rank_of_slot(s as usize));
-                        s
-                    }
-                    (_, ReplicaPolicy::LocalFirst) => {
-                        let host = ranks_per_host.map(|h| me / h);
-                        let on = |s: u32, h: usize| map.rank_of_slot(s as usize) / h;
-                        if let Some(&s) = reps.iter().find(|&&s| map.rank_of_slot(s as usize) == me)
-                        {
-                            s
-                        } else {
-                            self.candidates.clear();
-                            if let (Some(h), Some(host)) = (ranks_per_host, host) {
-                                self.candidates
-                                    .extend(reps.iter().filter(|&&s| on(s, h) == host));
-                            }
-                            match self.candidates.is_empty() {
-                                true => reps[turn % reps.len()],
-                                false => self.candidates[turn % self.candidates.len()],
-                            }
-                        }
-                    }
-                };
+                let slot = self.choose(map, policy, reps, turn, (me, ranks_per_host));
                 self.slots.push(slot as i64);
             }
         }
         Ok(())
+    }
+}
+
+impl Router {
+    /// The replica among `reps` (at least two) for this rank's `turn`-th row of their expert.
+    fn choose(
+        &mut self,
+        map: &ExpertMap,
+        policy: ReplicaPolicy,
+        reps: &[u32],
+        turn: usize,
+        (me, ranks_per_host): (usize, Option<usize>),
+    ) -> u32 {
+        let rank = |s: u32| map.rank_of_slot(s as usize);
+        self.candidates.clear();
+        match policy {
+            ReplicaPolicy::Rotate => {}
+            ReplicaPolicy::FewestRanks => {
+                let visits = &self.visits;
+                (self.candidates).extend(reps.iter().filter(|&&s| visits.contains(&rank(s))));
+            }
+            ReplicaPolicy::LocalFirst => {
+                if let Some(&s) = reps.iter().find(|&&s| rank(s) == me) {
+                    return s;
+                }
+                if let Some(h) = ranks_per_host {
+                    (self.candidates).extend(reps.iter().filter(|&&s| rank(s) / h == me / h));
+                }
+            }
+        }
+        let s = match self.candidates.is_empty() {
+            true => reps[turn % reps.len()],
+            false => self.candidates[turn % self.candidates.len()],
+        };
+        if policy == ReplicaPolicy::FewestRanks {
+            self.visits.push(rank(s));
+        }
+        s
     }
 }
 

@@ -297,10 +297,15 @@ impl<'c> MoeBuffer<'c> {
     /// # fn main() -> xccl::Result<()> {
     /// use xccl::moe::{rebalance, Dtype, MapShape, MoeBuffer, MoeConfig};
     /// let comm = xccl::Communicator::from_env()?;
+    /// let coll = xccl::coll::Coll::new(&comm)?;
     /// let mut buf = MoeBuffer::new(&comm, MoeConfig::new(64, 7168, 8, 128, Dtype::Bf16))?;
-    /// // ... dispatch and combine some steps, then, from the job-wide load:
-    /// let load: Vec<f64> = buf.stats().expert_rows().iter().map(|&c| c as f64).collect();
-    /// let shape = MapShape { ranks: comm.world_size(), slots_per_rank: 20, ranks_per_host: None };
+    /// // ... dispatch and combine some steps, then, from the job-wide load of those steps
+    /// // (the same on every rank, so every rank computes the same map):
+    /// let load = buf.take_stats().job_expert_rows(&coll)?;
+    /// let load: Vec<f64> = load.iter().map(|&c| c as f64).collect();
+    /// let n = comm.world_size();
+    /// // Four replica slots per rank beyond an even share of the experts.
+    /// let shape = MapShape { ranks: n, slots_per_rank: 64usize.div_ceil(n) + 4, ranks_per_host: None };
     /// let map = rebalance(&load, &shape, Some(buf.map()))?;
     /// buf.set_map(map)?; // on every rank, with the same map
     /// # Ok(()) }
