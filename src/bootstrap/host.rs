@@ -154,12 +154,7 @@ pub fn exchange(store: &dyn Store, info: &RankInfo, id: &str, deadline: Instant)
     }
     let hosts = Hosts::from_ids(&ids);
     for (r, claim) in claims.into_iter().enumerate() {
-        let theirs = RankInfo {
-            rank: r,
-            launcher_local: claim,
-            ..info.clone()
-        };
-        cross_check(&theirs, &hosts)?;
+        check_claim(r, claim, info.source, &hosts)?;
     }
     Ok(hosts)
 }
@@ -167,17 +162,27 @@ pub fn exchange(store: &dyn Store, info: &RankInfo, id: &str, deadline: Instant)
 /// Checks the launcher's local rank and local size (when it gave them) against the hosts:
 /// a contradiction is `ConfigMismatch` naming both.
 pub fn cross_check(info: &RankInfo, hosts: &Hosts) -> Result<()> {
-    let Some((launcher_rank, launcher_size)) = info.launcher_local else {
+    check_claim(info.rank, info.launcher_local, info.source, hosts)
+}
+
+/// [`cross_check`] of what `source` said of `rank`: its local rank and size, if anything.
+fn check_claim(
+    rank: usize,
+    claim: Option<(usize, usize)>,
+    source: &str,
+    hosts: &Hosts,
+) -> Result<()> {
+    let Some((launcher_rank, launcher_size)) = claim else {
         return Ok(());
     };
-    let (index, size) = hosts.local(info.rank);
+    let (index, size) = hosts.local(rank);
     if launcher_size != size || launcher_rank != index {
         return Err(Error::ConfigMismatch(format!(
             "the launcher ({}) puts rank {} at local rank {launcher_rank} of {launcher_size} \
              on its host, the host names (XCCL_HOST_ID or the machine's) at {index} of {size} \
              (hosts by rank: {:?})",
-            info.source,
-            info.rank,
+            source,
+            rank,
             hosts.table()
         )));
     }

@@ -13,5 +13,5 @@ pub use controller::{imbalance, ControllerConfig, EplbController};
 pub use map::ExpertMap;
 pub use rebalance::{load_bound, rebalance, replica_counts, MapShape};
 pub use route::ReplicaPolicy;
-pub(crate) use route::Router;
+pub(crate) use route::{Router, Routing};
 pub use weights::{move_weights, weight_moves, WeightMove};

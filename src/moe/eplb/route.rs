@@ -24,6 +24,34 @@ pub enum ReplicaPolicy {
     FewestRanks,
 }
 
+/// An expert map as one rank routes through it: the map, the rank of every slot (the
+/// placement dispatch lays tokens out by) and this rank's logical experts, ascending, with
+/// the slot of each.
+#[derive(Debug, Clone)]
+pub(crate) struct Routing {
+    pub map: ExpertMap,
+    pub slot_rank: Vec<usize>,
+    pub local_experts: Vec<usize>,
+    pub local_slots: Vec<usize>,
+}
+
+impl Routing {
+    /// The tables of `map` for rank `me`.
+    pub fn new(map: ExpertMap, me: usize) -> Self {
+        let spr = map.slots_per_rank();
+        let mut local: Vec<(usize, usize)> = (me * spr..(me + 1) * spr)
+            .filter_map(|s| map.logical(s).map(|e| (e, s)))
+            .collect();
+        local.sort_unstable();
+        Routing {
+            slot_rank: (0..map.slot_count()).map(|s| map.rank_of_slot(s)).collect(),
+            local_experts: local.iter().map(|&(e, _)| e).collect(),
+            local_slots: local.iter().map(|&(_, s)| s).collect(),
+            map,
+        }
+    }
+}
+
 /// Per-buffer routing state, reused by every call: the slots a call resolved to and the
 /// per-expert row counters of the call.
 #[derive(Debug, Default)]

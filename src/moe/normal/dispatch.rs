@@ -152,17 +152,17 @@ impl<'c> MoeBuffer<'c> {
         // refilled, reusing its memory, by the next call).
         let mut layout = std::mem::take(&mut self.layout);
         // Logical experts to slots (a map whose slot e holds expert e needs no pass).
-        let resolve = !self.map.is_identity();
+        let resolve = !self.routing.map.is_identity();
         if resolve {
             let (policy, hosts) = (self.cfg.replica_policy, self.cfg.ranks_per_host);
             let k = self.cfg.topk;
-            (self.router).resolve(&self.map, policy, (me, hosts), topk_idx, k)?;
+            (self.router).resolve(&self.routing.map, policy, (me, hosts), topk_idx, k)?;
         }
         let slots = std::mem::take(&mut self.router.slots);
         let idx: &[i64] = if resolve { &slots } else { topk_idx };
         let tokens = check_dispatch(
             &self.cfg,
-            (&self.slot_rank, n),
+            (&self.routing.slot_rank, n),
             (x, idx, topk_weights),
             &mut self.scales,
             &mut layout,
@@ -174,7 +174,8 @@ impl<'c> MoeBuffer<'c> {
                 return Err(e);
             }
         };
-        self.stats.dispatched(&layout.tokens_per_expert, &self.map);
+        self.stats
+            .dispatched(&layout.tokens_per_expert, &self.routing.map);
         self.lease.enter();
         self.disp_epoch += 1;
         let epoch = self.disp_epoch;
@@ -238,7 +239,7 @@ impl<'c> MoeBuffer<'c> {
         for tok in (0..self.tokens).filter(|&tok| layout.in_rank(tok, dst)) {
             let i = self.sent[dst].len();
             let quantized = self.cfg.int8_dispatch && dst != me;
-            let slot_rank = &self.slot_rank;
+            let slot_rank = &self.routing.slot_rank;
             let chosen = choices
                 .of(tok, k)
                 .filter(|&(s, _)| s >= 0 && slot_rank[s as usize] == dst);

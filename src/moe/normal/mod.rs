@@ -19,7 +19,7 @@
 //! dispatch e+2, which needs the home's dispatch e+1, which follows its combine e.
 
 use super::config::MoeConfig;
-use super::eplb::{ExpertMap, Router};
+use super::eplb::{ExpertMap, Router, Routing};
 use super::layout::Layout;
 use super::quant;
 use super::record::TokenRecord;
@@ -102,12 +102,8 @@ pub struct RecvRow<'a> {
 pub struct MoeBuffer<'c> {
     comm: &'c Communicator,
     cfg: MoeConfig,
-    /// The expert slots ([`MoeConfig::map`], or the placement's), and the rank of each slot.
-    map: ExpertMap,
-    slot_rank: Vec<usize>,
-    /// This rank's logical experts, ascending, and the slot of each.
-    local_experts: Vec<usize>,
-    local_slots: Vec<usize>,
+    /// The expert slots ([`MoeConfig::map`], or the placement's) as this rank routes.
+    routing: Routing,
     /// Resolves each dispatch's logical experts to slots.
     router: Router,
     /// Rows dispatched per logical expert and time waited per peer.
@@ -228,14 +224,11 @@ impl<'c> MoeBuffer<'c> {
         let mailbox = mailbox.at_signals(lease.signals().start);
         let sig_rows = lease.signals().start + mailbox.signal_count();
         let (paths, own) = lease.views()?;
-        let mut buf = MoeBuffer {
+        Ok(MoeBuffer {
             comm,
-            slot_rank: Vec::new(),
-            local_experts: Vec::new(),
-            local_slots: Vec::new(),
+            routing: Routing::new(map, comm.rank()),
             router: Router::default(),
             stats: MoeStats::new(cfg.experts, n),
-            map: map.clone(),
             lease,
             meta,
             rec,
@@ -270,23 +263,7 @@ impl<'c> MoeBuffer<'c> {
             in_place: vec![false; n],
             input_busy: false,
             cfg,
-        };
-        buf.install(map);
-        Ok(buf)
-    }
-
-    /// Makes `map` the one dispatch routes through (checked by the caller).
-    fn install(&mut self, map: ExpertMap) {
-        let me = self.comm.rank();
-        self.slot_rank = (0..map.slot_count()).map(|s| map.rank_of_slot(s)).collect();
-        let spr = map.slots_per_rank();
-        let mut local: Vec<(usize, usize)> = (me * spr..(me + 1) * spr)
-            .filter_map(|s| map.logical(s).map(|e| (e, s)))
-            .collect();
-        local.sort_unstable();
-        self.local_experts = local.iter().map(|&(e, _)| e).collect();
-        self.local_slots = local.iter().map(|&(_, s)| s).collect();
-        self.map = map;
+        })
     }
 
     /// Collective, between calls: routes later dispatches through `map` (every rank must
@@ -323,13 +300,13 @@ impl<'c> MoeBuffer<'c> {
         let text = format!("fingerprint {:016x}", map.fingerprint());
         self.comm.agree("the MoE expert map", &text)?;
         self.cfg = cfg;
-        self.install(map);
+        self.routing = Routing::new(map, self.comm.rank());
         Ok(())
     }
 
     /// The expert map dispatch routes through.
     pub fn map(&self) -> &ExpertMap {
-        &self.map
+        &self.routing.map
     }
 
     /// What the buffer has counted since it was made or last reset: rows per logical expert
@@ -351,12 +328,12 @@ impl<'c> MoeBuffer<'c> {
 
     /// This rank's logical experts, ascending.
     pub(in crate::moe) fn local_experts(&self) -> &[usize] {
-        &self.local_experts
+        &self.routing.local_experts
     }
 
     /// The slot of each of [`Self::local_experts`].
     pub(in crate::moe) fn local_slots(&self) -> &[usize] {
-        &self.local_slots
+        &self.routing.local_slots
     }
 
     /// Whether the last dispatch awaits its combine.
@@ -430,7 +407,7 @@ impl<'c> MoeBuffer<'c> {
         epoch: u64,
     ) -> Result<()> {
         let mut slot = [0u8; 32];
-        let words = [count as u64, start as u64, self.map.version()];
+        let words = [count as u64, start as u64, self.routing.map.version()];
         self.mailbox.post(
             &self.paths[dst],
             self.comm.rank(),
@@ -451,11 +428,11 @@ impl<'c> MoeBuffer<'c> {
             .mailbox
             .collect(t, &self.own, kind, src, epoch, deadline)?;
         self.stats.waited(kind, src, began.elapsed());
-        if version != self.map.version() {
+        if version != self.routing.map.version() {
             return Err(Error::ConfigMismatch(format!(
                 "rank {src} sent call {epoch} through expert map version {version}; this rank                  ({}) has version {} (set_map must be called on every rank)",
                 self.comm.rank(),
-                self.map.version()
+                self.routing.map.version()
             )));
         }
         let capacity = (self.comm.world_size() * self.cfg.max_tokens) as u64;

@@ -102,9 +102,10 @@ impl<'a> DispatchView<'a> {
             ))
         })?;
         for (s, w) in chosen {
-            let logical = (s >= 0 && b.slot_rank.get(s as usize) == Some(&me) && w.is_finite())
-                .then(|| b.map.logical(s as usize))
-                .flatten();
+            let logical =
+                (s >= 0 && b.routing.slot_rank.get(s as usize) == Some(&me) && w.is_finite())
+                    .then(|| b.routing.map.logical(s as usize))
+                    .flatten();
             let Some(e) = logical else {
                 return Err(bad(format!(
                     "expert slot {s} (weight {w}) is not one of this rank's"
@@ -186,8 +187,13 @@ impl<'a> DispatchView<'a> {
 
     /// Received tokens per local expert (this rank's logical experts in id order).
     pub fn tokens_per_local_expert(&self) -> Result<Vec<(usize, usize)>> {
-        let mut counts: Vec<(usize, usize)> =
-            self.buf.local_experts.iter().map(|&e| (e, 0)).collect();
+        let mut counts: Vec<(usize, usize)> = self
+            .buf
+            .routing
+            .local_experts
+            .iter()
+            .map(|&e| (e, 0))
+            .collect();
         self.each_row(|_, _, _, experts, _| {
             for &(e, _) in experts {
                 if let Ok(i) = counts.binary_search_by_key(&e, |c| c.0) {

@@ -54,10 +54,10 @@ pub struct Measured {
     pub reported: Stats,
     /// Rows and bytes all ranks sent to other ranks; bytes this rank sent.
     pub rows: u64,
-    /// With ranks on several hosts: rows that crossed hosts (last repetition, all ranks).
-    pub rows_cross_host: Option<u64>,
     pub bytes: usize,
     pub my_bytes: usize,
+    /// With ranks on several hosts: rows that crossed hosts (last repetition, all ranks).
+    pub rows_cross_host: Option<u64>,
     /// The floor of the row's bytes (see `moe_floor`).
     pub floor_us: f64,
     /// The slowest rank's memcpy of the bytes it sends (`--baseline`).
@@ -164,16 +164,16 @@ fn columns(a: &MoeArgs) -> String {
     if a.job.baseline {
         s += &format!(" {:>10} {:>8} {:>8}", "base(us)", "x_disp", "x_comb");
     }
-    if crosses_hosts(a) {
+    if crosses_hosts() {
         s += &format!(" {:>10}", "rows_xhost");
     }
     s
 }
 
-/// Whether the ranks run on several (emulated) hosts: the table then counts the rows that
-/// crossed hosts.
-fn crosses_hosts(a: &MoeArgs) -> bool {
-    a.job.hosts > 1 || crate::report::emulated_hosts() > 1
+/// Whether the ranks run on several (real or emulated) hosts: the table then counts the rows
+/// that crossed hosts.
+fn crosses_hosts() -> bool {
+    report::job_hosts() > 1
 }
 
 /// A p99 for the table: "-" with too few samples.

@@ -258,10 +258,10 @@ impl Meta {
 /// The first line: what ran where.
 pub fn header(op: &str, backend: &str, ranks: usize) -> String {
     let m = Meta::get();
-    // Emulated hosts (XCCL_HOST_ID per rank, as `--hosts` sets it) are named in the header.
-    let hosts = match std::env::var("XCCL_HOST_ID") {
-        Ok(_) => format!(" | hosts {}", emulated_hosts()),
-        Err(_) => String::new(),
+    // A job on several hosts (real or emulated with `--hosts`) names them.
+    let hosts = match job_hosts() {
+        1 => String::new(),
+        h => format!(" | hosts {h}"),
     };
     format!(
         "# xccl-perf {op} | xccl {} | backend {backend} | ranks {ranks}{hosts} | host {} | {} x {} cores",
@@ -269,17 +269,17 @@ pub fn header(op: &str, backend: &str, ranks: usize) -> String {
     )
 }
 
-/// Hosts of the job as its communicators see them (set by the subcommand once connected).
-pub fn emulated_hosts() -> usize {
-    EMULATED_HOSTS.load(std::sync::atomic::Ordering::Relaxed)
+/// Hosts of the job as its communicator sees them (set once connected).
+pub fn job_hosts() -> usize {
+    JOB_HOSTS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Records the job's host count for the header.
 pub fn set_hosts(n: usize) {
-    EMULATED_HOSTS.store(n, std::sync::atomic::Ordering::Relaxed);
+    JOB_HOSTS.store(n, std::sync::atomic::Ordering::Relaxed);
 }
 
-static EMULATED_HOSTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+static JOB_HOSTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
 
 /// Column titles; `stream` adds the streaming bandwidth, `baseline` the memcpy columns.
 pub fn columns(stream: bool, baseline: bool) -> String {
