@@ -1,6 +1,8 @@
 //! The transport conformance suite, run for every backend at world sizes 1, 2, 3 and 8, and
 //! for every backend on the even ranks split from twice as many (world sizes 1, 2 and 3), and
-//! for a backend whose path kinds differ by peer (shared memory mapped between even ranks only).
+//! for a backend whose path kinds differ by peer (shared memory mapped between even ranks only),
+//! and for the hybrid backend over emulated hosts: two hosts of 2 and of 3 ranks (and of 2 and
+//! 1), and three hosts of one rank each.
 
 use xccl::transport::Transport;
 
@@ -59,6 +61,39 @@ mod partly_mapped {
     }
 
     xccl::transport_conformance!(partly_mapped_ranks);
+}
+
+mod hybrid_two_hosts {
+    use super::*;
+    use xccl::transport::hybrid::in_process;
+
+    /// The first half of the ranks (rounded up) on one emulated host, the rest on another.
+    fn two_host_ranks(world: usize) -> Vec<Box<dyn Transport>> {
+        let host_of: Vec<usize> = (0..world).map(|r| r * 2 / world).collect();
+        in_process(&host_of, 4096)
+            .expect("hybrid ranks")
+            .into_iter()
+            .map(|t| Box::new(t) as Box<dyn Transport>)
+            .collect()
+    }
+
+    xccl::transport_conformance!(two_host_ranks; worlds 4, 6, 3);
+}
+
+mod hybrid_one_rank_per_host {
+    use super::*;
+    use xccl::transport::hybrid::in_process;
+
+    fn one_rank_per_host(world: usize) -> Vec<Box<dyn Transport>> {
+        let host_of: Vec<usize> = (0..world).collect();
+        in_process(&host_of, 4096)
+            .expect("hybrid ranks")
+            .into_iter()
+            .map(|t| Box::new(t) as Box<dyn Transport>)
+            .collect()
+    }
+
+    xccl::transport_conformance!(one_rank_per_host; worlds 1, 3);
 }
 
 mod split_loopback {

@@ -39,6 +39,8 @@ mod doorbell;
 #[cfg(test)]
 mod doorbell_model;
 mod forward;
+#[cfg(all(feature = "shm", feature = "tcp"))]
+pub mod hybrid;
 pub mod loopback;
 mod mem;
 pub mod partly_mapped;

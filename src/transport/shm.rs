@@ -290,6 +290,85 @@ impl ShmTransport {
         let at = unsafe { segs[peer].data_ptr().add(offset) };
         Ok((segs, at))
     }
+
+    /// [`Transport::wait`] that also ends, with `also`'s error, once `also` returns one (a
+    /// failure seen by another transport of the same rank).
+    pub(crate) fn wait_or(
+        &self,
+        index: usize,
+        cmp: Cmp,
+        value: u64,
+        deadline: Instant,
+        also: &dyn Fn() -> Option<Error>,
+    ) -> Result<u64> {
+        check_signal(index, self.num_signals)?;
+        self.check_live(None)?;
+        if let Some(e) = also() {
+            return Err(e);
+        }
+        let start = Instant::now();
+        let out = self.signals[self.rank].wait_until(
+            index,
+            |v| cmp.holds(v, value),
+            deadline,
+            &self.policy,
+            || self.check_live(None).err().or_else(also),
+        );
+        match out {
+            WaitOutcome::Ready(v) => Ok(v),
+            WaitOutcome::Interrupted(e) => Err(e),
+            WaitOutcome::TimedOut(v) => Err(Error::Timeout {
+                op: format!("wait on signal {index} for {cmp:?} {value} (last seen {v})"),
+                waited: start.elapsed(),
+            }),
+        }
+    }
+
+    /// This rank's signal words as a sink for signals that arrive over the network: they
+    /// land in the words local peers update and wake the same waiters.
+    #[cfg(feature = "tcp")]
+    pub(crate) fn signal_sink(&self) -> Arc<dyn xccl_tcp::SignalSink> {
+        Arc::new(ShmSignalSink {
+            words: self.signals[self.rank],
+            _seg: self.signal_segs[self.rank].clone(),
+            num_signals: self.num_signals,
+        })
+    }
+}
+
+/// This rank's shared-memory signal words, applied by the TCP node (see
+/// [`ShmTransport::signal_sink`]).
+#[cfg(feature = "tcp")]
+struct ShmSignalSink {
+    words: SignalArray,
+    /// Keeps the words mapped.
+    _seg: Arc<Segment>,
+    num_signals: usize,
+}
+
+#[cfg(feature = "tcp")]
+impl xccl_tcp::SignalSink for ShmSignalSink {
+    fn load(&self, index: usize) -> u64 {
+        self.words.load(index)
+    }
+
+    fn apply(&self, index: usize, set: bool, value: u64) {
+        // The node checked `index` against the signal count, the same as ours; the close
+        // word past them is never reachable from the network.
+        debug_assert!(index < self.num_signals);
+        // SeqCst update, after the node's progress thread copied the writes this signal
+        // follows (partner: the Acquire/SeqCst loads of waiters in `wait_until`).
+        match set {
+            true => self.words.set(index, value),
+            false => {
+                self.words.add(index, value);
+            }
+        }
+    }
+
+    fn wake(&self) {
+        self.words.wake_every();
+    }
 }
 
 /// This rank's outcome of a registration step, failed if the step failed on any rank
@@ -413,24 +492,7 @@ impl Transport for ShmTransport {
     }
 
     fn wait(&self, index: usize, cmp: Cmp, value: u64, deadline: Instant) -> Result<u64> {
-        check_signal(index, self.num_signals)?;
-        self.check_live(None)?;
-        let start = Instant::now();
-        let out = self.signals[self.rank].wait_until(
-            index,
-            |v| cmp.holds(v, value),
-            deadline,
-            &self.policy,
-            || self.check_live(None).err(),
-        );
-        match out {
-            WaitOutcome::Ready(v) => Ok(v),
-            WaitOutcome::Interrupted(e) => Err(e),
-            WaitOutcome::TimedOut(v) => Err(Error::Timeout {
-                op: format!("wait on signal {index} for {cmp:?} {value} (last seen {v})"),
-                waited: start.elapsed(),
-            }),
-        }
+        self.wait_or(index, cmp, value, deadline, &|| None)
     }
 
     fn signal_value(&self, index: usize) -> Result<u64> {

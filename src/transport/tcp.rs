@@ -50,7 +50,7 @@ impl TcpOptions {
         }
     }
 
-    fn config(&self) -> Config {
+    pub(crate) fn config(&self) -> Config {
         let mut c = Config::new(self.rank, self.world, self.secret.clone());
         c.bind = self.bind;
         c.num_signals = self.num_signals;

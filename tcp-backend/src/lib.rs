@@ -28,3 +28,4 @@ mod signals;
 pub use error::{Error, Result};
 pub use node::{Config, Listening, Node, REG_FAILED};
 pub use region::Region;
+pub use signals::SignalSink;

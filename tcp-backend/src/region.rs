@@ -1,13 +1,22 @@
-//! Registered memory regions: page-aligned, zeroed, addressed by offset.
+//! Registered memory regions: page-aligned, zeroed, addressed by offset; allocated here or
+//! borrowed from memory another owner keeps mapped (a shared-memory segment).
 
 use crate::error::{Error, Result};
 use std::alloc::{alloc_zeroed, dealloc, Layout};
+
+/// Who frees a region's memory.
+enum Backing {
+    /// Allocated by [`Region::new`] with this layout.
+    Owned(Layout),
+    /// Borrowed by [`Region::borrowed`]: the value keeps the memory valid until dropped.
+    Borrowed(#[allow(dead_code)] Box<dyn Send + Sync>),
+}
 
 /// A registered region of local memory that peers write into and read from.
 pub struct Region {
     ptr: *mut u8,
     len: usize,
-    layout: Layout,
+    backing: Backing,
 }
 
 // SAFETY: the region is plain memory accessed through raw copies by the progress threads and
@@ -29,7 +38,26 @@ impl Region {
                 std::io::ErrorKind::OutOfMemory.into(),
             ));
         }
-        Ok(Region { ptr, len, layout })
+        Ok(Region {
+            ptr,
+            len,
+            backing: Backing::Owned(layout),
+        })
+    }
+
+    /// A region over memory someone else owns: `len` bytes at `ptr`, kept valid by `keep`
+    /// until the region drops (a mapping other processes share, so that bytes written over
+    /// the network land where local peers read them).
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must stay valid for reads and writes while `keep` lives, and be touched
+    /// by others only under the protocol's rules (data is defined after its signal).
+    pub unsafe fn borrowed(ptr: *mut u8, len: usize, keep: Box<dyn Send + Sync>) -> Region {
+        Region {
+            ptr,
+            len,
+            backing: Backing::Borrowed(keep),
+        }
     }
 
     /// Size in bytes.
@@ -61,7 +89,9 @@ impl Region {
 
 impl Drop for Region {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout; freed once.
-        unsafe { dealloc(self.ptr, self.layout) }
+        if let Backing::Owned(layout) = self.backing {
+            // SAFETY: allocated in `new` with this layout; freed once.
+            unsafe { dealloc(self.ptr, layout) }
+        }
     }
 }

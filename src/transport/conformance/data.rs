@@ -136,3 +136,47 @@ pub fn flush_completes_puts(world: usize, f: Factory) {
         assert!(matches!(t.flush(n), Err(Error::InvalidArgument(_))));
     });
 }
+
+/// Every rank puts into one target's window in turn, each into its own slot and each followed
+/// by an add to the same signal word (puts and signals fused or not, by turns): on a backend
+/// whose peers arrive by different paths (shared memory from the target's host, the network
+/// from others) every piece of data is in place once the word counts every writer.
+pub fn converging_puts_share_one_word(world: usize, f: Factory) {
+    const SLOT: usize = 3001;
+    let rounds = if world >= 8 { 24 } else { 60 };
+    run_ranks(f(world), WATCHDOG, move |t| {
+        let (me, n) = (t.rank(), t.world_size());
+        let win = t.register(n * SLOT).unwrap();
+        let len_of = |src: usize, r: usize| 1 + (r * 613 + src * 97) % SLOT;
+        let mut got = vec![0u8; SLOT];
+        let mut targeted = 0u64;
+        for r in 0..rounds {
+            let target = r % n;
+            let data = pattern(me, target, r, len_of(me, r));
+            if (me + r) % 2 == 0 {
+                t.put_signal(target, &win, me * SLOT, &data, 0, SignalOp::Add, 1)
+                    .unwrap();
+            } else {
+                t.put(target, &win, me * SLOT, &data).unwrap();
+                t.signal(target, 0, SignalOp::Add, 1).unwrap();
+            }
+            if me == target {
+                targeted += 1;
+                t.wait(0, Cmp::Ge, targeted * n as u64, deadline()).unwrap();
+                for s in 0..n {
+                    let len = len_of(s, r);
+                    t.read_local(&win, s * SLOT, &mut got[..len]).unwrap();
+                    assert!(
+                        got[..len] == pattern(s, me, r, len)[..],
+                        "round {r}: the data from rank {s} is not in place once counted"
+                    );
+                }
+                for p in 0..n {
+                    t.signal(p, 1, SignalOp::Add, 1).unwrap();
+                }
+            }
+            // The slots are free again once the target has read them.
+            t.wait(1, Cmp::Ge, (r + 1) as u64, deadline()).unwrap();
+        }
+    });
+}

@@ -17,8 +17,8 @@ mod split;
 mod windows;
 
 pub use data::{
-    flush_completes_puts, get_reads_peer_memory, put_signal_ordering,
-    put_vectored_lands_contiguously,
+    converging_puts_share_one_word, flush_completes_puts, get_reads_peer_memory,
+    put_signal_ordering, put_vectored_lands_contiguously,
 };
 pub use paths::{doorbell_wakes_a_parked_waiter, paths_carry_data, paths_follow_path_kinds};
 pub use signals::{
@@ -125,7 +125,7 @@ macro_rules! transport_conformance {
     ($factory:ident; worlds $($world:literal),+) => {
         $crate::transport_conformance!(@each $factory; [$($world),+];
             put_signal_ordering, put_vectored_lands_contiguously, get_reads_peer_memory,
-            flush_completes_puts,
+            flush_completes_puts, converging_puts_share_one_word,
             signals_are_counters, deadline_gives_timeout, abort_wakes_every_waiter,
             bad_arguments_are_rejected, window_sizes, large_window, many_windows,
             register_mismatch, deregister_races_with_access, close_waits_for_every_rank,
@@ -144,7 +144,7 @@ macro_rules! transport_conformance {
     ($factory:ident) => {
         $crate::transport_conformance!(@checks $factory;
             put_signal_ordering, put_vectored_lands_contiguously, get_reads_peer_memory,
-            flush_completes_puts,
+            flush_completes_puts, converging_puts_share_one_word,
             signals_are_counters, deadline_gives_timeout, abort_wakes_every_waiter,
             bad_arguments_are_rejected, window_sizes, large_window, many_windows,
             register_mismatch, deregister_races_with_access, close_waits_for_every_rank,

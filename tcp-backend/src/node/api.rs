@@ -72,13 +72,32 @@ impl Node {
     /// memory cannot be had, the peers are told so ([`REG_FAILED`] as the length) before the
     /// error returns, so that they fail too instead of waiting.
     pub fn register(&self, id: u64, len: usize) -> Result<Arc<Region>> {
-        let region = Region::new(len).map(Arc::new);
+        self.register_with(id, len, Region::new)
+    }
+
+    /// [`Node::register`] of a region `make(len)` provides (one [`Region::borrowed`] from
+    /// memory local peers share, say). When `make` fails, the peers are told so as when an
+    /// allocation fails; except that a [`Error::Mismatch`] (ranks that share the memory asked
+    /// for different sizes) announces the length asked, so that every peer sees the
+    /// disagreement in the lengths rather than a failure.
+    pub fn register_with(
+        &self,
+        id: u64,
+        len: usize,
+        make: impl FnOnce(usize) -> Result<Region>,
+    ) -> Result<Arc<Region>> {
+        let region = make(len).and_then(|r| match r.len() == len {
+            true => Ok(Arc::new(r)),
+            false => Err(Error::Invalid(format!(
+                "region {id}: {} bytes given for {len}",
+                r.len()
+            ))),
+        });
         let mut f = Frame::new(Kind::Reg);
         f.region = id;
-        f.len = if region.is_ok() {
-            len as u64
-        } else {
-            REG_FAILED
+        f.len = match &region {
+            Ok(_) | Err(Error::Mismatch(_)) => len as u64,
+            Err(_) => REG_FAILED,
         };
         if let Ok(r) = &region {
             self.shared

@@ -15,7 +15,7 @@ use crate::auth;
 use crate::error::{Error, Result};
 use crate::frame::{Frame, Kind, FLAG_SET, FLAG_SIGNAL, HDR};
 use crate::region::Region;
-use crate::signals::{Outcome, Signals};
+use crate::signals::{Outcome, SignalSink, Signals};
 use smallvec::SmallVec;
 use std::collections::HashMap;
 use std::io::{IoSlice, Read};
@@ -150,10 +150,10 @@ struct Shared {
 
 impl Shared {
     /// The state of a node with `cfg`, before any link.
-    fn new(cfg: Config) -> Result<Self> {
+    fn new(cfg: Config, sink: Option<Arc<dyn SignalSink>>) -> Result<Self> {
         let n = cfg.world;
         Ok(Shared {
-            signals: Signals::new(cfg.num_signals),
+            signals: Signals::new(cfg.num_signals, sink),
             start: Instant::now(),
             regions: RwLock::new(HashMap::new()),
             writers: (0..n).map(|_| Mutex::new(None)).collect(),

@@ -7,6 +7,7 @@ use super::*;
 pub struct Listening {
     cfg: Config,
     listener: TcpListener,
+    sink: Option<Arc<dyn SignalSink>>,
 }
 
 impl Listening {
@@ -23,7 +24,18 @@ impl Listening {
         }
         let listener = TcpListener::bind(cfg.bind)
             .map_err(|e| Error::io(format!("binding {}", cfg.bind), e))?;
-        Ok(Listening { cfg, listener })
+        Ok(Listening {
+            cfg,
+            listener,
+            sink: None,
+        })
+    }
+
+    /// Signals from peers land in `sink`'s words instead of the node's own (see
+    /// [`SignalSink`]); it must have at least the configured number of words.
+    pub fn with_signal_sink(mut self, sink: Arc<dyn SignalSink>) -> Self {
+        self.sink = Some(sink);
+        self
     }
 
     /// The bound address.
@@ -44,7 +56,7 @@ impl Listening {
                 addrs.len()
             )));
         }
-        let shared = Arc::new(Shared::new(cfg)?);
+        let shared = Arc::new(Shared::new(cfg, self.sink)?);
         let mut threads = Vec::new();
         // Acceptor: authenticates every incoming connection; links of the mesh go to setup,
         // anything else (duplicates, late or rogue clients) is refused.
