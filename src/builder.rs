@@ -23,6 +23,11 @@ pub enum Backend {
     Loopback,
     /// RDMA-like one-sided memory over TCP, across hosts.
     Tcp,
+    /// Shared memory between the ranks of each host, TCP between hosts.
+    Hybrid,
+    /// Chosen once the hosts are known: shm when every rank is on one host, hybrid when the
+    /// job spans hosts (tcp instead of either when `XCCL_SHM_DISABLE` is set). The default.
+    Auto,
 }
 
 impl std::str::FromStr for Backend {
@@ -32,8 +37,10 @@ impl std::str::FromStr for Backend {
             "shm" => Ok(Backend::Shm),
             "loopback" => Ok(Backend::Loopback),
             "tcp" => Ok(Backend::Tcp),
+            "hybrid" => Ok(Backend::Hybrid),
+            "auto" => Ok(Backend::Auto),
             other => Err(Error::InvalidArgument(format!(
-                "backend {other:?} (expected shm, tcp or loopback)"
+                "backend {other:?} (expected auto, shm, tcp, hybrid or loopback)"
             ))),
         }
     }
@@ -45,6 +52,18 @@ impl Backend {
             Backend::Shm => "shm",
             Backend::Loopback => "loopback",
             Backend::Tcp => "tcp",
+            Backend::Hybrid => "hybrid",
+            Backend::Auto => "auto",
+        }
+    }
+
+    /// `Auto` made concrete for a job on `hosts` hosts; any other backend as it is.
+    fn resolve(self, hosts: usize, shm_disable: bool) -> Backend {
+        match self {
+            Backend::Auto if shm_disable => Backend::Tcp,
+            Backend::Auto if hosts > 1 => Backend::Hybrid,
+            Backend::Auto => Backend::Shm,
+            other => other,
         }
     }
 }
@@ -72,7 +91,7 @@ impl CommBuilder {
         self.explicit = Some((rank, world));
         self
     }
-    /// Chooses the backend (else `XCCL_BACKEND`, else shm).
+    /// Chooses the backend (else `XCCL_BACKEND`, else [`Backend::Auto`]).
     pub fn backend(mut self, b: Backend) -> Self {
         self.backend = Some(b);
         self
@@ -134,12 +153,13 @@ impl CommBuilder {
         let deadline = Instant::now() + timeout;
         let backend = match self.backend {
             Some(b) => b,
-            None => settings.backend.as_deref().unwrap_or("shm").parse()?,
+            None => settings.backend.as_deref().unwrap_or("auto").parse()?,
         };
-        if backend == Backend::Shm && settings.shm_disable {
-            return Err(Error::InvalidUsage(
-                "XCCL_SHM_DISABLE is set and no other backend was chosen".into(),
-            ));
+        if matches!(backend, Backend::Shm | Backend::Hybrid) && settings.shm_disable {
+            return Err(Error::InvalidUsage(format!(
+                "XCCL_SHM_DISABLE is set and the {} backend was chosen",
+                backend.name()
+            )));
         }
         let num_signals = self.num_signals.or(settings.num_signals).unwrap_or(4096);
         let reserved = reserved_signals(info.world_size);
@@ -169,6 +189,8 @@ impl CommBuilder {
         let hosts = bootstrap::host::exchange(store, &info, &id, deadline)?;
         let mut info = info;
         (info.local_rank, info.local_size) = hosts.local(info.rank);
+        // The same on every rank: every rank has the same host table.
+        let backend = backend.resolve(hosts.count(), settings.shm_disable);
         tracing::debug!(rank = info.rank, world = info.world_size, source = info.source, %job_id, "xccl init");
 
         let made = Made {
@@ -179,7 +201,7 @@ impl CommBuilder {
             timeout,
             deadline,
         };
-        let transport = made.transport(backend, job_id)?;
+        let transport = made.transport(backend, job_id, &hosts)?;
         store_barrier(store, "ready", info.world_size, deadline)?;
         rdv.finish(&ns, info.rank, info.world_size, deadline)?;
         Communicator::with_info(transport, info, hosts, timeout)
@@ -220,7 +242,12 @@ struct Made<'a> {
 impl Made<'_> {
     /// The transport of `backend` for job `job_id`.
     #[cfg_attr(not(feature = "shm"), allow(unused_variables))]
-    fn transport(&self, backend: Backend, job_id: String) -> Result<Box<dyn Transport>> {
+    fn transport(
+        &self,
+        backend: Backend,
+        job_id: String,
+        hosts: &bootstrap::host::Hosts,
+    ) -> Result<Box<dyn Transport>> {
         Ok(match backend {
             Backend::Loopback => {
                 if self.info.world_size != 1 {
@@ -265,7 +292,60 @@ impl Made<'_> {
             )?),
             #[cfg(not(feature = "tcp"))]
             Backend::Tcp => return Err(Error::Unsupported("built without the tcp feature".into())),
+            #[cfg(all(feature = "shm", feature = "tcp"))]
+            Backend::Hybrid => Box::new(self.hybrid(job_id, hosts)?),
+            #[cfg(not(all(feature = "shm", feature = "tcp")))]
+            Backend::Hybrid => {
+                return Err(Error::Unsupported(
+                    "the hybrid backend needs both the shm and the tcp features".into(),
+                ))
+            }
+            Backend::Auto => unreachable!("resolved once the hosts are known"),
         })
+    }
+
+    /// The hybrid transport: a shared-memory job among this host's ranks (its own job id and
+    /// store barrier), then the TCP node over every rank, set up as [`tcp_from_env`] does.
+    #[cfg(all(feature = "shm", feature = "tcp"))]
+    fn hybrid(
+        &self,
+        job_id: String,
+        hosts: &bootstrap::host::Hosts,
+    ) -> Result<crate::transport::hybrid::HybridTransport> {
+        use crate::transport::hybrid::HybridTransport;
+        use crate::transport::shm::{ShmOptions, ShmTransport};
+        let host = hosts.host_of(self.info.rank);
+        let local_ranks = hosts.ranks_on(host);
+        let mut opts = ShmOptions::new(
+            format!("{job_id}-h{host}"),
+            self.info.local_rank,
+            local_ranks.len(),
+        );
+        opts.num_signals = self.num_signals;
+        opts.setup_timeout = self.timeout;
+        opts.other_load = crate::transport::hybrid::node_load(hosts.count());
+        let shm = ShmTransport::new(opts, &mut || {
+            store_barrier(
+                self.store,
+                &format!("mesh-h{host}"),
+                local_ranks.len(),
+                self.deadline,
+            )
+        })?;
+        let (opts, _held) = tcp_options(
+            self.store,
+            self.info,
+            self.settings,
+            self.num_signals,
+            self.timeout,
+            self.deadline,
+        )?;
+        HybridTransport::new(
+            shm,
+            &local_ranks,
+            opts,
+            &mut store_addresses(self.store, self.info, self.deadline),
+        )
     }
 }
 
@@ -283,8 +363,26 @@ fn tcp_from_env(
     timeout: Duration,
     deadline: Instant,
 ) -> Result<crate::transport::tcp::TcpTransport> {
-    use crate::transport::tcp::{TcpOptions, TcpTransport};
-    let (secret, _held) = match settings.secret() {
+    let (opts, _held) = tcp_options(store, info, settings, num_signals, timeout, deadline)?;
+    crate::transport::tcp::TcpTransport::new(opts, &mut store_addresses(store, info, deadline))
+}
+
+/// The TCP settings of [`tcp_from_env`], and what keeps rank 0's secret readable until the
+/// links are up.
+#[cfg(feature = "tcp")]
+fn tcp_options(
+    store: &dyn Store,
+    info: &RankInfo,
+    settings: &Settings,
+    num_signals: usize,
+    timeout: Duration,
+    deadline: Instant,
+) -> Result<(
+    crate::transport::tcp::TcpOptions,
+    Option<bootstrap::local_secret::Held>,
+)> {
+    use crate::transport::tcp::TcpOptions;
+    let (secret, held) = match settings.secret() {
         Some(s) => (s.to_vec(), None),
         None if info.local_size == info.world_size => {
             bootstrap::local_secret::share(store, info.rank, deadline)?
@@ -311,9 +409,21 @@ fn tcp_from_env(
     if let Some(t) = settings.tcp_peer_timeout {
         opts.peer_timeout = t;
     }
+    Ok((opts, held))
+}
+
+/// The address exchange of a TCP node through the store: publishes this rank's listening
+/// address and returns every rank's, by rank (addresses are not secret: links authenticate
+/// with the job secret).
+#[cfg(feature = "tcp")]
+fn store_addresses<'a>(
+    store: &'a dyn Store,
+    info: &RankInfo,
+    deadline: Instant,
+) -> impl FnMut(std::net::SocketAddr) -> Result<Vec<std::net::SocketAddr>> + 'a {
     let (rank, world) = (info.rank, info.world_size);
-    TcpTransport::new(opts, &mut |addr| {
-        tracing::debug!(rank, %addr, "TCP transport listening");
+    move |addr| {
+        tracing::debug!(rank, %addr, "TCP node listening");
         store.set(&format!("tcp/addr/{rank}"), addr.to_string().as_bytes())?;
         (0..world)
             .map(|r| {
@@ -323,7 +433,7 @@ fn tcp_from_env(
                 })
             })
             .collect()
-    })
+    }
 }
 
 /// Checks every rank's configuration line against rank 0's and returns the job id rank 0

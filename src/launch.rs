@@ -53,7 +53,8 @@ pub const MAX_RANKS_PER_CPU: usize = 4;
 pub enum Bind {
     /// Rank r runs on CPU r mod n of the n CPUs this launcher may use (one each when there
     /// are enough, as Open MPI binds by default; in turn when oversubscribed), unless the
-    /// backend is tcp (whose ranks run progress threads); unbound otherwise. Unbound
+    /// ranks have a TCP node (backend tcp or hybrid, or auto across emulated hosts: progress
+    /// threads run beside the caller); unbound otherwise. Unbound
     /// shared-memory ranks get moved onto one CPU by the scheduler now and then, which makes
     /// timings bimodal; oversubscribed, they also migrate between the CPUs while they take
     /// turns (4 ranks on 2 CPUs: MoE decode calls 1.3–1.8× faster pinned).
@@ -238,10 +239,14 @@ pub fn launch(spec: &LaunchSpec) -> Result<LaunchOutcome> {
     let closed = Arc::new(AtomicBool::new(false));
     let mut pids = Vec::with_capacity(spec.ranks);
     let mut pipes = Vec::new();
-    // TCP ranks run progress threads beside the caller: pinning a rank to one CPU would make
-    // them take turns, so only shared-memory ranks are pinned.
-    let tcp = spec.backend.as_deref() == Some("tcp");
-    let pin = spec.bind == Bind::Auto && !tcp && !cpus.is_empty();
+    // Ranks with a TCP node run progress threads beside the caller: pinning a rank to one
+    // CPU would make them take turns, so only shared-memory ranks are pinned.
+    let networked = match spec.backend.as_deref() {
+        Some("tcp" | "hybrid") => true,
+        Some("shm") => false,
+        _ => spec.hosts > 1,
+    };
+    let pin = spec.bind == Bind::Auto && !networked && !cpus.is_empty();
     for rank in 0..spec.ranks {
         let cpu = cpus.get(rank % cpus.len().max(1)).copied().filter(|_| pin);
         let mut child =

@@ -231,6 +231,7 @@ macro_rules! per_fabric {
         mod shm { $( #[test] fn $name() { super::$name(super::Fabric::Shm) } )* }
         mod tcp { $( #[test] fn $name() { super::$name(super::Fabric::Tcp) } )* }
         mod mixed { $( #[test] fn $name() { super::$name(super::Fabric::Mixed) } )* }
+        mod hybrid { $( #[test] fn $name() { super::$name(super::Fabric::Hybrid) } )* }
     };
 }
 

@@ -1,7 +1,8 @@
 //! Host identity across processes: ranks named onto emulated hosts (`XCCL_HOST_ID`) learn
 //! every rank's host; a launcher whose local ranks contradict the names fails every rank with
-//! `ConfigMismatch`; the shared-memory backend refuses a job across hosts with a clear error.
-//! Each job runs under a watchdog and ends with a leak check.
+//! `ConfigMismatch`; the shared-memory backend refuses a job across hosts with a clear error;
+//! the default backend of a job across hosts is the hybrid one, whose all-to-all crosses
+//! both paths. Each job runs under a watchdog and ends with a leak check.
 
 #[macro_use]
 mod common;
@@ -12,6 +13,38 @@ use xccl::{Communicator, Error};
 
 scenarios! {
     "hosts" => hosts,
+    "exchange" => exchange,
+}
+
+/// Builds a communicator with the default backend and checks an all-to-all of distinct
+/// values with every rank; prints the backend and, per peer, whether it is mapped.
+fn exchange() {
+    let comm = Communicator::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("communicator");
+    let coll = xccl::coll::Coll::new(&comm).expect("collectives");
+    let (me, n) = (comm.rank(), comm.world_size());
+    let block = 3000;
+    let send: Vec<u32> = (0..n * block)
+        .map(|i| (me * 1_000_000 + i) as u32)
+        .collect();
+    let mut recv = vec![u32::MAX; n * block];
+    for _ in 0..3 {
+        coll.alltoall(&send, &mut recv).expect("all-to-all");
+        for s in 0..n {
+            for k in 0..block {
+                assert_eq!(recv[s * block + k], (s * 1_000_000 + me * block + k) as u32);
+            }
+        }
+    }
+    let t = comm.transport();
+    let mapped: Vec<bool> = (0..n)
+        .map(|p| t.path_kind(p).unwrap() == xccl::transport::PathKind::Mapped)
+        .collect();
+    println!("EXCHANGED {} {mapped:?}", t.caps().backend);
+    drop(coll);
+    comm.close().unwrap();
 }
 
 /// Builds a communicator from the environment and prints what it learnt of the hosts, or
@@ -116,4 +149,30 @@ fn shared_memory_refuses_a_job_across_hosts() {
             "rank {r}: {line}"
         );
     }
+}
+
+#[test]
+fn a_job_across_hosts_runs_on_the_hybrid_backend_by_default() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut job = Job::start_each(
+        4,
+        "exchange",
+        &|r| vec![var("XCCL_HOST_ID", format!("h{}", r / 2))],
+        Some(xccl::bootstrap::random_job_id()),
+    );
+    let status = job.wait_all(Duration::from_secs(60));
+    let mut reports = vec![String::new(); 4];
+    while let Ok((r, line)) = job.lines.try_recv() {
+        if line.starts_with("EXCHANGED ") {
+            reports[r] = line;
+        }
+    }
+    assert!(status.iter().all(|s| s.success()), "{status:?} {reports:?}");
+    for (r, line) in reports.iter().enumerate() {
+        let mapped: Vec<bool> = (0..4).map(|p| p / 2 == r / 2).collect();
+        assert_eq!(line, &format!("EXCHANGED hybrid {mapped:?}"), "rank {r}");
+    }
+    let mark = job.mark.clone();
+    drop(job);
+    assert_no_leaks(&mark);
 }

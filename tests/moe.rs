@@ -486,6 +486,18 @@ proptest! {
 }
 
 proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, .. ProptestConfig::default() })]
+
+    /// Shared memory within each of two emulated hosts, TCP between them: copying and
+    /// zero-copy dispatch (mapped peers read in place, the others are sent their rows).
+    #[test]
+    fn dispatch_and_combine_match_reference_hybrid(case in case_strategy(), zero_copy in any::<bool>()) {
+        let rows = if zero_copy { Rows::ZeroCopy } else { Rows::Plain };
+        check_case_with(Fabric::Hybrid, case, Dtype::F32, 2, rows);
+    }
+}
+
+proptest! {
     #![proptest_config(ProptestConfig { cases: 12, .. ProptestConfig::default() })]
 
     /// Both modes on communicators split from a parent (its even and its odd ranks), while
@@ -841,9 +853,11 @@ fn int8_of_f32_rows_is_refused() {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
 
+    /// Every fabric, the hybrid one across two emulated hosts included (one put per row to
+    /// the ranks of the other host).
     #[test]
-    fn low_latency_matches_reference(case in case_strategy(), fabric in 0usize..3) {
-        check_low_latency([Fabric::Shm, Fabric::Tcp, Fabric::Mixed][fabric], case);
+    fn low_latency_matches_reference(case in case_strategy(), fabric in 0usize..4) {
+        check_low_latency([Fabric::Shm, Fabric::Tcp, Fabric::Mixed, Fabric::Hybrid][fabric], case);
     }
 
     #[test]

@@ -225,6 +225,12 @@ impl HybridTransport {
     }
 }
 
+/// The busy threads a rank's TCP node adds to its host's load, for the shared-memory wait
+/// policy: its progress applies what other hosts send (one busy thread while data flows).
+pub(crate) fn node_load(hosts: usize) -> usize {
+    usize::from(hosts > 1)
+}
+
 /// Builds a hybrid job in this process, rank r on emulated host `host_of[r]`: each host's
 /// ranks share memory (as threads), every rank has its TCP node over loopback. For tests and
 /// in-process benchmarks.
@@ -396,10 +402,23 @@ impl Transport for HybridTransport {
     }
 
     fn wait(&self, index: usize, cmp: Cmp, value: u64, deadline: Instant) -> Result<u64> {
-        // One word, set by local peers directly and by the node's progress threads for remote
-        // ones; a failure either transport sees ends the wait.
-        self.shm
-            .wait_or(index, cmp, value, deadline, &|| self.node_interruption())
+        // One word, set by local peers directly and by the node for remote ones. First this
+        // thread polls the links itself (what arrives is applied here, without waking a
+        // progress thread), then it sleeps on the word; a failure either side sees ends it.
+        let v = self.shm.signal_value(index)?;
+        if cmp.holds(v, value) {
+            return Ok(v);
+        }
+        let polled = self.node.poll_for(|| {
+            let v = self.shm.signal_value(index).ok()?;
+            cmp.holds(v, value).then_some(v)
+        })?;
+        match polled {
+            Some(v) => Ok(v),
+            None => self
+                .shm
+                .wait_or(index, cmp, value, deadline, &|| self.node_interruption()),
+        }
     }
 
     fn signal_value(&self, index: usize) -> Result<u64> {

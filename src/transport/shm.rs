@@ -36,6 +36,9 @@ pub struct ShmOptions {
     pub setup_timeout: Duration,
     /// How waits spend time; defaults from the number of ranks and cores.
     pub wait_policy: Option<WaitPolicy>,
+    /// Busy threads besides the ranks that the default wait policy counts against the cores
+    /// (a TCP node's progress beside a hybrid rank): waits spin only when all have a core.
+    pub other_load: usize,
 }
 
 impl ShmOptions {
@@ -48,6 +51,7 @@ impl ShmOptions {
             num_signals: DEFAULT_SIGNALS,
             setup_timeout: Duration::from_secs(60),
             wait_policy: None,
+            other_load: 0,
         }
     }
 }
@@ -177,7 +181,7 @@ impl ShmTransport {
             setup_timeout: opts.setup_timeout,
             policy: opts
                 .wait_policy
-                .unwrap_or_else(|| WaitPolicy::for_load(opts.world, cores)),
+                .unwrap_or_else(|| WaitPolicy::for_load(opts.world + opts.other_load, cores)),
             signal_segs,
             signals,
             liveness,

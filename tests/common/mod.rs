@@ -326,6 +326,14 @@ pub enum Fabric {
     /// Shared memory with only the even ranks mapped to each other: every other path goes
     /// through the transport's puts (path kinds differ by peer).
     Mixed,
+    /// The hybrid backend on two emulated hosts (the first half of the ranks, rounded up, on
+    /// one): shared memory within each, TCP between them.
+    Hybrid,
+}
+
+/// Rank r's emulated host when `world` ranks are spread over two hosts.
+pub fn two_hosts(world: usize) -> Vec<usize> {
+    (0..world).map(|r| r * 2 / world).collect()
 }
 
 /// `world` connected communicators of one fabric, ranks as threads of this process.
@@ -350,6 +358,11 @@ pub fn comms(fabric: Fabric, world: usize) -> Vec<xccl::Communicator> {
         Fabric::Mixed => xccl::transport::partly_mapped::PartlyMapped::wrap_all(
             xccl::transport::shm::in_process(world, 4096).unwrap(),
         ),
+        Fabric::Hybrid => xccl::transport::hybrid::in_process(&two_hosts(world), 4096)
+            .unwrap()
+            .into_iter()
+            .map(|t| Box::new(t) as Box<dyn Transport>)
+            .collect(),
     };
     ts.into_iter()
         .map(|t| xccl::Communicator::from_transport(t, Duration::from_secs(60)).unwrap())

@@ -25,6 +25,39 @@ impl Node {
         self.wait_word(self.shared.signals.arrivals(), |v| v > seen, deadline)
     }
 
+    /// Polls the links in this thread (applying what arrives, as a progress thread would)
+    /// until `ready` returns something, the node is interrupted, or the configured polling
+    /// time has passed (`Ok(None)`: sleep elsewhere, the progress threads take over). For a
+    /// caller that waits on words a [`crate::SignalSink`] keeps: frames it applies itself
+    /// save the wake-up of a progress thread.
+    pub fn poll_for<T>(&self, mut ready: impl FnMut() -> Option<T>) -> Result<Option<T>> {
+        if let Some(e) = self.shared.interrupted() {
+            return Err(e);
+        }
+        let start = Instant::now();
+        let polling = Polling::new(&self.shared);
+        let mut n = 0u32;
+        let out = loop {
+            if let Some(v) = ready() {
+                break Some(v);
+            }
+            try_progress_all(&self.shared);
+            n += 1;
+            if n % 16 == 0 {
+                if let Some(e) = self.shared.interrupted() {
+                    return Err(e);
+                }
+                if start.elapsed() >= self.shared.cfg.poll {
+                    break None;
+                }
+            }
+        };
+        if out.is_none() {
+            polling.hand_back();
+        }
+        Ok(out)
+    }
+
     pub(super) fn wait_word(
         &self,
         index: usize,

@@ -25,9 +25,9 @@ struct Args {
     /// Allow more than 4 ranks per CPU.
     #[arg(long)]
     oversubscribe: bool,
-    /// Transport backend for the ranks: shm or tcp (sets XCCL_BACKEND; default: the
-    /// environment's, else shm).
-    #[arg(long, value_parser = ["shm", "tcp"])]
+    /// Transport backend for the ranks: auto, shm, tcp or hybrid (sets XCCL_BACKEND;
+    /// default: the environment's, else auto: shm on one host, hybrid across hosts).
+    #[arg(long, value_parser = ["auto", "shm", "tcp", "hybrid"])]
     backend: Option<String>,
     /// Emulate H hosts on this machine: rank r on host r / (N / H) (sets XCCL_HOST_ID and the
     /// local-rank variables; N must be a multiple of H).

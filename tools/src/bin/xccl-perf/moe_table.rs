@@ -235,7 +235,7 @@ pub fn row(a: &MoeArgs, phase: Phase, n: usize, m: &Measured) -> Row {
     let gbps = m.gbps(r.p50);
     Row {
         op: phase_name(phase),
-        backend: a.job.backend.clone(),
+        backend: report::backend_name(&a.job.backend),
         ranks: n,
         bytes: m.bytes,
         count: None,

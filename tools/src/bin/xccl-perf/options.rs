@@ -51,11 +51,12 @@ pub struct Job {
     #[arg(long)]
     pub oversubscribe: bool,
     /// Emulate H hosts with the ranks it launches: rank r on host r / (N / H), through
-    /// XCCL_HOST_ID (as `xccl-run --hosts`; N a multiple of H; across hosts use --backend tcp).
+    /// XCCL_HOST_ID (as `xccl-run --hosts`; N a multiple of H).
     #[arg(long, default_value_t = 1, value_name = "H", value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub hosts: u64,
-    /// Transport backend: shm (processes on one host) or tcp.
-    #[arg(long, env = "XCCL_BACKEND", default_value = "shm", value_parser = parse_backend)]
+    /// Transport backend: auto (shm on one host, hybrid across hosts), shm (processes on one
+    /// host), tcp, or hybrid (shared memory within each host, TCP between hosts).
+    #[arg(long, env = "XCCL_BACKEND", default_value = "auto", value_parser = parse_backend)]
     pub backend: String,
     /// Timed iterations per size (MoE: repetitions per configuration). Default: adaptive,
     /// 10,000 for small sizes and fewer for large ones (at least 20); MoE 10.
@@ -409,14 +410,19 @@ impl MoeArgs {
         }
         if self.eplb.is_some() && self.expert == "copy" {
             return Err(
-                "--eplb checks outputs against identity experts (a copy expert's output depends                  on which replica served a row): drop --expert copy, and model expert time                  with --expert-us"
+                "--eplb checks outputs against identity experts (a copy expert's output depends \
+                 on which replica served a row): drop --expert copy, and model expert time \
+                 with --expert-us"
                     .into(),
             );
         }
         let local = xccl::moe::ReplicaPolicy::LocalFirst;
-        if self.eplb.is_some_and(|e| e.policy == local) && self.job.backend != "shm" {
+        let one_host_shm =
+            self.job.backend == "shm" || (self.job.backend == "auto" && self.job.hosts == 1);
+        if self.eplb.is_some_and(|e| e.policy == local) && !one_host_shm {
             return Err(
-                "--eplb ...,local needs the hosts of the ranks: the harness knows them on                  shm (one host); use rotate over tcp"
+                "--eplb ...,local needs the hosts of the ranks: the harness knows them on \
+                 shm (one host); use rotate over tcp"
                     .into(),
             );
         }
@@ -485,14 +491,15 @@ fn parse_routing(v: &str) -> Result<Routing, String> {
 /// is for library tests, not for a harness that launches processes.
 fn parse_backend(v: &str) -> Result<String, String> {
     match v {
-        "shm" | "tcp" => Ok(v.to_string()),
+        "auto" | "shm" | "tcp" | "hybrid" => Ok(v.to_string()),
         "loopback" => Err(
             "loopback runs ranks as threads of one process, for library tests; the harness \
-             runs processes: use shm (one host) or tcp"
+             runs processes: use auto, shm (one host), tcp or hybrid"
                 .into(),
         ),
         _ => Err(format!(
-            "{v:?} is not a backend (from --backend or XCCL_BACKEND): use shm (one host) or tcp"
+            "{v:?} is not a backend (from --backend or XCCL_BACKEND): use auto, shm (one \
+             host), tcp or hybrid"
         )),
     }
 }

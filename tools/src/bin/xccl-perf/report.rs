@@ -90,7 +90,7 @@ impl Row {
         let algbw = gbps(bytes, p50);
         Row {
             op,
-            backend: backend.to_string(),
+            backend: backend_name(backend),
             ranks,
             bytes,
             count: Some(bytes),
@@ -258,6 +258,7 @@ impl Meta {
 /// The first line: what ran where.
 pub fn header(op: &str, backend: &str, ranks: usize) -> String {
     let m = Meta::get();
+    let backend = backend_name(backend);
     // A job on several hosts (real or emulated with `--hosts`) names them.
     let hosts = match job_hosts() {
         1 => String::new(),
@@ -278,6 +279,22 @@ pub fn job_hosts() -> usize {
 pub fn set_hosts(n: usize) {
     JOB_HOSTS.store(n, std::sync::atomic::Ordering::Relaxed);
 }
+
+/// Records the backend the communicator chose (`auto` made concrete) for headers and rows.
+pub fn set_backend(name: &str) {
+    *JOB_BACKEND.lock().unwrap_or_else(|p| p.into_inner()) = Some(name.to_string());
+}
+
+/// The backend the job runs on: the one recorded once connected, else `given` (the option).
+pub fn backend_name(given: &str) -> String {
+    JOB_BACKEND
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .unwrap_or_else(|| given.to_string())
+}
+
+static JOB_BACKEND: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
 static JOB_HOSTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
 

@@ -16,6 +16,7 @@ pub fn connect(c: &Job) -> Result<Communicator> {
         .timeout(Duration::from_secs_f64(c.timeout))
         .build()?;
     report::set_hosts(comm.hosts().count());
+    report::set_backend(comm.transport().caps().backend);
     Ok(comm)
 }
 
