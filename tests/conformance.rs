@@ -2,7 +2,7 @@
 //! for every backend on the even ranks split from twice as many (world sizes 1, 2 and 3), and
 //! for a backend whose path kinds differ by peer (shared memory mapped between even ranks only),
 //! and for the hybrid backend over emulated hosts: two hosts of 2 and of 3 ranks (and of 2 and
-//! 1), and three hosts of one rank each.
+//! 1), three hosts of one rank each, and the even ranks split from a hybrid job.
 
 use xccl::transport::Transport;
 
@@ -148,4 +148,24 @@ mod split_tcp {
     }
 
     xccl::transport_conformance!(split_tcp_ranks; worlds 1, 2, 3);
+}
+
+mod split_hybrid {
+    use super::*;
+    use xccl::transport::{conformance::evens_of, hybrid::in_process};
+
+    /// The even ranks of twice as many on two emulated hosts: each group spans both hosts.
+    fn split_hybrid_ranks(world: usize) -> Vec<Box<dyn Transport>> {
+        let n = 2 * world;
+        let host_of: Vec<usize> = (0..n).map(|r| r * 2 / n).collect();
+        let parents = in_process(&host_of, 4096).expect("hybrid ranks");
+        evens_of(
+            parents
+                .into_iter()
+                .map(|t| Box::new(t) as Box<dyn Transport>)
+                .collect(),
+        )
+    }
+
+    xccl::transport_conformance!(split_hybrid_ranks; worlds 1, 2, 3);
 }

@@ -2,18 +2,47 @@
 //! every rank's host; a launcher whose local ranks contradict the names fails every rank with
 //! `ConfigMismatch`; the shared-memory backend refuses a job across hosts with a clear error;
 //! the default backend of a job across hosts is the hybrid one, whose all-to-all crosses
-//! both paths. Each job runs under a watchdog and ends with a leak check.
+//! both paths; two hosts in two network namespaces joined by a veth pair pass the checked
+//! workload (send/recv, all-to-all-v, both MoE modes) and fail on both sides when the link
+//! is cut; a rank killed on one host fails every survivor. Each job runs under a watchdog
+//! and ends with a leak check.
 
 #[macro_use]
 mod common;
 
 use common::{assert_no_leaks, Job, SERIAL};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use xccl::transport::Cmp;
 use xccl::{Communicator, Error};
 
 scenarios! {
     "hosts" => hosts,
     "exchange" => exchange,
+    "workload_then_cut" => workload_then_cut,
+}
+
+/// Runs the checked workload for a while, then waits for a signal no one sends until the
+/// link between the hosts is cut, and reports the failure.
+fn workload_then_cut() {
+    let comm = common::rank_comm(Duration::from_secs(30));
+    let (me, n) = (comm.rank(), comm.world_size());
+    assert_eq!(comm.transport().caps().backend, "hybrid");
+    let mut work = common::workload::Workload::new(&comm);
+    let mut bytes = 0;
+    for it in 0..24 {
+        bytes += work.step(it, me, n);
+    }
+    let quiet = comm.lease("never-signalled", 0, 1, "").unwrap();
+    comm.barrier().unwrap();
+    println!("READY {bytes}");
+    let word = quiet.signals().start;
+    match comm
+        .transport()
+        .wait(word, Cmp::Ge, 1, Instant::now() + Duration::from_secs(30))
+    {
+        Err(Error::PeerFailed { rank }) => println!("PEERFAILED {rank}"),
+        other => panic!("expected PeerFailed, got {other:?}"),
+    }
 }
 
 /// Builds a communicator with the default backend and checks an all-to-all of distinct
@@ -174,5 +203,101 @@ fn a_job_across_hosts_runs_on_the_hybrid_backend_by_default() {
     }
     let mark = job.mark.clone();
     drop(job);
+    assert_no_leaks(&mark);
+}
+
+#[test]
+fn hosts_in_two_network_namespaces_work_then_fail_when_cut() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let id = std::process::id() % 100_000 + 7;
+    let Some(pair) = common::netns::veth_pair_or_skip(id) else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("xccl-hosts-netns-store-{id}"));
+    let mark = format!("netns-{}", xccl::bootstrap::random_job_id());
+    let secret = xccl::bootstrap::random_job_id();
+    let n = 4;
+    let mut kids = Vec::new();
+    for rank in 0..n {
+        // Ranks 0 and 1 on one host (namespace), 2 and 3 on the other.
+        let side = &pair.sides[rank / 2];
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", side.ns.as_str()])
+            .arg(std::env::current_exe().unwrap())
+            .args(common::worker_args());
+        for v in common::LAUNCHER_VARS {
+            cmd.env_remove(v);
+        }
+        cmd.env(common::SCENARIO, "workload_then_cut")
+            .env(common::MARK, &mark)
+            .env("XCCL_RANK", rank.to_string())
+            .env("XCCL_WORLD_SIZE", n.to_string())
+            .env("XCCL_STORE", format!("file://{}", dir.display()))
+            .env("XCCL_HOST_ID", &side.ns)
+            .env("XCCL_JOB_SECRET", &secret)
+            .env("XCCL_SOCKET_IFNAME", format!("={}", side.dev))
+            .env("XCCL_TCP_HEARTBEAT_MS", "200")
+            .env("XCCL_TCP_PEER_TIMEOUT_MS", "1500")
+            .env_remove("XCCL_BACKEND")
+            .stdout(std::process::Stdio::piped());
+        kids.push(cmd.spawn().unwrap());
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (rank, k) in kids.iter_mut().enumerate() {
+        let out = k.stdout.take().unwrap();
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                eprintln!("[{rank}] {line}");
+                let _ = tx.send((rank, line));
+            }
+        });
+    }
+    // Every rank's line starting with `word`, within `limit` (the watchdog: a rank that
+    // never prints it fails the test, and the guard below kills the job).
+    let kill_all = |kids: &mut Vec<std::process::Child>| {
+        for k in kids.iter_mut() {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
+    };
+    let wait_for = |word: &str, limit: Duration, kids: &mut Vec<std::process::Child>| {
+        let end = Instant::now() + limit;
+        let mut seen = vec![None; n];
+        while seen.iter().any(Option::is_none) {
+            match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+                Ok((r, l)) if l.starts_with(word) => seen[r] = Some(l),
+                Ok(_) => {}
+                Err(_) => {
+                    kill_all(kids);
+                    panic!("ranks did not all print {word:?} within {limit:?}: {seen:?}");
+                }
+            }
+        }
+        (Instant::now(), seen)
+    };
+    wait_for("READY", Duration::from_secs(120), &mut kids);
+    let cut = Instant::now();
+    assert!(pair.cut(0));
+    let (seen, lines) = wait_for("PEERFAILED", Duration::from_secs(10), &mut kids);
+    let took = seen - cut;
+    eprintln!("every rank saw PeerFailed {took:?} after the link was cut (timeout 1.5 s)");
+    for (r, line) in lines.iter().enumerate() {
+        let failed: usize = line.as_ref().unwrap()["PEERFAILED ".len()..]
+            .parse()
+            .unwrap();
+        assert_ne!(
+            failed / 2,
+            r / 2,
+            "rank {r} blames rank {failed} of its own host"
+        );
+    }
+    assert!(took <= Duration::from_millis(1500 + 2000), "took {took:?}");
+    for k in &mut kids {
+        assert!(k.wait().unwrap().success());
+    }
+    drop(pair);
+    let _ = std::fs::remove_dir_all(&dir);
     assert_no_leaks(&mark);
 }

@@ -505,9 +505,9 @@ proptest! {
     #[test]
     fn both_modes_match_reference_on_a_split_communicator(
         case in (1usize..=3).prop_flat_map(case_for_world),
-        fabric in 0usize..3,
+        fabric in 0usize..4,
     ) {
-        let fabric = [Fabric::Loopback, Fabric::Shm, Fabric::Tcp][fabric];
+        let fabric = [Fabric::Loopback, Fabric::Shm, Fabric::Tcp, Fabric::Hybrid][fabric];
         let n = case.inputs.len();
         let case = Arc::new(case);
         run_split_comms(fabric, n, move |child| {

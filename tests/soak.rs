@@ -1,5 +1,6 @@
-//! The soak: one job per backend (3 ranks) that mixes send/recv, all-to-all-v and both MoE
-//! modes on one communicator, every result checked, and whose ranks end at different times.
+//! The soak: one job per backend (3 ranks; the hybrid one 4 ranks on two emulated hosts)
+//! that mixes send/recv, all-to-all-v and both MoE modes on one communicator
+//! ([`common::workload`]), every result checked, and whose ranks end at different times.
 //! It runs a few seconds by default; `XCCL_SOAK=SECONDS` makes it run that long per backend
 //! (add busy loops on every core with `XCCL_SOAK_LOAD=1`). It reports operations, bytes
 //! checked and failures.
@@ -7,101 +8,15 @@
 #[macro_use]
 mod common;
 
+use common::workload::Workload;
 use common::{assert_no_leaks, rank_comm, BusyLoops, Job, SERIAL};
 use std::time::{Duration, Instant};
-use xccl::coll::{Coll, ReduceOp};
-use xccl::moe::{Dtype, LowLatencyBuffer, MoeBuffer, MoeConfig};
-use xccl::p2p::{P2p, P2pConfig};
+use xccl::coll::ReduceOp;
 
 const SECONDS_VAR: &str = "XCCL_TEST_SOAK_SECONDS";
-const EXPERTS: usize = 12;
-const HIDDEN: usize = 64;
-const TOPK: usize = 3;
-const MAX_TOKENS: usize = 48;
 
 scenarios! {
     "soak" => soak,
-}
-
-/// A hash of `seed`: the same number on every rank for the same seed.
-fn mix(seed: u64) -> u64 {
-    use rand::{RngCore, SeedableRng};
-    rand::rngs::SmallRng::seed_from_u64(seed).next_u64()
-}
-
-/// The bytes rank `from` sends rank `to` in iteration `it`.
-fn payload(it: u64, from: usize, to: usize, len: usize) -> Vec<u8> {
-    let s = mix(it ^ (from as u64) << 40 ^ (to as u64) << 48);
-    (0..len)
-        .map(|k| (s >> (k % 8 * 8)) as u8 ^ k as u8)
-        .collect()
-}
-
-/// How many bytes rank `from` sends rank `to` in iteration `it` (zero now and then).
-fn count(it: u64, from: usize, to: usize) -> usize {
-    match mix(it * 131 + from as u64 * 7 + to as u64) % 8 {
-        0 => 0,
-        k => (mix(it + k) % (256 << 10)) as usize + 1,
-    }
-}
-
-/// Rank `me`'s MoE input in iteration `it`: rows, expert choices (some -1) and weights.
-fn moe_input(it: u64, me: usize) -> (Vec<f32>, Vec<i64>, Vec<f32>) {
-    let seed = mix(it * 1_000_003 + me as u64);
-    let tokens = (seed % (MAX_TOKENS as u64 + 1)) as usize;
-    let x: Vec<f32> = (0..tokens * HIDDEN)
-        .map(|k| (mix(seed ^ k as u64) % 2001) as f32 / 1000.0 - 1.0)
-        .collect();
-    let mut idx = Vec::with_capacity(tokens * TOPK);
-    let mut w = Vec::with_capacity(tokens * TOPK);
-    for t in 0..tokens {
-        let first = mix(seed + t as u64) as usize % EXPERTS;
-        for j in 0..TOPK {
-            let skip = mix(seed ^ (t * TOPK + j) as u64) % 10 == 0;
-            idx.push(if skip {
-                -1
-            } else {
-                ((first + j) % EXPERTS) as i64
-            });
-            w.push(0.25 * (j + 1) as f32);
-        }
-    }
-    (x, idx, w)
-}
-
-/// Expert e scales its input by c(e).
-fn c(e: usize) -> f32 {
-    (e % 3 + 1) as f32
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|f| f.to_le_bytes()).collect()
-}
-
-fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
-
-/// Checks a combine's output against sum over the chosen experts of w · c_e · x.
-fn check_combined(it: u64, mode: &str, x: &[f32], idx: &[i64], w: &[f32], out: &[u8]) -> usize {
-    let got = f32s(out);
-    for t in 0..idx.len() / TOPK {
-        for j in 0..HIDDEN {
-            let v = x[t * HIDDEN + j];
-            let want: f32 = (0..TOPK)
-                .filter(|&q| idx[t * TOPK + q] >= 0)
-                .map(|q| w[t * TOPK + q] * c(idx[t * TOPK + q] as usize) * v)
-                .sum();
-            let g = got[t * HIDDEN + j];
-            assert!(
-                (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                "iteration {it} {mode}: token {t} element {j}: {g} vs {want}"
-            );
-        }
-    }
-    out.len()
 }
 
 struct Tally {
@@ -109,116 +24,32 @@ struct Tally {
     bytes: u64,
 }
 
-fn send_recv(it: u64, p2p: &P2p, me: usize, n: usize) -> u64 {
-    let (to, from) = ((me + 1) % n, (me + n - 1) % n);
-    let len = count(it, me, to).max(1) * 4;
-    let data = payload(it, me, to, len);
-    let want = payload(it, from, me, count(it, from, me).max(1) * 4);
-    let mut buf = vec![0u8; want.len()];
-    let got = p2p.sendrecv(to, it, &data, from, it, &mut buf).unwrap();
-    assert_eq!(got, want.len(), "iteration {it}: send/recv length");
-    assert!(
-        buf == want,
-        "iteration {it}: send/recv bytes from rank {from}"
-    );
-    want.len() as u64
-}
-
-fn all_to_all_v(it: u64, coll: &Coll, me: usize, n: usize) -> u64 {
-    let scounts: Vec<usize> = (0..n).map(|j| count(it, me, j)).collect();
-    let rcounts: Vec<usize> = (0..n).map(|j| count(it, j, me)).collect();
-    let displs = |c: &[usize]| -> Vec<usize> {
-        c.iter()
-            .scan(0, |at, &k| {
-                let d = *at;
-                *at += k;
-                Some(d)
-            })
-            .collect()
-    };
-    let (sd, rd) = (displs(&scounts), displs(&rcounts));
-    let send: Vec<u8> = (0..n)
-        .flat_map(|j| payload(it, me, j, scounts[j]))
-        .collect();
-    let mut recv = vec![0u8; rcounts.iter().sum()];
-    coll.alltoallv_bytes(&send, &scounts, &sd, &mut recv, &rcounts, &rd)
-        .unwrap();
-    for j in 0..n {
-        let block = &recv[rd[j]..rd[j] + rcounts[j]];
-        assert!(
-            block == payload(it, j, me, rcounts[j]),
-            "iteration {it}: block from {j}"
-        );
-    }
-    recv.len() as u64
-}
-
-fn normal_moe(it: u64, buf: &mut MoeBuffer, me: usize) -> u64 {
-    let (x, idx, w) = moe_input(it, me);
-    let xb = f32_bytes(&x);
-    let view = buf.dispatch(&xb, &idx, &w).unwrap();
-    let rows = view.rows().unwrap();
-    let mut reduced = Vec::with_capacity(rows.len() * HIDDEN * 4);
-    for row in &rows {
-        let y: Vec<f32> = f32s(row.data)
-            .iter()
-            .map(|&v| row.experts.iter().map(|&(e, w)| w * c(e) * v).sum())
-            .collect();
-        reduced.extend(f32_bytes(&y));
-    }
-    let received = reduced.len() as u64;
-    drop(rows);
-    let mut out = vec![0u8; xb.len()];
-    buf.combine(&reduced, &mut out).unwrap();
-    received + check_combined(it, "normal", &x, &idx, &w, &out) as u64
-}
-
-fn low_latency_moe(it: u64, buf: &mut LowLatencyBuffer, me: usize) -> u64 {
-    let (x, idx, w) = moe_input(it, me);
-    let xb = f32_bytes(&x);
-    let view = buf.dispatch(&xb, &idx, &w).unwrap();
-    let outputs = common::low_latency::weighted_sums(&view, |e, v| c(e) * v);
-    let received = outputs.len() as u64;
-    let _ = view;
-    let mut out = vec![0u8; xb.len()];
-    buf.combine(&outputs, &mut out).unwrap();
-    received + check_combined(it, "low-latency", &x, &idx, &w, &out) as u64
-}
-
 fn soak() {
     let seconds: f64 = std::env::var(SECONDS_VAR).unwrap().parse().unwrap();
     let comm = rank_comm(Duration::from_secs(60));
     let (me, n) = (comm.rank(), comm.world_size());
-    let p2p = P2p::new(&comm, P2pConfig::default()).unwrap();
-    let coll = Coll::new(&comm).unwrap();
-    let cfg = MoeConfig::new(EXPERTS, HIDDEN, TOPK, MAX_TOKENS, Dtype::F32);
-    let mut normal = MoeBuffer::new(&comm, cfg.clone()).unwrap();
-    let mut low = LowLatencyBuffer::new(&comm, cfg).unwrap();
+    let mut work = Workload::new(&comm);
     let start = Instant::now();
     let mut tally = Tally { ops: 0, bytes: 0 };
     for it in 0u64.. {
         // Every rank goes on only while every rank's clock says so.
         let mut done = [(start.elapsed().as_secs_f64() >= seconds) as u64];
-        coll.allreduce(&mut done, ReduceOp::Max).unwrap();
+        work.coll.allreduce(&mut done, ReduceOp::Max).unwrap();
         if done[0] == 1 {
             break;
         }
-        tally.bytes += match it % 4 {
-            0 => send_recv(it, &p2p, me, n),
-            1 => all_to_all_v(it, &coll, me, n),
-            2 => normal_moe(it, &mut normal, me),
-            _ => low_latency_moe(it, &mut low, me),
-        };
+        tally.bytes += work.step(it, me, n);
         tally.ops += 1;
     }
     // Ranks end at different times: the last one closes 400 ms after the first.
     std::thread::sleep(Duration::from_millis(200 * me as u64));
-    drop((normal, low, coll, p2p));
+    drop(work);
     comm.close().unwrap();
     println!("SOAK ops {} bytes {}", tally.ops, tally.bytes);
 }
 
-fn soak_on(backend: &str) {
+/// Runs the soak on `n` ranks with `env(rank)` added, `label` naming the job.
+fn soak_on(label: &str, n: usize, env: &dyn Fn(usize) -> Vec<(String, String)>) {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let seconds: f64 = std::env::var("XCCL_SOAK")
         .ok()
@@ -228,13 +59,15 @@ fn soak_on(backend: &str) {
         .is_ok_and(|v| v == "1")
         .then(BusyLoops::on_every_core);
     let start = Instant::now();
-    let mut job = Job::start(
-        3,
+    let mut job = Job::start_each(
+        n,
         "soak",
-        &[
-            ("XCCL_BACKEND", backend.to_string()),
-            (SECONDS_VAR, seconds.to_string()),
-        ],
+        &|r| {
+            let mut vars = env(r);
+            vars.push((SECONDS_VAR.to_string(), seconds.to_string()));
+            vars
+        },
+        Some(xccl::bootstrap::random_job_id()),
     );
     let st = job.wait_all(Duration::from_secs_f64(seconds + 120.0));
     let (mut ops, mut bytes, mut reports) = (0u64, 0u64, 0);
@@ -248,23 +81,35 @@ fn soak_on(backend: &str) {
     }
     let failures = st.iter().filter(|s| !s.success()).count();
     eprintln!(
-        "soak {backend}: {:.0} s, 3 ranks, {ops} operations, {bytes} bytes checked, {failures} failures",
+        "soak {label}: {:.0} s, {n} ranks, {ops} operations, {bytes} bytes checked, {failures} failures",
         start.elapsed().as_secs_f64()
     );
-    assert_eq!(failures, 0, "{backend}: {st:?}");
-    assert_eq!(reports, 3, "{backend}: every rank reports");
+    assert_eq!(failures, 0, "{label}: {st:?}");
+    assert_eq!(reports, n, "{label}: every rank reports");
     assert!(ops > 0);
     let mark = job.mark.clone();
     drop(job);
     assert_no_leaks(&mark);
 }
 
+fn backend(name: &str) -> Vec<(String, String)> {
+    vec![("XCCL_BACKEND".to_string(), name.to_string())]
+}
+
 #[test]
 fn soak_shm() {
-    soak_on("shm");
+    soak_on("shm", 3, &|_| backend("shm"));
 }
 
 #[test]
 fn soak_tcp() {
-    soak_on("tcp");
+    soak_on("tcp", 3, &|_| backend("tcp"));
+}
+
+/// Two emulated hosts of two ranks, the default backend (hybrid across hosts).
+#[test]
+fn soak_hybrid() {
+    soak_on("hybrid", 4, &|r| {
+        vec![("XCCL_HOST_ID".to_string(), format!("soak-host{}", r / 2))]
+    });
 }

@@ -1,5 +1,6 @@
-//! The TCP backend across real processes: a rank killed mid-transfer, hostile clients on a
-//! live job's listener, and ranks in separate network namespaces whose link is cut.
+//! The TCP backend across real processes: a rank killed mid-transfer (also on the hybrid
+//! backend, across emulated hosts), hostile clients on a live job's listener, and ranks in
+//! separate network namespaces whose link is cut.
 
 #[macro_use]
 mod common;
@@ -162,6 +163,36 @@ fn sigkill_mid_transfer_fails_the_others() {
     assert_no_leaks(&mark);
 }
 
+/// Four ranks on two emulated hosts (hybrid backend): the last rank is killed mid-transfer;
+/// the survivors on the other host (links over TCP) and on its own (shared memory) all see
+/// `PeerFailed` within 5 s, and nothing of the job is left.
+#[test]
+fn sigkill_on_one_host_fails_every_survivor() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut job = Job::start_each(
+        4,
+        "stream_until_killed",
+        &|r| {
+            vec![
+                ("XCCL_HOST_ID".into(), format!("kill-host{}", r / 2)),
+                ("XCCL_BACKEND".into(), "hybrid".into()),
+                ("XCCL_TCP_PEER_TIMEOUT_MS".into(), "2000".into()),
+            ]
+        },
+        Some(xccl::bootstrap::random_job_id()),
+    );
+    job.expect_from(&[0, 1, 2, 3], "READY", Duration::from_secs(60));
+    let at = Instant::now();
+    job.kill(3);
+    job.expect_from(&[0, 1, 2], "PEERFAILED 3", Duration::from_secs(5));
+    eprintln!("survivors saw PeerFailed {:?} after SIGKILL", at.elapsed());
+    let st = job.wait_all(Duration::from_secs(30));
+    assert!(st[..3].iter().all(|s| s.success()), "{st:?}");
+    let mark = job.mark.clone();
+    drop(job);
+    assert_no_leaks(&mark);
+}
+
 /// Waits up to `limit` for the server to close `s` (read gives EOF or an error).
 fn closed_by_server(s: &mut TcpStream, limit: Duration) -> bool {
     s.set_read_timeout(Some(limit)).unwrap();
@@ -269,86 +300,15 @@ fn the_job_secret_never_reaches_the_store() {
     }
 }
 
-/// Runs `ip` with `args`; true on success.
-fn ip(args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(args)
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-/// Network namespaces made for one test, deleted (with their veth ends) on drop.
-struct Netns(Vec<String>);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for ns in &self.0 {
-            ip(&["netns", "del", ns]);
-        }
-    }
-}
-
 #[test]
 fn cut_link_between_namespaces_fails_both_sides() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let id = std::process::id() % 100_000;
-    let (na, nb, va, vb) = (
-        format!("xccla{id}"),
-        format!("xcclb{id}"),
-        format!("xva{id}"),
-        format!("xvb{id}"),
-    );
-    if !ip(&["netns", "add", &na]) {
-        assert!(
-            !common::skips_forbidden(),
-            "cannot create network namespaces and XCCL_REQUIRE_ALL=1"
-        );
-        eprintln!("SKIPPED: cannot create network namespaces here (needs root and iproute2)");
+    let Some(pair) = common::netns::veth_pair_or_skip(id) else {
         return;
-    }
-    let guard = Netns(vec![na.clone(), nb.clone()]);
-    let octet = 1 + id % 250;
-    let (ipa, ipb) = (
-        format!("10.231.{octet}.1/24"),
-        format!("10.231.{octet}.2/24"),
-    );
-    for args in [
-        vec!["netns", "add", nb.as_str()],
-        vec![
-            "link",
-            "add",
-            va.as_str(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            vb.as_str(),
-        ],
-        vec!["link", "set", va.as_str(), "netns", na.as_str()],
-        vec!["link", "set", vb.as_str(), "netns", nb.as_str()],
-        vec![
-            "-n",
-            na.as_str(),
-            "addr",
-            "add",
-            ipa.as_str(),
-            "dev",
-            va.as_str(),
-        ],
-        vec![
-            "-n",
-            nb.as_str(),
-            "addr",
-            "add",
-            ipb.as_str(),
-            "dev",
-            vb.as_str(),
-        ],
-        vec!["-n", na.as_str(), "link", "set", va.as_str(), "up"],
-        vec!["-n", nb.as_str(), "link", "set", vb.as_str(), "up"],
-    ] {
-        assert!(ip(&args), "ip {args:?} failed");
-    }
+    };
+    let [a, b] = pair.sides.clone();
+    let (na, va, nb, vb) = (a.ns, a.dev, b.ns, b.dev);
     let dir = std::env::temp_dir().join(format!("xccl-netns-store-{id}"));
     let mark = format!("netns-{}", xccl::bootstrap::random_job_id());
     let mut kids = Vec::new();
@@ -398,7 +358,7 @@ fn cut_link_between_namespaces_fails_both_sides() {
     };
     wait_for("READY", Duration::from_secs(60));
     let cut = Instant::now();
-    assert!(ip(&["-n", &na, "link", "set", &va, "down"]));
+    assert!(pair.cut(0));
     let seen = wait_for("PEERFAILED", Duration::from_secs(10));
     let took = seen - cut;
     eprintln!("both sides saw PeerFailed {took:?} after the link was cut (timeout 1.5 s)");
@@ -406,7 +366,7 @@ fn cut_link_between_namespaces_fails_both_sides() {
     for k in &mut kids {
         assert!(k.wait().unwrap().success());
     }
-    drop(guard);
+    drop(pair);
     let _ = std::fs::remove_dir_all(&dir);
     assert_no_leaks(&mark);
 }

@@ -51,8 +51,12 @@ pub struct HybridTransport {
     world: usize,
     /// Each rank's index among this host's ranks, for the ranks on this host.
     local_index: Vec<Option<usize>>,
+    /// Names this host among the job's: its lowest rank.
+    host_tag: usize,
     shm: ShmTransport,
     node: Node,
+    /// What the node was built with, for the groups split from this transport.
+    opts: TcpOptions,
     setup_timeout: Duration,
     next_reg: AtomicU64,
     /// Each window's shared-memory registration (the node's region has the window's id).
@@ -79,40 +83,13 @@ impl HybridTransport {
         exchange: &mut dyn FnMut(SocketAddr) -> Result<Vec<SocketAddr>>,
     ) -> Result<Self> {
         let start = Instant::now();
-        let listening = Self::listen(&shm, local_ranks, &opts)?;
+        check_layout(&shm, local_ranks, &opts)?;
+        let listening = Listening::bind(opts.config())?;
         let addrs = exchange(listening.local_addr()?)?;
         Self::finish(shm, local_ranks, opts, listening, &addrs).map_err(|e| e.waited_since(start))
     }
 
-    /// Binds the node's listener, its signals landing in `shm`'s words; checks that
-    /// `local_ranks` and `opts` describe the same rank as `shm`.
-    fn listen(shm: &ShmTransport, local_ranks: &[usize], opts: &TcpOptions) -> Result<Listening> {
-        let me_local = local_ranks.iter().position(|&r| r == opts.rank);
-        let ascending = local_ranks.windows(2).all(|w| w[0] < w[1]);
-        if me_local != Some(shm.rank())
-            || local_ranks.len() != shm.world_size()
-            || !ascending
-            || local_ranks.iter().any(|&r| r >= opts.world)
-        {
-            return Err(Error::InvalidArgument(format!(
-                "hybrid rank {} of {}: this host's ranks {local_ranks:?} do not match its \
-                 shared-memory rank {} of {}",
-                opts.rank,
-                opts.world,
-                shm.rank(),
-                shm.world_size()
-            )));
-        }
-        if opts.num_signals != shm.caps().num_signals {
-            return Err(Error::InvalidArgument(format!(
-                "hybrid: {} signal words over TCP, {} in shared memory",
-                opts.num_signals,
-                shm.caps().num_signals
-            )));
-        }
-        Ok(Listening::bind(opts.config())?.with_signal_sink(shm.signal_sink()))
-    }
-
+    /// Connects the node (its signals landing in `shm`'s words) and assembles the rank.
     fn finish(
         shm: ShmTransport,
         local_ranks: &[usize],
@@ -120,7 +97,10 @@ impl HybridTransport {
         listening: Listening,
         addrs: &[SocketAddr],
     ) -> Result<Self> {
-        let node = listening.connect(addrs, Instant::now() + opts.setup_timeout)?;
+        check_layout(&shm, local_ranks, &opts)?;
+        let node = listening
+            .with_signal_sink(shm.signal_sink())
+            .connect(addrs, Instant::now() + opts.setup_timeout)?;
         let mut local_index = vec![None; opts.world];
         for (l, &r) in local_ranks.iter().enumerate() {
             local_index[r] = Some(l);
@@ -129,9 +109,11 @@ impl HybridTransport {
             rank: opts.rank,
             world: opts.world,
             local_index,
+            host_tag: local_ranks[0],
             shm,
             node,
             setup_timeout: opts.setup_timeout,
+            opts,
             next_reg: AtomicU64::new(1),
             windows: WindowTable::new(),
         })
@@ -225,6 +207,35 @@ impl HybridTransport {
     }
 }
 
+/// Checks that `local_ranks` (this host's ranks, ascending, this rank among them) and `opts`
+/// describe the same rank as `shm`, with as many signal words.
+fn check_layout(shm: &ShmTransport, local_ranks: &[usize], opts: &TcpOptions) -> Result<()> {
+    let me_local = local_ranks.iter().position(|&r| r == opts.rank);
+    let ascending = local_ranks.windows(2).all(|w| w[0] < w[1]);
+    if me_local != Some(shm.rank())
+        || local_ranks.len() != shm.world_size()
+        || !ascending
+        || local_ranks.iter().any(|&r| r >= opts.world)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "hybrid rank {} of {}: this host's ranks {local_ranks:?} do not match its \
+             shared-memory rank {} of {}",
+            opts.rank,
+            opts.world,
+            shm.rank(),
+            shm.world_size()
+        )));
+    }
+    if opts.num_signals != shm.caps().num_signals {
+        return Err(Error::InvalidArgument(format!(
+            "hybrid: {} signal words over TCP, {} in shared memory",
+            opts.num_signals,
+            shm.caps().num_signals
+        )));
+    }
+    Ok(())
+}
+
 /// The busy threads a rank's TCP node adds to its host's load, for the shared-memory wait
 /// policy: its progress applies what other hosts send (one busy thread while data flows).
 pub(crate) fn node_load(hosts: usize) -> usize {
@@ -268,7 +279,7 @@ pub fn in_process_with(
         opts.num_signals = num_signals;
         opts.setup_timeout = setup_timeout;
         let locals = &local_ranks[host_of[rank]];
-        let listening = HybridTransport::listen(&t, locals, &opts)?;
+        let listening = Listening::bind(opts.config())?;
         addrs.push(listening.local_addr()?);
         pending.push((t, locals, opts, listening));
     }
@@ -287,6 +298,54 @@ pub fn in_process_with(
 }
 
 impl Transport for HybridTransport {
+    /// The group's ranks on this host share memory among themselves (a shared-memory job
+    /// named by the group and this host), and every member gets a TCP node keyed by a secret
+    /// derived from the job's; the one exchange carries the nodes' addresses and serves as the
+    /// shared-memory setup's barrier.
+    fn split(
+        &self,
+        group: &super::GroupSpec,
+        exchange: &mut super::GroupExchange<'_>,
+    ) -> Result<Box<dyn Transport>> {
+        use super::shm::ShmOptions;
+        self.node.check_open()?;
+        let local_ranks: Vec<usize> = (0..group.members.len())
+            .filter(|&g| self.local_index[group.members[g]].is_some())
+            .collect();
+        let me_local = local_ranks
+            .iter()
+            .position(|&g| g == group.rank)
+            .ok_or_else(|| Error::InvalidArgument("split: this rank is not a member".into()))?;
+        let mut opts = self.opts.clone();
+        opts.rank = group.rank;
+        opts.world = group.members.len();
+        opts.secret = super::tcp::group_secret(&self.opts.secret, group.id);
+        let listening = Listening::bind(opts.config())?;
+        let word = super::tcp::address_word(listening.local_addr()?)?;
+        let mut addrs = None;
+        let job = format!(
+            "s{:016x}{:016x}-h{}",
+            group.id[0], group.id[1], self.host_tag
+        );
+        let mut shm_opts = ShmOptions::new(job, me_local, local_ranks.len());
+        shm_opts.num_signals = self.opts.num_signals;
+        shm_opts.setup_timeout = self.setup_timeout;
+        shm_opts.other_load = node_load(1 + usize::from(local_ranks.len() < opts.world));
+        // Mesh setup calls its barrier exactly once, after its own listener is bound.
+        let shm = ShmTransport::new(shm_opts, &mut || {
+            addrs = Some(exchange([word, 4])?);
+            Ok(())
+        })?;
+        let addrs = super::tcp::decode_addresses(addrs.unwrap_or_default())?;
+        Ok(Box::new(HybridTransport::finish(
+            shm,
+            &local_ranks,
+            opts,
+            listening,
+            &addrs,
+        )?))
+    }
+
     fn rank(&self) -> usize {
         self.rank
     }

@@ -137,13 +137,39 @@ impl TcpTransport {
 
 /// The secret of a group split from a job: keyed by the job's secret, so only its members
 /// can derive it, and different for every group.
-fn group_secret(secret: &[u8], id: [u64; 2]) -> Vec<u8> {
+pub(crate) fn group_secret(secret: &[u8], id: [u64; 2]) -> Vec<u8> {
     use hmac::{Hmac, Mac};
     let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(secret).expect("any key length");
     m.update(b"xccl split group");
     m.update(&id[0].to_le_bytes());
     m.update(&id[1].to_le_bytes());
     m.finalize().into_bytes().to_vec()
+}
+
+/// A listening address as the word a split's exchange carries (IPv4 address and port; the
+/// family, 4, goes in the second word).
+pub(crate) fn address_word(addr: SocketAddr) -> Result<u64> {
+    let SocketAddr::V4(v4) = addr else {
+        return Err(Error::Unsupported(format!(
+            "split: listening on {addr}; only IPv4 addresses are exchanged"
+        )));
+    };
+    Ok(u64::from(u32::from(*v4.ip())) | (u64::from(v4.port()) << 32))
+}
+
+/// Every member's address from the words of a split's exchange, by rank; anything else
+/// than an IPv4 address word is refused.
+pub(crate) fn decode_addresses(words: Vec<[u64; 2]>) -> Result<Vec<SocketAddr>> {
+    words
+        .into_iter()
+        .map(|[w, family]| match family {
+            4 => Ok(SocketAddr::from((
+                std::net::Ipv4Addr::from(w as u32),
+                (w >> 32) as u16,
+            ))),
+            _ => Err(Error::ProtocolViolation("split: a bad address".into())),
+        })
+        .collect()
 }
 
 /// A node's result, its timeout told as the time waited since `start`.
@@ -201,22 +227,7 @@ impl Transport for TcpTransport {
         opts.world = group.members.len();
         opts.secret = group_secret(&self.opts.secret, group.id);
         let t = TcpTransport::new(opts, &mut |addr| {
-            let std::net::SocketAddr::V4(v4) = addr else {
-                return Err(Error::Unsupported(format!(
-                    "tcp split: listening on {addr}; only IPv4 addresses are exchanged"
-                )));
-            };
-            let word = u64::from(u32::from(*v4.ip())) | (u64::from(v4.port()) << 32);
-            exchange([word, 4])?
-                .into_iter()
-                .map(|[w, family]| match family {
-                    4 => Ok(std::net::SocketAddr::from((
-                        std::net::Ipv4Addr::from(w as u32),
-                        (w >> 32) as u16,
-                    ))),
-                    _ => Err(Error::ProtocolViolation("tcp split: a bad address".into())),
-                })
-                .collect()
+            decode_addresses(exchange([address_word(addr)?, 4])?)
         })?;
         Ok(Box::new(t))
     }

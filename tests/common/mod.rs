@@ -6,6 +6,8 @@
 
 pub mod low_latency;
 pub mod moe_rows;
+pub mod netns;
+pub mod workload;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, ExitStatus, Stdio};

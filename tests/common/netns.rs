@@ -1,0 +1,89 @@
+//! Network namespaces for tests: two namespaces joined by a veth pair (root and iproute2
+//! needed), deleted with their veth ends when the guard drops.
+
+use std::process::Command;
+
+/// Runs `ip` with `args`; true on success.
+pub fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// One side of the pair: its namespace, its veth end and that end's address.
+#[derive(Debug, Clone)]
+pub struct Side {
+    pub ns: String,
+    pub dev: String,
+    pub addr: String,
+}
+
+/// Two namespaces joined by a veth pair, deleted on drop.
+pub struct VethPair {
+    pub sides: [Side; 2],
+}
+
+impl VethPair {
+    /// Makes the pair (names from `id`, addresses 10.231.x.1 and .2/24); `None` where
+    /// namespaces cannot be made (not root, no iproute2): the caller skips, or fails under
+    /// `XCCL_REQUIRE_ALL=1`.
+    pub fn new(id: u32) -> Option<VethPair> {
+        let octet = 1 + id % 250;
+        let side = |tag: &str, host: u32| Side {
+            ns: format!("xccl{tag}{id}"),
+            dev: format!("xv{tag}{id}"),
+            addr: format!("10.231.{octet}.{host}"),
+        };
+        let (a, b) = (side("a", 1), side("b", 2));
+        if !ip(&["netns", "add", &a.ns]) {
+            return None;
+        }
+        let pair = VethPair { sides: [a, b] };
+        let [a, b] = &pair.sides;
+        let (a_cidr, b_cidr) = (format!("{}/24", a.addr), format!("{}/24", b.addr));
+        for args in [
+            vec!["netns", "add", &b.ns],
+            vec![
+                "link", "add", &a.dev, "type", "veth", "peer", "name", &b.dev,
+            ],
+            vec!["link", "set", &a.dev, "netns", &a.ns],
+            vec!["link", "set", &b.dev, "netns", &b.ns],
+            vec!["-n", &a.ns, "addr", "add", &a_cidr, "dev", &a.dev],
+            vec!["-n", &b.ns, "addr", "add", &b_cidr, "dev", &b.dev],
+            vec!["-n", &a.ns, "link", "set", &a.dev, "up"],
+            vec!["-n", &b.ns, "link", "set", &b.dev, "up"],
+        ] {
+            assert!(ip(&args), "ip {args:?} failed");
+        }
+        Some(pair)
+    }
+
+    /// Takes side `i`'s veth end down: the link between the namespaces is cut.
+    pub fn cut(&self, i: usize) -> bool {
+        let s = &self.sides[i];
+        ip(&["-n", &s.ns, "link", "set", &s.dev, "down"])
+    }
+}
+
+impl Drop for VethPair {
+    fn drop(&mut self) {
+        for s in &self.sides {
+            ip(&["netns", "del", &s.ns]);
+        }
+    }
+}
+
+/// Creates the pair or, where that is impossible, prints why and returns `None` (a failure
+/// instead when `XCCL_REQUIRE_ALL=1`).
+pub fn veth_pair_or_skip(id: u32) -> Option<VethPair> {
+    let pair = VethPair::new(id);
+    if pair.is_none() {
+        assert!(
+            !super::skips_forbidden(),
+            "cannot create network namespaces and XCCL_REQUIRE_ALL=1"
+        );
+        eprintln!("SKIPPED: cannot create network namespaces here (needs root and iproute2)");
+    }
+    pair
+}
