@@ -423,7 +423,7 @@ fn store_addresses<'a>(
 ) -> impl FnMut(std::net::SocketAddr) -> Result<Vec<std::net::SocketAddr>> + 'a {
     let (rank, world) = (info.rank, info.world_size);
     move |addr| {
-        tracing::debug!(rank, %addr, "TCP node listening");
+        tracing::debug!(rank, %addr, "TCP transport listening");
         store.set(&format!("tcp/addr/{rank}"), addr.to_string().as_bytes())?;
         (0..world)
             .map(|r| {

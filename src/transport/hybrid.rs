@@ -120,12 +120,23 @@ impl HybridTransport {
     }
 
     /// How `peer` (checked) is reached.
-    fn via(&self, peer: usize) -> Result<Via> {
+    fn route(&self, peer: usize) -> Result<Via> {
         check_peer(peer, self.world)?;
         Ok(match self.local_index[peer] {
             Some(l) => Via::Local(l),
             None => Via::Net,
         })
+    }
+
+    /// How `peer` is reached, for an operation: refused once either side has seen a failure
+    /// or an abort (a peer's death may reach this rank through one side first; from then on
+    /// every path answers the same).
+    fn via(&self, peer: usize) -> Result<Via> {
+        let via = self.route(peer)?;
+        if let Some(e) = self.node_interruption().or_else(|| self.shm.interruption()) {
+            return Err(e);
+        }
+        Ok(via)
     }
 
     /// The shared-memory registration of `win` (checked against this transport's table).
@@ -519,14 +530,14 @@ impl Transport for HybridTransport {
     }
 
     fn path_kind(&self, peer: usize) -> Result<PathKind> {
-        Ok(match self.via(peer)? {
+        Ok(match self.route(peer)? {
             Via::Local(_) => PathKind::Mapped,
             Via::Net => PathKind::Network,
         })
     }
 
     fn map_peer(&self, peer: usize, win: &Window) -> Result<Option<MappedMem>> {
-        match self.via(peer)? {
+        match self.route(peer)? {
             Via::Local(l) => self.shm.map_peer(l, &self.shm_window(win)?),
             Via::Net => {
                 self.shm_window(win)?;

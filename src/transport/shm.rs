@@ -209,7 +209,7 @@ impl ShmTransport {
     }
 
     /// Why every operation must stop, if it must (abort, a failed peer).
-    fn interruption(&self) -> Option<Error> {
+    pub(crate) fn interruption(&self) -> Option<Error> {
         if self.aborted() {
             return Some(Error::Aborted);
         }

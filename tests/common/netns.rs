@@ -53,6 +53,10 @@ impl VethPair {
             vec!["-n", &b.ns, "addr", "add", &b_cidr, "dev", &b.dev],
             vec!["-n", &a.ns, "link", "set", &a.dev, "up"],
             vec!["-n", &b.ns, "link", "set", &b.dev, "up"],
+            // Ranks of one namespace reach each other's listeners on its own address,
+            // which goes through its loopback device.
+            vec!["-n", &a.ns, "link", "set", "lo", "up"],
+            vec!["-n", &b.ns, "link", "set", "lo", "up"],
         ] {
             assert!(ip(&args), "ip {args:?} failed");
         }

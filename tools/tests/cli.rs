@@ -53,11 +53,11 @@ fn bad_arguments_are_reported_once_before_anything_starts() {
         (&["pingpong", "-f", "1"], "at least 2"),
         (
             &["pingpong", "--backend", "foo"],
-            "use shm (one host) or tcp",
+            "use auto, shm (one host), tcp or hybrid",
         ),
         (
             &["pingpong", "--backend", "loopback"],
-            "use shm (one host) or tcp",
+            "use auto, shm (one host), tcp or hybrid",
         ),
         (
             &["pingpong", "-d", "float", "-b", "6"],
