@@ -51,6 +51,8 @@ pub struct HybridTransport {
     world: usize,
     /// Each rank's index among this host's ranks, for the ranks on this host.
     local_index: Vec<Option<usize>>,
+    /// This host's ranks by local index (the shared-memory transport's numbering).
+    local_ranks: Vec<usize>,
     /// Names this host among the job's: its lowest rank.
     host_tag: usize,
     shm: ShmTransport,
@@ -109,6 +111,7 @@ impl HybridTransport {
             rank: opts.rank,
             world: opts.world,
             local_index,
+            local_ranks: local_ranks.to_vec(),
             host_tag: local_ranks[0],
             shm,
             node,
@@ -117,6 +120,17 @@ impl HybridTransport {
             next_reg: AtomicU64::new(1),
             windows: WindowTable::new(),
         })
+    }
+
+    /// An error of the shared-memory side with the rank it names in this job's numbering
+    /// (the shared-memory transport numbers this host's ranks from 0).
+    fn global(&self, e: Error) -> Error {
+        match e {
+            Error::PeerFailed { rank } => Error::PeerFailed {
+                rank: self.local_ranks.get(rank).copied().unwrap_or(rank),
+            },
+            other => other,
+        }
     }
 
     /// How `peer` (checked) is reached.
@@ -133,7 +147,10 @@ impl HybridTransport {
     /// every path answers the same).
     fn via(&self, peer: usize) -> Result<Via> {
         let via = self.route(peer)?;
-        if let Some(e) = self.node_interruption().or_else(|| self.shm.interruption()) {
+        if let Some(e) = self
+            .node_interruption()
+            .or_else(|| self.shm.interruption().map(|e| self.global(e)))
+        {
             return Err(e);
         }
         Ok(via)
@@ -157,7 +174,7 @@ impl HybridTransport {
             return Err(e);
         }
         let id = self.next_reg.fetch_add(1, Ordering::Relaxed);
-        let local = self.shm.register(len);
+        let local = self.shm.register(len).map_err(|e| self.global(e));
         let registered = self.node.register_with(id, len, |len| match &local {
             Ok(w) => {
                 let mem = self.shm.local_mem(w).map_err(|e| {
@@ -387,7 +404,10 @@ impl Transport for HybridTransport {
     fn put(&self, peer: usize, win: &Window, offset: usize, data: &[u8]) -> Result<()> {
         check_range(win.len(), offset, data.len())?;
         match self.via(peer)? {
-            Via::Local(l) => self.shm.put(l, &self.shm_window(win)?, offset, data),
+            Via::Local(l) => self
+                .shm
+                .put(l, &self.shm_window(win)?, offset, data)
+                .map_err(|e| self.global(e)),
             Via::Net => {
                 self.shm_window(win)?;
                 Ok(self.node.write(peer, win.id(), offset as u64, data, None)?)
@@ -406,7 +426,8 @@ impl Transport for HybridTransport {
         match self.via(peer)? {
             Via::Local(l) => self
                 .shm
-                .put_vectored(l, &self.shm_window(win)?, offset, parts),
+                .put_vectored(l, &self.shm_window(win)?, offset, parts)
+                .map_err(|e| self.global(e)),
             Via::Net => {
                 self.shm_window(win)?;
                 Ok(self
@@ -429,10 +450,10 @@ impl Transport for HybridTransport {
         check_range(win.len(), offset, data.len())?;
         check_signal(index, self.caps().num_signals)?;
         match self.via(peer)? {
-            Via::Local(l) => {
-                self.shm
-                    .put_signal(l, &self.shm_window(win)?, offset, data, index, op, value)
-            }
+            Via::Local(l) => self
+                .shm
+                .put_signal(l, &self.shm_window(win)?, offset, data, index, op, value)
+                .map_err(|e| self.global(e)),
             Via::Net => {
                 self.shm_window(win)?;
                 let signal = Some((index, op == SignalOp::Set, value));
@@ -446,7 +467,10 @@ impl Transport for HybridTransport {
     fn get(&self, peer: usize, win: &Window, offset: usize, out: &mut [u8]) -> Result<()> {
         check_range(win.len(), offset, out.len())?;
         match self.via(peer)? {
-            Via::Local(l) => self.shm.get(l, &self.shm_window(win)?, offset, out),
+            Via::Local(l) => self
+                .shm
+                .get(l, &self.shm_window(win)?, offset, out)
+                .map_err(|e| self.global(e)),
             Via::Net => {
                 self.shm_window(win)?;
                 let start = Instant::now();
@@ -466,7 +490,10 @@ impl Transport for HybridTransport {
     fn signal(&self, peer: usize, index: usize, op: SignalOp, value: u64) -> Result<()> {
         check_signal(index, self.caps().num_signals)?;
         match self.via(peer)? {
-            Via::Local(l) => self.shm.signal(l, index, op, value),
+            Via::Local(l) => self
+                .shm
+                .signal(l, index, op, value)
+                .map_err(|e| self.global(e)),
             Via::Net => Ok(self.node.signal(peer, index, op == SignalOp::Set, value)?),
         }
     }
@@ -487,7 +514,10 @@ impl Transport for HybridTransport {
             Some(v) => Ok(v),
             None => self
                 .shm
-                .wait_or(index, cmp, value, deadline, &|| self.node_interruption()),
+                .wait_or(index, cmp, value, deadline, &|| self.node_interruption())
+                // The node's errors name ranks as the job does; the shared-memory side's
+                // are renumbered.
+                .map_err(|e| self.node_interruption().unwrap_or_else(|| self.global(e))),
         }
     }
 
@@ -497,7 +527,7 @@ impl Transport for HybridTransport {
 
     fn flush(&self, peer: usize) -> Result<()> {
         match self.via(peer)? {
-            Via::Local(l) => self.shm.flush(l),
+            Via::Local(l) => self.shm.flush(l).map_err(|e| self.global(e)),
             Via::Net => {
                 let start = Instant::now();
                 self.node
@@ -516,7 +546,7 @@ impl Transport for HybridTransport {
     fn close(&self, deadline: Instant) -> Result<()> {
         // This host's ranks first (each only waits for the others to begin closing), then the
         // whole job over the node; both always run, so the transport is closed either way.
-        let local = self.shm.close(deadline);
+        let local = self.shm.close(deadline).map_err(|e| self.global(e));
         let start = Instant::now();
         let net = self
             .node
