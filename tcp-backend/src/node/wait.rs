@@ -2,6 +2,10 @@
 
 use super::*;
 
+/// Checks of the caller's condition between two passes over the links in
+/// [`Node::poll_for`].
+const READY_CHECKS: u32 = 32;
+
 impl Node {
     /// Current value of this rank's signal word `index`.
     pub fn signal_value(&self, index: usize) -> Result<u64> {
@@ -37,9 +41,15 @@ impl Node {
         let start = Instant::now();
         let polling = Polling::new(&self.shared);
         let mut n = 0u32;
-        let out = loop {
-            if let Some(v) = ready() {
-                break Some(v);
+        let out = 'wait: loop {
+            // Between two passes over the links (a receive call each), `ready` is checked
+            // for about as long: what the sink's other writers (peers that share memory)
+            // set is seen without waiting out the system calls.
+            for _ in 0..READY_CHECKS {
+                if let Some(v) = ready() {
+                    break 'wait Some(v);
+                }
+                std::hint::spin_loop();
             }
             try_progress_all(&self.shared);
             n += 1;
