@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # readme_perf.sh — regenerates the measured part of README.md's performance section on this
 # machine: the README's first command, an MoE dispatch/combine sweep, the MoE layer with and
-# without expert load balancing, a picture of the first two (and of
+# without expert load balancing, the MoE layer across two emulated hosts on the tcp and the
+# hybrid backends (benches/hosts_perf.sh), a picture of the first two (and of
 # the same ping-pong over tcp) drawn by `xccl-perf plot` into benches/plots/perf.svg, and the
 # side-by-side ratios to Open MPI (benches/side_by_side.sh). Everything between the markers
 # `<!-- perf:begin -->` and `<!-- perf:end -->` is replaced by what the commands print.
@@ -56,6 +57,14 @@ open="${fence}text"
     echo "$fence"
     echo
   done
+  echo "\`benches/hosts_perf.sh 3\` (\`xccl-perf moe --np 4 --hosts 2 --tokens 4096 -n 5\`, two"
+  echo "emulated hosts of two ranks, on the tcp backend and on the hybrid one, runs interleaved;"
+  echo "flat dispatch: rows_xhost counts the (token, rank) rows that crossed hosts):"
+  echo
+  echo "$open"
+  PERF="$PERF" bash benches/hosts_perf.sh 3
+  echo "$fence"
+  echo
   "$PERF" pingpong --np 2 --backend tcp -e 16M --json "$JSON/tcp_pingpong.json" > /dev/null
   "$PERF" plot "$JSON/shm_pingpong.json" "$JSON/tcp_pingpong.json" "$JSON/shm_moe.json" \
     --title "xccl-perf on $(nproc) CPUs: ping-pong over shm and tcp, MoE over shm" \
