@@ -216,77 +216,32 @@ fn hosts_in_two_network_namespaces_work_then_fail_when_cut() {
     let dir = std::env::temp_dir().join(format!("xccl-hosts-netns-store-{id}"));
     let mark = format!("netns-{}", xccl::bootstrap::random_job_id());
     let secret = xccl::bootstrap::random_job_id();
-    let n = 4;
-    let mut kids = Vec::new();
-    for rank in 0..n {
-        // Ranks 0 and 1 on one host (namespace), 2 and 3 on the other.
-        let side = &pair.sides[rank / 2];
-        let mut cmd = std::process::Command::new("ip");
-        cmd.args(["netns", "exec", side.ns.as_str()])
-            .arg(std::env::current_exe().unwrap())
-            .args(common::worker_args());
-        for v in common::LAUNCHER_VARS {
-            cmd.env_remove(v);
-        }
-        cmd.env(common::SCENARIO, "workload_then_cut")
-            .env(common::MARK, &mark)
-            .env("XCCL_RANK", rank.to_string())
-            .env("XCCL_WORLD_SIZE", n.to_string())
-            .env("XCCL_STORE", format!("file://{}", dir.display()))
-            .env("XCCL_HOST_ID", &side.ns)
-            .env("XCCL_JOB_SECRET", &secret)
-            .env("XCCL_SOCKET_IFNAME", format!("={}", side.dev))
-            .env("XCCL_TCP_HEARTBEAT_MS", "200")
-            .env("XCCL_TCP_PEER_TIMEOUT_MS", "1500")
-            .env_remove("XCCL_BACKEND")
-            .stdout(std::process::Stdio::piped());
-        kids.push(cmd.spawn().unwrap());
-    }
-    let (tx, rx) = std::sync::mpsc::channel();
-    for (rank, k) in kids.iter_mut().enumerate() {
-        let out = k.stdout.take().unwrap();
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                eprintln!("[{rank}] {line}");
-                let _ = tx.send((rank, line));
-            }
+    // Ranks 0 and 1 on one host (namespace), 2 and 3 on the other.
+    let sides = [
+        &pair.sides[0],
+        &pair.sides[0],
+        &pair.sides[1],
+        &pair.sides[1],
+    ];
+    let namespaces: Vec<&str> = sides.iter().map(|s| s.ns.as_str()).collect();
+    let mut job =
+        common::netns::NsJob::start(&namespaces, "workload_then_cut", &mark, &dir, &|r| {
+            vec![
+                var("XCCL_HOST_ID", &sides[r].ns),
+                var("XCCL_JOB_SECRET", &secret),
+                var("XCCL_SOCKET_IFNAME", format!("={}", sides[r].dev)),
+                var("XCCL_TCP_HEARTBEAT_MS", 200),
+                var("XCCL_TCP_PEER_TIMEOUT_MS", 1500),
+            ]
         });
-    }
-    // Every rank's line starting with `word`, within `limit` (the watchdog: a rank that
-    // never prints it fails the test, and the guard below kills the job).
-    let kill_all = |kids: &mut Vec<std::process::Child>| {
-        for k in kids.iter_mut() {
-            let _ = k.kill();
-            let _ = k.wait();
-        }
-    };
-    let wait_for = |word: &str, limit: Duration, kids: &mut Vec<std::process::Child>| {
-        let end = Instant::now() + limit;
-        let mut seen = vec![None; n];
-        while seen.iter().any(Option::is_none) {
-            match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
-                Ok((r, l)) if l.starts_with(word) => seen[r] = Some(l),
-                Ok(_) => {}
-                Err(_) => {
-                    kill_all(kids);
-                    panic!("ranks did not all print {word:?} within {limit:?}: {seen:?}");
-                }
-            }
-        }
-        (Instant::now(), seen)
-    };
-    wait_for("READY", Duration::from_secs(120), &mut kids);
+    job.wait_for("READY", Duration::from_secs(120));
     let cut = Instant::now();
     assert!(pair.cut(0));
-    let (seen, lines) = wait_for("PEERFAILED", Duration::from_secs(10), &mut kids);
+    let (seen, lines) = job.wait_for("PEERFAILED", Duration::from_secs(10));
     let took = seen - cut;
     eprintln!("every rank saw PeerFailed {took:?} after the link was cut (timeout 1.5 s)");
     for (r, line) in lines.iter().enumerate() {
-        let failed: usize = line.as_ref().unwrap()["PEERFAILED ".len()..]
-            .parse()
-            .unwrap();
+        let failed: usize = line["PEERFAILED ".len()..].parse().unwrap();
         assert_ne!(
             failed / 2,
             r / 2,
@@ -294,9 +249,7 @@ fn hosts_in_two_network_namespaces_work_then_fail_when_cut() {
         );
     }
     assert!(took <= Duration::from_millis(1500 + 2000), "took {took:?}");
-    for k in &mut kids {
-        assert!(k.wait().unwrap().success());
-    }
+    assert!(job.all_succeed());
     drop(pair);
     let _ = std::fs::remove_dir_all(&dir);
     assert_no_leaks(&mark);

@@ -5,10 +5,9 @@
 #[macro_use]
 mod common;
 
-use common::{assert_no_leaks, Job, SCENARIO, SERIAL};
+use common::{assert_no_leaks, Job, SERIAL};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
 use std::time::{Duration, Instant};
 use xccl::bootstrap::{store_barrier, Store, TcpStore};
 use xccl::transport::{Cmp, SignalOp};
@@ -307,65 +306,29 @@ fn cut_link_between_namespaces_fails_both_sides() {
     let Some(pair) = common::netns::veth_pair_or_skip(id) else {
         return;
     };
-    let [a, b] = pair.sides.clone();
-    let (na, va, nb, vb) = (a.ns, a.dev, b.ns, b.dev);
+    let [a, b] = &pair.sides;
     let dir = std::env::temp_dir().join(format!("xccl-netns-store-{id}"));
     let mark = format!("netns-{}", xccl::bootstrap::random_job_id());
-    let mut kids = Vec::new();
-    for (rank, (ns, dev)) in [(&na, &va), (&nb, &vb)].into_iter().enumerate() {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns.as_str()])
-            .arg(std::env::current_exe().unwrap())
-            .args(common::worker_args());
-        for v in common::LAUNCHER_VARS {
-            cmd.env_remove(v);
-        }
-        cmd.env(SCENARIO, "netns")
-            .env(common::MARK, &mark)
-            .env("XCCL_RANK", rank.to_string())
-            .env("XCCL_WORLD_SIZE", "2")
-            .env("XCCL_STORE", format!("file://{}", dir.display()))
-            .env("XCCL_BACKEND", "tcp")
-            .env("XCCL_SOCKET_IFNAME", dev.as_str())
-            .env("XCCL_TCP_HEARTBEAT_MS", "200")
-            .env("XCCL_TCP_PEER_TIMEOUT_MS", "1500")
-            .stdout(std::process::Stdio::piped());
-        kids.push(cmd.spawn().unwrap());
-    }
-    let (tx, rx) = std::sync::mpsc::channel();
-    for (rank, k) in kids.iter_mut().enumerate() {
-        let out = k.stdout.take().unwrap();
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                eprintln!("[{rank}] {line}");
-                let _ = tx.send((rank, line));
-            }
-        });
-    }
-    let wait_for = |word: &str, limit: Duration| -> Instant {
-        let end = Instant::now() + limit;
-        let mut seen = [false; 2];
-        while !seen.iter().all(|&s| s) {
-            match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
-                Ok((r, l)) if l.starts_with(word) => seen[r] = true,
-                Ok(_) => {}
-                Err(_) => panic!("ranks did not print {word:?} within {limit:?}"),
-            }
-        }
-        Instant::now()
-    };
-    wait_for("READY", Duration::from_secs(60));
+    let devs = [a.dev.clone(), b.dev.clone()];
+    let mut job = common::netns::NsJob::start(&[&a.ns, &b.ns], "netns", &mark, &dir, &|rank| {
+        [
+            ("XCCL_BACKEND", "tcp".to_string()),
+            ("XCCL_SOCKET_IFNAME", devs[rank].clone()),
+            ("XCCL_TCP_HEARTBEAT_MS", "200".into()),
+            ("XCCL_TCP_PEER_TIMEOUT_MS", "1500".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    });
+    job.wait_for("READY", Duration::from_secs(60));
     let cut = Instant::now();
     assert!(pair.cut(0));
-    let seen = wait_for("PEERFAILED", Duration::from_secs(10));
+    let (seen, _) = job.wait_for("PEERFAILED", Duration::from_secs(10));
     let took = seen - cut;
     eprintln!("both sides saw PeerFailed {took:?} after the link was cut (timeout 1.5 s)");
     assert!(took <= Duration::from_millis(1500 + 2000), "took {took:?}");
-    for k in &mut kids {
-        assert!(k.wait().unwrap().success());
-    }
+    assert!(job.all_succeed());
     drop(pair);
     let _ = std::fs::remove_dir_all(&dir);
     assert_no_leaks(&mark);

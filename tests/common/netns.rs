@@ -91,3 +91,98 @@ pub fn veth_pair_or_skip(id: u32) -> Option<VethPair> {
     }
     pair
 }
+
+/// Rank processes of this test binary started inside network namespaces, their stdout lines
+/// gathered (and echoed to stderr with the rank).
+pub struct NsJob {
+    pub kids: Vec<std::process::Child>,
+    lines: std::sync::mpsc::Receiver<(usize, String)>,
+}
+
+impl NsJob {
+    /// Starts rank r of `namespaces.len()` in `namespaces[r]`, running `scenario` with the
+    /// job mark `mark`, a file store in `store_dir` and `env(r)` added.
+    pub fn start(
+        namespaces: &[&str],
+        scenario: &str,
+        mark: &str,
+        store_dir: &std::path::Path,
+        env: &dyn Fn(usize) -> Vec<(String, String)>,
+    ) -> NsJob {
+        let n = namespaces.len();
+        let mut kids = Vec::with_capacity(n);
+        for (rank, ns) in namespaces.iter().enumerate() {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", ns])
+                .arg(std::env::current_exe().unwrap())
+                .args(super::worker_args());
+            for v in super::LAUNCHER_VARS {
+                cmd.env_remove(v);
+            }
+            cmd.env(super::SCENARIO, scenario)
+                .env(super::MARK, mark)
+                .env("XCCL_RANK", rank.to_string())
+                .env("XCCL_WORLD_SIZE", n.to_string())
+                .env("XCCL_STORE", format!("file://{}", store_dir.display()))
+                .env_remove("XCCL_BACKEND")
+                .stdout(std::process::Stdio::piped());
+            for (k, v) in env(rank) {
+                cmd.env(k, v);
+            }
+            kids.push(cmd.spawn().unwrap());
+        }
+        let (tx, lines) = std::sync::mpsc::channel();
+        for (rank, k) in kids.iter_mut().enumerate() {
+            let out = k.stdout.take().unwrap();
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                    eprintln!("[{rank}] {line}");
+                    let _ = tx.send((rank, line));
+                }
+            });
+        }
+        NsJob { kids, lines }
+    }
+
+    /// Every rank's first line starting with `word`, and when the last came; a rank that
+    /// prints none within `limit` kills the job and fails the test (the watchdog).
+    pub fn wait_for(
+        &mut self,
+        word: &str,
+        limit: std::time::Duration,
+    ) -> (std::time::Instant, Vec<String>) {
+        let end = std::time::Instant::now() + limit;
+        let mut seen: Vec<Option<String>> = vec![None; self.kids.len()];
+        while seen.iter().any(Option::is_none) {
+            match self
+                .lines
+                .recv_timeout(end.saturating_duration_since(std::time::Instant::now()))
+            {
+                Ok((r, l)) if l.starts_with(word) && seen[r].is_none() => seen[r] = Some(l),
+                Ok(_) => {}
+                Err(_) => {
+                    self.kill();
+                    panic!("ranks did not all print {word:?} within {limit:?}: {seen:?}");
+                }
+            }
+        }
+        (
+            std::time::Instant::now(),
+            seen.into_iter().flatten().collect(),
+        )
+    }
+
+    /// Waits for every rank to exit; true when all succeeded.
+    pub fn all_succeed(&mut self) -> bool {
+        self.kids.iter_mut().all(|k| k.wait().unwrap().success())
+    }
+
+    fn kill(&mut self) {
+        for k in &mut self.kids {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
+    }
+}
