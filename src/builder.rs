@@ -282,14 +282,7 @@ impl Made<'_> {
             #[cfg(not(feature = "shm"))]
             Backend::Shm => return Err(Error::Unsupported("built without the shm feature".into())),
             #[cfg(feature = "tcp")]
-            Backend::Tcp => Box::new(tcp_from_env(
-                self.store,
-                self.info,
-                self.settings,
-                self.num_signals,
-                self.timeout,
-                self.deadline,
-            )?),
+            Backend::Tcp => Box::new(self.tcp()?),
             #[cfg(not(feature = "tcp"))]
             Backend::Tcp => return Err(Error::Unsupported("built without the tcp feature".into())),
             #[cfg(all(feature = "shm", feature = "tcp"))]
@@ -305,7 +298,7 @@ impl Made<'_> {
     }
 
     /// The hybrid transport: a shared-memory job among this host's ranks (its own job id and
-    /// store barrier), then the TCP node over every rank, set up as [`tcp_from_env`] does.
+    /// store barrier), then the TCP node over every rank, set up as [`Made::tcp`] does.
     #[cfg(all(feature = "shm", feature = "tcp"))]
     fn hybrid(
         &self,
@@ -332,14 +325,7 @@ impl Made<'_> {
                 self.deadline,
             )
         })?;
-        let (opts, _held) = tcp_options(
-            self.store,
-            self.info,
-            self.settings,
-            self.num_signals,
-            self.timeout,
-            self.deadline,
-        )?;
+        let (opts, _held) = self.tcp_options()?;
         HybridTransport::new(
             shm,
             &local_ranks,
@@ -349,67 +335,59 @@ impl Made<'_> {
     }
 }
 
-/// Builds the TCP transport: the secret from `XCCL_JOB_SECRET` (what `xccl-run` gives its
-/// ranks), else, when every rank is on this host, one rank 0 hands over outside the store
-/// ([`bootstrap::local_secret`]); a job across hosts without a secret is refused. A listener
-/// on `XCCL_SOCKET_IFNAME`'s address or loopback; every rank's address exchanged through the
-/// store (addresses are not secret: links authenticate with the secret).
 #[cfg(feature = "tcp")]
-fn tcp_from_env(
-    store: &dyn Store,
-    info: &RankInfo,
-    settings: &Settings,
-    num_signals: usize,
-    timeout: Duration,
-    deadline: Instant,
-) -> Result<crate::transport::tcp::TcpTransport> {
-    let (opts, _held) = tcp_options(store, info, settings, num_signals, timeout, deadline)?;
-    crate::transport::tcp::TcpTransport::new(opts, &mut store_addresses(store, info, deadline))
-}
+impl Made<'_> {
+    /// Builds the TCP transport: the secret from `XCCL_JOB_SECRET` (what `xccl-run` gives
+    /// its ranks), else, when every rank is on this host, one rank 0 hands over outside the
+    /// store ([`bootstrap::local_secret`]); a job across hosts without a secret is refused. A
+    /// listener on `XCCL_SOCKET_IFNAME`'s address or loopback; every rank's address
+    /// exchanged through the store (addresses are not secret: links authenticate with the
+    /// secret).
+    fn tcp(&self) -> Result<crate::transport::tcp::TcpTransport> {
+        let (opts, _held) = self.tcp_options()?;
+        let exchange = &mut store_addresses(self.store, self.info, self.deadline);
+        crate::transport::tcp::TcpTransport::new(opts, exchange)
+    }
 
-/// The TCP settings of [`tcp_from_env`], and what keeps rank 0's secret readable until the
-/// links are up.
-#[cfg(feature = "tcp")]
-fn tcp_options(
-    store: &dyn Store,
-    info: &RankInfo,
-    settings: &Settings,
-    num_signals: usize,
-    timeout: Duration,
-    deadline: Instant,
-) -> Result<(
-    crate::transport::tcp::TcpOptions,
-    Option<bootstrap::local_secret::Held>,
-)> {
-    use crate::transport::tcp::TcpOptions;
-    let (secret, held) = match settings.secret() {
-        Some(s) => (s.to_vec(), None),
-        None if info.local_size == info.world_size => {
-            bootstrap::local_secret::share(store, info.rank, deadline)?
+    /// The TCP settings of [`Made::tcp`], and what keeps rank 0's secret readable until the
+    /// links are up.
+    fn tcp_options(
+        &self,
+    ) -> Result<(
+        crate::transport::tcp::TcpOptions,
+        Option<bootstrap::local_secret::Held>,
+    )> {
+        use crate::transport::tcp::TcpOptions;
+        let (info, settings) = (self.info, self.settings);
+        let (secret, held) = match settings.secret() {
+            Some(s) => (s.to_vec(), None),
+            None if info.local_size == info.world_size => {
+                bootstrap::local_secret::share(self.store, info.rank, self.deadline)?
+            }
+            None => {
+                return Err(Error::InvalidUsage(format!(
+                    "a TCP job across hosts ({} of {} ranks on this one) needs \
+                     XCCL_JOB_SECRET, the same unguessable value on every rank (xccl-run sets \
+                     it; with mpirun pass -x XCCL_JOB_SECRET)",
+                    info.local_size, info.world_size
+                )))
+            }
+        };
+        let mut opts = TcpOptions::new(info.rank, info.world_size, secret);
+        if let Some(ifname) = &settings.socket_ifname {
+            let ip = bootstrap::interface::interface_addr(ifname, settings.socket_family)?;
+            opts.bind = std::net::SocketAddr::from((ip, 0));
         }
-        None => {
-            return Err(Error::InvalidUsage(format!(
-                "a TCP job across hosts ({} of {} ranks on this one) needs XCCL_JOB_SECRET, \
-                 the same unguessable value on every rank (xccl-run sets it; with mpirun pass \
-                 -x XCCL_JOB_SECRET)",
-                info.local_size, info.world_size
-            )))
+        opts.num_signals = self.num_signals;
+        opts.setup_timeout = self.timeout;
+        if let Some(h) = settings.tcp_heartbeat {
+            opts.heartbeat = h;
         }
-    };
-    let mut opts = TcpOptions::new(info.rank, info.world_size, secret);
-    if let Some(ifname) = &settings.socket_ifname {
-        let ip = bootstrap::interface::interface_addr(ifname, settings.socket_family)?;
-        opts.bind = std::net::SocketAddr::from((ip, 0));
+        if let Some(t) = settings.tcp_peer_timeout {
+            opts.peer_timeout = t;
+        }
+        Ok((opts, held))
     }
-    opts.num_signals = num_signals;
-    opts.setup_timeout = timeout;
-    if let Some(h) = settings.tcp_heartbeat {
-        opts.heartbeat = h;
-    }
-    if let Some(t) = settings.tcp_peer_timeout {
-        opts.peer_timeout = t;
-    }
-    Ok((opts, held))
 }
 
 /// The address exchange of a TCP node through the store: publishes this rank's listening

@@ -452,7 +452,7 @@ impl Transport for HybridTransport {
         value: u64,
     ) -> Result<()> {
         check_range(win.len(), offset, data.len())?;
-        check_signal(index, self.caps().num_signals)?;
+        check_signal(index, self.opts.num_signals)?;
         match self.via(peer)? {
             Via::Local(l) => self
                 .shm
@@ -492,7 +492,7 @@ impl Transport for HybridTransport {
     }
 
     fn signal(&self, peer: usize, index: usize, op: SignalOp, value: u64) -> Result<()> {
-        check_signal(index, self.caps().num_signals)?;
+        check_signal(index, self.opts.num_signals)?;
         match self.via(peer)? {
             Via::Local(l) => self
                 .shm
