@@ -91,8 +91,63 @@ impl Communicator {
         Self::builder().build()
     }
 
-    /// Wraps an already connected transport (for example one of a loopback fabric).
+    /// Wraps an already connected transport (for example one of a loopback fabric). The
+    /// ranks it maps count as this rank's host, every other rank as a host of its own (see
+    /// [`Communicator::from_transport_on_hosts`] to name the hosts).
     pub fn from_transport(transport: Box<dyn Transport>, timeout: Duration) -> Result<Self> {
+        let hosts = hosts_from_paths(&*transport)?;
+        Self::from_transport_with(transport, hosts, timeout)
+    }
+
+    /// Wraps an already connected transport whose rank r runs on host `host_of[r]` (hosts
+    /// numbered from 0 by their lowest rank), checked against the transport: every peer it
+    /// maps must share this rank's host.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use xccl::transport::hybrid;
+    /// // Four ranks as threads, two emulated hosts of two.
+    /// let host_of = [0, 0, 1, 1];
+    /// let comms: Vec<_> = hybrid::in_process(&host_of, 4096)?
+    ///     .into_iter()
+    ///     .map(|t| {
+    ///         let t = Box::new(t);
+    ///         xccl::Communicator::from_transport_on_hosts(t, &host_of, Duration::from_secs(30))
+    ///     })
+    ///     .collect::<xccl::Result<_>>()?;
+    /// assert_eq!(comms[3].hosts().host_of(2), 1);
+    /// # Ok::<(), xccl::Error>(())
+    /// ```
+    pub fn from_transport_on_hosts(
+        transport: Box<dyn Transport>,
+        host_of: &[usize],
+        timeout: Duration,
+    ) -> Result<Self> {
+        let (me, world) = (transport.rank(), transport.world_size());
+        if host_of.len() != world {
+            return Err(Error::InvalidArgument(format!(
+                "{} hosts named for {world} ranks",
+                host_of.len()
+            )));
+        }
+        let hosts = Hosts::from_table(host_of.to_vec())?;
+        for p in (0..world).filter(|&p| p != me) {
+            let mapped = transport.path_kind(p)? == crate::transport::PathKind::Mapped;
+            if mapped && !hosts.same_host(p, me) {
+                return Err(Error::ConfigMismatch(format!(
+                    "rank {me} maps rank {p}'s memory, yet the hosts name them on hosts {} and {}",
+                    host_of[me], host_of[p]
+                )));
+            }
+        }
+        Self::from_transport_with(transport, hosts, timeout)
+    }
+
+    fn from_transport_with(
+        transport: Box<dyn Transport>,
+        hosts: Hosts,
+        timeout: Duration,
+    ) -> Result<Self> {
         let (rank, world) = (transport.rank(), transport.world_size());
         if transport.caps().num_signals <= reserved_signals(world) {
             return Err(Error::InvalidArgument(format!(
@@ -101,7 +156,6 @@ impl Communicator {
                 reserved_signals(world)
             )));
         }
-        let hosts = hosts_from_paths(&*transport)?;
         let (local_rank, local_size) = hosts.local(rank);
         let info = RankInfo {
             rank,

@@ -23,6 +23,7 @@ pub(crate) enum Kind {
     Drain = 2,
     Split = 3,
     SplitSetup = 4,
+    Choose = 5,
 }
 
 /// Bytes of the control window for `world` ranks.
@@ -124,6 +125,15 @@ impl Communicator {
             sides.join(" vs "),
             self.rank()
         )))
+    }
+
+    /// Collective: true on every rank when every rank passes the same `text` and `able`,
+    /// false on every rank otherwise (a choice every rank then makes alike, where
+    /// [`Communicator::agree`] would fail).
+    pub(crate) fn all_able(&self, text: &str, able: bool) -> Result<bool> {
+        let hash = fingerprint(text);
+        let all = self.exchange_words(Kind::Choose, [hash, u64::from(able), 0, 0])?;
+        Ok(all.iter().all(|w| w[0] == hash && w[1] == 1))
     }
 }
 

@@ -28,6 +28,11 @@ fn workload_then_cut() {
     let (me, n) = (comm.rank(), comm.world_size());
     assert_eq!(comm.transport().caps().backend, "hybrid");
     let mut work = common::workload::Workload::new(&comm);
+    // Two hosts of two ranks: MoE dispatch relays through a gateway per host.
+    assert!(
+        work.normal.two_level(),
+        "two-level routing across the namespaces"
+    );
     let mut bytes = 0;
     for it in 0..24 {
         bytes += work.step(it, me, n);

@@ -6,10 +6,12 @@
 mod common;
 
 use common::moe_rows::{c, decode, encode, scaled_outputs};
-use common::{assert_no_leaks, run_comms, run_split_comms, Fabric, Job, SCENARIO, SERIAL};
+use common::{
+    assert_no_leaks, run_comms, run_on_hosts, run_split_comms, Fabric, Job, SCENARIO, SERIAL,
+};
 use proptest::prelude::*;
 use std::sync::Arc;
-use xccl::moe::{quant, Dtype, MoeBuffer, MoeConfig};
+use xccl::moe::{quant, Dtype, MoeBuffer, MoeConfig, TwoLevel};
 use xccl::{Communicator, Error};
 
 /// Entry point of the rank processes of the multi-process test (the binary re-enters itself).
@@ -471,8 +473,9 @@ proptest! {
     }
 
     #[test]
-    fn int8_dispatch_stays_within_its_bound(case in case_strategy(), f16 in any::<bool>(), fabric in 0usize..3) {
-        let fabric = [Fabric::Shm, Fabric::Loopback, Fabric::Mixed][fabric];
+    fn int8_dispatch_stays_within_its_bound(case in case_strategy(), f16 in any::<bool>(), fabric in 0usize..4) {
+        // Hybrid: relayed through gateways (two-level) wherever a host holds two ranks.
+        let fabric = [Fabric::Shm, Fabric::Loopback, Fabric::Mixed, Fabric::Hybrid][fabric];
         check_case_with(fabric, case, if f16 { Dtype::F16 } else { Dtype::Bf16 }, 2, Rows::Int8);
     }
 
@@ -869,5 +872,132 @@ proptest! {
     fn low_latency_int8_stays_within_its_bound(case in case_strategy(), f16 in any::<bool>(), fabric in 0usize..3) {
         let fabric = [Fabric::Shm, Fabric::Tcp, Fabric::Mixed][fabric];
         check_low_latency_with(fabric, case, if f16 { Dtype::F16 } else { Dtype::Bf16 }, true);
+    }
+}
+
+/// Hosts for two-level routing: a random host per rank (at most three hosts), numbered by
+/// their lowest rank.
+fn host_table() -> impl Strategy<Value = Vec<usize>> {
+    (2usize..=6)
+        .prop_flat_map(|n| proptest::collection::vec(0usize..3, n))
+        .prop_map(|raw| {
+            let mut seen: Vec<usize> = Vec::new();
+            raw.iter()
+                .map(|h| match seen.iter().position(|s| s == h) {
+                    Some(i) => i,
+                    None => {
+                        seen.push(*h);
+                        seen.len() - 1
+                    }
+                })
+                .collect()
+        })
+}
+
+/// What one routing gave a rank: the combined rows, the rows received (source, token), the
+/// rows all ranks sent across hosts (dispatch, combine), and whether the buffer routed in two
+/// levels.
+struct Routed {
+    out: Vec<u8>,
+    received: Vec<(usize, usize)>,
+    crossed: (usize, usize),
+    two_level: bool,
+}
+
+/// Dispatch and combine of `case` with `two_level`. The experts' output is each row scaled by
+/// a factor that does not round evenly, so the order of the sum shows.
+fn run_routing(comm: &Communicator, case: &Case, dtype: Dtype, two_level: TwoLevel) -> Routed {
+    let me = comm.rank();
+    let k = case.topk;
+    let max_tokens = case
+        .inputs
+        .iter()
+        .map(|i| i.idx.len() / k)
+        .max()
+        .unwrap_or(0);
+    let mut cfg = MoeConfig::new(case.experts, case.hidden, k, max_tokens.max(1), dtype);
+    cfg.placement = Some(case.placement.clone());
+    cfg.two_level = two_level;
+    let mut buf = MoeBuffer::new(comm, cfg).unwrap();
+    let mine = &case.inputs[me];
+    let x: Vec<f32> = mine
+        .x
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v * 1.37 + i as f32 * 0.011)
+        .collect();
+    let x = encode(dtype, &x);
+    let view = buf.dispatch(&x, &mine.idx, &mine.w).unwrap();
+    let rows = view.rows().unwrap();
+    let got: Vec<(usize, usize)> = rows.iter().map(|r| (r.src_rank, r.src_token)).collect();
+    let scale = 1.0 + 0.0371 * (me as f32 + 1.0);
+    let mut reduced = Vec::new();
+    for row in &rows {
+        let v: Vec<f32> = decode(dtype, row.data)
+            .iter()
+            .map(|v| v * scale + 0.3)
+            .collect();
+        reduced.extend(encode(dtype, &v));
+    }
+    drop(rows);
+    let _ = view;
+    // Per host, the tokens sent there: the layout's count, and what two-level relays.
+    let per_host = buf.layout().tokens_per_host.clone();
+    let mut out = vec![0u8; x.len()];
+    buf.combine(&reduced, &mut out).unwrap();
+    let crossed = buf.rows_across_hosts();
+    let hosts = comm.hosts();
+    let away: usize = (0..hosts.count())
+        .filter(|&h| h != hosts.host_of(me))
+        .map(|h| per_host[h])
+        .sum();
+    let coll = xccl::coll::Coll::new(comm).unwrap();
+    let mut sums = [crossed.0 as u64, crossed.1 as u64];
+    coll.allreduce(&mut sums, xccl::coll::ReduceOp::Sum)
+        .unwrap();
+    if buf.two_level() {
+        // Out: one row per (token, other host); back: one per token relayed, as many.
+        assert_eq!(crossed.0, away, "rank {me}: one row per (token, host)");
+        assert_eq!(sums[0], sums[1], "rows relayed and rows returned");
+    }
+    let crossed = (sums[0] as usize, sums[1] as usize);
+    let two = buf.two_level();
+    buf.close().unwrap();
+    Routed {
+        out,
+        received: got,
+        crossed,
+        two_level: two,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    /// Two-level routing on random host layouts (2×2, 2×3 and 3×1 among them): the experts
+    /// get the same rows, combine gives the same bits as the flat routing (bf16 and f32,
+    /// values whose sums round), and no more rows cross hosts; the automatic choice takes it
+    /// wherever a host holds several ranks.
+    #[test]
+    fn two_level_routing_equals_flat_bitwise(
+        hosts in host_table(),
+        seed in any::<u64>(),
+        bf16 in any::<bool>(),
+    ) {
+        let case = Arc::new(seeded_case(hosts.len(), seed));
+        let dtype = if bf16 { Dtype::Bf16 } else { Dtype::F32 };
+        let shared = (0..hosts.len()).any(|r| hosts.iter().filter(|&&h| h == hosts[r]).count() > 1);
+        let several = hosts.iter().any(|&h| h > 0);
+        run_on_hosts(&hosts, move |comm| {
+            let flat = run_routing(comm, &case, dtype, TwoLevel::Off);
+            let two = run_routing(comm, &case, dtype, TwoLevel::On);
+            let auto = run_routing(comm, &case, dtype, TwoLevel::Auto);
+            assert!(!flat.two_level);
+            assert_eq!(two.two_level, several);
+            assert_eq!(auto.two_level, several && shared, "the automatic choice");
+            assert_eq!(flat.received, two.received, "rank {}: rows received", comm.rank());
+            assert_eq!(flat.out, two.out, "rank {}: combine differs from the flat one", comm.rank());
+            assert!(two.crossed.0 <= flat.crossed.0 && two.crossed.1 <= flat.crossed.1);
+        });
     }
 }

@@ -186,6 +186,44 @@ pub struct MoeConfig {
     /// sends mapped ranks only the metadata and their experts read each row where its source
     /// wrote it (over a network the rows still travel). Not with INT8 dispatch.
     pub zero_copy_dispatch: bool,
+    /// Normal mode across hosts: whether a token crosses the network once per remote host
+    /// (to a gateway rank there, which forwards it over shared memory) or once per remote
+    /// rank ([`TwoLevel`]).
+    pub two_level: TwoLevel,
+}
+
+/// How normal-mode dispatch and combine reach ranks on other hosts.
+///
+/// Two-level: a token goes over the network at most once per remote host, to the rank there
+/// with this rank's index among its host's ranks (the gateway), which forwards it to the
+/// ranks holding its experts through shared memory; combine sums each host's rows on that
+/// host first, so one row per (token, host) crosses back. The receiving experts see the same
+/// rows either way, and combine's result is the same bits (the sum's order is per host
+/// first, in [`crate::moe::MoeBuffer::combine`]).
+///
+/// ```no_run
+/// # fn main() -> xccl::Result<()> {
+/// use xccl::moe::{Dtype, MoeBuffer, MoeConfig, TwoLevel};
+/// let comm = xccl::Communicator::from_env()?;
+/// let mut cfg = MoeConfig::new(64, 7168, 8, 4096, Dtype::Bf16);
+/// cfg.two_level = TwoLevel::Off; // one network row per (token, remote rank)
+/// let buf = MoeBuffer::new(&comm, cfg)?;
+/// # drop(buf);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TwoLevel {
+    /// Two-level when every rank sees the same hosts, more than one of them and one with
+    /// several ranks, with every peer on its own host mapped (the hybrid backend); flat
+    /// otherwise.
+    #[default]
+    Auto,
+    /// Flat: each rank sends to and hears from every rank itself.
+    Off,
+    /// Two-level across more than one host (one host: nothing crosses, flat), refused
+    /// (`InvalidArgument`) where it cannot run: a peer on the same host that is not mapped,
+    /// ranks that see the hosts differently, or more than 64 ranks on one host.
+    On,
 }
 
 impl MoeConfig {
@@ -209,6 +247,7 @@ impl MoeConfig {
             ranks_per_host: None,
             int8_dispatch: false,
             zero_copy_dispatch: false,
+            two_level: TwoLevel::Auto,
         }
     }
 

@@ -15,12 +15,52 @@ pub struct Layout {
     pub is_token_in_rank: Vec<bool>,
     /// Number of ranks (row length of `is_token_in_rank`).
     pub ranks: usize,
+    /// Tokens sent to each host (once per host, however many of its ranks the token goes
+    /// to), by host index ([`crate::Communicator::hosts`]); filled by dispatch, empty from
+    /// [`dispatch_layout`] until [`Layout::count_hosts`].
+    pub tokens_per_host: Vec<usize>,
+    /// Row-major `[tokens, hosts]`.
+    pub is_token_in_host: Vec<bool>,
 }
 
 impl Layout {
     /// Whether token `t` goes to rank `r`.
     pub fn in_rank(&self, t: usize, r: usize) -> bool {
         self.is_token_in_rank[t * self.ranks + r]
+    }
+
+    /// Whether token `t` goes to a rank on host `h` (after [`Layout::count_hosts`]).
+    pub fn in_host(&self, t: usize, h: usize) -> bool {
+        let hosts = self.tokens_per_host.len();
+        self.is_token_in_host[t * hosts + h]
+    }
+
+    /// Fills the per-host counts from the per-rank ones, rank r on host `host_of[r]`.
+    ///
+    /// ```
+    /// use xccl::moe::dispatch_layout;
+    /// // Experts 0..4 on ranks 0..4; ranks 0, 1 on host 0 and 2, 3 on host 1.
+    /// let mut l = dispatch_layout(&[0, 1, 1, 2], 2, &[0, 1, 2, 3], 4).unwrap();
+    /// l.count_hosts(&[0, 0, 1, 1]);
+    /// assert_eq!(l.tokens_per_host, [2, 1]);
+    /// ```
+    pub fn count_hosts(&mut self, host_of: &[usize]) {
+        let hosts = host_of.iter().max().map_or(0, |h| h + 1);
+        let tokens = self.is_token_in_rank.len() / self.ranks.max(1);
+        self.tokens_per_host.clear();
+        self.tokens_per_host.resize(hosts, 0);
+        self.is_token_in_host.clear();
+        self.is_token_in_host.resize(tokens * hosts, false);
+        for t in 0..tokens {
+            for (r, &h) in host_of.iter().enumerate().take(self.ranks) {
+                if self.is_token_in_rank[t * self.ranks + r]
+                    && !self.is_token_in_host[t * hosts + h]
+                {
+                    self.is_token_in_host[t * hosts + h] = true;
+                    self.tokens_per_host[h] += 1;
+                }
+            }
+        }
     }
 }
 

@@ -38,7 +38,7 @@ mod sum;
 mod sum_avx2;
 mod typed;
 
-pub use config::{Dtype, MoeConfig};
+pub use config::{Dtype, MoeConfig, TwoLevel};
 pub use dispatcher::{Dispatched, Dispatcher, Mode};
 pub use element::Element;
 pub use eplb::{

@@ -3,8 +3,10 @@
 //! Decoding checks what a record can say by itself; callers check it against their call.
 
 /// Normal mode: the token, how many of the receiving rank's experts chose it, those experts
-/// with their gate weights (top-k order), and the INT8 scale. Little-endian:
-/// `token u32 | count u32 | (expert i32, weight f32) × topk | scale f32`, padded to a line.
+/// with their gate weights (top-k order), the INT8 scale, and where a gateway keeps the row
+/// (two-level routing: the record's index among those its source relayed). Little-endian:
+/// `token u32 | count u32 | (expert i32, weight f32) × topk | scale f32 | relay u32`, padded
+/// to a line.
 pub(super) struct TokenRecord<'m> {
     bytes: &'m [u8],
     topk: usize,
@@ -13,7 +15,14 @@ pub(super) struct TokenRecord<'m> {
 impl<'m> TokenRecord<'m> {
     /// Bytes of one record for `topk` choices (a multiple of 64).
     pub fn len(topk: usize) -> usize {
-        (12 + 8 * topk).div_ceil(64) * 64
+        (16 + 8 * topk).div_ceil(64) * 64
+    }
+
+    /// Sets the relay index of the record in `out` (written by [`Self::write`], which leaves
+    /// it 0).
+    pub fn set_relay(out: &mut [u8], topk: usize, relay: u32) {
+        let at = 12 + 8 * topk;
+        out[at..at + 4].copy_from_slice(&relay.to_le_bytes());
     }
 
     /// Writes a record into `out` (`len(topk)` bytes): `token`, the `experts` chosen with
@@ -41,7 +50,7 @@ impl<'m> TokenRecord<'m> {
 
     /// Reads a record of `topk` choices.
     pub fn read(bytes: &'m [u8], topk: usize) -> Self {
-        debug_assert!(bytes.len() >= 12 + 8 * topk);
+        debug_assert!(bytes.len() >= 16 + 8 * topk);
         TokenRecord { bytes, topk }
     }
 
@@ -76,6 +85,11 @@ impl<'m> TokenRecord<'m> {
     pub fn scale(&self) -> [u8; 4] {
         self.word(8 + 8 * self.topk)
     }
+
+    /// The relay index (unchecked: the reader bounds it).
+    pub fn relay(&self) -> usize {
+        u32::from_le_bytes(self.word(12 + 8 * self.topk)) as usize
+    }
 }
 
 #[cfg(test)]
@@ -101,6 +115,9 @@ mod tests {
             [(5, 0.5), (2, 1.5)]
         );
         assert_eq!(f32::from_le_bytes(r.scale()), 0.25);
+        assert_eq!(r.relay(), 0);
+        TokenRecord::set_relay(&mut buf, topk, 9);
+        assert_eq!(TokenRecord::read(&buf, topk).relay(), 9);
         // A count past top-k is refused, as is none.
         buf[4..8].copy_from_slice(&4u32.to_le_bytes());
         assert!(TokenRecord::read(&buf, topk).experts().is_none());

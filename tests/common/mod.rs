@@ -377,9 +377,34 @@ pub fn run_comms<F>(fabric: Fabric, world: usize, body: F)
 where
     F: Fn(&xccl::Communicator) + Send + Sync + 'static,
 {
+    run_on(comms(fabric, world), &format!("{fabric:?}"), body)
+}
+
+/// `run_comms` on the hybrid backend with rank r on emulated host `host_of[r]`.
+pub fn run_on_hosts<F>(host_of: &[usize], body: F)
+where
+    F: Fn(&xccl::Communicator) + Send + Sync + 'static,
+{
+    let comms = xccl::transport::hybrid::in_process(host_of, 4096)
+        .unwrap()
+        .into_iter()
+        .map(|t| {
+            let timeout = Duration::from_secs(60);
+            xccl::Communicator::from_transport_on_hosts(Box::new(t), host_of, timeout).unwrap()
+        })
+        .collect();
+    run_on(comms, &format!("hosts {host_of:?}"), body)
+}
+
+/// Runs `body` on every communicator of `comms` (a thread each) under the watchdog of
+/// `run_comms`.
+fn run_on<F>(comms: Vec<xccl::Communicator>, label: &str, body: F)
+where
+    F: Fn(&xccl::Communicator) + Send + Sync + 'static,
+{
     use std::sync::Arc;
-    let comms: Vec<Arc<xccl::Communicator>> =
-        comms(fabric, world).into_iter().map(Arc::new).collect();
+    let world = comms.len();
+    let comms: Vec<Arc<xccl::Communicator>> = comms.into_iter().map(Arc::new).collect();
     let body = Arc::new(body);
     let (tx, rx) = mpsc::channel();
     for c in &comms {
@@ -406,11 +431,11 @@ where
             Ok((_, None)) => {}
             Ok((rank, Some(msg))) => {
                 comms.iter().for_each(|c| c.abort());
-                panic!("{fabric:?} world {world}: rank {rank} failed: {msg}");
+                panic!("{label} world {world}: rank {rank} failed: {msg}");
             }
             Err(_) => {
                 comms.iter().for_each(|c| c.abort());
-                panic!("{fabric:?} world {world}: ranks hung");
+                panic!("{label} world {world}: ranks hung");
             }
         }
     }

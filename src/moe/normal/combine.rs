@@ -1,5 +1,6 @@
 //! Normal-mode combine: expert output back to the tokens' homes, read in place from mapped
-//! ranks and sent by the others, summed in rank order.
+//! ranks and sent by the others (two-level: summed per host by its gateway first), summed per
+//! host, then across hosts, in a fixed order.
 
 use super::*;
 
@@ -17,7 +18,12 @@ impl<'c> MoeBuffer<'c> {
     /// Collective, after a dispatch: `reduced` holds one row per received row (sources in
     /// rank order, rows in arrival order), already reduced over this rank's experts. Each
     /// goes back to its home; `out` (`T` rows of the dtype) receives, per token, the sum over
-    /// the ranks it went to, added in f32 in rank order. Tokens that chose no expert get 0.
+    /// the ranks it went to. Tokens that chose no expert get 0.
+    ///
+    /// The order of the sum: per host (hosts numbered by their lowest rank), the rows of its
+    /// ranks in rank order, added in f32 and rounded to the dtype; then those per-host sums in
+    /// host order, added in f32 and rounded. On one host that is the f32 sum in rank order,
+    /// rounded once. Flat and two-level routing ([`crate::moe::TwoLevel`]) give the same bits.
     ///
     /// This copies `reduced` into the buffer first; experts that write their output straight
     /// into [`DispatchView::expert_output`] call [`MoeBuffer::combine_in_place`] instead.
@@ -53,9 +59,9 @@ impl<'c> MoeBuffer<'c> {
     /// Collective, after a dispatch whose experts wrote their output (one row per received
     /// row, already reduced over this rank's experts) into [`DispatchView::expert_output`]:
     /// brings each row back to its home and writes into `out` (`T` rows of the dtype), per
-    /// token, the sum over the ranks it went to, added in f32 in rank order. Tokens that
-    /// chose no expert get 0. On shared memory the home reads the rows where the experts
-    /// wrote them: no byte is copied between processes.
+    /// token, the sum over the ranks it went to, in the order [`MoeBuffer::combine`] gives.
+    /// Tokens that chose no expert get 0. On shared memory the home reads the rows where the
+    /// experts wrote them: no byte is copied between processes.
     pub fn combine_in_place(&mut self, out: &mut [u8]) -> Result<()> {
         self.combine_from(None, out)
     }
@@ -107,6 +113,9 @@ impl<'c> MoeBuffer<'c> {
         for r in (0..n).filter(|&r| r != me && self.paths[r].is_mapped()) {
             self.peer_starts[r] = self.checked_return(r, epoch)?;
         }
+        if self.gw.is_some() {
+            self.locate_partials(de)?;
+        }
         self.plan_returns(&mut returns.list);
         if returns.list.is_empty() {
             self.announce_combine(epoch, false)?;
@@ -115,16 +124,22 @@ impl<'c> MoeBuffer<'c> {
         let mut cursors = std::mem::take(&mut self.cursors);
         cursors.clear();
         cursors.resize(n, 0);
-        self.sum_tokens(own, out, &mut returns, &mut cursors, (de, epoch))?;
+        let mut partials = std::mem::take(&mut self.partials);
+        let scratch = (&mut cursors[..], &mut partials);
+        let summed = self.sum_tokens(own, out, &mut returns, scratch, (de, epoch));
+        self.partials = partials;
+        summed?;
         while returns.sent < returns.list.len() {
             self.send_next_return(&mut returns, de, epoch)?;
         }
-        for r in (0..n).filter(|&r| r != me && !self.paths[r].is_mapped()) {
+        for r in (0..n).filter(|&r| self.returns_from(r)) {
             self.checked_return(r, epoch)?;
         }
-        for r in (0..n).filter(|&r| r != me && !self.paths[r].is_mapped()) {
-            self.received[r] += self.sent[r].len() as u64;
-            self.returned[r] += self.recv_counts[r] as u64;
+        for r in 0..n {
+            if self.returns_from(r) {
+                self.received[r] += self.sent[r].len() as u64;
+            }
+            self.returned[r] += self.returns_to(r).unwrap_or(0) as u64;
         }
         // Every mapped rank has announced its combine, which it does only once its experts
         // are done: none reads this rank's input rows any more.
@@ -136,17 +151,41 @@ impl<'c> MoeBuffer<'c> {
         Ok(())
     }
 
-    /// Announces this rank's combine to every mapped peer (`mapped`) or every other one (not
-    /// to itself: it reads its own output where it is).
+    /// Announces this rank's combine to every mapped peer (`mapped`: where its rows for the
+    /// peer start) or to every home it returns rows to over the network (the count; not to
+    /// itself: it reads its own output where it is).
     fn announce_combine(&self, epoch: u64, mapped: bool) -> Result<()> {
         let (me, n) = (self.comm.rank(), self.comm.world_size());
         for step in 1..n {
             let src = (me + step) % n;
-            if self.paths[src].is_mapped() == mapped {
+            if mapped && self.paths[src].is_mapped() {
                 self.announce(src, 1, self.recv_counts[src], self.starts[src], epoch)?;
+            } else if let Some(count) = self.returns_to(src).filter(|_| !mapped) {
+                self.announce(src, 1, count, 0, epoch)?;
             }
         }
         Ok(())
+    }
+
+    /// Rows this rank returns to `home` over the network in this combine: its output for
+    /// `home`'s tokens (flat), or the partial sums for the tokens it relayed (two-level, as
+    /// `home`'s gateway); `None` when it returns nothing to `home` that way.
+    pub(super) fn returns_to(&self, home: usize) -> Option<usize> {
+        if home == self.comm.rank() || self.paths[home].is_mapped() {
+            return None;
+        }
+        match &self.gw {
+            None => Some(self.recv_counts[home]),
+            Some(gw) => gw.serves[home].then(|| gw.relayed(home)),
+        }
+    }
+
+    /// Whether rank `r` returns rows to this rank over the network (every network peer
+    /// when flat; each other host's gateway when two-level).
+    fn returns_from(&self, r: usize) -> bool {
+        r != self.comm.rank()
+            && !self.paths[r].is_mapped()
+            && self.gw.as_ref().is_none_or(|gw| gw.returns_from(r))
     }
 
     /// The puts (home, first row, end row) that return this rank's expert output to the
@@ -157,10 +196,9 @@ impl<'c> MoeBuffer<'c> {
         let per = (RETURN_CHUNK / self.cfg.row_bytes().max(1)).max(1);
         list.clear();
         for home in (1..n).map(|step| (me + step) % n) {
-            if self.paths[home].is_mapped() {
+            let Some(count) = self.returns_to(home) else {
                 continue;
-            }
-            let count = self.recv_counts[home];
+            };
             list.extend(
                 (0..count)
                     .step_by(per)
@@ -170,33 +208,45 @@ impl<'c> MoeBuffer<'c> {
         list.sort_unstable_by_key(|&(home, first, _)| (first, (home + n - me) % n));
     }
 
-    /// Sums every token's rows into `out`, token by token, rank by rank: the order of the sum
-    /// is fixed (rank order), so the result is the same bits every run. Keeps the returns
-    /// ahead of the sum: chunk k goes once k/chunks of the tokens are summed.
+    /// Sums every token's rows into `out`, token by token: per host (hosts in order), the
+    /// rows of its ranks in rank order, in f32, rounded to the dtype; then those per-host
+    /// sums in host order, in f32, rounded. The order is fixed, so the result is the same
+    /// bits every run, and the same whether a host's sum is made here (flat) or by its
+    /// gateway (two-level). On one host this is the f32 sum in rank order, rounded once (a
+    /// single partial sum is already rounded, and adding it to 0 changes no bit that
+    /// matters: the running sum starts at +0). Keeps the returns ahead of the sum: chunk k
+    /// goes once k/chunks of the tokens are summed.
     fn sum_tokens(
         &self,
         own: Option<&[u8]>,
         out: &mut [u8],
         returns: &mut Returns,
-        cursors: &mut [usize],
+        (cursors, partials): (&mut [usize], &mut Vec<u8>),
         (de, epoch): (u64, u64),
     ) -> Result<()> {
         let row_bytes = self.cfg.row_bytes();
         let mut rows: SmallVec<[&[u8]; 8]> = SmallVec::new();
+        let mut hosts: SmallVec<[usize; 8]> = SmallVec::new();
         for (tok, out_row) in out.chunks_mut(row_bytes).enumerate() {
             let total = returns.list.len();
             while returns.sent < total && returns.sent * self.tokens <= tok * total {
                 self.send_next_return(returns, de, epoch)?;
             }
             rows.clear();
-            for (r, cursor) in cursors.iter_mut().enumerate() {
-                if self.sent[r].get(*cursor) != Some(&(tok as u32)) {
+            hosts.clear();
+            for &r in &self.sum_order {
+                if self.sent[r].get(cursors[r]) != Some(&(tok as u32)) {
                     continue;
                 }
-                rows.push(self.output_row(r, *cursor, own, returns, (de, epoch))?);
-                *cursor += 1;
+                rows.push(self.output_row(r, cursors[r], own, returns, (de, epoch))?);
+                hosts.push(self.host_of[r]);
+                cursors[r] += 1;
             }
-            sum_rows(self.cfg.dtype, out_row, &rows, None);
+            if hosts.first().is_none_or(|&h| hosts.iter().all(|&x| x == h)) {
+                sum_rows(self.cfg.dtype, out_row, &rows, None);
+            } else {
+                sum_by_host(self.cfg.dtype, out_row, (&rows, &hosts), partials);
+            }
         }
         Ok(())
     }
@@ -273,8 +323,9 @@ impl<'c> MoeBuffer<'c> {
         Ok(start)
     }
 
-    /// Network backends: puts rows `from..to` of this rank's output for `home` into its
-    /// window, with the signal that tells it `to` rows are in.
+    /// Network backends: puts rows `from..to` of this rank's output for `home` (two-level:
+    /// of the partial sums it makes for `home` as its gateway) into its window, with the
+    /// signal that tells it `to` rows are in.
     fn send_return(
         &self,
         (home, from, to): (usize, usize, usize),
@@ -283,14 +334,17 @@ impl<'c> MoeBuffer<'c> {
     ) -> Result<()> {
         let rb = self.cfg.row_bytes();
         let t = self.comm.transport();
-        // SAFETY: this rank's own expert output; no peer writes it (peers only read it, and
-        // only on mapped backends), and the view that wrote it is gone.
-        let rows = unsafe {
-            t.local_slice(
-                self.lease.window(),
-                self.out_off(de, self.starts[home] + from),
-                (to - from) * rb,
-            )?
+        let rows = match self.gw {
+            Some(_) => self.partial_sums(home, (from, to), (de, epoch))?,
+            // SAFETY: this rank's own expert output; no peer writes it (peers only read it,
+            // and only on mapped backends), and the view that wrote it is gone.
+            None => unsafe {
+                t.local_slice(
+                    self.lease.window(),
+                    self.out_off(de, self.starts[home] + from),
+                    (to - from) * rb,
+                )?
+            },
         };
         let me = self.comm.rank();
         let value = self.returned[home] + to as u64;
@@ -315,4 +369,37 @@ impl<'c> MoeBuffer<'c> {
         }
         Ok(v.saturating_sub(base) as usize)
     }
+}
+
+/// Writes into `out` the sum of `rows` (grouped by host, hosts ascending) as
+/// [`MoeBuffer::combine`] orders it: each host's rows summed and rounded to the dtype (a lone
+/// row as it is), then those sums added in host order; `partials` is scratch.
+fn sum_by_host(
+    dtype: crate::moe::Dtype,
+    out: &mut [u8],
+    (rows, hosts): (&[&[u8]], &[usize]),
+    partials: &mut Vec<u8>,
+) {
+    let rb = out.len();
+    let groups = 1 + hosts.windows(2).filter(|w| w[0] != w[1]).count();
+    partials.resize(groups * rb, 0);
+    let mut spans: SmallVec<[(usize, usize); 8]> = SmallVec::new();
+    let mut first = 0;
+    for i in 1..=hosts.len() {
+        if i == hosts.len() || hosts[i] != hosts[first] {
+            spans.push((first, i));
+            first = i;
+        }
+    }
+    for (&(a, b), part) in spans.iter().zip(partials.chunks_mut(rb)) {
+        if b - a > 1 {
+            sum_rows(dtype, part, &rows[a..b], None);
+        }
+    }
+    let sums: SmallVec<[&[u8]; 8]> = spans
+        .iter()
+        .zip(partials.chunks(rb))
+        .map(|(&(a, b), part)| if b - a > 1 { part } else { rows[a] })
+        .collect();
+    sum_rows(dtype, out, &sums, None);
 }

@@ -22,15 +22,31 @@ impl Choices<'_> {
     }
 }
 
+/// Where a dispatch sends records: straight to a rank, or to a host through its gateway
+/// (two-level routing: host index, gateway rank).
+#[derive(Debug, Clone, Copy)]
+enum To {
+    Rank(usize),
+    Host(usize, usize),
+}
+
+impl To {
+    /// The rank whose window the records go into.
+    fn window(self) -> usize {
+        match self {
+            To::Rank(r) | To::Host(_, r) => r,
+        }
+    }
+}
+
 impl<'c> MoeBuffer<'c> {
-    /// Network backends: puts the staged records (this rank's records `first..` for `dst`,
-    /// packed) into `dst`'s window in one vectored put — metadata from the stage, rows from
-    /// `x` unless they were staged whole (INT8) — and empties the stage.
+    /// Network backends: puts the staged records (packed) at `off` of `dst`'s window in one
+    /// vectored put — metadata from the stage, rows from `x` unless they were staged whole
+    /// (INT8) — and empties the stage.
     fn put_stage(
         &self,
         dst: usize,
-        epoch: u64,
-        first: usize,
+        off: usize,
         x: &[u8],
         stage: &mut Vec<u8>,
         toks: &mut Vec<u32>,
@@ -38,7 +54,6 @@ impl<'c> MoeBuffer<'c> {
         if stage.is_empty() {
             return Ok(());
         }
-        let off = self.wire_off(epoch, self.comm.rank(), first);
         let path = &self.paths[dst];
         if self.cfg.int8_dispatch {
             path.put(off, stage, Stores::Cached)?;
@@ -186,17 +201,46 @@ impl<'c> MoeBuffer<'c> {
             idx,
             weights: topk_weights,
         };
+        layout.count_hosts(&self.host_of);
+        // Two-level: one relay per other host first (the network is the long way), then
+        // this host's ranks directly.
+        if let Some(gw) = &self.gw {
+            for r in (0..n).filter(|&r| !gw.same_host(r, me)) {
+                self.sent[r].clear();
+            }
+            let vias: SmallVec<[(usize, usize); 8]> = (gw.via.iter().enumerate())
+                .filter_map(|(h, v)| v.map(|g| (h, g)))
+                .collect();
+            for step in 0..vias.len() {
+                // Hosts in turn from this rank's position, so gateways are not all hit at once.
+                let (host, gateway) = vias[(me + step) % vias.len()];
+                // The count first: the gateway forwards each chunk as it lands.
+                let count = layout.tokens_per_host[host];
+                self.announce(gateway, 2, count, 0, epoch)?;
+                self.send_records(To::Host(host, gateway), epoch, x, false, &layout, &choices)?;
+                self.relayed_to(gateway, count);
+            }
+        }
         // This rank's own records first (it announces nothing to itself: it knows its count),
         // then every peer's, each announced as soon as its rows are out.
         for step in 0..n {
             let dst = (me + step) % n;
+            if self.gw.as_ref().is_some_and(|gw| !gw.same_host(dst, me)) {
+                continue;
+            }
             let leave = in_place && dst != me && self.paths[dst].is_mapped();
-            self.send_records(dst, epoch, x, leave, &layout, &choices)?;
+            self.send_records(To::Rank(dst), epoch, x, leave, &layout, &choices)?;
             if dst != me {
                 self.announce(dst, 0, self.sent[dst].len(), usize::from(leave), epoch)?;
             }
         }
+        if self.gw.is_some() {
+            self.forward_relays(epoch)?;
+        }
         self.collect_counts(epoch)?;
+        if self.gw.is_some() {
+            self.publish_counts(epoch)?;
+        }
         if self.cfg.int8_dispatch {
             self.dequantize_arrivals(epoch)?;
         }
@@ -209,7 +253,8 @@ impl<'c> MoeBuffer<'c> {
 
     /// Writes into `dst`'s window this rank's record (and row, unless `leave`: `dst` reads it
     /// in place) for each token that chose one of `dst`'s experts, in token order, and notes
-    /// the tokens in `sent[dst]`.
+    /// the tokens in `sent[dst]`; to a host's gateway, the same for the tokens that chose
+    /// one of the host's ranks, into its relay region.
     ///
     /// Over a network path the records are laid out here as in `dst`'s window and sent a
     /// chunk at a time: few large writes instead of two small ones per row, from memory still
@@ -217,7 +262,7 @@ impl<'c> MoeBuffer<'c> {
     /// receiver reads them next, from another core.
     fn send_records(
         &mut self,
-        dst: usize,
+        to: To,
         epoch: u64,
         x: &[u8],
         leave: bool,
@@ -225,8 +270,15 @@ impl<'c> MoeBuffer<'c> {
         choices: &Choices<'_>,
     ) -> Result<()> {
         let (me, k, row_bytes) = (self.comm.rank(), self.cfg.topk, self.cfg.row_bytes());
+        let dst = to.window();
         self.sent[dst].clear();
         let batch = !self.paths[dst].is_mapped() && dst != me;
+        // Records to a gateway leave packed, as over any network path.
+        debug_assert!(batch || matches!(to, To::Rank(_)));
+        let stage_off = |b: &Self, first: usize| match to {
+            To::Rank(_) => b.wire_off(epoch, me, first),
+            To::Host(..) => b.relay_off(epoch, me, first),
+        };
         let stores = match dst != me && layout.tokens_per_rank[dst] * row_bytes >= STREAM_BYTES {
             true => Stores::Streaming,
             false => Stores::Cached,
@@ -236,13 +288,21 @@ impl<'c> MoeBuffer<'c> {
         stage.clear();
         stage_toks.clear();
         let mut chunk_first = 0;
-        for tok in (0..self.tokens).filter(|&tok| layout.in_rank(tok, dst)) {
+        let wanted = |tok: usize| match to {
+            To::Rank(r) => layout.in_rank(tok, r),
+            To::Host(h, _) => layout.in_host(tok, h),
+        };
+        for tok in (0..self.tokens).filter(|&tok| wanted(tok)) {
             let i = self.sent[dst].len();
             let quantized = self.cfg.int8_dispatch && dst != me;
-            let slot_rank = &self.routing.slot_rank;
-            let chosen = choices
-                .of(tok, k)
-                .filter(|&(s, _)| s >= 0 && slot_rank[s as usize] == dst);
+            let (slot_rank, host_of) = (&self.routing.slot_rank, &self.host_of);
+            let chosen = choices.of(tok, k).filter(|&(s, _)| {
+                s >= 0
+                    && match to {
+                        To::Rank(r) => slot_rank[s as usize] == r,
+                        To::Host(h, _) => host_of[slot_rank[s as usize]] == h,
+                    }
+            });
             let scale = quantized.then(|| self.scales[tok]);
             TokenRecord::write(&mut self.meta_buf, k, tok, chosen, scale);
             let row = &x[tok * row_bytes..(tok + 1) * row_bytes];
@@ -271,7 +331,11 @@ impl<'c> MoeBuffer<'c> {
                 }
                 let records = i + 1 - chunk_first;
                 if (records + 1) * self.wire_rec() > STAGE_CHUNK || records == STAGE_RECORDS {
-                    self.put_stage(dst, epoch, chunk_first, x, &mut stage, &mut stage_toks)?;
+                    let off = stage_off(self, chunk_first);
+                    self.put_stage(dst, off, x, &mut stage, &mut stage_toks)?;
+                    if let To::Host(..) = to {
+                        self.relay_progress(dst, i + 1)?;
+                    }
                 }
             } else {
                 // This epoch's record `i` from this rank is written by this rank only, and
@@ -286,7 +350,11 @@ impl<'c> MoeBuffer<'c> {
             self.sent[dst].push(tok as u32);
         }
         if batch {
-            self.put_stage(dst, epoch, chunk_first, x, &mut stage, &mut stage_toks)?;
+            let off = stage_off(self, chunk_first);
+            self.put_stage(dst, off, x, &mut stage, &mut stage_toks)?;
+            if let To::Host(..) = to {
+                self.relay_progress(dst, self.sent[dst].len())?;
+            }
         }
         self.stage = stage;
         self.stage_toks = stage_toks;
@@ -295,22 +363,35 @@ impl<'c> MoeBuffer<'c> {
 
     /// Collects every peer's count for call `epoch` into `recv_counts` (this rank's own is
     /// what it sent itself: its own mailbox slot, where any peer can write, is never read).
+    /// Two-level: a rank on another host is announced by its gateway here, in its slot.
     fn collect_counts(&mut self, epoch: u64) -> Result<()> {
         let me = self.comm.rank();
         for src in 0..self.comm.world_size() {
             if src == me {
                 self.recv_counts[me] = self.sent[me].len();
-                self.in_place[me] = false;
+                self.rows_at[me] = RowsAt::Sent;
+                continue;
+            }
+            // Relayed here: forwarded to this rank by itself (count and place are kept).
+            if self.gw.as_ref().is_some_and(|gw| gw.serves[src]) {
                 continue;
             }
             let (count, flag) = self.collect(src, 0, epoch)?;
-            // Rows left in place can only be read from a mapped window.
-            if flag > 1 || (flag == 1 && !self.paths[src].is_mapped()) {
+            // Rows left in place can only be read from a mapped window: the source's own, or
+            // (two-level, the source on another host) its gateway's here.
+            let gateway = self.gw.as_ref().and_then(|gw| gw.gateway_here(src));
+            let at = match flag {
+                0 => Some(RowsAt::Sent),
+                1 if self.paths[src].is_mapped() => Some(RowsAt::SourceInput),
+                2 => gateway.map(RowsAt::Gateway),
+                _ => None,
+            };
+            let Some(at) = at else {
                 return Err(Error::ProtocolViolation(format!(
                     "rank {src} announced rows left in place ({flag}) it cannot leave here"
                 )));
-            }
-            self.in_place[src] = flag == 1;
+            };
+            self.rows_at[src] = at;
             self.recv_counts[src] = count;
         }
         Ok(())

@@ -6,7 +6,8 @@
 //! rank's experts chose it — with a small metadata record (source token, the rank's chosen
 //! experts and their weights). Rows land grouped by source rank, in token order. Combine
 //! brings one row per (token, expert rank) back to the token's home, already reduced over that
-//! rank's experts; the home sums the rows in f32 in rank order, so the result is the same bits
+//! rank's experts; the home sums the rows in f32 in a fixed order (per host, then across hosts:
+//! [`MoeBuffer::combine`]), so the result is the same bits
 //! on every run, and writes the configured dtype. Experts may write their output straight
 //! into the window ([`DispatchView::expert_output`]); on shared memory the homes then read it
 //! in place.
@@ -47,6 +48,29 @@ const RETURN_CHUNK: usize = 1 << 20;
 
 fn round_line(n: usize) -> usize {
     n.div_ceil(LINE) * LINE
+}
+
+/// Where the rows a source dispatched to this rank lie (each announcement says which).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowsAt {
+    /// In this rank's window, after their records (or, from itself, in the caller's input).
+    Sent,
+    /// Zero-copy dispatch: in the source's input rows, in its window (mapped).
+    SourceInput,
+    /// Two-level routing: where the source relayed them, in its gateway's window on this
+    /// host (mapped), at the record's relay index.
+    Gateway(usize),
+}
+
+impl RowsAt {
+    /// The announcement's flag word.
+    fn flag(self) -> usize {
+        match self {
+            RowsAt::Sent => 0,
+            RowsAt::SourceInput => 1,
+            RowsAt::Gateway(_) => 2,
+        }
+    }
 }
 
 /// A dispatched row as the receiving rank sees it.
@@ -165,12 +189,19 @@ pub struct MoeBuffer<'c> {
     /// Zero-copy dispatch ([`MoeConfig::zero_copy_dispatch`]): where this rank's input rows
     /// lie in the window (`max_tokens` rows, `row_bytes` apart).
     input_at: Option<usize>,
-    /// Per source: the last dispatch left its rows in its own window, read in place here.
-    in_place: Vec<bool>,
+    /// Per source: where the rows of the last dispatch lie.
+    rows_at: Vec<RowsAt>,
     /// Peers may be reading this rank's input rows: from its zero-copy dispatch until its
     /// combine has heard from every mapped peer (which speaks only when done reading). A
     /// failed combine leaves it set: the input is not handed out again.
     input_busy: bool,
+    /// Two-level routing across hosts ([`crate::moe::TwoLevel`]), when chosen.
+    gw: Option<Gateways>,
+    /// Combine: the ranks in the order a home adds their rows (by host, then rank), each
+    /// one's host, and one partial sum per host (scratch).
+    sum_order: Vec<usize>,
+    host_of: Vec<usize>,
+    partials: Vec<u8>,
 }
 
 /// Rows received by the last dispatch, read in place.
@@ -182,6 +213,8 @@ pub struct DispatchView<'a> {
 
 mod combine;
 mod dispatch;
+mod gateways;
+use gateways::Gateways;
 #[cfg(test)]
 mod tests;
 mod view;
@@ -204,10 +237,17 @@ impl<'c> MoeBuffer<'c> {
         let disp = size.mul(&[rows, rec])?;
         let outs = size.round_up(size.mul(&[rows, cfg.row_bytes()])?, LINE)?;
         let comb = if mapped { 0 } else { outs };
-        let half = size.add(&[disp, outs, comb])?;
+        let two_level = gateways::decide(comm, &cfg)?;
+        let regions = Gateways::regions(&size, n, cfg.max_tokens, (rec, cfg.row_bytes()))?;
+        let gw_len = match two_level {
+            true => size.add(&[regions.relay, regions.partial, regions.table])?,
+            false => 0,
+        };
+        let half = size.add(&[disp, outs, comb, gw_len])?;
         // Words: the row count, where the rows start (dispatch: left in place or not), and
-        // the expert map's version.
-        let mailbox = Mailbox::new(&size, size.mul(&[2, half])?, 2, n, 3)?;
+        // the expert map's version. Kinds: dispatch, combine, and (two-level) relayed records.
+        let kinds = 2 + usize::from(two_level);
+        let mailbox = Mailbox::new(&size, size.mul(&[2, half])?, kinds, n, 3)?;
         // Zero-copy dispatch: the input rows after the mailbox (one set: a source rewrites
         // them only after every peer has finished reading, see `input_busy`).
         let input_at = size.add(&[2 * half, mailbox.len()])?;
@@ -218,11 +258,19 @@ impl<'c> MoeBuffer<'c> {
         let lease = comm.lease(
             &what,
             size.add(&[input_at, input])?,
-            mailbox.signal_count() + n,
-            &format!("{cfg:?}"),
+            // Per source: rows returned (and, two-level, records relayed) over every call.
+            mailbox.signal_count() + n * (1 + usize::from(two_level)),
+            &format!("{cfg:?} two-level {two_level}"),
         )?;
         let mailbox = mailbox.at_signals(lease.signals().start);
         let sig_rows = lease.signals().start + mailbox.signal_count();
+        let hosts = comm.hosts();
+        let gw = two_level.then(|| {
+            let at = (disp + outs + comb, sig_rows + n);
+            Gateways::new(hosts, comm.rank(), at, &regions)
+        });
+        let mut sum_order: Vec<usize> = (0..n).collect();
+        sum_order.sort_by_key(|&r| (hosts.host_of(r), r));
         let (paths, own) = lease.views()?;
         Ok(MoeBuffer {
             comm,
@@ -260,8 +308,12 @@ impl<'c> MoeBuffer<'c> {
             returns: Vec::new(),
             arrived: vec![0; n],
             input_at: cfg.zero_copy_dispatch.then_some(input_at),
-            in_place: vec![false; n],
+            rows_at: vec![RowsAt::Sent; n],
             input_busy: false,
+            gw,
+            sum_order,
+            host_of: hosts.table().to_vec(),
+            partials: Vec::new(),
             cfg,
         })
     }
@@ -324,6 +376,44 @@ impl<'c> MoeBuffer<'c> {
     /// The configuration.
     pub fn config(&self) -> &MoeConfig {
         &self.cfg
+    }
+
+    /// Where the last dispatch's tokens went: tokens per rank, per expert and per host.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Whether this buffer routes across hosts in two levels ([`crate::moe::TwoLevel`]): the
+    /// choice every rank made alike when it was created.
+    pub fn two_level(&self) -> bool {
+        self.gw.is_some()
+    }
+
+    /// Rows this rank sent to other hosts: by the last dispatch, and by its combine once
+    /// that has run (what two-level routing saves; the harness sums it over the ranks).
+    ///
+    /// ```no_run
+    /// # fn main() -> xccl::Result<()> {
+    /// # use xccl::moe::{Dtype, MoeBuffer, MoeConfig};
+    /// # let comm = xccl::Communicator::from_env()?;
+    /// # let mut buf = MoeBuffer::new(&comm, MoeConfig::new(8, 64, 2, 16, Dtype::F32))?;
+    /// # let (x, idx, w): (Vec<u8>, Vec<i64>, Vec<f32>) = (vec![], vec![], vec![]);
+    /// let view = buf.dispatch(&x, &idx, &w)?;
+    /// # drop(view);
+    /// let (dispatched, _) = buf.rows_across_hosts();
+    /// println!("{dispatched} rows left this host");
+    /// # Ok(()) }
+    /// ```
+    pub fn rows_across_hosts(&self) -> (usize, usize) {
+        let me = self.comm.rank();
+        let away = |r: &usize| self.host_of[*r] != self.host_of[me];
+        let n = self.comm.world_size();
+        let dispatched = (0..n).filter(away).map(|r| self.sent[r].len()).sum();
+        let combined = match self.dispatched {
+            true => 0,
+            false => (0..n).filter(away).filter_map(|r| self.returns_to(r)).sum(),
+        };
+        (dispatched, combined)
     }
 
     /// This rank's logical experts, ascending.
@@ -397,7 +487,8 @@ impl<'c> MoeBuffer<'c> {
             + (src * self.cfg.max_tokens + i) * self.cfg.row_bytes()
     }
 
-    /// Posts this rank's `count` rows (from `start`) of `kind` for call `epoch` to `dst`.
+    /// Posts this rank's `count` rows (from `start`) of `kind` (0: dispatch, 1: combine, 2:
+    /// records relayed to a gateway) for call `epoch` to `dst`.
     fn announce(
         &self,
         dst: usize,

@@ -80,7 +80,7 @@ impl<'a> DispatchView<'a> {
             let tok = b.sent[me][i] as usize;
             let x: &'a [u8] = self.x;
             &x[tok * rb..(tok + 1) * rb]
-        } else if b.in_place[src] {
+        } else if b.rows_at[src] == RowsAt::SourceInput {
             // Zero-copy dispatch: the row where its source wrote it (a mapped window: checked
             // when the announcement was read).
             let off = b
@@ -90,6 +90,23 @@ impl<'a> DispatchView<'a> {
             // rewrites them only after its combine has heard from every mapped rank; this rank
             // speaks in its combine, which needs the buffer this view borrows.
             unsafe { b.paths[src].rows(off, rb)? }
+        } else if let RowsAt::Gateway(g) = b.rows_at[src] {
+            let j = record.relay();
+            if j >= b.cfg.max_tokens {
+                return Err(bad(format!("relay index {j}")));
+            }
+            let off = b.relay_off(b.disp_epoch, src, j) + b.meta;
+            // Safe to read: the gateway received the row before it announced this record,
+            // and `src` rewrites this epoch's relay region only at the next-but-one dispatch,
+            // which needs the partial sums of the next combine, which the gateway makes only
+            // after this rank's next combine, which needs the buffer this view borrows. The
+            // gateway is mapped (checked when the announcement was read).
+            match g == me {
+                // SAFETY: see above (this rank is the gateway).
+                true => unsafe { t.local_slice(b.lease.window(), off, rb)? },
+                // SAFETY: see above.
+                false => unsafe { b.paths[g].rows(off, rb)? },
+            }
         } else {
             // SAFETY: as for `meta`.
             unsafe { t.local_slice(b.lease.window(), off + b.meta, rb)? }

@@ -146,6 +146,15 @@ fn one_rep(
         Dispatcher::Normal(b) => b.combine(&scratch.reduced, &mut scratch.out)?,
     }
     let s3 = Instant::now();
+    // Rows that crossed hosts, both ways: what this rank sent (normal mode: it knows, relays
+    // and partial sums included), or one row each way per row received from another host.
+    let crossed_hosts = match moe {
+        Dispatcher::Normal(b) => {
+            let (d, c) = b.rows_across_hosts();
+            (d + c) as u64
+        }
+        Dispatcher::LowLatency(_) => 2 * from_other_hosts,
+    };
     let Some(times) = times else {
         return Ok(());
     };
@@ -158,7 +167,7 @@ fn one_rep(
         pairs as f64,
     ];
     coll.allreduce(&mut slow, ReduceOp::Max)?;
-    let mut all = [pairs as u64, from_others, from_other_hosts];
+    let mut all = [pairs as u64, from_others, crossed_hosts];
     coll.allreduce(&mut all, ReduceOp::Sum)?;
     (times.cross, times.cross_host) = (all[1], all[2]);
     times.disp.push(slow[0]);
@@ -270,14 +279,25 @@ fn measure(
     };
     let cc = (comm, coll);
     let (warm, reps) = (a.warmup(), a.reps());
-    let mut arms = vec![Arm {
-        moe: Dispatcher::new(comm, work.cfg.clone(), mode)?,
-        run: run(),
-        scratch: Scratch::new(&work),
-        times: Times::default(),
-        eplb: None,
-    }];
-    arms[0].warm_up(cc, warm)?;
+    // One arm per routing across hosts (`--levels`; low-latency mode has one).
+    let mut levels = a.two_levels();
+    if variant.low_latency {
+        levels.truncate(1);
+    }
+    let mut arms = Vec::with_capacity(levels.len());
+    for &level in &levels {
+        let mut cfg = work.cfg.clone();
+        cfg.two_level = level;
+        let mut arm = Arm {
+            moe: Dispatcher::new(comm, cfg, mode)?,
+            run: run(),
+            scratch: Scratch::new(&work),
+            times: Times::default(),
+            eplb: None,
+        };
+        arm.warm_up(cc, warm)?;
+        arms.push(arm);
+    }
     if let Some(eplb) = a.eplb {
         let cfg = eplb_config(&mut arms[0], coll, eplb, n)?;
         let mut arm = Arm {
@@ -319,6 +339,7 @@ fn measure(
             false => count_wrong(&work, out, |t| work.gain(last, t, &placement, expert)),
         }];
         coll.allreduce(&mut wrong, ReduceOp::Sum)?;
+        let two_level = matches!(&arm.moe, Dispatcher::Normal(b) if b.two_level());
         arm.moe.close()?;
         let times = &arm.times;
         let reported: Vec<f64> = match phase {
@@ -337,6 +358,7 @@ fn measure(
         measured.push(Measured {
             tokens,
             variant,
+            two_level,
             eplb: arm.eplb,
             disp: report::stats(&times.disp),
             comb: report::stats(&times.comb),
@@ -379,8 +401,12 @@ pub fn run(a: &MoeArgs, phase: Phase) -> Result<()> {
                 }
                 rows.push(moe_table::row(a, phase, n, m));
             }
-            if let ([without, with], 0) = (&arms[..], me) {
-                report::out(moe_table::eplb_ratio(without, with));
+            match (&arms[..], me) {
+                ([without, with], 0) if a.eplb.is_some() => {
+                    report::out(moe_table::eplb_ratio(without, with))
+                }
+                ([first, second], 0) => report::out(moe_table::levels_ratio(first, second)),
+                _ => {}
             }
         }
     }

@@ -37,10 +37,24 @@ impl Variant {
     }
 }
 
+impl Measured {
+    /// The dispatch column: the kind, and `+2lvl` when normal mode routed across hosts in
+    /// two levels.
+    pub fn dispatch(&self) -> &'static str {
+        match (self.two_level, self.variant.zero_copy) {
+            (false, _) => self.variant.dispatch(),
+            (true, false) => "copy+2lvl",
+            (true, true) => "zc+2lvl",
+        }
+    }
+}
+
 /// What one configuration measured.
 pub struct Measured {
     pub tokens: usize,
     pub variant: Variant,
+    /// Normal mode routed across hosts in two levels.
+    pub two_level: bool,
     /// The EPLB map's replica slots and policy (`None`: the plain placement).
     pub eplb: Option<Eplb>,
     /// Median over repetitions of the busiest rank's (token, expert) rows over the mean.
@@ -56,7 +70,8 @@ pub struct Measured {
     pub rows: u64,
     pub bytes: usize,
     pub my_bytes: usize,
-    /// With ranks on several hosts: rows that crossed hosts (last repetition, all ranks).
+    /// With ranks on several hosts: rows that crossed hosts, dispatch and combine (last
+    /// repetition, all ranks).
     pub rows_cross_host: Option<u64>,
     /// The floor of the row's bytes (see `moe_floor`).
     pub floor_us: f64,
@@ -196,7 +211,7 @@ pub fn line(a: &MoeArgs, m: &Measured) -> String {
     let mut s = format!(
         " {:>10} {:>9} {:>7} {:>9} {:>11} {:>12.1} {:>10.2} {:>12.1} {:>10.2} {:>10.1} {:>9} {:>9.1} {:>7.2} {:>7}",
         m.variant.mode(),
-        m.variant.dispatch(),
+        m.dispatch(),
         m.tokens,
         m.rows,
         m.bytes,
@@ -257,7 +272,7 @@ pub fn row(a: &MoeArgs, phase: Phase, n: usize, m: &Measured) -> Row {
             topk: a.topk,
             experts: a.experts,
             mode: m.variant.mode(),
-            dispatch: m.variant.dispatch(),
+            dispatch: m.dispatch(),
             expert: if a.expert == "copy" {
                 "copy"
             } else {
@@ -287,6 +302,26 @@ pub fn row(a: &MoeArgs, phase: Phase, n: usize, m: &Measured) -> Row {
 /// Bytes per element of the rows as they travel (INT8 dispatch counts its bf16 rows).
 fn dtype_size(a: &MoeArgs) -> usize {
     dtype_of(a).0.size()
+}
+
+/// The comparison line under a pair of rows routed two ways across hosts (`--levels`):
+/// dispatch + combine p50, and the rows that crossed hosts.
+pub fn levels_ratio(first: &Measured, second: &Measured) -> String {
+    let both = |m: &Measured| m.disp.p50 + m.comb.p50;
+    let (a, b) = (both(first), both(second));
+    let rows = match (first.rows_cross_host, second.rows_cross_host) {
+        (Some(x), Some(y)) if y > 0 => format!(
+            ", rows across hosts {x} -> {y} ({:.2}x fewer)",
+            x as f64 / y as f64
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "#  {} vs {}: dispatch+combine p50 {a:.1} -> {b:.1} us ({:.2}x faster){rows}",
+        second.dispatch(),
+        first.dispatch(),
+        if b > 0.0 { a / b } else { 0.0 },
+    )
 }
 
 /// The comparison line under a pair of rows without and with EPLB: layer p50 (when timed),

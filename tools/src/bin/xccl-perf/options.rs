@@ -275,6 +275,12 @@ pub struct MoeArgs {
     /// measured without and with EPLB, repetitions interleaved, and the ratio printed.
     #[arg(long, value_name = "EXTRA[,POLICY]", value_parser = parse_eplb)]
     pub eplb: Option<Eplb>,
+    /// Normal mode across hosts, a comma-separated list: auto (the buffer's choice:
+    /// two-level on the hybrid backend), flat (every rank sends to every rank) or two-level
+    /// (once per remote host, through a gateway rank there). Two of them: each row is
+    /// measured in both, repetitions interleaved, and the ratio printed.
+    #[arg(long = "levels", value_delimiter = ',', default_value = "auto", value_parser = ["auto", "flat", "two-level"], value_name = "KIND[,KIND]")]
+    pub levels: Vec<String>,
 }
 
 /// `--eplb`: replica slots in all and the replica policy.
@@ -343,6 +349,18 @@ impl MoeArgs {
         self.job.warmup.map_or(2, |w| w as usize)
     }
 
+    /// The routings across hosts each normal-mode row runs (`--levels`).
+    pub fn two_levels(&self) -> Vec<xccl::moe::TwoLevel> {
+        use xccl::moe::TwoLevel;
+        (self.levels.iter())
+            .map(|l| match l.as_str() {
+                "flat" => TwoLevel::Off,
+                "two-level" => TwoLevel::On,
+                _ => TwoLevel::Auto,
+            })
+            .collect()
+    }
+
     /// The dispatches each normal-mode row runs (`--dispatch`, or its default).
     pub fn dispatches(&self) -> Vec<&str> {
         match &self.dispatch {
@@ -371,6 +389,12 @@ impl MoeArgs {
     pub fn check(&self, ranks: usize) -> Result<(), String> {
         if self.tokens.is_empty() {
             return Err("--tokens: give at least one count, like 128 or 1,8,128".into());
+        }
+        if self.levels.len() > 2 || (self.levels.len() == 2 && self.levels[0] == self.levels[1]) {
+            return Err("--levels: give one kind, or two to compare (like flat,two-level)".into());
+        }
+        if self.levels.len() > 1 && self.eplb.is_some() {
+            return Err("--levels with two kinds and --eplb: compare one at a time".into());
         }
         if self.variants().is_empty() {
             return Err("--dispatch zero-copy is a normal-mode dispatch: add --mode normal".into());
