@@ -58,8 +58,9 @@ open="${fence}text"
     echo
   done
   echo "\`benches/hosts_perf.sh 3\` (\`xccl-perf moe --np 4 --hosts 2 --tokens 4096 -n 5\`, two"
-  echo "emulated hosts of two ranks, on the tcp backend and on the hybrid one, runs interleaved;"
-  echo "flat dispatch: rows_xhost counts the (token, rank) rows that crossed hosts):"
+  echo "emulated hosts of two ranks, on the tcp backend and on the hybrid one, there flat and"
+  echo "two-level (\`--levels flat,two-level\`, repetitions interleaved), runs alternating;"
+  echo "rows_xhost counts the rows that crossed hosts, dispatch and combine):"
   echo
   echo "$open"
   PERF="$PERF" bash benches/hosts_perf.sh 3

@@ -120,3 +120,52 @@ fn a_stale_map_version_is_refused() {
         comm.barrier().unwrap();
     });
 }
+
+/// Two-level routing: a source that relays a record naming an expert on its own host (not
+/// the gateway's) is refused by the gateway (`ProtocolViolation`), never forwarded.
+#[cfg(all(feature = "shm", feature = "tcp"))]
+#[test]
+fn a_relayed_record_for_another_host_is_refused() {
+    use crate::moe::record::TokenRecord;
+    use crate::moe::TwoLevel;
+    let host_of = [0, 1];
+    let ranks = crate::transport::hybrid::in_process(&host_of, 256).unwrap();
+    std::thread::scope(|s| {
+        for t in ranks {
+            s.spawn(move || {
+                let timeout = Duration::from_secs(20);
+                let comm =
+                    Communicator::from_transport_on_hosts(Box::new(t), &host_of, timeout).unwrap();
+                // Experts 0, 1 on rank 0 (host 0); 2, 3 on rank 1 (host 1).
+                let mut cfg = MoeConfig::new(4, 16, 1, 8, Dtype::F32);
+                cfg.two_level = TwoLevel::On;
+                let mut buf = MoeBuffer::new(&comm, cfg).unwrap();
+                assert!(buf.two_level());
+                if comm.rank() == 0 {
+                    // Call 1's first relayed record, for expert 0: this rank's own.
+                    let mut rec = vec![0u8; buf.wire_rec()];
+                    TokenRecord::write(&mut rec, 1, 0, [(0i64, 1.0f32)].into_iter(), None);
+                    buf.paths[1]
+                        .put(buf.relay_off(1, 0, 0), &rec, Stores::Cached)
+                        .unwrap();
+                    let mut slot = [0u8; 32];
+                    let words = [1, 0, buf.routing.map.version()];
+                    (buf.mailbox)
+                        .post(&buf.paths[1], 0, 2, 1, &words, &mut slot)
+                        .unwrap();
+                    buf.relay_progress(1, 1).unwrap();
+                    comm.barrier().unwrap();
+                } else {
+                    match buf.dispatch(&[], &[], &[]) {
+                        Err(Error::ProtocolViolation(m)) => {
+                            assert!(m.contains("not on this host"), "{m}")
+                        }
+                        other => panic!("expected ProtocolViolation, got {:?}", other.map(|_| ())),
+                    }
+                    comm.barrier().unwrap();
+                }
+                comm.abort();
+            });
+        }
+    });
+}
