@@ -875,10 +875,10 @@ proptest! {
     }
 }
 
-/// Hosts for two-level routing: a random host per rank (at most three hosts), numbered by
-/// their lowest rank.
+/// Hosts for two-level routing: 2×2, 2×3 and 3×1 (hosts × ranks), or a random host per rank
+/// (at most three hosts), numbered by their lowest rank.
 fn host_table() -> impl Strategy<Value = Vec<usize>> {
-    (2usize..=6)
+    let random = (2usize..=6)
         .prop_flat_map(|n| proptest::collection::vec(0usize..3, n))
         .prop_map(|raw| {
             let mut seen: Vec<usize> = Vec::new();
@@ -891,7 +891,13 @@ fn host_table() -> impl Strategy<Value = Vec<usize>> {
                     }
                 })
                 .collect()
-        })
+        });
+    prop_oneof![
+        Just(vec![0, 0, 1, 1]),
+        Just(vec![0, 0, 0, 1, 1, 1]),
+        Just(vec![0, 1, 2]),
+        random,
+    ]
 }
 
 /// What one routing gave a rank: the combined rows, the rows received (source, token), the
