@@ -348,7 +348,9 @@ fn xccl_run_emulates_hosts() {
 }
 
 /// `xccl-perf ... --hosts 2` launches its ranks as two emulated hosts: the header names the
-/// hosts and MoE rows count what crossed them (fewer than all rows crossing ranks).
+/// hosts and MoE rows count what crossed them, both ways (flat: fewer than the rows crossing
+/// ranks, each counted out and back); `--levels flat,two-level` measures both routings and
+/// two-level sends fewer rows across.
 #[test]
 fn xccl_perf_emulates_hosts_and_counts_rows_across_them() {
     let _g = common::SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -377,8 +379,23 @@ fn xccl_perf_emulates_hosts_and_counts_rows_across_them() {
         r["rows_cross_host"].as_u64().unwrap(),
         r["rows_out"].as_u64().unwrap(),
     );
-    assert!(crossed > 0 && crossed < out, "{r}");
+    // Flat: each row that leaves the host comes back once (dispatch and combine counted).
+    assert!(crossed > 0 && crossed % 2 == 0 && crossed < 2 * out, "{r}");
     assert_eq!(r["wrong"], 0);
+    // The hybrid backend, flat and two-level side by side: two-level sends fewer rows across.
+    let mut args = args.clone();
+    let at = args.iter().position(|&a| a == "tcp").unwrap();
+    args[at] = "hybrid";
+    args.extend(["--levels", "flat,two-level"]);
+    let (stdout, rows) = perf_json("moe-hosts-levels", &args);
+    assert!(stdout.contains("copy+2lvl vs copy"), "{stdout}");
+    let crossed = |r: &serde_json::Value| r["rows_cross_host"].as_u64().unwrap();
+    assert_eq!(
+        (&rows[0]["dispatch"], &rows[1]["dispatch"]),
+        (&"copy".into(), &"copy+2lvl".into())
+    );
+    assert!(crossed(&rows[1]) < crossed(&rows[0]), "{rows:?}");
+    assert!(rows.iter().all(|r| r["wrong"] == 0), "{rows:?}");
 }
 
 /// Reads the first line `program` prints, closes the pipe, and returns its exit status and
