@@ -108,14 +108,19 @@ impl Communicator {
     /// use xccl::transport::hybrid;
     /// // Four ranks as threads, two emulated hosts of two.
     /// let host_of = [0, 0, 1, 1];
-    /// let comms: Vec<_> = hybrid::in_process(&host_of, 4096)?
-    ///     .into_iter()
-    ///     .map(|t| {
-    ///         let t = Box::new(t);
-    ///         xccl::Communicator::from_transport_on_hosts(t, &host_of, Duration::from_secs(30))
-    ///     })
-    ///     .collect::<xccl::Result<_>>()?;
-    /// assert_eq!(comms[3].hosts().host_of(2), 1);
+    /// let ranks = hybrid::in_process(&host_of, 4096)?;
+    /// std::thread::scope(|s| {
+    ///     for t in ranks {
+    ///         s.spawn(move || {
+    ///             let timeout = Duration::from_secs(30);
+    ///             let t = Box::new(t);
+    ///             let comm = xccl::Communicator::from_transport_on_hosts(t, &host_of, timeout);
+    ///             let comm = comm.expect("a communicator");
+    ///             assert_eq!(comm.hosts().host_of(2), 1);
+    ///             comm.close().expect("closed"); // collective: every rank at once
+    ///         });
+    ///     }
+    /// });
     /// # Ok::<(), xccl::Error>(())
     /// ```
     pub fn from_transport_on_hosts(
