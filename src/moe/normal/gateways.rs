@@ -222,12 +222,11 @@ impl<'c> MoeBuffer<'c> {
     /// Writes this rank's rows received per source into its table (read by the gateways of
     /// its host after its combine announcement, which orders these stores before it).
     pub(super) fn publish_counts(&self, epoch: u64) -> Result<()> {
-        let mut words = Vec::with_capacity(8 * self.recv_counts.len());
-        for &c in &self.recv_counts {
-            words.extend_from_slice(&(c as u64).to_le_bytes());
+        let (t, at) = (self.comm.transport(), self.table_off(epoch));
+        for (src, &c) in self.recv_counts.iter().enumerate() {
+            t.write_local(self.lease.window(), at + 8 * src, &(c as u64).to_le_bytes())?;
         }
-        let t = self.comm.transport();
-        t.write_local(self.lease.window(), self.table_off(epoch), &words)
+        Ok(())
     }
 
     /// Gateway: waits for every source it serves to announce its relayed records for call
@@ -256,7 +255,9 @@ impl<'c> MoeBuffer<'c> {
         let mut gw = gw;
         let mut masks = std::mem::take(&mut gw.masks[src]);
         let mut index = std::mem::take(&mut gw.index[src]);
-        let mut forwarded = vec![0usize; gw.local.len()];
+        let mut forwarded = std::mem::take(&mut gw.forwarded[src]);
+        forwarded.clear();
+        forwarded.resize(gw.local.len(), 0);
         let lists = (&mut masks, &mut index, &mut forwarded[..]);
         let result = self.forward_records(&gw, src, (count, epoch), lists);
         gw.relay_got[src] += count as u64;
@@ -391,25 +392,26 @@ impl<'c> MoeBuffer<'c> {
     /// checked against what was forwarded to it.
     pub(super) fn locate_partials(&mut self, de: u64) -> Result<()> {
         let (me, n) = (self.comm.rank(), self.comm.world_size());
+        let t = self.comm.transport();
         let mut gw = self.gw.take().expect("two-level routing");
         let result = (|| -> Result<()> {
             let capacity = n * self.cfg.max_tokens;
             let table = (de % 2) as usize * self.half + gw.table_at;
             for (li, &d) in gw.local.iter().enumerate() {
-                let counts: Vec<usize> = if d == me {
-                    self.recv_counts.clone()
-                } else {
+                let bytes = match d == me {
+                    // SAFETY: this rank's own table, written by its dispatch; only peers read it.
+                    true => unsafe { t.local_slice(self.lease.window(), table, 8 * n)? },
                     // SAFETY: `d` wrote its table before the combine announcement this rank
                     // waited for and rewrites this epoch's table only at the next-but-one
                     // dispatch, which needs this rank's next dispatch first.
-                    let bytes = unsafe { self.paths[d].rows(table, 8 * n)? };
-                    bytes
-                        .chunks(8)
-                        .map(|w| u64::from_le_bytes(w.try_into().expect("8")) as usize)
-                        .collect()
+                    false => unsafe { self.paths[d].rows(table, 8 * n)? },
                 };
+                let counts = bytes.chunks(8).map(|w| {
+                    let w: [u8; 8] = w.try_into().expect("8 bytes");
+                    usize::try_from(u64::from_le_bytes(w)).unwrap_or(usize::MAX)
+                });
                 let mut start = 0usize;
-                for (src, &count) in counts.iter().enumerate() {
+                for (src, count) in counts.enumerate() {
                     if count > self.cfg.max_tokens || start + count > capacity {
                         return Err(Error::ProtocolViolation(format!(
                             "rank {d} published {count} rows from rank {src} (from {start})"

@@ -4,7 +4,9 @@
 //! Dispatch puts each token row straight from the caller's input into the window of every
 //! rank that holds one of its experts — once per destination rank, however many of that
 //! rank's experts chose it — with a small metadata record (source token, the rank's chosen
-//! experts and their weights). Rows land grouped by source rank, in token order. Combine
+//! experts and their weights). Rows land grouped by source rank, in token order. Across hosts
+//! a token may instead cross the network once per remote host, to a gateway rank there that
+//! its host's ranks read it from (two-level routing: `gateways`). Combine
 //! brings one row per (token, expert rank) back to the token's home, already reduced over that
 //! rank's experts; the home sums the rows in f32 in a fixed order (per host, then across hosts:
 //! [`MoeBuffer::combine`]), so the result is the same bits
