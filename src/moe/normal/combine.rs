@@ -176,7 +176,7 @@ impl<'c> MoeBuffer<'c> {
         }
         match &self.gw {
             None => Some(self.recv_counts[home]),
-            Some(gw) => gw.serves[home].then(|| gw.relayed(home)),
+            Some(gw) => gw.serves(home).then(|| gw.relayed(home)),
         }
     }
 
@@ -239,7 +239,7 @@ impl<'c> MoeBuffer<'c> {
                     continue;
                 }
                 rows.push(self.output_row(r, cursors[r], own, returns, (de, epoch))?);
-                hosts.push(self.host_of[r]);
+                hosts.push(self.comm.hosts().host_of(r));
                 cursors[r] += 1;
             }
             if hosts.first().is_none_or(|&h| hosts.iter().all(|&x| x == h)) {
@@ -381,8 +381,6 @@ fn sum_by_host(
     partials: &mut Vec<u8>,
 ) {
     let rb = out.len();
-    let groups = 1 + hosts.windows(2).filter(|w| w[0] != w[1]).count();
-    partials.resize(groups * rb, 0);
     let mut spans: SmallVec<[(usize, usize); 8]> = SmallVec::new();
     let mut first = 0;
     for i in 1..=hosts.len() {
@@ -391,6 +389,7 @@ fn sum_by_host(
             first = i;
         }
     }
+    partials.resize(spans.len() * rb, 0);
     for (&(a, b), part) in spans.iter().zip(partials.chunks_mut(rb)) {
         if b - a > 1 {
             sum_rows(dtype, part, &rows[a..b], None);

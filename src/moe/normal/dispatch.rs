@@ -201,11 +201,12 @@ impl<'c> MoeBuffer<'c> {
             idx,
             weights: topk_weights,
         };
-        layout.count_hosts(&self.host_of);
+        let hosts = self.comm.hosts();
+        layout.count_hosts(hosts.table());
         // Two-level: one relay per other host first (the network is the long way), then
         // this host's ranks directly.
         if let Some(gw) = &self.gw {
-            for r in (0..n).filter(|&r| !gw.same_host(r, me)) {
+            for r in (0..n).filter(|&r| !hosts.same_host(r, me)) {
                 self.sent[r].clear();
             }
             let vias: SmallVec<[(usize, usize); 8]> = (gw.via.iter().enumerate())
@@ -225,7 +226,7 @@ impl<'c> MoeBuffer<'c> {
         // then every peer's, each announced as soon as its rows are out.
         for step in 0..n {
             let dst = (me + step) % n;
-            if self.gw.as_ref().is_some_and(|gw| !gw.same_host(dst, me)) {
+            if self.gw.is_some() && !hosts.same_host(dst, me) {
                 continue;
             }
             let leave = in_place && dst != me && self.paths[dst].is_mapped();
@@ -277,7 +278,7 @@ impl<'c> MoeBuffer<'c> {
         debug_assert!(batch || matches!(to, To::Rank(_)));
         let stage_off = |b: &Self, first: usize| match to {
             To::Rank(_) => b.wire_off(epoch, me, first),
-            To::Host(..) => b.relay_off(epoch, me, first),
+            To::Host(..) => b.relay_off(b.gateways(), epoch, me, first),
         };
         let stores = match dst != me && layout.tokens_per_rank[dst] * row_bytes >= STREAM_BYTES {
             true => Stores::Streaming,
@@ -295,12 +296,12 @@ impl<'c> MoeBuffer<'c> {
         for tok in (0..self.tokens).filter(|&tok| wanted(tok)) {
             let i = self.sent[dst].len();
             let quantized = self.cfg.int8_dispatch && dst != me;
-            let (slot_rank, host_of) = (&self.routing.slot_rank, &self.host_of);
+            let (slot_rank, hosts) = (&self.routing.slot_rank, self.comm.hosts());
             let chosen = choices.of(tok, k).filter(|&(s, _)| {
                 s >= 0
                     && match to {
                         To::Rank(r) => slot_rank[s as usize] == r,
-                        To::Host(h, _) => host_of[slot_rank[s as usize]] == h,
+                        To::Host(h, _) => hosts.host_of(slot_rank[s as usize]) == h,
                     }
             });
             let scale = quantized.then(|| self.scales[tok]);
@@ -373,7 +374,7 @@ impl<'c> MoeBuffer<'c> {
                 continue;
             }
             // Relayed here: forwarded to this rank by itself (count and place are kept).
-            if self.gw.as_ref().is_some_and(|gw| gw.serves[src]) {
+            if self.gw.as_ref().is_some_and(|gw| gw.serves(src)) {
                 continue;
             }
             let (count, flag) = self.collect(src, 0, epoch)?;

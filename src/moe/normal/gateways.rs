@@ -29,14 +29,14 @@ const MAX_LOCAL: usize = 64;
 
 /// Who relays for whom, and what the last dispatch relayed (two-level routing).
 pub(super) struct Gateways {
-    /// Host of every rank.
-    pub(super) host_of: Vec<usize>,
     /// By host: the rank this rank relays its tokens through (none for its own host).
     pub(super) via: Vec<Option<usize>>,
     /// This host's ranks, ascending.
     local: Vec<usize>,
-    /// By rank: whether this rank is its gateway here.
-    pub(super) serves: Vec<bool>,
+    /// By rank: its gateway on this host (none for this host's ranks).
+    here: Vec<Option<usize>>,
+    /// This rank.
+    me: usize,
     /// Where, in an epoch's half of the window, relayed records land (by source), partial
     /// sums are staged (by source), and this rank's table of rows received per source lies.
     relay_at: usize,
@@ -130,14 +130,14 @@ impl Gateways {
         let via = (0..hosts.count())
             .map(|h| (h != host).then(|| gateway(me, h)))
             .collect();
-        let serves = (0..n)
-            .map(|s| hosts.host_of(s) != host && gateway(s, host) == me)
+        let here = (0..n)
+            .map(|s| (hosts.host_of(s) != host).then(|| gateway(s, host)))
             .collect();
         Gateways {
-            host_of: hosts.table().to_vec(),
             via,
             local: hosts.ranks_on(host),
-            serves,
+            here,
+            me,
             relay_at: at,
             partial_at: at + regions.relay,
             table_at: at + regions.relay + regions.partial,
@@ -153,19 +153,17 @@ impl Gateways {
 
     /// The gateway on this host of source `src` on another host (`None` for this host's).
     pub(super) fn gateway_here(&self, src: usize) -> Option<usize> {
-        let h = self.host_of[src];
-        let index = self.host_of[..src].iter().filter(|&&x| x == h).count();
-        (!self.local.contains(&src)).then(|| self.local[index % self.local.len()])
+        self.here[src]
     }
 
-    /// Whether ranks `a` and `b` share a host.
-    pub(super) fn same_host(&self, a: usize, b: usize) -> bool {
-        self.host_of[a] == self.host_of[b]
+    /// Whether this rank is the gateway here of `src`.
+    pub(super) fn serves(&self, src: usize) -> bool {
+        self.here[src] == Some(self.me)
     }
 
     /// Whether rank `r` returns rows to this rank over the network (it relays for it).
     pub(super) fn returns_from(&self, r: usize) -> bool {
-        self.via[self.host_of[r]] == Some(r)
+        self.via.contains(&Some(r))
     }
 
     /// Rows this rank returns to `home` (relayed for it by the last dispatch).
@@ -175,31 +173,30 @@ impl Gateways {
 }
 
 impl<'c> MoeBuffer<'c> {
-    fn gateways(&self) -> &Gateways {
+    pub(super) fn gateways(&self) -> &Gateways {
         self.gw.as_ref().expect("two-level routing")
     }
 
     /// Where relayed record `j` from `src` lands in a gateway's window (packed, as records
-    /// sent over a network are: [`Self::wire_rec`] apart).
-    pub(super) fn relay_off(&self, epoch: u64, src: usize, j: usize) -> usize {
-        let at = self.gateways().relay_at;
+    /// sent over a network are: [`Self::wire_rec`] apart). `gw`: this rank's plan (the same
+    /// regions on every rank), passed where it is taken out of the buffer.
+    pub(super) fn relay_off(&self, gw: &Gateways, epoch: u64, src: usize, j: usize) -> usize {
         (epoch % 2) as usize * self.half
-            + at
+            + gw.relay_at
             + src * self.cfg.max_tokens * self.rec
             + j * self.wire_rec()
     }
 
     /// Where the gateway stages the partial sum for relayed token `j` of `src`.
-    fn partial_off(&self, epoch: u64, src: usize, j: usize) -> usize {
-        let at = self.gateways().partial_at;
+    fn partial_off(&self, gw: &Gateways, epoch: u64, src: usize, j: usize) -> usize {
         (epoch % 2) as usize * self.half
-            + at
+            + gw.partial_at
             + (src * self.cfg.max_tokens + j) * self.cfg.row_bytes()
     }
 
-    /// Where this rank's table of rows received per source lies, for dispatch `epoch`.
-    fn table_off(&self, epoch: u64) -> usize {
-        (epoch % 2) as usize * self.half + self.gateways().table_at
+    /// Where a rank's table of rows received per source lies, for dispatch `epoch`.
+    fn table_off(&self, gw: &Gateways, epoch: u64) -> usize {
+        (epoch % 2) as usize * self.half + gw.table_at
     }
 
     /// Source: tells `gateway` that `sent` of this call's records relayed to it are in (the
@@ -222,7 +219,10 @@ impl<'c> MoeBuffer<'c> {
     /// Writes this rank's rows received per source into its table (read by the gateways of
     /// its host after its combine announcement, which orders these stores before it).
     pub(super) fn publish_counts(&self, epoch: u64) -> Result<()> {
-        let (t, at) = (self.comm.transport(), self.table_off(epoch));
+        let (t, at) = (
+            self.comm.transport(),
+            self.table_off(self.gateways(), epoch),
+        );
         for (src, &c) in self.recv_counts.iter().enumerate() {
             t.write_local(self.lease.window(), at + 8 * src, &(c as u64).to_le_bytes())?;
         }
@@ -235,7 +235,7 @@ impl<'c> MoeBuffer<'c> {
     pub(super) fn forward_relays(&mut self, epoch: u64) -> Result<()> {
         let n = self.comm.world_size();
         for src in 0..n {
-            if !self.gateways().serves[src] {
+            if !self.gateways().serves(src) {
                 continue;
             }
             let (count, flag) = self.collect(src, 2, epoch)?;
@@ -251,8 +251,7 @@ impl<'c> MoeBuffer<'c> {
 
     /// Forwards the `count` records `src` relayed here, checked, and announces the counts.
     fn forward_from(&mut self, src: usize, count: usize, epoch: u64) -> Result<()> {
-        let gw = self.gw.take().expect("two-level routing");
-        let mut gw = gw;
+        let mut gw = self.gw.take().expect("two-level routing");
         let mut masks = std::mem::take(&mut gw.masks[src]);
         let mut index = std::mem::take(&mut gw.index[src]);
         let mut forwarded = std::mem::take(&mut gw.forwarded[src]);
@@ -292,8 +291,7 @@ impl<'c> MoeBuffer<'c> {
             true => Stores::Streaming,
             false => Stores::Cached,
         };
-        let first =
-            (epoch % 2) as usize * self.half + gw.relay_at + src * self.cfg.max_tokens * self.rec;
+        let first = self.relay_off(gw, epoch, src, 0);
         masks.clear();
         index.clear();
         let in_place = !self.cfg.int8_dispatch;
@@ -396,7 +394,7 @@ impl<'c> MoeBuffer<'c> {
         let mut gw = self.gw.take().expect("two-level routing");
         let result = (|| -> Result<()> {
             let capacity = n * self.cfg.max_tokens;
-            let table = (de % 2) as usize * self.half + gw.table_at;
+            let table = self.table_off(&gw, de);
             for (li, &d) in gw.local.iter().enumerate() {
                 let bytes = match d == me {
                     // SAFETY: this rank's own table, written by its dispatch; only peers read it.
@@ -417,7 +415,7 @@ impl<'c> MoeBuffer<'c> {
                             "rank {d} published {count} rows from rank {src} (from {start})"
                         )));
                     }
-                    if gw.serves[src] {
+                    if gw.serves(src) {
                         if count != gw.forwarded[src][li] {
                             return Err(Error::ProtocolViolation(format!(
                                 "rank {d} counted {count} rows from rank {src}; {} were \
@@ -450,7 +448,7 @@ impl<'c> MoeBuffer<'c> {
         let t = self.comm.transport();
         let gw = self.gateways();
         let locals = gw.local.len();
-        let off = self.partial_off(epoch, home, from);
+        let off = self.partial_off(gw, epoch, home, from);
         // SAFETY: this rank's own staging rows for `home`, written only here, in this
         // combine, and read only by the put that follows (puts copy out before they return).
         let out = unsafe { t.local_slice_mut(self.lease.window(), off, (to - from) * rb)? };

@@ -199,10 +199,9 @@ pub struct MoeBuffer<'c> {
     input_busy: bool,
     /// Two-level routing across hosts ([`crate::moe::TwoLevel`]), when chosen.
     gw: Option<Gateways>,
-    /// Combine: the ranks in the order a home adds their rows (by host, then rank), each
-    /// one's host, and one partial sum per host (scratch).
+    /// Combine: the ranks in the order a home adds their rows (by host, then rank), and one
+    /// partial sum per host (scratch).
     sum_order: Vec<usize>,
-    host_of: Vec<usize>,
     partials: Vec<u8>,
 }
 
@@ -314,7 +313,6 @@ impl<'c> MoeBuffer<'c> {
             input_busy: false,
             gw,
             sum_order,
-            host_of: hosts.table().to_vec(),
             partials: Vec::new(),
             cfg,
         })
@@ -408,7 +406,7 @@ impl<'c> MoeBuffer<'c> {
     /// ```
     pub fn rows_across_hosts(&self) -> (usize, usize) {
         let me = self.comm.rank();
-        let away = |r: &usize| self.host_of[*r] != self.host_of[me];
+        let away = |r: &usize| !self.comm.hosts().same_host(*r, me);
         let n = self.comm.world_size();
         let dispatched = (0..n).filter(away).map(|r| self.sent[r].len()).sum();
         let combined = match self.dispatched {

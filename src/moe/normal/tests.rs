@@ -146,7 +146,7 @@ fn a_relayed_record_for_another_host_is_refused() {
                     let mut rec = vec![0u8; buf.wire_rec()];
                     TokenRecord::write(&mut rec, 1, 0, [(0i64, 1.0f32)].into_iter(), None);
                     buf.paths[1]
-                        .put(buf.relay_off(1, 0, 0), &rec, Stores::Cached)
+                        .put(buf.relay_off(buf.gateways(), 1, 0, 0), &rec, Stores::Cached)
                         .unwrap();
                     let mut slot = [0u8; 32];
                     let words = [1, 0, buf.routing.map.version()];

@@ -95,7 +95,7 @@ impl<'a> DispatchView<'a> {
             if j >= b.cfg.max_tokens {
                 return Err(bad(format!("relay index {j}")));
             }
-            let off = b.relay_off(b.disp_epoch, src, j) + b.meta;
+            let off = b.relay_off(b.gateways(), b.disp_epoch, src, j) + b.meta;
             // Safe to read: the gateway received the row before it announced this record,
             // and `src` rewrites this epoch's relay region only at the next-but-one dispatch,
             // which needs the partial sums of the next combine, which the gateway makes only
