@@ -32,6 +32,7 @@ mod low_latency;
 mod normal;
 pub mod quant;
 mod record;
+mod scale;
 mod stats;
 mod sum;
 #[cfg(target_arch = "x86_64")]
@@ -48,6 +49,7 @@ pub use eplb::{
 pub use layout::{dispatch_layout, Layout};
 pub use low_latency::{ExpertRow, LowLatencyBuffer, LowLatencyView};
 pub use normal::{DispatchView, MoeBuffer, RecvRow};
+pub use scale::scale_row;
 pub use stats::MoeStats;
 pub use sum::sum_rows;
 

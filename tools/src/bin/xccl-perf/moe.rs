@@ -68,7 +68,6 @@ impl Run<'_> {
 /// Buffers one configuration's repetitions reuse.
 struct Scratch {
     reduced: Vec<u8>,
-    sums: Vec<f32>,
     x: Vec<u8>,
     out: Vec<u8>,
 }
@@ -77,7 +76,6 @@ impl Scratch {
     fn new(work: &Workload) -> Self {
         Scratch {
             reduced: Vec::new(),
-            sums: Vec::new(),
             x: work.x.clone(),
             out: vec![0u8; work.x.len()],
         }
@@ -126,8 +124,7 @@ fn one_rep(
     let hosts = comm.hosts();
     let from_others = from(&|src| src != me);
     let from_other_hosts = from(&|src| !hosts.same_host(src, me));
-    let scratch_rows = (&mut scratch.reduced, &mut scratch.sums);
-    let pairs = run_experts(&mut view, run.expert, run.in_window, scratch_rows)?;
+    let pairs = run_experts(&mut view, run.expert, run.in_window, &mut scratch.reduced)?;
     let _ = view;
     if run.expert_us > 0.0 {
         let until = s1 + Duration::from_secs_f64(pairs as f64 * run.expert_us * 1e-6);

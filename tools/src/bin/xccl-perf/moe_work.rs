@@ -8,7 +8,7 @@ use crate::options::{MoeArgs, Routing};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use xccl::copy::{copy_streaming, store_fence};
-use xccl::moe::{Dispatched, Dtype, MoeConfig};
+use xccl::moe::{scale_row, Dispatched, Dtype, MoeConfig};
 use xccl::Result;
 
 /// Top-k distinct experts for each of `tokens` tokens, drawn without replacement from the
@@ -145,7 +145,7 @@ pub fn run_experts(
     view: &mut Dispatched<'_>,
     expert: Expert,
     in_window: bool,
-    (reduced, sums): (&mut Vec<u8>, &mut Vec<f32>),
+    reduced: &mut Vec<u8>,
 ) -> Result<usize> {
     reduced.clear();
     let rb = view.config().row_bytes();
@@ -153,7 +153,7 @@ pub fn run_experts(
         reduced.resize(view.len() * rb, 0);
     }
     match expert {
-        Expert::Identity => identity(view, in_window, reduced, sums),
+        Expert::Identity => identity(view, in_window, reduced),
         Expert::Copy => copy(view, in_window, reduced),
     }
 }
@@ -172,14 +172,8 @@ fn output<'v>(
 }
 
 /// Identity experts: each received token's row times the sum of its experts' weights here,
-/// computed in f32 a row at a time in `sums` (one row, kept from call to call) and written
-/// straight into the output.
-fn identity<'a>(
-    view: &mut Dispatched<'a>,
-    in_window: bool,
-    reduced: &mut [u8],
-    sums: &mut Vec<f32>,
-) -> Result<usize> {
+/// written straight into the output in one pass (`scale_row`).
+fn identity<'a>(view: &mut Dispatched<'a>, in_window: bool, reduced: &mut [u8]) -> Result<usize> {
     let mut pairs = 0;
     let (dtype, rb) = (view.config().dtype, view.config().row_bytes());
     // Per received token: the sum of its weights here and its row (rows live as long as the
@@ -205,11 +199,8 @@ fn identity<'a>(
             .collect(),
     };
     let out = output(view, in_window, reduced)?;
-    sums.resize(rb / dtype.size(), 0.0);
     for ((ws, data), dst) in tokens.into_iter().zip(out.chunks_exact_mut(rb)) {
-        sums.fill(0.0);
-        dtype.accumulate_scaled(sums, data, ws);
-        dtype.store_row(dst, sums);
+        scale_row(dtype, dst, data, ws);
     }
     Ok(pairs)
 }
