@@ -239,7 +239,13 @@ impl Shared {
         let Some(s) = guard.as_mut() else { return };
         let start = Instant::now();
         let stopped = || self.must_stop_writing() || start.elapsed() > self.cfg.peer_timeout;
-        match write_all_parts(s, &Frame::new(Kind::Heartbeat).encode(), &[], &stopped) {
+        match write_all_parts(
+            s,
+            &Frame::new(Kind::Heartbeat).encode(),
+            &[],
+            false,
+            &stopped,
+        ) {
             Ok(()) => self.last_sent[peer].store(self.now_us(), Ordering::Relaxed),
             Err(WriteEnd::Stopped) if !self.must_stop_writing() => {
                 drop(guard);

@@ -30,9 +30,14 @@ impl Shared {
             return Err(Error::Invalid(format!("no link to rank {peer}")));
         };
         let stopped = || self.must_stop_writing();
+        // A plain write is seen by the peer only after a later signal (or answered after a
+        // later flush or read) on this same stream, each sent without this flag: the kernel
+        // may hold it back and send it with what follows (a record and its announcement
+        // leave in one segment).
+        let more = f.kind == Kind::Write && f.flags & FLAG_SIGNAL == 0;
         let r = match parts {
-            [payload] => write_all_vectored(s, &hdr, payload, &stopped),
-            _ => write_all_parts(s, &hdr, parts, &stopped),
+            [payload] => write_all_vectored(s, &hdr, payload, more, &stopped),
+            _ => write_all_parts(s, &hdr, parts, more, &stopped),
         };
         if r.is_ok() && self.aborted.load(Ordering::SeqCst) != 0 {
             // `abort` found this link busy: the peer still has to hear of it.
@@ -66,7 +71,7 @@ impl Shared {
             return;
         }
         let hdr = Frame::new(Kind::Abort).encode();
-        if write_all_parts(s, &hdr, &[], &|| true).is_err() {
+        if write_all_parts(s, &hdr, &[], false, &|| true).is_err() {
             self.shutdown_link(peer);
         }
     }
@@ -121,7 +126,7 @@ impl Shared {
         if let Some(s) = guard.as_mut() {
             let hdr = Frame::new(Kind::Bye).encode();
             let stopped = || self.must_stop_writing();
-            if write_all_parts(s, &hdr, &[], &stopped).is_err() {
+            if write_all_parts(s, &hdr, &[], false, &stopped).is_err() {
                 self.shutdown_link(peer);
             }
             // SeqCst pair with `peer_said_bye`: the goodbye flag is stored there before the
@@ -153,16 +158,26 @@ impl Shared {
     }
 }
 
-/// One vectored write that never raises SIGPIPE: a peer gone is an error for the caller, not
-/// a signal that ends a process whose SIGPIPE is not ignored.
-fn send_parts(s: &TcpStream, parts: &[IoSlice<'_>]) -> std::io::Result<usize> {
-    let mut no_control = SendAncillaryBuffer::default();
-    sendmsg(s, parts, &mut no_control, SendFlags::NOSIGNAL).map_err(Into::into)
+/// The flags of every write: never SIGPIPE (a peer gone is an error for the caller, not a
+/// signal that ends a process whose SIGPIPE is not ignored), and `MSG_MORE` when `more`
+/// (more follows soon: the kernel may hold a partial segment back for it).
+fn flags(more: bool) -> SendFlags {
+    if more {
+        SendFlags::NOSIGNAL | SendFlags::MORE
+    } else {
+        SendFlags::NOSIGNAL
+    }
 }
 
-/// One plain write that never raises SIGPIPE (see [`send_parts`]).
-pub(crate) fn send_bytes(s: &TcpStream, bytes: &[u8]) -> std::io::Result<usize> {
-    send(s, bytes, SendFlags::NOSIGNAL).map_err(Into::into)
+/// One vectored write (see [`flags`]).
+fn send_parts(s: &TcpStream, parts: &[IoSlice<'_>], more: bool) -> std::io::Result<usize> {
+    let mut no_control = SendAncillaryBuffer::default();
+    sendmsg(s, parts, &mut no_control, flags(more)).map_err(Into::into)
+}
+
+/// One plain write (see [`flags`]).
+pub(crate) fn send_bytes(s: &TcpStream, bytes: &[u8], more: bool) -> std::io::Result<usize> {
+    send(s, bytes, flags(more)).map_err(Into::into)
 }
 
 /// Writes a header and its payload (`stopped` as in [`retrying`]).
@@ -170,6 +185,7 @@ pub(super) fn write_all_vectored(
     s: &mut TcpStream,
     hdr: &[u8],
     payload: &[u8],
+    more: bool,
     stopped: &dyn Fn() -> bool,
 ) -> std::result::Result<(), WriteEnd> {
     if payload.len() <= 256 {
@@ -177,18 +193,27 @@ pub(super) fn write_all_vectored(
         let mut one = [0u8; HDR + 256];
         one[..hdr.len()].copy_from_slice(hdr);
         one[hdr.len()..hdr.len() + payload.len()].copy_from_slice(payload);
-        return write_all_parts(s, &one[..hdr.len() + payload.len()], &[], stopped);
+        return write_all_parts(s, &one[..hdr.len() + payload.len()], &[], more, stopped);
     }
     let total = hdr.len() + payload.len();
     let mut done = 0;
     while done < total {
         done += if done < hdr.len() {
             retrying(
-                || send_parts(s, &[IoSlice::new(&hdr[done..]), IoSlice::new(payload)]),
+                || {
+                    send_parts(
+                        s,
+                        &[IoSlice::new(&hdr[done..]), IoSlice::new(payload)],
+                        more,
+                    )
+                },
                 stopped,
             )?
         } else {
-            retrying(|| send_bytes(s, &payload[done - hdr.len()..]), stopped)?
+            retrying(
+                || send_bytes(s, &payload[done - hdr.len()..], more),
+                stopped,
+            )?
         };
     }
     Ok(())
@@ -200,6 +225,7 @@ pub(super) fn write_all_parts(
     s: &mut TcpStream,
     hdr: &[u8],
     parts: &[&[u8]],
+    more: bool,
     stopped: &dyn Fn() -> bool,
 ) -> std::result::Result<(), WriteEnd> {
     let mut slices: SmallVec<[IoSlice; 8]> = std::iter::once(hdr)
@@ -209,7 +235,7 @@ pub(super) fn write_all_parts(
         .collect();
     let mut rest = &mut slices[..];
     while !rest.is_empty() {
-        let n = retrying(|| send_parts(s, rest), stopped)?;
+        let n = retrying(|| send_parts(s, rest, more), stopped)?;
         IoSlice::advance_slices(&mut rest, n);
     }
     Ok(())
