@@ -270,9 +270,7 @@ impl<'c> MoeBuffer<'c> {
                 Some(own) => Ok(&own[at * row_bytes..(at + 1) * row_bytes]),
                 // SAFETY: this rank's own expert output, written before this call; peers
                 // only read it.
-                None => unsafe {
-                    t.local_slice(self.lease.window(), self.out_off(de, at), row_bytes)
-                },
+                None => unsafe { self.own.slice(self.out_off(de, at), row_bytes) },
             };
         }
         if self.paths[r].is_mapped() {
@@ -296,7 +294,7 @@ impl<'c> MoeBuffer<'c> {
         // SAFETY: rank r put this row before the signal read above (the transport applies a
         // signal after the data it follows) and writes this epoch's region again only at the
         // next-but-one combine (module docs).
-        unsafe { t.local_slice(self.lease.window(), self.comb_off(epoch, r, i), row_bytes) }
+        unsafe { self.own.slice(self.comb_off(epoch, r, i), row_bytes) }
     }
 
     /// Sends the next planned return; after the last, the count to every network home.

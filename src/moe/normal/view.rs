@@ -63,11 +63,10 @@ impl<'a> DispatchView<'a> {
                 "no row {i} from rank {src}"
             )));
         }
-        let t = b.comm.transport();
         let off = b.disp_off(b.disp_epoch, src, i);
         // SAFETY: announced by the signal the dispatch waited for; not rewritten before the
         // next-but-one dispatch, which cannot start while this view borrows the buffer.
-        let meta = unsafe { t.local_slice(b.lease.window(), off, b.meta)? };
+        let meta = unsafe { b.own.slice(off, b.meta)? };
         let rb = b.cfg.row_bytes();
         let record = TokenRecord::read(meta, b.cfg.topk);
         let src_token = record.token();
@@ -103,13 +102,13 @@ impl<'a> DispatchView<'a> {
             // gateway is mapped (checked when the announcement was read).
             match g == me {
                 // SAFETY: see above (this rank is the gateway).
-                true => unsafe { t.local_slice(b.lease.window(), off, rb)? },
+                true => unsafe { b.own.slice(off, rb)? },
                 // SAFETY: see above.
                 false => unsafe { b.paths[g].rows(off, rb)? },
             }
         } else {
             // SAFETY: as for `meta`.
-            unsafe { t.local_slice(b.lease.window(), off + b.meta, rb)? }
+            unsafe { b.own.slice(off + b.meta, rb)? }
         };
         experts.clear();
         let chosen = record.experts().ok_or_else(|| {
