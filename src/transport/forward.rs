@@ -102,6 +102,20 @@ macro_rules! forward_transport {
             self.$f.put_signal(peer, win, offset, data, index, op, value)
         }
     };
+    (@one $f:tt put_signal_then) => {
+        fn put_signal_then(
+            &self,
+            peer: usize,
+            win: &$crate::transport::Window,
+            offset: usize,
+            data: &[u8],
+            index: usize,
+            op: $crate::transport::SignalOp,
+            value: u64,
+        ) -> $crate::Result<()> {
+            self.$f.put_signal_then(peer, win, offset, data, index, op, value)
+        }
+    };
     (@one $f:tt wait) => {
         fn wait(
             &self,

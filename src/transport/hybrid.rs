@@ -468,6 +468,28 @@ impl Transport for HybridTransport {
         }
     }
 
+    fn put_signal_then(
+        &self,
+        peer: usize,
+        win: &Window,
+        offset: usize,
+        data: &[u8],
+        index: usize,
+        op: SignalOp,
+        value: u64,
+    ) -> Result<()> {
+        if !matches!(self.via(peer)?, Via::Net) {
+            return self.put_signal(peer, win, offset, data, index, op, value);
+        }
+        check_range(win.len(), offset, data.len())?;
+        check_signal(index, self.opts.num_signals)?;
+        self.shm_window(win)?;
+        let signal = Some((index, op == SignalOp::Set, value));
+        Ok(self
+            .node
+            .write_then(peer, win.id(), offset as u64, data, signal)?)
+    }
+
     fn get(&self, peer: usize, win: &Window, offset: usize, out: &mut [u8]) -> Result<()> {
         check_range(win.len(), offset, out.len())?;
         match self.via(peer)? {

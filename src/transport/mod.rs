@@ -197,6 +197,23 @@ pub trait Transport: Send + Sync {
         self.signal(peer, index, op, value)
     }
 
+    /// `put_signal` that this rank follows at once with another operation to `peer` (and
+    /// does follow, without waiting in between): a network backend may hold it back to send
+    /// both in one transfer.
+    #[allow(clippy::too_many_arguments)]
+    fn put_signal_then(
+        &self,
+        peer: usize,
+        win: &Window,
+        offset: usize,
+        data: &[u8],
+        index: usize,
+        op: SignalOp,
+        value: u64,
+    ) -> Result<()> {
+        self.put_signal(peer, win, offset, data, index, op, value)
+    }
+
     /// Waits until this rank's signal word `index` satisfies `cmp value`, and returns the
     /// word's value then. Fails with `Timeout` at `deadline`, `Aborted` after `abort()` here
     /// or on a peer, `PeerFailed` once a peer has died.

@@ -45,7 +45,7 @@ impl PartlyMapped {
 
 impl Transport for PartlyMapped {
     crate::forward_transport!(inner; rank, world_size, register, deregister, put, put_vectored,
-        get, signal, put_signal, wait, signal_value, flush, abort, close, local_mem, arrivals,
+        get, signal, put_signal, put_signal_then, wait, signal_value, flush, abort, close, local_mem, arrivals,
         wait_arrivals);
     fn caps(&self) -> Caps {
         Caps {

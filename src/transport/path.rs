@@ -180,6 +180,21 @@ impl<'t> PeerPath<'t> {
             .put_signal(self.peer, &self.win, offset, data, index, op, value)
     }
 
+    /// [`PeerPath::put_signal`] followed at once by another operation on this path (see
+    /// [`Transport::put_signal_then`]).
+    pub fn put_signal_then(
+        &self,
+        offset: usize,
+        data: &[u8],
+        index: usize,
+        op: SignalOp,
+        value: u64,
+    ) -> Result<()> {
+        self.fence_streamed();
+        self.t
+            .put_signal_then(self.peer, &self.win, offset, data, index, op, value)
+    }
+
     /// Stores one word at `offset` (8-byte aligned) of the peer's copy after everything put
     /// on this path. On a mapped path it is a Release store a peer can poll with
     /// [`MappedMem::observe`] (SYNC POINT: partner of that Acquire load); over the network

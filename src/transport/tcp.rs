@@ -337,6 +337,29 @@ impl Transport for TcpTransport {
         )?)
     }
 
+    fn put_signal_then(
+        &self,
+        peer: usize,
+        win: &Window,
+        offset: usize,
+        data: &[u8],
+        index: usize,
+        op: SignalOp,
+        value: u64,
+    ) -> Result<()> {
+        if peer == self.rank {
+            return self.put_signal(peer, win, offset, data, index, op, value);
+        }
+        check_peer(peer, self.world)?;
+        check_range(win.len(), offset, data.len())?;
+        check_signal(index, self.node.num_signals())?;
+        self.region(win)?;
+        let signal = Some((index, op == SignalOp::Set, value));
+        Ok(self
+            .node
+            .write_then(peer, win.id(), offset as u64, data, signal)?)
+    }
+
     fn get(&self, peer: usize, win: &Window, offset: usize, out: &mut [u8]) -> Result<()> {
         check_peer(peer, self.world)?;
         check_range(win.len(), offset, out.len())?;

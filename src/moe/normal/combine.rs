@@ -299,7 +299,9 @@ impl<'c> MoeBuffer<'c> {
 
     /// Sends the next planned return; after the last, the count to every network home.
     fn send_next_return(&self, returns: &mut Returns, de: u64, epoch: u64) -> Result<()> {
-        self.send_return(returns.list[returns.sent], de, epoch)?;
+        // The announcements follow the last return at once: it may leave with its home's.
+        let then_announce = returns.sent + 1 == returns.list.len() && !returns.announced;
+        self.send_return(returns.list[returns.sent], (de, epoch), then_announce)?;
         returns.sent += 1;
         if returns.sent == returns.list.len() && !returns.announced {
             self.announce_combine(epoch, false)?;
@@ -323,12 +325,13 @@ impl<'c> MoeBuffer<'c> {
 
     /// Network backends: puts rows `from..to` of this rank's output for `home` (two-level:
     /// of the partial sums it makes for `home` as its gateway) into its window, with the
-    /// signal that tells it `to` rows are in.
+    /// signal that tells it `to` rows are in; `then_announce`: the combine's announcements
+    /// follow at once.
     fn send_return(
         &self,
         (home, from, to): (usize, usize, usize),
-        de: u64,
-        epoch: u64,
+        (de, epoch): (u64, u64),
+        then_announce: bool,
     ) -> Result<()> {
         let rb = self.cfg.row_bytes();
         let t = self.comm.transport();
@@ -346,13 +349,11 @@ impl<'c> MoeBuffer<'c> {
         };
         let me = self.comm.rank();
         let value = self.returned[home] + to as u64;
-        self.paths[home].put_signal(
-            self.comb_off(epoch, me, from),
-            rows,
-            self.sig_rows + me,
-            SignalOp::Set,
-            value,
-        )
+        let (off, index) = (self.comb_off(epoch, me, from), self.sig_rows + me);
+        match then_announce {
+            true => self.paths[home].put_signal_then(off, rows, index, SignalOp::Set, value),
+            false => self.paths[home].put_signal(off, rows, index, SignalOp::Set, value),
+        }
     }
 
     /// The rows of this call in `r`'s return signal `v` (rows returned over all calls),

@@ -4,7 +4,9 @@
 use super::*;
 
 /// Puts then signals, many rounds, every rank to every rank (itself included) with varying
-/// sizes at odd offsets: a signal is never seen before the data it follows.
+/// sizes at odd offsets, each message in two puts with a signal each, the first held for the
+/// second (`put_signal_then`): a signal is never seen before the data it follows, and a held
+/// one arrives.
 pub fn put_signal_ordering(world: usize, f: Factory) {
     const SLOT: usize = 4099;
     let rounds = if world >= 8 { 60 } else { 200 };
@@ -19,19 +21,15 @@ pub fn put_signal_ordering(world: usize, f: Factory) {
                     t.wait(n + p, Cmp::Ge, (r - 1) as u64, deadline()).unwrap();
                 }
                 let data = pattern(me, p, r, len_of(me, p, r));
-                t.put_signal(
-                    p,
-                    &win,
-                    (me * 2 + r % 2) * SLOT,
-                    &data,
-                    me,
-                    SignalOp::Add,
-                    1,
-                )
-                .unwrap();
+                let (first, second) = data.split_at(data.len() / 2);
+                let at = (me * 2 + r % 2) * SLOT;
+                t.put_signal_then(p, &win, at, first, me, SignalOp::Add, 1)
+                    .unwrap();
+                t.put_signal(p, &win, at + first.len(), second, me, SignalOp::Add, 1)
+                    .unwrap();
             }
             for s in 0..n {
-                t.wait(s, Cmp::Ge, (r + 1) as u64, deadline()).unwrap();
+                t.wait(s, Cmp::Ge, 2 * (r + 1) as u64, deadline()).unwrap();
                 let len = len_of(s, me, r);
                 t.read_local(&win, (s * 2 + r % 2) * SLOT, &mut got[..len])
                     .unwrap();

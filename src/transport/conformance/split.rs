@@ -139,6 +139,6 @@ pub(super) struct WithParent {
 
 impl Transport for WithParent {
     crate::forward_transport!(child; rank, world_size, caps, register, deregister, put,
-        put_vectored, get, signal, put_signal, wait, signal_value, flush, abort, close,
+        put_vectored, get, signal, put_signal, put_signal_then, wait, signal_value, flush, abort, close,
         local_mem, path_kind, map_peer, arrivals, wait_arrivals);
 }

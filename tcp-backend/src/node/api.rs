@@ -186,6 +186,32 @@ impl Node {
         parts: &[&[u8]],
         signal: Option<(usize, bool, u64)>,
     ) -> Result<()> {
+        self.write_held(peer, id, offset, parts, signal, false)
+    }
+
+    /// [`Node::write`] that the caller follows at once with another frame to `peer` (and
+    /// does follow, without waiting in between): its last segment may wait in the socket
+    /// to leave with that frame, though it carries a signal.
+    pub fn write_then(
+        &self,
+        peer: usize,
+        id: u64,
+        offset: u64,
+        data: &[u8],
+        signal: Option<(usize, bool, u64)>,
+    ) -> Result<()> {
+        self.write_held(peer, id, offset, &[data], signal, true)
+    }
+
+    fn write_held(
+        &self,
+        peer: usize,
+        id: u64,
+        offset: u64,
+        parts: &[&[u8]],
+        signal: Option<(usize, bool, u64)>,
+        hold: bool,
+    ) -> Result<()> {
         self.check_peer(peer)?;
         let total: u64 = parts.iter().map(|p| p.len() as u64).sum();
         if peer == self.rank() {
@@ -222,7 +248,7 @@ impl Node {
                 }
             }
             self.shared
-                .send_parts(peer, &f, &pieces.take(len as usize))?;
+                .send_held(peer, &f, &pieces.take(len as usize), hold)?;
             if sent == total {
                 return Ok(());
             }

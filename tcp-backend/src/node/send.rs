@@ -11,6 +11,18 @@ impl Shared {
 
     /// Sends one frame whose payload is `parts`, end to end.
     pub(super) fn send_parts(&self, peer: usize, f: &Frame, parts: &[&[u8]]) -> Result<()> {
+        self.send_held(peer, f, parts, false)
+    }
+
+    /// [`Shared::send_parts`]; with `hold`, the caller sends another frame to `peer` at once,
+    /// and this one may wait in the socket to leave with it.
+    pub(super) fn send_held(
+        &self,
+        peer: usize,
+        f: &Frame,
+        parts: &[&[u8]],
+        hold: bool,
+    ) -> Result<()> {
         if let Some(e) = self.interrupted() {
             return Err(e);
         }
@@ -33,8 +45,8 @@ impl Shared {
         // A plain write is seen by the peer only after a later signal (or answered after a
         // later flush or read) on this same stream, each sent without this flag: the kernel
         // may hold it back and send it with what follows (a record and its announcement
-        // leave in one segment).
-        let more = f.kind == Kind::Write && f.flags & FLAG_SIGNAL == 0;
+        // leave in one segment). So may a frame the caller follows at once (`hold`).
+        let more = hold || (f.kind == Kind::Write && f.flags & FLAG_SIGNAL == 0);
         let r = match parts {
             [payload] => write_all_vectored(s, &hdr, payload, more, &stopped),
             _ => write_all_parts(s, &hdr, parts, more, &stopped),
