@@ -729,8 +729,13 @@ fn check_low_latency_on(comm: &Communicator, case: &Case, dtype: Dtype, int8: bo
             // Per received token (row `index` of the output): this rank's experts' weighted
             // sum, w · (c_e · x), in f32.
             let mut sums = vec![0f32; view.len() * h];
+            let by_expert = view.rows_by_expert().unwrap();
             for (l, &e) in view.local_experts().to_vec().iter().enumerate() {
                 let rows = view.expert_rows(l).unwrap();
+                assert_eq!(
+                    by_expert[l], rows,
+                    "rows_by_expert()[{l}] against expert_rows({l})"
+                );
                 let mut expect = Vec::new();
                 for (s, inp) in case.inputs.iter().enumerate() {
                     for t in 0..inp.idx.len() / k {

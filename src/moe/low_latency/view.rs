@@ -56,6 +56,28 @@ impl<'a> LowLatencyView<'a> {
         Ok(rows)
     }
 
+    /// The rows of every local expert, `[l]` as [`Self::expert_rows`]`(l)` gives them, in one
+    /// pass over the received tokens (calling `expert_rows` for each expert makes one pass
+    /// each).
+    pub fn rows_by_expert(&self) -> Result<Vec<Vec<ExpertRow<'a>>>> {
+        let mut by_expert: Vec<Vec<ExpertRow<'a>>> =
+            self.local_experts.iter().map(|_| Vec::new()).collect();
+        self.each_row(|index, src, token, chosen, data| {
+            for &(e, weight) in chosen {
+                if let Ok(l) = self.local_experts.binary_search(&e) {
+                    by_expert[l].push(ExpertRow {
+                        src_rank: src,
+                        src_token: token,
+                        weight,
+                        index,
+                        data,
+                    });
+                }
+            }
+        })?;
+        Ok(by_expert)
+    }
+
     /// Rows received per local expert.
     pub fn counts(&self) -> Result<Vec<usize>> {
         let mut counts = vec![0; self.local_experts.len()];

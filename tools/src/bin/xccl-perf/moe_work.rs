@@ -182,12 +182,10 @@ fn identity<'a>(view: &mut Dispatched<'a>, in_window: bool, reduced: &mut [u8]) 
         Dispatched::LowLatency(view) => {
             // The rows grouped by expert give each weight once.
             let mut tokens: Vec<(f32, &'a [u8])> = vec![(0.0, &[]); view.len()];
-            for l in 0..view.local_experts().len() {
-                for row in view.expert_rows(l)? {
-                    tokens[row.index].0 += row.weight;
-                    tokens[row.index].1 = row.data;
-                    pairs += 1;
-                }
+            for row in view.rows_by_expert()?.into_iter().flatten() {
+                tokens[row.index].0 += row.weight;
+                tokens[row.index].1 = row.data;
+                pairs += 1;
             }
             tokens
         }
@@ -214,12 +212,10 @@ fn copy<'a>(view: &mut Dispatched<'a>, in_window: bool, reduced: &mut [u8]) -> R
         Dispatched::LowLatency(v) => {
             let mut seen = vec![false; v.len()];
             let mut rows = Vec::with_capacity(v.len());
-            for l in 0..v.local_experts().len() {
-                for row in v.expert_rows(l)? {
-                    pairs += 1;
-                    if !std::mem::replace(&mut seen[row.index], true) {
-                        rows.push((row.index, row.data));
-                    }
+            for row in v.rows_by_expert()?.into_iter().flatten() {
+                pairs += 1;
+                if !std::mem::replace(&mut seen[row.index], true) {
+                    rows.push((row.index, row.data));
                 }
             }
             rows
