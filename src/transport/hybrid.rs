@@ -78,6 +78,36 @@ enum Via {
 }
 
 impl HybridTransport {
+    /// `put_signal`; with `hold`, `put_signal_then` (over the network the frame may wait for
+    /// the next one).
+    fn put_signal_held(
+        &self,
+        peer: usize,
+        win: &Window,
+        (offset, data): (usize, &[u8]),
+        (index, op, value): (usize, SignalOp, u64),
+        hold: bool,
+    ) -> Result<()> {
+        check_range(win.len(), offset, data.len())?;
+        check_signal(index, self.opts.num_signals)?;
+        match self.via(peer)? {
+            Via::Local(l) => self
+                .shm
+                .put_signal(l, &self.shm_window(win)?, offset, data, index, op, value)
+                .map_err(|e| self.global(e)),
+            Via::Net => {
+                self.shm_window(win)?;
+                let signal = Some((index, op == SignalOp::Set, value));
+                let node = &self.node;
+                match hold {
+                    true => node.write_then(peer, win.id(), offset as u64, data, signal)?,
+                    false => node.write(peer, win.id(), offset as u64, data, signal)?,
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Collective over the whole job: `shm` connects this host's ranks (`local_ranks`, their
     /// global ranks by local index, this rank among them); the TCP node is built from `opts`
     /// over every rank, `exchange` publishing this rank's listening address and returning
@@ -451,21 +481,7 @@ impl Transport for HybridTransport {
         op: SignalOp,
         value: u64,
     ) -> Result<()> {
-        check_range(win.len(), offset, data.len())?;
-        check_signal(index, self.opts.num_signals)?;
-        match self.via(peer)? {
-            Via::Local(l) => self
-                .shm
-                .put_signal(l, &self.shm_window(win)?, offset, data, index, op, value)
-                .map_err(|e| self.global(e)),
-            Via::Net => {
-                self.shm_window(win)?;
-                let signal = Some((index, op == SignalOp::Set, value));
-                Ok(self
-                    .node
-                    .write(peer, win.id(), offset as u64, data, signal)?)
-            }
-        }
+        self.put_signal_held(peer, win, (offset, data), (index, op, value), false)
     }
 
     fn put_signal_then(
@@ -478,16 +494,7 @@ impl Transport for HybridTransport {
         op: SignalOp,
         value: u64,
     ) -> Result<()> {
-        if !matches!(self.via(peer)?, Via::Net) {
-            return self.put_signal(peer, win, offset, data, index, op, value);
-        }
-        check_range(win.len(), offset, data.len())?;
-        check_signal(index, self.opts.num_signals)?;
-        self.shm_window(win)?;
-        let signal = Some((index, op == SignalOp::Set, value));
-        Ok(self
-            .node
-            .write_then(peer, win.id(), offset as u64, data, signal)?)
+        self.put_signal_held(peer, win, (offset, data), (index, op, value), true)
     }
 
     fn get(&self, peer: usize, win: &Window, offset: usize, out: &mut [u8]) -> Result<()> {

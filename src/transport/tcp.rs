@@ -91,6 +91,31 @@ pub struct TcpTransport {
 }
 
 impl TcpTransport {
+    /// `put_signal`; with `hold`, `put_signal_then` (the frame may wait for the next one).
+    fn put_signal_held(
+        &self,
+        peer: usize,
+        win: &Window,
+        (offset, data): (usize, &[u8]),
+        (index, op, value): (usize, SignalOp, u64),
+        hold: bool,
+    ) -> Result<()> {
+        check_peer(peer, self.world)?;
+        check_range(win.len(), offset, data.len())?;
+        check_signal(index, self.node.num_signals())?;
+        let region = self.region(win)?;
+        if peer == self.rank {
+            self.copy_in(&region, offset, &[data])?;
+            return self.signal(peer, index, op, value);
+        }
+        let signal = Some((index, op == SignalOp::Set, value));
+        let node = &self.node;
+        match hold {
+            true => node.write_then(peer, win.id(), offset as u64, data, signal)?,
+            false => node.write(peer, win.id(), offset as u64, data, signal)?,
+        }
+        Ok(())
+    }
     /// Collective: binds, publishes this rank's address through `exchange` (which returns
     /// every rank's, in rank order; a store does it), and connects to every peer.
     pub fn new(
@@ -320,21 +345,7 @@ impl Transport for TcpTransport {
         op: SignalOp,
         value: u64,
     ) -> Result<()> {
-        check_peer(peer, self.world)?;
-        check_range(win.len(), offset, data.len())?;
-        check_signal(index, self.node.num_signals())?;
-        let region = self.region(win)?;
-        if peer == self.rank {
-            self.copy_in(&region, offset, &[data])?;
-            return self.signal(peer, index, op, value);
-        }
-        Ok(self.node.write(
-            peer,
-            win.id(),
-            offset as u64,
-            data,
-            Some((index, op == SignalOp::Set, value)),
-        )?)
+        self.put_signal_held(peer, win, (offset, data), (index, op, value), false)
     }
 
     fn put_signal_then(
@@ -347,17 +358,7 @@ impl Transport for TcpTransport {
         op: SignalOp,
         value: u64,
     ) -> Result<()> {
-        if peer == self.rank {
-            return self.put_signal(peer, win, offset, data, index, op, value);
-        }
-        check_peer(peer, self.world)?;
-        check_range(win.len(), offset, data.len())?;
-        check_signal(index, self.node.num_signals())?;
-        self.region(win)?;
-        let signal = Some((index, op == SignalOp::Set, value));
-        Ok(self
-            .node
-            .write_then(peer, win.id(), offset as u64, data, signal)?)
+        self.put_signal_held(peer, win, (offset, data), (index, op, value), true)
     }
 
     fn get(&self, peer: usize, win: &Window, offset: usize, out: &mut [u8]) -> Result<()> {
