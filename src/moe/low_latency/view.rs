@@ -36,7 +36,8 @@ impl<'a> LowLatencyView<'a> {
 
     /// Rows for local expert number `l` (`local_experts()[l]`), from every source in rank
     /// order, each source's in the order it sent them; every record checked (it comes from
-    /// another process).
+    /// another process). One pass over the received tokens per call: for every expert, take
+    /// [`Self::rows_by_expert`].
     pub fn expert_rows(&self, l: usize) -> Result<Vec<ExpertRow<'a>>> {
         let &e = self.local_experts.get(l).ok_or_else(|| {
             Error::InvalidArgument(format!("local expert {l} of {}", self.local_experts.len()))
