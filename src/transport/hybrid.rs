@@ -98,12 +98,9 @@ impl HybridTransport {
             Via::Net => {
                 self.shm_window(win)?;
                 let signal = Some((index, op == SignalOp::Set, value));
-                let node = &self.node;
-                match hold {
-                    true => node.write_then(peer, win.id(), offset as u64, data, signal)?,
-                    false => node.write(peer, win.id(), offset as u64, data, signal)?,
-                }
-                Ok(())
+                Ok(self
+                    .node
+                    .write_held(peer, win.id(), offset as u64, &[data], signal, hold)?)
             }
         }
     }

@@ -109,13 +109,11 @@ impl TcpTransport {
             return self.signal(peer, index, op, value);
         }
         let signal = Some((index, op == SignalOp::Set, value));
-        let node = &self.node;
-        match hold {
-            true => node.write_then(peer, win.id(), offset as u64, data, signal)?,
-            false => node.write(peer, win.id(), offset as u64, data, signal)?,
-        }
-        Ok(())
+        Ok(self
+            .node
+            .write_held(peer, win.id(), offset as u64, &[data], signal, hold)?)
     }
+
     /// Collective: binds, publishes this rank's address through `exchange` (which returns
     /// every rank's, in rank order; a store does it), and connects to every peer.
     pub fn new(

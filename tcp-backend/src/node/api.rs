@@ -189,21 +189,10 @@ impl Node {
         self.write_held(peer, id, offset, parts, signal, false)
     }
 
-    /// [`Node::write`] that the caller follows at once with another frame to `peer` (and
-    /// does follow, without waiting in between): its last segment may wait in the socket
-    /// to leave with that frame, though it carries a signal.
-    pub fn write_then(
-        &self,
-        peer: usize,
-        id: u64,
-        offset: u64,
-        data: &[u8],
-        signal: Option<(usize, bool, u64)>,
-    ) -> Result<()> {
-        self.write_held(peer, id, offset, &[data], signal, true)
-    }
-
-    fn write_held(
+    /// [`Node::write_parts`]; with `hold`, the caller follows it at once with another frame
+    /// to `peer` (and does follow, without waiting in between), so its last segment may wait
+    /// in the socket to leave with that frame, though it carries a signal.
+    pub fn write_held(
         &self,
         peer: usize,
         id: u64,
