@@ -1,7 +1,8 @@
 //! One row scaled by a weight into another, in the row's dtype: what an identity expert (or a
-//! test's reference) writes, in one pass and in AVX2 where the CPU has it.
+//! test's reference) writes, in one pass: combine's weighted sum of a single row.
 
-use super::config::{bf16_bits, Dtype};
+use super::config::Dtype;
+use super::sum::sum_rows;
 
 /// Writes `w` × `src` into `dst` (both rows of `dtype`, the same length), each element computed
 /// in f32 and rounded to nearest even: the same bits as [`Dtype::accumulate_scaled`] into a
@@ -25,51 +26,8 @@ pub fn scale_row(dtype: Dtype, dst: &mut [u8], src: &[u8], w: f32) {
         dst.len(),
         src.len()
     );
-    if dtype == Dtype::Bf16 {
-        if let (Ok(d), Ok(s)) = (
-            bytemuck::try_cast_slice_mut::<u8, u16>(dst),
-            bytemuck::try_cast_slice::<u8, u16>(src),
-        ) {
-            return scale_bf16(d, s, w);
-        }
-    }
-    // Other dtypes and unaligned rows: a row at a time through f32, in slices of 1 KiB
-    // elements (no allocation beyond the stack).
-    let mut acc = [0f32; 1024];
-    let n = src.len() / dtype.size();
-    for start in (0..n).step_by(acc.len()) {
-        let len = acc.len().min(n - start);
-        let bytes = start * dtype.size()..(start + len) * dtype.size();
-        let acc = &mut acc[..len];
-        acc.fill(0.0);
-        dtype.accumulate_scaled(acc, &src[bytes.clone()], w);
-        dtype.store_row(&mut dst[bytes], acc);
-    }
-}
-
-fn scale_bf16(dst: &mut [u16], src: &[u16], w: f32) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2 (checked on the line above).
-        unsafe { scale_bf16_avx2(dst, src, w) };
-        return;
-    }
-    scale_bf16_body(dst, src, w)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn scale_bf16_avx2(dst: &mut [u16], src: &[u16], w: f32) {
-    scale_bf16_body(dst, src, w)
-}
-
-#[inline(always)]
-fn scale_bf16_body(dst: &mut [u16], src: &[u16], w: f32) {
-    for (o, &v) in dst.iter_mut().zip(src) {
-        // `0.0 +` as the accumulation into zeros does: a product of -0 becomes +0.
-        let x = f32::from_bits((u16::from_le(v) as u32) << 16);
-        *o = bf16_bits(0.0 + w * x).to_le();
-    }
+    // One weighted row is combine's sum of one row: the same AVX2 kernel and the same bits.
+    sum_rows(dtype, dst, &[src], Some(&[w]));
 }
 
 #[cfg(test)]
