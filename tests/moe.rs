@@ -557,10 +557,11 @@ fn twenty_reruns_are_bitwise_identical() {
 /// Dispatches large enough to take the streaming-store path into mapped windows (over 1 MiB
 /// to a peer), and over tcp to leave in several staged chunks (and the combine's rows to
 /// come back in several chunks, summed as they arrive), deliver exactly the reference rows
-/// and sums, three calls in a row (both epochs).
+/// and sums, three calls in a row (both epochs); the combine's 4 MiB outputs are written
+/// with streaming stores.
 #[test]
 fn large_dispatch_is_exact() {
-    let (n, experts, hidden, topk, tokens) = (2, 4, 4096, 2, 72);
+    let (n, experts, hidden, topk, tokens) = (2, 4, 4096, 2, 256);
     let inputs = (0..n)
         .map(|r| RankInput {
             // Small integers: every sum is exact in f32.

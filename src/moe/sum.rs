@@ -7,6 +7,7 @@
 //! is the same bits with or without AVX2.
 
 use super::config::{bf16_bits, Dtype};
+use crate::transport::Stores;
 use smallvec::SmallVec;
 
 /// Elements summed per block (the accumulator lives on the stack).
@@ -27,6 +28,20 @@ const BLOCK: usize = 512;
 /// assert_eq!(f32::from_le_bytes(out), 4.0);
 /// ```
 pub fn sum_rows(dtype: Dtype, out: &mut [u8], rows: &[&[u8]], weights: Option<&[f32]>) {
+    sum_rows_stored(dtype, out, rows, weights, Stores::Cached);
+}
+
+/// [`sum_rows`], writing `out` with `stores`: `Streaming` (non-temporal stores where the CPU
+/// and `out`'s alignment allow) for outputs too large to stay in cache, which then cost no
+/// read for ownership. The same bits either way; after streaming stores the caller runs
+/// [`crate::copy::store_fence`] before it publishes or hands the output on.
+pub(crate) fn sum_rows_stored(
+    dtype: Dtype,
+    out: &mut [u8],
+    rows: &[&[u8]],
+    weights: Option<&[f32]>,
+    stores: Stores,
+) {
     assert!(
         rows.iter().all(|r| r.len() == out.len()),
         "sum_rows: every row must be as long as the output"
@@ -36,9 +51,12 @@ pub fn sum_rows(dtype: Dtype, out: &mut [u8], rows: &[&[u8]], weights: Option<&[
         "sum_rows: one weight per row"
     );
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && sum_rows_avx2(dtype, out, rows, weights) {
+    if std::arch::is_x86_feature_detected!("avx2")
+        && sum_rows_avx2(dtype, out, rows, weights, stores)
+    {
         return;
     }
+    let _ = stores; // the portable sum stores through the caches
     sum_rows_generic(dtype, out, rows, weights);
 }
 
@@ -46,21 +64,31 @@ pub fn sum_rows(dtype: Dtype, out: &mut [u8], rows: &[&[u8]], weights: Option<&[
 /// NaN in a bf16 sum) and the tail go to the portable code. False when the rows are of
 /// another dtype or unaligned: nothing was written.
 #[cfg(target_arch = "x86_64")]
-fn sum_rows_avx2(dtype: Dtype, out: &mut [u8], rows: &[&[u8]], weights: Option<&[f32]>) -> bool {
+fn sum_rows_avx2(
+    dtype: Dtype,
+    out: &mut [u8],
+    rows: &[&[u8]],
+    weights: Option<&[f32]>,
+    stores: Stores,
+) -> bool {
     use super::sum_avx2::{sum_bf16, sum_f32, STEP};
     let mut left: SmallVec<[usize; 4]> = SmallVec::new();
+    // Non-temporal stores take 16-byte aligned addresses; every step starts a whole number
+    // of 64-byte steps after `out`, so one check covers them all.
+    let stream = stores == Stores::Streaming && out.as_ptr() as usize % 16 == 0;
     let (done, elem) = match dtype {
         Dtype::Bf16 => match cast_all::<u16>(out, rows) {
             Some((o, r)) => {
                 // SAFETY: AVX2 was detected by the caller; `sum_rows` checked every row is as
                 // long as `out` and that `weights` has one weight per row.
-                (unsafe { sum_bf16(o, &r, weights, &mut left) }, 2)
+                // `stream` only with `out` 16-byte aligned.
+                (unsafe { sum_bf16(o, &r, weights, stream, &mut left) }, 2)
             }
             None => return false,
         },
         Dtype::F32 => match cast_all::<u32>(out, rows) {
             // SAFETY: as above.
-            Some((o, r)) => (unsafe { sum_f32(o, &r, weights) }, 4),
+            Some((o, r)) => (unsafe { sum_f32(o, &r, weights, stream) }, 4),
             None => return false,
         },
         Dtype::F16 => return false,
@@ -230,7 +258,8 @@ mod tests {
 
     /// The blocked, vectorized sum gives the bits of the plain element-by-element sum, for
     /// every dtype, weighted or not, over rows longer than a block and not a multiple of it,
-    /// shorter than one vector step, exactly whole steps, and for unaligned buffers.
+    /// shorter than one vector step, exactly whole steps, and for unaligned buffers; with
+    /// streaming stores too.
     #[test]
     fn matches_the_plain_sum_bit_for_bit() {
         for n in [BLOCK * 2 + 37, 31, 64, 96 + 5] {
@@ -275,6 +304,17 @@ mod tests {
                 let mut got = vec![0u8; want.len()];
                 sum_rows(dtype, &mut got, &rows, w);
                 assert_eq!(got, want, "{dtype:?} weighted={weighted}");
+                // Streaming stores, into a 16-byte aligned output and into one 8 bytes off
+                // (cached stores there): the same bits.
+                let mut space = vec![0u128; want.len() / 16 + 2];
+                let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut space);
+                for off in [0, 8] {
+                    let out = &mut bytes[off..off + want.len()];
+                    out.fill(0xAA);
+                    sum_rows_stored(dtype, out, &rows, w, Stores::Streaming);
+                    crate::copy::store_fence();
+                    assert_eq!(out, &want[..], "{dtype:?} streaming, {off} bytes off");
+                }
                 // Shifted by one byte: the element-by-element fallback, same bits.
                 let mut shifted = vec![0u8; want.len() + 1];
                 let copies: Vec<Vec<u8>> = inputs

@@ -13,16 +13,18 @@ pub(super) const STEP: usize = 32;
 
 /// Sums `rows` (each scaled by its weight when given) into `out`, step by step, for as many
 /// whole steps as fit; returns how many elements it wrote (a multiple of [`STEP`]) and, for
-/// the steps it left, their first element: the caller sums those and the tail.
+/// the steps it left, their first element: the caller sums those and the tail. With
+/// `stream`, the steps are written with non-temporal stores.
 ///
 /// # Safety
 /// The CPU has AVX2; every row is at least `out.len()` `u16`s long; `weights` (when given)
-/// holds at least `rows.len()` weights.
+/// holds at least `rows.len()` weights; with `stream`, `out` is 16-byte aligned.
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn sum_bf16(
     out: &mut [u16],
     rows: &[&[u16]],
     weights: Option<&[f32]>,
+    stream: bool,
     left: &mut SmallVec<[usize; 4]>,
 ) -> usize {
     let n = out.len() - out.len() % STEP;
@@ -60,11 +62,13 @@ pub(super) unsafe fn sum_bf16(
             round_bf16(acc[2], bias, one),
             round_bf16(acc[3], bias, one),
         ];
-        // SAFETY: `at + STEP <= n <= out.len()`: both 32-byte stores lie inside `out`.
+        // SAFETY: `at + STEP <= n <= out.len()`: both 32-byte stores lie inside `out`; with
+        // `stream`, `out` (the caller's promise) and so `p` (64-byte steps on) are 16-byte
+        // aligned.
         unsafe {
             let p = out.as_mut_ptr().add(at) as *mut __m256i;
-            _mm256_storeu_si256(p, _mm256_packus_epi32(r[0], r[1]));
-            _mm256_storeu_si256(p.add(1), _mm256_packus_epi32(r[2], r[3]));
+            store(p, _mm256_packus_epi32(r[0], r[1]), stream);
+            store(p.add(1), _mm256_packus_epi32(r[2], r[3]), stream);
         }
         at += STEP;
     }
@@ -86,7 +90,12 @@ fn round_bf16(a: __m256, bias: __m256i, one: __m256i) -> __m256i {
 /// # Safety
 /// As for [`sum_bf16`], with rows of `u32`s.
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn sum_f32(out: &mut [u32], rows: &[&[u32]], weights: Option<&[f32]>) -> usize {
+pub(super) unsafe fn sum_f32(
+    out: &mut [u32],
+    rows: &[&[u32]],
+    weights: Option<&[f32]>,
+    stream: bool,
+) -> usize {
     let n = out.len() - out.len() % STEP;
     let mut at = 0;
     while at < n {
@@ -104,16 +113,36 @@ pub(super) unsafe fn sum_f32(out: &mut [u32], rows: &[&[u32]], weights: Option<&
             };
             add_row(&mut acc, x, weights.map(|w| w[j]));
         }
-        // SAFETY: `at + STEP <= n <= out.len()`: the four 32-byte stores lie inside `out`.
+        // SAFETY: `at + STEP <= n <= out.len()`: the four 32-byte stores lie inside `out`;
+        // with `stream`, 16-byte aligned as in `sum_bf16`.
         unsafe {
-            let p = out.as_mut_ptr().add(at) as *mut f32;
-            for (o, a) in [0, 8, 16, 24].into_iter().zip(acc) {
-                _mm256_storeu_ps(p.add(o), a);
+            let p = out.as_mut_ptr().add(at) as *mut __m256i;
+            for (o, a) in acc.into_iter().enumerate() {
+                store(p.add(o), _mm256_castps_si256(a), stream);
             }
         }
         at += STEP;
     }
     n
+}
+
+/// Stores 32 bytes at `p`: two non-temporal 16-byte stores with `stream`, else one
+/// unaligned store.
+///
+/// # Safety
+/// `p` is valid for 32 bytes of writes; with `stream`, 16-byte aligned.
+#[target_feature(enable = "avx2")]
+unsafe fn store(p: *mut __m256i, v: __m256i, stream: bool) {
+    // SAFETY: the caller's promise: 32 writable bytes at `p`, 16-byte aligned with `stream`.
+    unsafe {
+        if stream {
+            let q = p as *mut __m128i;
+            _mm_stream_si128(q, _mm256_castsi256_si128(v));
+            _mm_stream_si128(q.add(1), _mm256_extracti128_si256::<1>(v));
+        } else {
+            _mm256_storeu_si256(p, v);
+        }
+    }
 }
 
 /// Adds one row's step (`x`, times `weight` when given) to the accumulators: a multiply

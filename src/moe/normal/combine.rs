@@ -227,6 +227,10 @@ impl<'c> MoeBuffer<'c> {
         let row_bytes = self.cfg.row_bytes();
         let mut rows: SmallVec<[&[u8]; 8]> = SmallVec::new();
         let mut hosts: SmallVec<[usize; 8]> = SmallVec::new();
+        let stores = match out.len() >= STREAM_OUTPUT {
+            true => Stores::Streaming,
+            false => Stores::Cached,
+        };
         for (tok, out_row) in out.chunks_mut(row_bytes).enumerate() {
             let total = returns.list.len();
             while returns.sent < total && returns.sent * self.tokens <= tok * total {
@@ -243,10 +247,15 @@ impl<'c> MoeBuffer<'c> {
                 cursors[r] += 1;
             }
             if hosts.first().is_none_or(|&h| hosts.iter().all(|&x| x == h)) {
-                sum_rows(self.cfg.dtype, out_row, &rows, None);
+                sum_rows_stored(self.cfg.dtype, out_row, &rows, None, stores);
             } else {
                 sum_by_host(self.cfg.dtype, out_row, (&rows, &hosts), partials);
             }
+        }
+        if stores == Stores::Streaming {
+            // Partner of the non-temporal stores above: they complete before combine returns
+            // the output to its caller.
+            store_fence();
         }
         Ok(())
     }
