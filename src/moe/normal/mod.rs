@@ -47,7 +47,7 @@ pub(super) const ZEROS: [u8; LINE] = [0; LINE];
 const STREAM_BYTES: usize = 1 << 20;
 /// Combine outputs of at least this many bytes are written with non-temporal stores: they
 /// outgrow the caches anyway, and each cached store would first read its line. Measured on
-/// 2 ranks (hidden 7168 bf16, top-8 of 64): combine 13–18 % faster from 512 tokens (7 MiB)
+/// 2 ranks (hidden 7168 bf16, top-8 of 64): combine 14–27 % faster from 512 tokens (7 MiB)
 /// up, 10 % slower at 32–128 tokens (up to 1.8 MiB), where the output stays in cache.
 const STREAM_OUTPUT: usize = 4 << 20;
 /// Network backends: a combine returns rows to a home in puts of about this size, each
