@@ -152,11 +152,11 @@ fn cast_all<'a, T: bytemuck::Pod>(out: &'a mut [u8], rows: &[&'a [u8]]) -> Optio
 }
 
 /// How far ahead of the sum the input rows are prefetched.
-const PREFETCH_BYTES: usize = 1024;
+pub(super) const PREFETCH_BYTES: usize = 1024;
 
 /// A hint to load the cache line at `p` (any address: a prefetch never faults).
 #[inline(always)]
-fn prefetch(p: *const u8) {
+pub(super) fn prefetch(p: *const u8) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `prefetcht0` is a hint with no architectural effect and never faults, whatever
     // the address; SSE is baseline on x86_64.

@@ -3,8 +3,9 @@
 //! elements back in order), rounded to nearest even with integer operations. The same IEEE
 //! multiplies and adds in the same order as the portable sum (no fused multiply-add), so the
 //! same bits; a step whose sum holds a NaN, and the tail shorter than a step, are left to the
-//! portable code.
+//! portable code. Each step prefetches the line it will need `PREFETCH_BYTES` on.
 
+use super::sum::{prefetch, PREFETCH_BYTES};
 use smallvec::SmallVec;
 use std::arch::x86_64::*;
 
@@ -35,6 +36,10 @@ pub(super) unsafe fn sum_bf16(
     while at < n {
         let mut acc = [_mm256_setzero_ps(); 4];
         for (j, row) in rows.iter().enumerate() {
+            // A step is one line of each row: ask for the line the sum reaches next across
+            // page boundaries, where the hardware prefetcher starts over (as the portable
+            // sum does).
+            prefetch(row.as_ptr().wrapping_add(at + PREFETCH_BYTES / 2) as *const u8);
             // SAFETY: `at + STEP <= n <= row.len()` (the caller's promise on row lengths), so
             // both 32-byte loads lie inside the row; `loadu` needs no alignment.
             let (v0, v1) = unsafe {
@@ -101,6 +106,10 @@ pub(super) unsafe fn sum_f32(
     while at < n {
         let mut acc = [_mm256_setzero_ps(); 4];
         for (j, row) in rows.iter().enumerate() {
+            // Two lines of each row per step, prefetched as in `sum_bf16`.
+            let ahead = row.as_ptr().wrapping_add(at + PREFETCH_BYTES / 4) as *const u8;
+            prefetch(ahead);
+            prefetch(ahead.wrapping_add(64));
             // SAFETY: `at + STEP <= n <= row.len()`: the four 32-byte loads lie inside the row.
             let x = unsafe {
                 let p = row.as_ptr().add(at) as *const f32;
