@@ -249,7 +249,7 @@ impl<'c> MoeBuffer<'c> {
             if hosts.first().is_none_or(|&h| hosts.iter().all(|&x| x == h)) {
                 sum_rows_stored(self.cfg.dtype, out_row, &rows, None, stores);
             } else {
-                sum_by_host(self.cfg.dtype, out_row, (&rows, &hosts), partials);
+                sum_by_host(self.cfg.dtype, out_row, (&rows, &hosts), partials, stores);
             }
         }
         if stores == Stores::Streaming {
@@ -379,7 +379,7 @@ impl<'c> MoeBuffer<'c> {
     }
 }
 
-/// Writes into `out` the sum of `rows` (grouped by host, hosts ascending) as
+/// Writes into `out` (with `stores`) the sum of `rows` (grouped by host, hosts ascending) as
 /// [`MoeBuffer::combine`] orders it: each host's rows summed and rounded to the dtype (a lone
 /// row as it is), then those sums added in host order; `partials` is scratch.
 fn sum_by_host(
@@ -387,6 +387,7 @@ fn sum_by_host(
     out: &mut [u8],
     (rows, hosts): (&[&[u8]], &[usize]),
     partials: &mut Vec<u8>,
+    stores: Stores,
 ) {
     let rb = out.len();
     let mut spans: SmallVec<[(usize, usize); 8]> = SmallVec::new();
@@ -408,5 +409,5 @@ fn sum_by_host(
         .zip(partials.chunks(rb))
         .map(|(&(a, b), part)| if b - a > 1 { part } else { rows[a] })
         .collect();
-    sum_rows(dtype, out, &sums, None);
+    sum_rows_stored(dtype, out, &sums, None, stores);
 }
